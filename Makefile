@@ -1,0 +1,34 @@
+# Every target does its own set-up: a fresh machine needs nothing but Python 3.11 and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install run demo test lint bench schemas clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run demo: install  ## the daemon end to end: embedded broker + SQLite + a sample stream
+	$(BIN)/mia-detector demo
+
+test: install  ## every test, the integration ones included (broker, PostgreSQL)
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check detector tests benchmarks
+	$(BIN)/ruff format --check detector tests benchmarks
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python benchmarks/throughput.py
+
+schemas: install  ## regenerate schemas/*.schema.json from the pydantic models
+	$(BIN)/mia-detector schemas export --out schemas
+
+clean:
+	rm -rf $(VENV) var build dist *.egg-info mia-detector.db*

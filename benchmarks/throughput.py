@@ -1,0 +1,131 @@
+"""Throughput of the ingest path, each figure beside a baseline measured in the same run.
+
+(a) replay from a JSON Lines file vs. JSON decoding alone (orjson over the same lines);
+(b) the daemon consuming from the embedded broker vs. raw consumption with the same Kafka client and settings.
+
+Load: single-row OIP v2 records of 30 features with a probability response (~1 KB each).
+Run: `python benchmarks/throughput.py [--events N]` (`make bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+from kafka import KafkaConsumer
+
+from detector.broker import EmbeddedBroker
+from detector.ingest.kafka import client_options
+from detector.ingest.records import RawRecord
+from detector.service import StopFlag, produce_file, replay, run_daemon
+from detector.settings import Settings, load_settings
+from detector.simulate.sample import write_sample
+
+
+def timed(work: Callable[[], int]) -> tuple[int, float, float]:
+    """Run `work` (returning a count); return the count, wall seconds and CPU seconds of this process."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    count = work()
+    return count, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def report(name: str, count: int, wall: float, cpu: float, unit: str = "records") -> float:
+    rate = count / wall
+    cpu_us = cpu / count * 1e6
+    print(f"  {name:<38} {count:>8} {unit} {wall:7.2f} s  {rate:>10,.0f} {unit}/s  {cpu_us:6.1f} CPU-µs each")
+    return rate
+
+
+def bench_replay(events: Path, settings: Settings) -> None:
+    def decode_only() -> int:
+        count = 0
+        with events.open("rb") as lines:
+            for line in lines:
+                orjson.loads(line)
+                count += 1
+        return count
+
+    def full_replay() -> int:
+        return replay(settings, [str(events)]).queries
+
+    print("(a) replay from a file")
+    baseline = report("baseline: orjson.loads of each line", *timed(decode_only))
+    replayed = report("replay: decode+sessions+SQLite commit", *timed(full_replay), unit="queries")
+    print(f"  ratio replay / JSON decode: {replayed / baseline:.2f}   (aim: ≥ 25,000 queries/s)")
+
+
+def bench_kafka(events: Path, total: int, database_url: str) -> None:
+    with EmbeddedBroker() as broker:
+        settings = load_settings(
+            None,
+            database={"url": database_url},
+            kafka={
+                "bootstrap_servers": broker.bootstrap_servers,
+                "topics": ["bench"],
+                "session_timeout_ms": 6000,
+            },
+        )
+        produce_file(settings, events, "bench")
+        kafka = settings.kafka
+
+        def raw_consumption() -> int:
+            consumer = KafkaConsumer(
+                "bench",
+                **client_options(kafka),
+                group_id="bench-raw",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=kafka.session_timeout_ms,
+                max_poll_records=kafka.max_poll_records,
+                fetch_max_bytes=kafka.fetch_max_bytes,
+                max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
+                fetch_min_bytes=kafka.fetch_min_bytes,
+                fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            )
+            count = 0
+            while count < total:
+                for messages in consumer.poll(
+                    timeout_ms=kafka.poll_timeout_ms, max_records=kafka.max_poll_records
+                ).values():
+                    count += len(messages)
+            consumer.close()
+            return count
+
+        def daemon() -> int:
+            stop = StopFlag()
+            seen = 0
+
+            def progress(records: list[RawRecord]) -> None:
+                nonlocal seen
+                seen += len(records)
+                if seen >= total:
+                    stop.set()
+
+            return run_daemon(settings, stop, group_id="bench-daemon", progress=progress).records
+
+        print("(b) consuming from the embedded broker (group join included in both)")
+        baseline = report("baseline: kafka-python poll only", *timed(raw_consumption))
+        consumed = report("daemon: poll+decode+sessions+commit", *timed(daemon))
+        print(f"  ratio daemon / raw consumption: {consumed / baseline:.2f}   (aim: ≥ 0.5)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000, help="records in the load (default 100k)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mia-bench-") as tmp:
+        workdir = Path(tmp)
+        events = workdir / "events.jsonl"
+        write_sample(events, clients=2_000, events=args.events, mixed_formats=False)
+        size = events.stat().st_size / args.events
+        print(f"load: {args.events} single-row records, 30 features, {size:.0f} bytes each, 2,000 clients")
+        bench_replay(events, load_settings(None, database={"url": f"sqlite:///{workdir / 'replay.db'}"}))
+        bench_kafka(events, args.events, f"sqlite:///{workdir / 'kafka.db'}")
+
+
+if __name__ == "__main__":
+    main()

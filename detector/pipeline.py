@@ -1,0 +1,233 @@
+"""The processing chain and its commit point: the only module that knows every step.
+
+    raw records ─> Decode ─> Deduplicate ─> Sessionize ─┐
+         (bad records ─> dead letters)                  └─> [commit point] Persist ─> Commit offsets
+
+Steps run on each polled batch; their results stay pending until the commit policy says the commit is due.
+Then, in order: dead letters are published (if a dead-letter topic is configured), everything pending is
+written to the database in one transaction, and only then are the source positions committed. A crash at
+any point re-delivers at most what was not yet committed, and event-id de-duplication makes re-delivered
+events change nothing: at-least-once delivery, exactly-once effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from detector.ingest.decode import RecordDecoder
+from detector.ingest.records import DeadLetter, InvalidRecord, RawRecord
+from detector.metrics import Metrics
+from detector.model import Query
+from detector.sessions import SessionTracker
+from detector.storage import Checkpoint, DurableBatch, Store
+
+log = logging.getLogger(__name__)
+
+Positions = dict[tuple[str, int], int]
+CommitPositions = Callable[[Mapping[tuple[str, int], int]], None]
+PublishDeadLetters = Callable[[list[DeadLetter]], None]
+
+
+@dataclass(frozen=True)
+class CommitPolicy:
+    """Commit when at least `min_records` records or `min_interval_seconds` seconds have gone by."""
+
+    min_interval_seconds: float
+    min_records: int
+
+    def due(self, records: int, seconds: float) -> bool:
+        """True when pending work of `records` records, `seconds` old, must be committed now."""
+        return records >= self.min_records or (records > 0 and seconds >= self.min_interval_seconds)
+
+
+@dataclass
+class PipelineStats:
+    """Running totals since the pipeline started, for summaries at the end of a replay or a run."""
+
+    records: int = 0
+    events: int = 0
+    queries: int = 0
+    duplicates: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    commits: int = 0
+
+
+@dataclass
+class _Pending:
+    """What has been processed since the last commit and must become durable with it."""
+
+    seen_events: dict[str, float] = field(default_factory=dict)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    positions: Positions = field(default_factory=dict)
+    records: int = 0
+    since: float = 0.0
+
+
+class DecodeStep:
+    """Raw records to queries; a record that cannot be decoded becomes a dead letter and the batch goes on."""
+
+    def __init__(self, decoder: RecordDecoder, keep_raw_bytes: int, metrics: Metrics) -> None:
+        self._decoder = decoder
+        self._keep_raw_bytes = keep_raw_bytes
+        self._metrics = metrics
+
+    def process(self, records: list[RawRecord], dead_letters: list[DeadLetter]) -> list[list[Query]]:
+        """The queries of each decodable record (one list per record); dead letters appended."""
+        decoded: list[list[Query]] = []
+        for record in records:
+            try:
+                decoded.append(self._decoder.decode(record))
+            except InvalidRecord as error:
+                dead_letters.append(DeadLetter.from_record(record, error, self._keep_raw_bytes))
+                self._metrics.dead_letters.labels(reason=error.reason.value).inc()
+        return decoded
+
+
+class DeduplicateStep:
+    """Drops events already processed: earlier in this commit, or durably before (by event_id)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def process(self, events: list[list[Query]], seen: dict[str, float]) -> tuple[list[list[Query]], int]:
+        """The events not seen before (recorded in `seen`), and how many duplicates were dropped."""
+        candidates = {queries[0].event_id for queries in events if queries[0].event_id not in seen}
+        unseen = self._store.unseen_event_ids(candidates) if candidates else set()
+        fresh: list[list[Query]] = []
+        for queries in events:
+            event_id = queries[0].event_id
+            if event_id in unseen and event_id not in seen:
+                seen[event_id] = queries[0].timestamp
+                fresh.append(queries)
+        return fresh, len(events) - len(fresh)
+
+
+class SessionizeStep:
+    """Counts queries into their (model, client) sessions, first restoring sessions held only in storage."""
+
+    def __init__(self, tracker: SessionTracker, store: Store) -> None:
+        self._tracker = tracker
+        self._store = store
+
+    def process(self, events: list[list[Query]]) -> int:
+        """Add every query of `events` to its session; return the number of queries."""
+        missing = self._tracker.missing({(queries[0].model, queries[0].client_id) for queries in events})
+        if missing:
+            for session in self._store.latest_sessions(missing):
+                self._tracker.restore(session)
+        count = 0
+        for queries in events:
+            for query in queries:
+                self._tracker.update(query)
+            count += len(queries)
+        return count
+
+
+class Pipeline:
+    """Runs the steps on each batch and owns the commit point (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        tracker: SessionTracker,
+        decoder: RecordDecoder,
+        policy: CommitPolicy,
+        metrics: Metrics,
+        commit_positions: CommitPositions | None = None,
+        publish_dead_letters: PublishDeadLetters | None = None,
+        group_id: str = "",
+        keep_raw_bytes: int = 4096,
+        seen_events_retention_seconds: float = 72 * 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.tracker = tracker
+        self.policy = policy
+        self.metrics = metrics
+        self.stats = PipelineStats()
+        self._decode = DecodeStep(decoder, keep_raw_bytes, metrics)
+        self._deduplicate = DeduplicateStep(store)
+        self._sessionize = SessionizeStep(tracker, store)
+        self._commit_positions = commit_positions
+        self._publish_dead_letters = publish_dead_letters
+        self._group_id = group_id
+        self._retention = seen_events_retention_seconds
+        self._clock = clock
+        self._pending = _Pending(since=clock())
+
+    def submit(self, records: list[RawRecord]) -> None:
+        """Process one polled batch, then commit if the policy says it is due."""
+        if records:
+            self._process(records)
+        self.maybe_commit()
+
+    def maybe_commit(self) -> bool:
+        """Commit when due (call on idle polls too, so a quiet stream still commits); True if it did."""
+        if self.policy.due(self._pending.records, self._clock() - self._pending.since):
+            self.commit()
+            return True
+        return False
+
+    def commit(self) -> None:
+        """The commit point: publish dead letters, persist everything pending, then commit positions."""
+        started = time.perf_counter()
+        pending = self._pending
+        closed = self.tracker.close_idle()
+        sessions = self.tracker.drain_changed()
+        if pending.dead_letters and self._publish_dead_letters is not None:
+            self._publish_dead_letters(pending.dead_letters)
+        watermark = self.tracker.watermark
+        has_watermark = watermark != float("-inf")
+        self.store.write(
+            DurableBatch(
+                seen_events=list(pending.seen_events.items()),
+                sessions=sessions,
+                dead_letters=pending.dead_letters,
+                checkpoints=[
+                    Checkpoint(self._group_id, topic, partition, offset)
+                    for (topic, partition), offset in pending.positions.items()
+                ],
+                close_sessions_before=self.tracker.idle_horizon if has_watermark else None,
+                prune_seen_before=watermark - self._retention if has_watermark else None,
+            )
+        )
+        if self._commit_positions is not None:
+            self._commit_positions(pending.positions)
+        self._pending = _Pending(since=self._clock())
+        self.stats.commits += 1
+        self.metrics.commits.inc()
+        self.metrics.sessions_closed.inc(closed)
+        self.metrics.active_sessions.set(len(self.tracker))
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+
+    def release_all(self) -> None:
+        """Commit, then forget in-memory sessions: partitions are being revoked and may move elsewhere."""
+        self.commit()
+        self.tracker.clear()
+        self.metrics.active_sessions.set(0)
+
+    def _process(self, records: list[RawRecord]) -> None:
+        pending = self._pending
+        dead_before = len(pending.dead_letters)
+        decoded = self._decode.process(records, pending.dead_letters)
+        fresh, duplicates = self._deduplicate.process(decoded, pending.seen_events)
+        queries = self._sessionize.process(fresh)
+        for record in records:
+            origin = record.origin
+            if origin.kind == "kafka":
+                pending.positions[(origin.name, origin.partition)] = origin.position + 1
+        pending.records += len(records)
+        stats = self.stats
+        stats.records += len(records)
+        stats.events += len(fresh)
+        stats.queries += queries
+        stats.duplicates += duplicates
+        stats.dead_letters.update(letter.reason.value for letter in pending.dead_letters[dead_before:])
+        self.metrics.events_consumed.labels(source=records[0].origin.kind).inc(len(records))
+        self.metrics.queries.inc(queries)
+        self.metrics.duplicate_events.inc(duplicates)

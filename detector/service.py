@@ -1,0 +1,208 @@
+"""Wiring: builds the pipeline from the settings and drives it from a source (the daemon, a replay)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import orjson
+
+from detector.ingest.decode import RecordDecoder
+from detector.ingest.jsonl import read_jsonl_batches
+from detector.ingest.kafka import KafkaPublisher, KafkaSource
+from detector.ingest.records import DeadLetter, RawRecord
+from detector.metrics import Metrics
+from detector.pipeline import CommitPolicy, Pipeline, PipelineStats
+from detector.sessions import SessionTracker
+from detector.settings import Settings
+from detector.storage import Store, create_engine_for, upgrade
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[list[RawRecord]], None]
+
+
+def open_store(settings: Settings, migrate: bool | None = None) -> Store:
+    """The store at the configured database URL, migrated to the latest schema unless told otherwise."""
+    engine = create_engine_for(settings.database.url.get_secret_value())
+    if settings.database.migrate_on_start if migrate is None else migrate:
+        upgrade(engine)
+    return Store(engine)
+
+
+def build_pipeline(
+    settings: Settings,
+    store: Store,
+    metrics: Metrics,
+    *,
+    commit_positions: Callable[..., None] | None = None,
+    publish_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
+    group_id: str = "",
+) -> Pipeline:
+    """A pipeline configured from `settings`, writing to `store`."""
+    return Pipeline(
+        store=store,
+        tracker=SessionTracker(
+            gap_seconds=settings.sessions.gap_seconds,
+            max_duration_seconds=settings.sessions.max_duration_seconds,
+            max_active=settings.sessions.max_active,
+            allowed_lateness_seconds=settings.sessions.allowed_lateness_seconds,
+        ),
+        decoder=RecordDecoder(settings.ingest),
+        policy=CommitPolicy(settings.commit.min_interval_seconds, settings.commit.min_records),
+        metrics=metrics,
+        commit_positions=commit_positions,
+        publish_dead_letters=publish_dead_letters,
+        group_id=group_id,
+        keep_raw_bytes=settings.ingest.dead_letter_raw_bytes,
+        seen_events_retention_seconds=settings.database.seen_events_retention_hours * 3600.0,
+    )
+
+
+def replay(
+    settings: Settings, paths: Sequence[str], progress: Progress | None = None, metrics: Metrics | None = None
+) -> PipelineStats:
+    """Process JSON Lines files (or stdin, `-`) to the end, exactly as the daemon would process a topic."""
+    with open_store(settings) as store:
+        pipeline = build_pipeline(settings, store, metrics or Metrics())
+        for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records):
+            pipeline.submit(batch)
+            if progress is not None:
+                progress(batch)
+        pipeline.commit()
+    return pipeline.stats
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (or by code): the daemon finishes its batch, commits and returns."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        """Ask the loop to stop after the current batch."""
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    @contextmanager
+    def on_signals(self) -> Iterator[StopFlag]:
+        """Within the block, SIGTERM and SIGINT set the flag instead of killing the process."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s: finishing the batch, committing, exiting", signal.Signals(signum).name)
+            self.set()
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_daemon(
+    settings: Settings,
+    stop: StopFlag,
+    *,
+    topics: list[str] | None = None,
+    group_id: str | None = None,
+    idle_exit_seconds: float | None = None,
+    metrics: Metrics | None = None,
+    progress: Progress | None = None,
+) -> PipelineStats:
+    """Consume, process and commit until `stop` is set (or, with `idle_exit_seconds`, the stream is idle).
+
+    On the way out the current batch is finished, everything pending is persisted and offsets committed.
+    """
+    store = open_store(settings)
+    metrics = metrics or Metrics()
+    group = group_id or settings.kafka.group_id
+    publisher = KafkaPublisher(settings.kafka) if settings.kafka.dead_letter_topic else None
+    pipeline: Pipeline | None = None
+
+    def release() -> None:
+        if pipeline is not None:
+            pipeline.release_all()
+
+    source = KafkaSource(settings.kafka, on_revoke=release, topics=topics, group_id=group)
+    pipeline = build_pipeline(
+        settings,
+        store,
+        metrics,
+        commit_positions=source.commit,
+        publish_dead_letters=_dead_letter_publisher(publisher, settings) if publisher else None,
+        group_id=group,
+    )
+    log.info("consuming %s as group %s from %s", source.topics, group, settings.kafka.bootstrap_servers)
+    last_record = time.monotonic()
+    try:
+        while not stop:
+            records = source.poll()
+            pipeline.submit(records)
+            if records or not source.assigned:
+                # Joining the group (a restarted member waits out its predecessor's session) is not idleness.
+                last_record = time.monotonic()
+                if records and progress is not None:
+                    progress(records)
+            elif idle_exit_seconds is not None and time.monotonic() - last_record > idle_exit_seconds:
+                log.info("no records for %.0f s: stopping", idle_exit_seconds)
+                break
+        pipeline.commit()
+    finally:
+        source.close()
+        store.close()
+        if publisher is not None:
+            publisher.close()
+    return pipeline.stats
+
+
+def _dead_letter_publisher(
+    publisher: KafkaPublisher, settings: Settings
+) -> Callable[[list[DeadLetter]], None]:
+    topic = settings.kafka.dead_letter_topic
+    assert topic is not None
+
+    def publish(letters: list[DeadLetter]) -> None:
+        for letter in letters:
+            publisher.send_dead_letter(topic, letter)
+        publisher.flush()
+
+    return publish
+
+
+def client_key(line: bytes) -> bytes | None:
+    """The Kafka key of a query-log record: its client id, so that a client's events share a partition."""
+    try:
+        record = orjson.loads(line)
+        client_id = record["client"]["id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None  # still produced: the consumer dead-letters it with the precise reason
+    return str(client_id).encode() if client_id is not None else None
+
+
+def produce_file(settings: Settings, path: Path, topic: str, progress: Progress | None = None) -> int:
+    """Publish every non-blank line of a JSON Lines file to `topic`, keyed by client id; return the count."""
+    publisher = KafkaPublisher(settings.kafka)
+    sent = 0
+    try:
+        for batch in read_jsonl_batches([str(path)], 5000):
+            for record in batch:
+                publisher.send(topic, record.value, client_key(record.value))
+            publisher.flush()
+            sent += len(batch)
+            if progress is not None:
+                progress(batch)
+    finally:
+        publisher.close()
+    return sent

@@ -1,0 +1,204 @@
+"""Session windows per (model, client): running statistics, inactivity gap, maximum duration, bounded memory.
+
+A query continues its key's session when it falls within `gap_seconds` of the session's last query and
+within `max_duration_seconds` of its first; otherwise the session ends and a new one starts. That decision
+depends only on the key's own events, so a file replay and a Kafka stream (where each client's events stay in
+one partition) produce the same sessions whatever the interleaving of other clients.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from detector.model import Query
+
+SessionKey = tuple[str, str]  # (model name, client id)
+
+
+class SessionStatus(StrEnum):
+    """Open sessions may still grow; closed ones are final."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class SessionState:
+    """The running statistics of one session. Times are epoch seconds (event time)."""
+
+    id: str
+    model: str
+    client_id: str
+    first_seen: float
+    last_seen: float
+    status: SessionStatus = SessionStatus.OPEN
+    queries: int = 0
+    requests: int = 0
+    confidence_queries: int = 0
+    text_queries: int = 0
+    max_batch_size: int = 0
+    model_version: str | None = None
+    client_ip: str | None = None
+    user_agent: str | None = None
+    dirty: bool = field(default=True, compare=False)
+
+    @property
+    def key(self) -> SessionKey:
+        """The (model, client) pair this session belongs to."""
+        return (self.model, self.client_id)
+
+    @property
+    def confidence_share(self) -> float:
+        """Share of queries that asked for more than a label (probabilities, top-k, logprobs)."""
+        return self.confidence_queries / self.queries if self.queries else 0.0
+
+    @classmethod
+    def start(cls, query: Query) -> SessionState:
+        """A new, empty session for the query's key; `add` the query to count it."""
+        return cls(
+            id=str(uuid.uuid4()),
+            model=query.model,
+            client_id=query.client_id,
+            first_seen=query.timestamp,
+            last_seen=query.timestamp,
+        )
+
+    def accepts(self, query: Query, gap_seconds: float, max_duration_seconds: float) -> bool:
+        """True when `query` belongs to this session rather than starting the next one."""
+        return (
+            query.timestamp - self.last_seen <= gap_seconds
+            and query.timestamp - self.first_seen <= max_duration_seconds
+        )
+
+    def add(self, query: Query) -> None:
+        """Count one query (out-of-order timestamps widen the window rather than being dropped)."""
+        self.queries += 1
+        if query.is_first_row:
+            self.requests += 1
+        if query.requested.is_confidence:
+            self.confidence_queries += 1
+        if query.text is not None:
+            self.text_queries += 1
+        self.max_batch_size = max(self.max_batch_size, query.batch_size)
+        self.first_seen = min(self.first_seen, query.timestamp)
+        self.last_seen = max(self.last_seen, query.timestamp)
+        self.model_version = query.model_version or self.model_version
+        self.client_ip = query.client_ip or self.client_ip
+        self.user_agent = query.user_agent or self.user_agent
+        self.dirty = True
+
+
+class SessionTracker:
+    """Holds the open sessions in memory, at most `max_active` of them, least recently active evicted first.
+
+    The tracker never touches storage: it reports what must be persisted (`drain_changed`) and takes back
+    sessions it does not hold through `restore`, which the pipeline fills from the database once per batch.
+    """
+
+    def __init__(
+        self,
+        gap_seconds: float,
+        max_duration_seconds: float,
+        max_active: int,
+        allowed_lateness_seconds: float = 0.0,
+    ) -> None:
+        self.gap_seconds = gap_seconds
+        self.max_duration_seconds = max_duration_seconds
+        self.max_active = max_active
+        self.allowed_lateness_seconds = allowed_lateness_seconds
+        self._active: OrderedDict[SessionKey, SessionState] = OrderedDict()
+        self._evicted: dict[SessionKey, SessionState] = {}
+        self._closed: list[SessionState] = []
+        self._watermark = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def __iter__(self) -> Iterator[SessionState]:
+        return iter(list(self._active.values()))
+
+    @property
+    def watermark(self) -> float:
+        """The latest event time seen so far."""
+        return self._watermark
+
+    @property
+    def idle_horizon(self) -> float:
+        """Sessions whose last query is older than this are idle: no in-order query can continue them."""
+        return self._watermark - self.gap_seconds - self.allowed_lateness_seconds
+
+    def get(self, key: SessionKey) -> SessionState | None:
+        """The in-memory session of `key`, if any."""
+        return self._active.get(key)
+
+    def missing(self, keys: Iterable[SessionKey]) -> set[SessionKey]:
+        """Those of `keys` the tracker holds no session for: candidates for `restore`."""
+        return {key for key in keys if key not in self._active and key not in self._evicted}
+
+    def restore(self, session: SessionState) -> None:
+        """Take back the latest session of a key read from storage (evicted, or ended by idleness)."""
+        session.dirty = False
+        self._active[session.key] = session
+        self._evict_over_limit()
+
+    def update(self, query: Query) -> SessionState:
+        """Add `query` to its key's session, ending the session and starting a new one when it must."""
+        key = (query.model, query.client_id)
+        session = self._active.get(key) or self._evicted.pop(key, None)
+        if session is not None and not session.accepts(query, self.gap_seconds, self.max_duration_seconds):
+            self._close(session)
+            session = None
+        if session is None:
+            session = SessionState.start(query)
+        elif session.status is SessionStatus.CLOSED:
+            # Closed for idleness while this key's partition lagged behind the others: its own events say
+            # the session goes on, and the key's events alone decide.
+            session.status = SessionStatus.OPEN
+        self._active[key] = session
+        self._active.move_to_end(key)
+        session.add(query)
+        if query.timestamp > self._watermark:
+            self._watermark = query.timestamp
+        self._evict_over_limit()
+        return session
+
+    def close_idle(self) -> int:
+        """End every in-memory session that went idle (see `idle_horizon`); return how many."""
+        horizon = self.idle_horizon
+        idle = [session for session in self._active.values() if session.last_seen < horizon]
+        for session in idle:
+            self._close(session)
+        return len(idle)
+
+    def drain_changed(self) -> list[SessionState]:
+        """Sessions changed since the last call, marked clean: persist them all, in this order."""
+        changed = self._closed + list(self._evicted.values())
+        changed.extend(session for session in self._active.values() if session.dirty)
+        self._closed = []
+        self._evicted = {}
+        for session in changed:
+            session.dirty = False
+        return changed
+
+    def clear(self) -> None:
+        """Forget every in-memory session; call after persisting `drain_changed()`."""
+        self._active.clear()
+        self._evicted.clear()
+        self._closed.clear()
+
+    def _close(self, session: SessionState) -> None:
+        session.status = SessionStatus.CLOSED
+        session.dirty = True
+        self._active.pop(session.key, None)
+        self._closed.append(session)
+
+    def _evict_over_limit(self) -> None:
+        # Evicted sessions stay open in storage: when the client comes back within the gap the pipeline
+        # restores them, so eviction bounds memory without changing which session a query belongs to.
+        while len(self._active) > self.max_active:
+            key, session = self._active.popitem(last=False)
+            self._evicted[key] = session

@@ -1,0 +1,178 @@
+"""The one configuration object: defaults < TOML file < environment (`MIA_*`) < command-line options.
+
+Environment names are the group and the field joined by `_`: `MIA_KAFKA_BOOTSTRAP_SERVERS`,
+`MIA_DATABASE_URL`, `MIA_SESSIONS_GAP_SECONDS`, ... Lists are JSON (`MIA_KAFKA_TOPICS='["a","b"]'`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+_GROUP = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(BaseModel):
+    """Where query logs come from, and how the consumer group reads them."""
+
+    model_config = _GROUP
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topics: list[str] = Field(default_factory=lambda: ["inference-logs"], min_length=1)
+    group_id: str = "mia-detector"
+    client_id: str = "mia-detector"
+    dead_letter_topic: str | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    max_poll_records: int = Field(default=5_000, ge=1)
+    poll_timeout_ms: int = Field(default=500, ge=1)
+    fetch_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_partition_fetch_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    fetch_min_bytes: int = Field(default=256 * 1024, ge=1)
+    fetch_max_wait_ms: int = Field(default=100, ge=0)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+
+class DatabaseSettings(BaseModel):
+    """Where sessions, dead letters and checkpoints are stored (SQLAlchemy URL)."""
+
+    model_config = _GROUP
+    url: SecretStr = SecretStr("sqlite:///mia-detector.db")
+    migrate_on_start: bool = True
+    seen_events_retention_hours: float = Field(default=72.0, gt=0)
+
+
+class IngestSettings(BaseModel):
+    """Limits that turn oversized or malformed input into dead letters instead of work."""
+
+    model_config = _GROUP
+    max_record_bytes: int = Field(default=1024 * 1024, ge=64)
+    max_batch_rows: int = Field(default=4096, ge=1)
+    max_features: int = Field(default=65_536, ge=1)
+    dead_letter_raw_bytes: int = Field(default=4096, ge=0)
+
+
+class SessionSettings(BaseModel):
+    """Session windows per (model, client) and the bound on what is kept in memory."""
+
+    model_config = _GROUP
+    gap_seconds: float = Field(default=1800.0, gt=0)
+    max_duration_seconds: float = Field(default=86_400.0, gt=0)
+    max_active: int = Field(default=100_000, ge=1)
+    # How far behind the newest event another partition's events may lag before idle sessions are closed.
+    allowed_lateness_seconds: float = Field(default=300.0, ge=0)
+
+
+class CommitSettings(BaseModel):
+    """When the pipeline makes its results durable and commits source offsets."""
+
+    model_config = _GROUP
+    min_interval_seconds: float = Field(default=1.0, ge=0)
+    min_records: int = Field(default=5_000, ge=1)
+
+
+class LogSettings(BaseModel):
+    """How the daemon logs: human-readable lines or one JSON object a line."""
+
+    model_config = _GROUP
+    format: Literal["console", "json"] = "console"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """Everything that can be configured, grouped by the part of the detector it concerns."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MIA_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
+    commit: CommitSettings = Field(default_factory=CommitSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, with every secret (and database password) masked."""
+        data = self.model_dump(mode="json")
+        data["database"]["url"] = _mask_url_password(self.database.url.get_secret_value())
+        return data
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message is one line meant for the operator."""
+
+
+def _mask_url_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "**********"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from defaults, an optional TOML file, the environment and `overrides`.
+
+    `overrides` are nested dicts by group (`{"kafka": {"topics": [...]}}`), taking precedence over all else.
+    Raises `ConfigError` with a one-line message when anything is invalid.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"configuration file not found: {config_file}")
+
+    class _Settings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if config_file is not None:
+                sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+            return sources
+
+    try:
+        loaded = _Settings(**_merge_overrides(overrides))
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+    except ValueError as exc:  # malformed TOML or JSON in an environment variable
+        raise ConfigError(f"invalid configuration: {exc}".splitlines()[0]) from None
+    return loaded
+
+
+def _merge_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Drop unset (None) override values so that they do not mask the environment or the file."""
+    merged: dict[str, Any] = {}
+    for group, values in overrides.items():
+        kept = {key: value for key, value in values.items() if value is not None}
+        if kept:
+            merged[group] = kept
+    return merged
+
+
+def _one_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    env_name = "MIA_" + "_".join(str(part) for part in first["loc"][:2]).upper()
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"invalid configuration {where} ({env_name}): {first['msg']}{more}"

@@ -1,0 +1,362 @@
+"""The one gateway to the database: what the pipeline makes durable in a batch, and what the CLI reads.
+
+`Store.write` is the pipeline's commit point: seen events, sessions, dead letters and consumer checkpoints go
+in one transaction, so offsets are never stored ahead of what was derived from them, and writing the same
+batch again changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, delete, func, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Row
+
+from detector.ingest.records import DeadLetter
+from detector.sessions import SessionKey, SessionState, SessionStatus
+from detector.storage.tables import Base, CheckpointRow, DeadLetterRow, SeenEventRow, SessionRow
+
+# Bound parameters per IN list: far below every backend's limit, large enough to need few statements.
+_CHUNK = 500
+
+_T = TypeVar("_T")
+
+_SESSION_COLUMNS = tuple(column.name for column in SessionRow.__table__.columns)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The next offset to consume from one partition, for one consumer group."""
+
+    group_id: str
+    topic: str
+    partition: int
+    next_offset: int
+
+
+@dataclass
+class DurableBatch:
+    """Everything the pipeline derived from one batch of records, to be stored atomically.
+
+    `seen_events` pairs each event id with its event time (epoch seconds). `close_sessions_before` closes
+    stored open sessions whose last query is older (epoch seconds); `prune_seen_before` forgets seen events
+    older than that event time.
+    """
+
+    seen_events: list[tuple[str, float]] = field(default_factory=list)
+    sessions: list[SessionState] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    close_sessions_before: float | None = None
+    prune_seen_before: float | None = None
+
+
+@dataclass(frozen=True)
+class StoredDeadLetter:
+    """A dead letter as stored; `source` is where the record came from (`Origin.describe()`)."""
+
+    id: int
+    reason: str
+    detail: str
+    source: str
+    raw: bytes
+    raw_size: int
+    received_at: datetime
+    created_at: datetime
+
+
+class Store:
+    """Reads and writes the detector's tables on SQLite or PostgreSQL (migrated to head beforehand).
+
+    `clock` returns the current time in epoch seconds; it stamps `updated_at`, `created_at` and `seen_at`.
+    """
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        if engine.dialect.name not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"unsupported database backend {engine.dialect.name!r}: use SQLite or PostgreSQL"
+            )
+        self._engine = engine
+        self._clock = clock
+
+    def close(self) -> None:
+        """Close every pooled connection (the store can still be used: it reconnects on demand)."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- pipeline ----------------------------------------------------------------------------------------
+
+    def unseen_event_ids(self, event_ids: Collection[str]) -> set[str]:
+        """Those of `event_ids` not yet recorded as seen (or already pruned)."""
+        unseen = set(event_ids)
+        with self._engine.connect() as connection:
+            for chunk in _chunks(list(unseen)):
+                seen = connection.scalars(
+                    select(SeenEventRow.event_id).where(SeenEventRow.event_id.in_(chunk))
+                )
+                unseen.difference_update(seen)
+        return unseen
+
+    def latest_sessions(self, keys: Collection[SessionKey]) -> list[SessionState]:
+        """For each (model, client) key, its stored session with the latest `last_seen`, open or closed.
+
+        Keys without a stored session are left out; the result is in no particular order.
+        """
+        latest: list[SessionState] = []
+        with self._engine.connect() as connection:
+            for chunk in _chunks(list(set(keys))):
+                ranked = (
+                    select(
+                        SessionRow.__table__,
+                        func.row_number()
+                        .over(
+                            partition_by=(SessionRow.model, SessionRow.client_id),
+                            order_by=(SessionRow.last_seen.desc(), SessionRow.id.desc()),
+                        )
+                        .label("rank"),
+                    )
+                    .where(tuple_(SessionRow.model, SessionRow.client_id).in_(chunk))
+                    .subquery()
+                )
+                rows = connection.execute(select(ranked).where(ranked.c.rank == 1))
+                latest.extend(_session_state(row) for row in rows)
+        return latest
+
+    def write(self, batch: DurableBatch) -> None:
+        """Store `batch` in one transaction: all of it or, on error, none of it.
+
+        Seen events and dead letters already stored are kept as they are; sessions (by id) and checkpoints
+        (by group, topic and partition) are overwritten. Stale open sessions are then closed and old seen
+        events pruned. Writing the same batch twice leaves the same rows as writing it once, but for the
+        `updated_at` stamps.
+        """
+        now = _utc(self._clock())
+        with self._engine.begin() as connection:
+            self._insert_seen_events(connection, batch.seen_events, now)
+            self._upsert_sessions(connection, batch.sessions, now)
+            self._insert_dead_letters(connection, batch.dead_letters, now)
+            self._upsert_checkpoints(connection, batch.checkpoints, now)
+            if batch.close_sessions_before is not None:
+                connection.execute(
+                    update(SessionRow)
+                    .where(
+                        SessionRow.status == SessionStatus.OPEN.value,
+                        SessionRow.last_seen < _utc(batch.close_sessions_before),
+                    )
+                    .values(status=SessionStatus.CLOSED.value, updated_at=now)
+                )
+            if batch.prune_seen_before is not None:
+                connection.execute(
+                    delete(SeenEventRow).where(SeenEventRow.event_time < _utc(batch.prune_seen_before))
+                )
+
+    # -- command line ------------------------------------------------------------------------------------
+
+    def list_sessions(
+        self, client_id: str | None = None, model: str | None = None, limit: int = 1000
+    ) -> list[SessionState]:
+        """Up to `limit` stored sessions, optionally of one client and/or model, latest `last_seen` first."""
+        query = (
+            select(SessionRow.__table__)
+            .order_by(SessionRow.last_seen.desc(), SessionRow.id.desc())
+            .limit(limit)
+        )
+        if client_id is not None:
+            query = query.where(SessionRow.client_id == client_id)
+        if model is not None:
+            query = query.where(SessionRow.model == model)
+        with self._engine.connect() as connection:
+            return [_session_state(row) for row in connection.execute(query)]
+
+    def count_sessions(self) -> int:
+        """How many sessions are stored, open or closed."""
+        return self._count(SessionRow)
+
+    def list_dead_letters(self, reason: str | None = None, limit: int = 1000) -> list[StoredDeadLetter]:
+        """Up to `limit` dead letters, optionally of one reason, most recently stored first."""
+        query = (
+            select(DeadLetterRow.__table__)
+            .order_by(DeadLetterRow.created_at.desc(), DeadLetterRow.id.desc())
+            .limit(limit)
+        )
+        if reason is not None:
+            query = query.where(DeadLetterRow.reason == reason)
+        with self._engine.connect() as connection:
+            return [
+                StoredDeadLetter(
+                    id=row.id,
+                    reason=row.reason,
+                    detail=row.detail,
+                    source=row.source_key,
+                    raw=row.raw,
+                    raw_size=row.raw_size,
+                    received_at=row.received_at,
+                    created_at=row.created_at,
+                )
+                for row in connection.execute(query)
+            ]
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """The number of stored dead letters per reason (reasons without any are absent)."""
+        query = select(DeadLetterRow.reason, func.count()).group_by(DeadLetterRow.reason)
+        with self._engine.connect() as connection:
+            return {reason: count for reason, count in connection.execute(query)}
+
+    def checkpoints(self, group_id: str) -> dict[tuple[str, int], int]:
+        """The stored next offset of each (topic, partition) consumed by `group_id`."""
+        query = select(CheckpointRow.topic, CheckpointRow.partition, CheckpointRow.next_offset).where(
+            CheckpointRow.group_id == group_id
+        )
+        with self._engine.connect() as connection:
+            return {
+                (topic, partition): next_offset for topic, partition, next_offset in connection.execute(query)
+            }
+
+    def count_seen_events(self) -> int:
+        """How many event ids are remembered as seen."""
+        return self._count(SeenEventRow)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _count(self, table: type[Base]) -> int:
+        with self._engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(table)).scalar_one()
+
+    def _insert(self, table: type[Base]) -> sqlite.Insert | postgresql.Insert:
+        if self._engine.dialect.name == "sqlite":
+            return sqlite.insert(table)
+        return postgresql.insert(table)
+
+    def _insert_seen_events(
+        self, connection: Connection, events: Sequence[tuple[str, float]], now: datetime
+    ) -> None:
+        if not events:
+            return
+        rows = {
+            event_id: {"event_id": event_id, "event_time": _utc(event_time), "seen_at": now}
+            for event_id, event_time in events
+        }
+        statement = self._insert(SeenEventRow).on_conflict_do_nothing(index_elements=["event_id"])
+        connection.execute(statement, list(rows.values()))
+
+    def _upsert_sessions(
+        self, connection: Connection, sessions: Sequence[SessionState], now: datetime
+    ) -> None:
+        if not sessions:
+            return
+        # One row per id, the last state winning: PostgreSQL refuses to update a row twice in one statement.
+        rows = {session.id: _session_row(session, now) for session in sessions}
+        statement = self._insert(SessionRow)
+        statement = statement.on_conflict_do_update(
+            index_elements=["id"],
+            set_={name: statement.excluded[name] for name in _SESSION_COLUMNS if name != "id"},
+        )
+        connection.execute(statement, list(rows.values()))
+
+    def _insert_dead_letters(
+        self, connection: Connection, dead_letters: Sequence[DeadLetter], now: datetime
+    ) -> None:
+        if not dead_letters:
+            return
+        rows: dict[str, dict[str, Any]] = {}
+        for letter in dead_letters:
+            source = letter.origin.describe()
+            rows.setdefault(
+                source,
+                {
+                    "source_key": source,
+                    "reason": letter.reason.value,
+                    "detail": letter.detail,
+                    "origin_kind": letter.origin.kind,
+                    "origin_name": letter.origin.name,
+                    "partition": letter.origin.partition,
+                    "position": letter.origin.position,
+                    "raw": letter.raw,
+                    "raw_size": letter.raw_size,
+                    "received_at": _utc(letter.received_at),
+                    "created_at": now,
+                },
+            )
+        statement = self._insert(DeadLetterRow).on_conflict_do_nothing(index_elements=["source_key"])
+        connection.execute(statement, list(rows.values()))
+
+    def _upsert_checkpoints(
+        self, connection: Connection, checkpoints: Sequence[Checkpoint], now: datetime
+    ) -> None:
+        if not checkpoints:
+            return
+        rows = {
+            (checkpoint.group_id, checkpoint.topic, checkpoint.partition): {
+                "group_id": checkpoint.group_id,
+                "topic": checkpoint.topic,
+                "partition": checkpoint.partition,
+                "next_offset": checkpoint.next_offset,
+                "updated_at": now,
+            }
+            for checkpoint in checkpoints
+        }
+        statement = self._insert(CheckpointRow)
+        statement = statement.on_conflict_do_update(
+            index_elements=["group_id", "topic", "partition"],
+            set_={"next_offset": statement.excluded.next_offset, "updated_at": statement.excluded.updated_at},
+        )
+        connection.execute(statement, list(rows.values()))
+
+
+def _session_row(session: SessionState, now: datetime) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "model": session.model,
+        "client_id": session.client_id,
+        "status": session.status.value,
+        "first_seen": _utc(session.first_seen),
+        "last_seen": _utc(session.last_seen),
+        "queries": session.queries,
+        "requests": session.requests,
+        "confidence_queries": session.confidence_queries,
+        "text_queries": session.text_queries,
+        "max_batch_size": session.max_batch_size,
+        "model_version": session.model_version,
+        "client_ip": session.client_ip,
+        "user_agent": session.user_agent,
+        "updated_at": now,
+    }
+
+
+def _session_state(row: Row[Any]) -> SessionState:
+    return SessionState(
+        id=row.id,
+        model=row.model,
+        client_id=row.client_id,
+        first_seen=row.first_seen.timestamp(),
+        last_seen=row.last_seen.timestamp(),
+        status=SessionStatus(row.status),
+        queries=row.queries,
+        requests=row.requests,
+        confidence_queries=row.confidence_queries,
+        text_queries=row.text_queries,
+        max_batch_size=row.max_batch_size,
+        model_version=row.model_version,
+        client_ip=row.client_ip,
+        user_agent=row.user_agent,
+        dirty=False,
+    )
+
+
+def _utc(epoch_seconds: float) -> datetime:
+    return datetime.fromtimestamp(epoch_seconds, UTC)
+
+
+def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]

@@ -1,0 +1,163 @@
+"""The database schema: sessions, dead letters, consumer checkpoints and the seen-event ledger.
+
+Column lengths follow the input contract in `detector.model` (model and client ids up to 256 characters, ...)
+so that a record the decoder accepted can always be stored, also on PostgreSQL where lengths are enforced.
+Every timestamp is a `UTCDateTime`: stored in UTC, read back as a timezone-aware UTC `datetime`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Deterministic constraint and index names, so that migrations can drop or alter them by name everywhere.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware in UTC, whatever the backend.
+
+    PostgreSQL keeps it as `timestamptz`; SQLite, which has no time zones, keeps the UTC wall time as
+    fixed-width text (`2024-03-01 06:30:00.000000`), so that text order is time order. Naive datetimes are
+    refused rather than guessed at.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[datetime | None], datetime | str | None]:
+        # Replaces the impl's processing instead of wrapping it as `process_bind_param` would: a batch binds
+        # tens of thousands of timestamps, and on SQLite the generic two-step formatting cost more than the
+        # inserts themselves.
+        if dialect.name == "sqlite":
+            return _SQLiteText()
+        return _as_utc
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is UTC:
+        return value
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value.isoformat()} cannot be stored as UTC")
+    return value.astimezone(UTC)
+
+
+class _SQLiteText:
+    """Turns aware datetimes into the UTC text SQLAlchemy's SQLite DATETIME writes and parses.
+
+    Remembers its last value: a batch binds the same "now" on every row of a column.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[datetime | None, str | None] = (None, None)
+
+    def __call__(self, value: datetime | None) -> str | None:
+        last_value, last_text = self._last  # one read: processors are shared between threads
+        if value is last_value:
+            return last_text
+        utc = _as_utc(value)
+        # isoformat's "+00:00" suffix is cut off: SQLite stores the UTC wall time.
+        text = None if utc is None else utc.isoformat(" ", "microseconds")[:26]
+        self._last = (value, text)
+        return text
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table; `Base.metadata` is what migrations must match."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class SessionRow(Base):
+    """One session of one (model, client) pair: the persisted form of `detector.sessions.SessionState`."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model: Mapped[str] = mapped_column(String(256))
+    client_id: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16))
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime())
+    queries: Mapped[int] = mapped_column(BigInteger)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    confidence_queries: Mapped[int] = mapped_column(BigInteger)
+    text_queries: Mapped[int] = mapped_column(BigInteger)
+    max_batch_size: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(1024))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # Restoring a key's latest session, and listing one client's sessions.
+        Index(None, "model", "client_id", "last_seen"),
+        # Closing idle open sessions.
+        Index(None, "status", "last_seen"),
+        # Listing a client's sessions across models.
+        Index(None, "client_id"),
+    )
+
+
+class DeadLetterRow(Base):
+    """A record that could not be decoded, stored once per source address (`Origin.describe()`)."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),  # SQLite only autoincrements INTEGER keys
+        primary_key=True,
+        autoincrement=True,
+    )
+    source_key: Mapped[str] = mapped_column(String(1024), unique=True)
+    reason: Mapped[str] = mapped_column(String(32), index=True)
+    detail: Mapped[str] = mapped_column(Text)
+    origin_kind: Mapped[str] = mapped_column(String(16))
+    origin_name: Mapped[str] = mapped_column(String(1024))
+    partition: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(BigInteger)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    raw_size: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class CheckpointRow(Base):
+    """The next offset to read per (consumer group, topic, partition), committed with the results."""
+
+    __tablename__ = "consumer_checkpoints"
+
+    group_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(256), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    next_offset: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SeenEventRow(Base):
+    """An event id already processed: the ledger that makes re-delivered events change nothing."""
+
+    __tablename__ = "seen_events"
+
+    event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    event_time: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())

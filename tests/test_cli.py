@@ -1,0 +1,197 @@
+"""The command line as operators use it: real processes, real broker, real databases, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from detector.broker import EmbeddedBroker
+from detector.service import open_store, produce_file, replay
+from detector.simulate.sample import write_sample
+from tests.support import make_settings, unique
+
+
+def cli_env(**variables: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MIA_")}
+    env.update(variables)
+    return env
+
+
+def mia(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "detector", *args],
+        capture_output=True,
+        text=True,
+        env=env or cli_env(),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as stderr:  # a file, not a pipe: a chatty daemon must never block on its logs
+        return subprocess.Popen(
+            [sys.executable, "-m", "detector", *args], stdout=subprocess.DEVNULL, stderr=stderr, env=env
+        )
+
+
+def test_config_show_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path) -> None:
+    config = tmp_path / "mia.toml"
+    config.write_text('[sessions]\ngap_seconds = 600\n[kafka]\ntopics = ["from-file"]\n')
+    env = cli_env(
+        MIA_DATABASE_URL="postgresql://detector:s3cr3t-pw@db.internal/mia",
+        MIA_KAFKA_SASL_PASSWORD="kafka-s3cr3t",
+        MIA_KAFKA_TOPICS='["from-env"]',
+    )
+    result = mia("--config", str(config), "config", "show", env=env)
+    assert result.returncode == 0, result.stderr
+    shown = orjson.loads(result.stdout)
+    assert shown["sessions"]["gap_seconds"] == 600
+    assert shown["kafka"]["topics"] == ["from-env"]  # the environment wins over the file
+    assert "s3cr3t" not in result.stdout
+    assert shown["database"]["url"] == "postgresql://detector:***@db.internal/mia"
+
+
+@pytest.mark.parametrize(
+    ("args", "variables", "expected"),
+    [
+        (["sessions", "list", "--format", "xml"], {}, "xml"),
+        (["replay", "no-such-file.jsonl"], {}, "no-such-file.jsonl"),
+        (["run", "--exit-when-idle", "-3"], {}, "exit-when-idle"),
+        (["no-such-command"], {}, "no-such-command"),
+        (["config", "show"], {"MIA_SESSIONS_GAP_SECONDS": "soon"}, "MIA_SESSIONS_GAP_SECONDS"),
+        (["config", "show"], {"MIA_KAFKA_AUTO_OFFSET_RESET": "sometimes"}, "auto_offset_reset"),
+        (["config", "show"], {"MIA_KAFKA_TOPICS": "[not json"}, "invalid configuration"),
+        (["--config", "missing.toml", "config", "show"], {}, "missing.toml"),
+    ],
+)
+def test_bad_arguments_and_configuration_give_one_line_and_exit_code_2(
+    args: list[str], variables: dict[str, str], expected: str
+) -> None:
+    result = mia(*args, env=cli_env(**variables))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mia-detector: error:") and expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_database_gives_one_line_and_exit_code_1() -> None:
+    env = cli_env(MIA_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    result = mia("sessions", "list", env=env)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "database" in result.stderr
+
+
+def test_replay_then_list_sessions_and_dead_letters_as_jsonl(sqlite_url: str, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    write_sample(events, clients=5, events=300, malformed_every=60)
+    env = cli_env(MIA_DATABASE_URL=sqlite_url)
+    result = mia("replay", str(events), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "300 records: 295 events" in result.stderr
+
+    listed = mia("sessions", "list", "--format", "jsonl", env=env)
+    sessions = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert {s["client_id"] for s in sessions} == {f"key_{i:04d}" for i in range(5)}
+    for session in sessions:
+        assert {"model", "client_id", "queries", "requests", "first_seen", "last_seen"} <= set(session)
+        assert session["first_seen"].endswith("Z") and session["queries"] >= session["requests"] >= 1
+    only = mia("sessions", "list", "--client", "key_0001", "--format", "jsonl", env=env)
+    assert {orjson.loads(line)["client_id"] for line in only.stdout.splitlines()} == {"key_0001"}
+
+    letters = [
+        orjson.loads(line)
+        for line in mia("deadletters", "list", "--format", "jsonl", env=env).stdout.splitlines()
+    ]
+    assert len(letters) == 5
+    for letter in letters:
+        assert letter["reason"] and letter["source"].startswith(f"file:{events}:")
+
+    table = mia("sessions", "list", env=env)
+    assert table.returncode == 0 and "key_0001" in table.stdout
+
+
+@pytest.mark.kafka
+def test_produce_and_run_from_the_command_line(
+    broker: EmbeddedBroker, sqlite_url: str, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    write_sample(events, clients=8, events=500)
+    env = cli_env(
+        MIA_DATABASE_URL=sqlite_url,
+        MIA_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+        MIA_KAFKA_SESSION_TIMEOUT_MS="6000",
+        MIA_LOG_FORMAT="json",
+    )
+    topic = unique("cli")
+    produced = mia("produce", str(events), "--topic", topic, env=env)
+    assert produced.returncode == 0, produced.stderr
+    ran = mia("run", "--topic", topic, "--group-id", unique("g"), "--exit-when-idle", "4", env=env)
+    assert ran.returncode == 0, ran.stderr
+    logged = [orjson.loads(line) for line in ran.stderr.splitlines()]
+    assert any("500 records" in entry["message"] for entry in logged)
+    assert all({"time", "level", "logger", "message"} <= set(entry) for entry in logged)
+
+
+def wait_for(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_daemon_stopped_mid_stream_and_started_again_counts_every_event_exactly_once(
+    how: str, broker: EmbeddedBroker, database_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    events = tmp_path / "events.jsonl"
+    total = 30_000
+    write_sample(events, clients=60, events=total, malformed_every=997)
+    settings = make_settings(database_url, broker, commit={"min_records": 1000, "min_interval_seconds": 0.2})
+    topic, group = settings.kafka.topics[0], settings.kafka.group_id
+    produce_file(settings, events, topic)
+    store = open_store(settings)
+    request.addfinalizer(store.close)
+    env = cli_env(
+        MIA_DATABASE_URL=database_url,
+        MIA_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+        MIA_KAFKA_SESSION_TIMEOUT_MS="6000",
+        MIA_KAFKA_MAX_POLL_RECORDS="500",
+        MIA_COMMIT_MIN_RECORDS="1000",
+    )
+    args = ("run", "--topic", topic, "--group-id", group)
+
+    log = tmp_path / "daemon.log"
+    first = start(*args, env=env, log=log)
+    wait_for(lambda: store.count_seen_events() >= 3000, 90, "the first commits")
+    first.send_signal(getattr(signal, how))
+    first.wait(60)
+    interrupted_at = store.count_seen_events()
+    if how == "SIGTERM":
+        assert first.returncode == 0, log.read_text()
+    assert interrupted_at < total, "the stream had ended before the signal; nothing was tested"
+
+    second = start(*args, "--exit-when-idle", "5", env=env, log=log)
+    second.wait(180)
+    assert second.returncode == 0, log.read_text()
+
+    expected = make_settings(f"sqlite:///{tmp_path / 'expected.db'}")
+    reference = replay(expected, [str(events)])
+    assert store.count_seen_events() == reference.events
+    assert sum(s.queries for s in store.list_sessions(limit=100_000)) == reference.queries
+    assert sum(store.dead_letter_counts().values()) == sum(reference.dead_letters.values())
+    positions = store.checkpoints(group)
+    assert positions and all(topic_name == topic for topic_name, _ in positions)

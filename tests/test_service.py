@@ -1,0 +1,190 @@
+"""End to end through the real broker and databases: replay vs Kafka, dead letters, idempotency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from kafka import KafkaConsumer
+
+from detector.broker import EmbeddedBroker
+from detector.service import StopFlag, open_store, produce_file, replay, run_daemon
+from detector.settings import Settings
+from detector.simulate.sample import oip_record, write_sample
+from tests.support import make_settings, unique
+
+pytestmark = pytest.mark.kafka
+
+
+def session_rows(settings: Settings) -> set[tuple[Any, ...]]:
+    with open_store(settings) as store:
+        sessions = store.list_sessions(limit=100_000)
+    return {
+        (
+            s.model,
+            s.client_id,
+            s.status.value,
+            s.queries,
+            s.requests,
+            s.confidence_queries,
+            s.text_queries,
+            s.max_batch_size,
+            round(s.first_seen, 3),
+            round(s.last_seen, 3),
+        )
+        for s in sessions
+    }
+
+
+def consume(settings: Settings) -> Any:
+    return run_daemon(settings, StopFlag(), idle_exit_seconds=4.0)
+
+
+@pytest.mark.slow
+def test_replay_and_kafka_give_identical_sessions(
+    broker: EmbeddedBroker, database_url: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    write_sample(events, clients=40, events=4000, malformed_every=101)
+    # A short gap splits clients' activity into many sessions, so that the comparison means something.
+    sessions = {"gap_seconds": 240.0, "max_duration_seconds": 1200.0, "max_active": 25}
+
+    replayed = make_settings(sqlite_url, sessions=sessions)
+    replay_stats = replay(replayed, [str(events)])
+
+    streamed = make_settings(database_url, broker, sessions=sessions)
+    produce_file(streamed, events, streamed.kafka.topics[0])
+    kafka_stats = consume(streamed)
+
+    assert kafka_stats.records == replay_stats.records == 4000
+    assert kafka_stats.queries == replay_stats.queries > 4000  # batches were expanded into rows
+    assert kafka_stats.dead_letters == replay_stats.dead_letters
+    replay_sessions = session_rows(replayed)
+    assert len({row[1] for row in replay_sessions}) == 40
+    assert len(replay_sessions) > 80  # the short gap did split sessions
+    assert session_rows(streamed) == replay_sessions
+    assert sum(row[3] for row in replay_sessions) == replay_stats.queries
+
+
+def bad_records() -> dict[str, bytes]:
+    """One record per dead-letter reason, under the limits set in `test_every_bad_record_...`."""
+    base = orjson.loads(
+        orjson.dumps(oip_record("x", 1_764_403_200.0, "bad-client", *_one_row(), want_probabilities=True))
+    )
+
+    def variant(**changes: Any) -> bytes:
+        record = orjson.loads(orjson.dumps(base))
+        for path, value in changes.items():
+            target = record
+            keys = path.split("__")
+            for key in keys[:-1]:
+                target = target[int(key)] if key.isdigit() else target[key]
+            target[keys[-1]] = value
+        return orjson.dumps(record)
+
+    nan_record = variant(event_id="nan").replace(b'"data":[0.5', b'"data":[NaN', 1)
+    return {
+        "record_too_large": variant(event_id="big", padding="x" * 5000),
+        "invalid_encoding": b'{"event_id": "\xff\xfe"}',
+        "invalid_json": b'{"event_id": "broken", ',
+        "schema_violation": variant(event_id="schema", client={"ip": "203.0.113.9"}),
+        "unsupported_datatype": variant(event_id="dtype", request__inputs__0__datatype="COMPLEX64"),
+        "shape_mismatch": variant(event_id="shape", request__inputs__0__shape=[1, 7]),
+        "non_finite": nan_record,
+        "batch_too_large": variant(event_id="batch", request__inputs__0__shape=[5, 1], response=None),
+    }
+
+
+def _one_row() -> tuple[Any, Any]:
+    import numpy as np
+
+    rows = np.array([[0.5, 1.0, -1.0, 2.0, 0.25]], dtype=np.float32)
+    return rows, np.array([[0.2, 0.8]], dtype=np.float32)
+
+
+def valid_record(index: int) -> bytes:
+    rows, probabilities = _one_row()
+    return orjson.dumps(
+        oip_record(f"good-{index}", 1_764_403_200.0 + index, f"client-{index % 3}", rows, probabilities)
+    )
+
+
+def test_every_bad_record_is_dead_lettered_and_the_stream_goes_on(
+    broker: EmbeddedBroker, database_url: str, tmp_path: Path
+) -> None:
+    bad = bad_records()
+    lines: list[bytes] = []
+    for index, raw in enumerate(bad.values()):
+        lines += [valid_record(2 * index), raw, valid_record(2 * index + 1)]
+    events = tmp_path / "mixed.jsonl"
+    events.write_bytes(b"\n".join(lines) + b"\n")
+
+    dead_letter_topic = unique("dead-letters")
+    settings = make_settings(
+        database_url,
+        broker,
+        kafka={"dead_letter_topic": dead_letter_topic},
+        ingest={"max_record_bytes": 4096, "max_batch_rows": 4, "dead_letter_raw_bytes": 64},
+    )
+    produce_file(settings, events, settings.kafka.topics[0])
+    stats = consume(settings)
+
+    assert stats.events == 2 * len(bad)
+    assert dict(stats.dead_letters) == dict.fromkeys(bad, 1)
+    with open_store(settings) as store:
+        stored = store.list_dead_letters()
+        sessions = store.list_sessions()
+    assert sorted(letter.reason for letter in stored) == sorted(bad)
+    topic = settings.kafka.topics[0]
+    for letter in stored:
+        assert letter.source.startswith(f"kafka:{topic}/")
+        assert len(letter.raw) <= 64 and letter.raw_size >= len(letter.raw)
+        assert letter.detail and "\n" not in letter.detail
+    assert sum(s.queries for s in sessions) == 2 * len(bad)
+
+    consumer = KafkaConsumer(
+        dead_letter_topic,
+        bootstrap_servers=broker.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=8000,
+        group_id=unique("dlq-reader"),
+        session_timeout_ms=6000,
+    )
+    published = []
+    for message in consumer:
+        published.append(dict(message.headers)["mia-reason"].decode())
+        if len(published) == len(bad):
+            break
+    consumer.close()
+    assert sorted(published) == sorted(bad)
+
+
+def test_replaying_the_same_events_twice_changes_nothing(database_url: str, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    write_sample(events, clients=10, events=600, malformed_every=50)
+    settings = make_settings(database_url)
+    first = replay(settings, [str(events)])
+    before = session_rows(settings)
+    with open_store(settings) as store:
+        dead_before = store.dead_letter_counts()
+
+    second = replay(settings, [str(events)])
+
+    assert first.events == 588 and second.events == 0
+    assert second.duplicates == 588
+    assert session_rows(settings) == before
+    with open_store(settings) as store:
+        assert store.dead_letter_counts() == dead_before
+
+
+def test_a_duplicated_event_inside_one_stream_is_counted_once(database_url: str, tmp_path: Path) -> None:
+    lines = [valid_record(0), valid_record(1), valid_record(0), valid_record(2), valid_record(1)]
+    events = tmp_path / "dupes.jsonl"
+    events.write_bytes(b"\n".join(lines) + b"\n")
+    settings = make_settings(database_url)
+    stats = replay(settings, [str(events)])
+    assert (stats.events, stats.duplicates) == (3, 2)
+    with open_store(settings) as store:
+        assert sum(s.queries for s in store.list_sessions()) == 3
