@@ -257,5 +257,3 @@ class Query:
     def is_first_row(self) -> bool:
         """True for one row per request, so that request counts need no separate bookkeeping."""
         return self.row == 0
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -26,6 +27,19 @@ from detector.storage import Store, create_engine_for, upgrade
 log = logging.getLogger(__name__)
 
 Progress = Callable[[list[RawRecord]], None]
+
+
+def tune_garbage_collector() -> None:
+    """Make the cyclic garbage collector cheap for a long-running stream processor.
+
+    Decoding allocates a few dozen short-lived objects per record and creates almost no reference cycles,
+    yet the default thresholds run a collection every 700 allocations, each traversing the young objects
+    and, every so often, every live session. Freezing what exists at start (modules, settings) and running
+    the young generation less often saved about 7% of the per-record cost in the throughput benchmark.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def open_store(settings: Settings, migrate: bool | None = None) -> Store:
@@ -69,6 +83,7 @@ def replay(
     settings: Settings, paths: Sequence[str], progress: Progress | None = None, metrics: Metrics | None = None
 ) -> PipelineStats:
     """Process JSON Lines files (or stdin, `-`) to the end, exactly as the daemon would process a topic."""
+    tune_garbage_collector()
     with open_store(settings) as store:
         pipeline = build_pipeline(settings, store, metrics or Metrics())
         for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records):
@@ -125,6 +140,7 @@ def run_daemon(
 
     On the way out the current batch is finished, everything pending is persisted and offsets committed.
     """
+    tune_garbage_collector()
     store = open_store(settings)
     metrics = metrics or Metrics()
     group = group_id or settings.kafka.group_id

@@ -78,7 +78,7 @@ class CommitSettings(BaseModel):
 
     model_config = _GROUP
     min_interval_seconds: float = Field(default=1.0, ge=0)
-    min_records: int = Field(default=5_000, ge=1)
+    min_records: int = Field(default=20_000, ge=1)
 
 
 class LogSettings(BaseModel):
