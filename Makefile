@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run demo: install  ## the daemon end to end: embedded broker + SQLite + a sample stream
-	$(BIN)/mia-detector demo
+	$(BIN)/mia-detector --config examples/simulation.toml demo
 
 test: install  ## every test, the integration ones included (broker, PostgreSQL)
 	$(BIN)/pytest

@@ -1,7 +1,8 @@
 """Throughput of the ingest path, each figure beside a baseline measured in the same run.
 
 (a) replay from a JSON Lines file vs. JSON decoding alone (orjson over the same lines);
-(b) the daemon consuming from the embedded broker vs. raw consumption with the same Kafka client and settings.
+(b) the daemon consuming from the embedded broker vs. raw consumption with the same Kafka client and settings;
+(c) what detection (streaming features + rules) costs per query, against the rest of the replay path.
 
 Load: single-row OIP v2 records of 30 features with a probability response (~1 KB each).
 Run: `python benchmarks/throughput.py [--events N]` (`make bench`).
@@ -21,7 +22,8 @@ from kafka import KafkaConsumer
 from detector.broker import EmbeddedBroker
 from detector.ingest.kafka import client_options
 from detector.ingest.records import RawRecord
-from detector.service import StopFlag, produce_file, replay, run_daemon
+from detector.pipeline import PendingWork
+from detector.service import StopFlag, build_detection, decoded_batches, produce_file, replay, run_daemon
 from detector.settings import Settings, load_settings
 from detector.simulate.sample import write_sample
 
@@ -40,7 +42,29 @@ def report(name: str, count: int, wall: float, cpu: float, unit: str = "records"
     return rate
 
 
-def bench_replay(events: Path, settings: Settings) -> None:
+def bench_detection(events: Path, settings: Settings, replay_seconds_per_query: float) -> None:
+    """Time the detection step alone on already decoded queries, in the replay's batches."""
+    batches = list(decoded_batches(settings, [str(events)]))
+    detect = build_detection(settings)
+    queries = sum(len(batch) for batch in batches)
+
+    def detection() -> int:
+        pending = PendingWork()
+        for batch in batches:
+            detect.process([[query] for query in batch], pending)
+        detect.at_commit(pending)
+        return queries
+
+    print("(c) detection: streaming features + rules (+ coordination), no model loaded")
+    count, wall, cpu = timed(detection)
+    report("detection step alone", count, wall, cpu, unit="queries")
+    per_query = wall / count
+    rest = replay_seconds_per_query - per_query
+    ratio = per_query / rest
+    print(f"  detection adds {ratio:.2f} of the rest of the replay path's cost per query   (aim: ≤ 0.5)")
+
+
+def bench_replay(events: Path, settings: Settings) -> float:
     def decode_only() -> int:
         count = 0
         with events.open("rb") as lines:
@@ -54,8 +78,9 @@ def bench_replay(events: Path, settings: Settings) -> None:
 
     print("(a) replay from a file")
     baseline = report("baseline: orjson.loads of each line", *timed(decode_only))
-    replayed = report("replay: decode+sessions+SQLite commit", *timed(full_replay), unit="queries")
+    replayed = report("replay: decode+sessions+detect+commit", *timed(full_replay), unit="queries")
     print(f"  ratio replay / JSON decode: {replayed / baseline:.2f}   (aim: ≥ 25,000 queries/s)")
+    return 1.0 / replayed
 
 
 def bench_kafka(events: Path, total: int, database_url: str) -> None:
@@ -109,7 +134,7 @@ def bench_kafka(events: Path, total: int, database_url: str) -> None:
 
         print("(b) consuming from the embedded broker (group join included in both)")
         baseline = report("baseline: kafka-python poll only", *timed(raw_consumption))
-        consumed = report("daemon: poll+decode+sessions+commit", *timed(daemon))
+        consumed = report("daemon: poll+decode+sessions+detect+commit", *timed(daemon))
         print(f"  ratio daemon / raw consumption: {consumed / baseline:.2f}   (aim: ≥ 0.5)")
 
 
@@ -123,7 +148,9 @@ def main() -> None:
         write_sample(events, clients=2_000, events=args.events, mixed_formats=False)
         size = events.stat().st_size / args.events
         print(f"load: {args.events} single-row records, 30 features, {size:.0f} bytes each, 2,000 clients")
-        bench_replay(events, load_settings(None, database={"url": f"sqlite:///{workdir / 'replay.db'}"}))
+        settings = load_settings(None, database={"url": f"sqlite:///{workdir / 'replay.db'}"})
+        seconds_per_query = bench_replay(events, settings)
+        bench_detection(events, settings, seconds_per_query)
         bench_kafka(events, args.events, f"sqlite:///{workdir / 'kafka.db'}")
 
 

@@ -7,14 +7,16 @@ one-line message on stderr and exit code 2 (usage, configuration) or 1 (runtime)
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -23,10 +25,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from detector import __version__
+from detector.alerts import AlertKind, AlertStatus
+from detector.alerts.model import Detection
 from detector.ingest.records import RawRecord
 from detector.logs import configure_logging
 from detector.sessions import SessionState
 from detector.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from detector.storage import StoredAlert
 
 log = logging.getLogger("detector")
 
@@ -127,12 +134,31 @@ def _progress(description: str, total: int | None, unit_bytes: bool) -> Iterator
         yield advance
 
 
+def _print_alerts(opened: list[tuple[Any, Detection]]) -> None:
+    """One line per newly opened alert: who, what, how sure, and the top reasons."""
+    for _, detection in opened:
+        reasons = ", ".join(
+            f"{reason.feature}={reason.value:g}"
+            + (f" (p{reason.baseline_percentile:.0f})" if reason.baseline_percentile is not None else "")
+            for reason in detection.reasons[:3]
+        )
+        clients = ",".join(detection.client_ids)
+        stderr.print(
+            f"[bold red]ALERT[/] {detection.severity.value:<8} {detection.kind.value:<22} client={clients} "
+            f"model={detection.model} score={detection.score:g} (threshold {detection.threshold:g})"
+            f" {reasons}",
+            highlight=False,
+        )
+
+
 def _summary(stats: Any) -> str:
     dead = sum(stats.dead_letters.values())
     reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(stats.dead_letters.items()))
     return (
         f"{stats.records} records: {stats.events} events, {stats.queries} queries, "
-        f"{stats.duplicates} duplicates skipped, {dead} dead letters" + (f" ({reasons})" if reasons else "")
+        f"{stats.duplicates} duplicates skipped, {dead} dead letters"
+        + (f" ({reasons})" if reasons else "")
+        + f", {sum(stats.alerts_opened.values())} alerts opened"
     )
 
 
@@ -157,7 +183,7 @@ def run(
     settings = _settings(ctx, kafka={"topics": list(topics) or None, "group_id": group_id})
     stop = StopFlag()
     with stop.on_signals():
-        stats = run_daemon(settings, stop, idle_exit_seconds=exit_when_idle)
+        stats = run_daemon(settings, stop, idle_exit_seconds=exit_when_idle, on_alerts=_print_alerts)
     log.info("stopped: %s", _summary(stats))
 
 
@@ -174,8 +200,65 @@ def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
             raise click.BadParameter(f"no such file: {name}", param_hint="FILES")
     settings = _settings(ctx)
     with _progress("replaying", total_bytes(files), unit_bytes=True) as advance:
-        stats = replay_files(settings, files, progress=advance)
+        stats = replay_files(settings, files, progress=advance, on_alerts=_print_alerts)
     stderr.print(_summary(stats))
+
+
+@app.command("simulate")
+@click.option(
+    "--scenario",
+    type=click.Choice(["smoke", "standard", "evasive"]),
+    default="smoke",
+    show_default=True,
+    help="smoke: seconds; standard: a simulated day; evasive: a day of hiding attackers.",
+)
+@click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same bytes.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory."
+)
+def simulate(scenario: str, seed: int, out: Path) -> None:
+    """Write simulated traffic (benign populations and attacks on real models) with its ground truth."""
+    from detector.simulate import simulate as run_simulation
+
+    summary = run_simulation(scenario, seed, out)
+    stderr.print(
+        f"{summary.scenario} (seed {summary.seed}): {summary.records} records, {summary.queries} queries"
+        f" from {summary.clients} clients ({summary.attackers} attacking) in {out}/events.jsonl; baseline "
+        f"{summary.baseline_records} records in {out}/baseline.jsonl; truth in {out}/truth.jsonl "
+        f"({summary.seconds:.1f} s)"
+    )
+
+
+@app.command("train")
+@click.option(
+    "--events",
+    "events",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Baseline (benign) traffic, JSON Lines; repeatable.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Model directory."
+)
+@click.option(
+    "--target-fpr",
+    type=click.FloatRange(min=1e-6, max=0.5),
+    default=0.001,
+    show_default=True,
+    help="Share of baseline clients the thresholds may alert on.",
+)
+@click.pass_context
+def train(ctx: click.Context, events: tuple[str, ...], out: Path, target_fpr: float) -> None:
+    """Fit the anomaly model and calibrate every rule's threshold on baseline traffic."""
+    from detector.service import train as train_model
+
+    model = train_model(_settings(ctx), events, target_fpr, out)
+    thresholds = ", ".join(f"{rule} {value:g}" for rule, value in sorted(model.rule_thresholds.items()))
+    stderr.print(
+        f"model {model.version} from {model.baseline_clients} baseline clients written to {out}; "
+        f"thresholds at FPR {target_fpr:g}: {thresholds}; anomaly {model.forest_threshold:.4f}"
+    )
 
 
 @app.command("produce")
@@ -211,42 +294,153 @@ def broker(port: int) -> None:
 
 
 @app.command("demo")
-@click.option("--events", type=click.IntRange(min=1), default=5000, show_default=True, help="Sample records.")
+@click.option(
+    "--scenario",
+    type=click.Choice(["smoke", "standard", "evasive"]),
+    default="smoke",
+    show_default=True,
+    help="Simulated traffic to stream (smoke: a simulated hour, every attack kind among benign clients).",
+)
+@click.option("--seed", type=int, default=7, show_default=True, help="Simulation seed.")
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("var/demo"),
     show_default=True,
-    help="Where the sample stream and the broker log go.",
+    help="Where the simulation, model, indexes, broker log and evaluation go.",
 )
 @click.option(
     "--idle-seconds",
     type=click.FloatRange(min=0.5),
     default=5.0,
     show_default=True,
-    help="Stop once the stream has been idle this long.",
+    help="Stop the daemon once the stream has been idle this long.",
 )
 @click.pass_context
-def demo(ctx: click.Context, events: int, workdir: Path, idle_seconds: float) -> None:
-    """Run the daemon end to end on an embedded broker with a sample stream, then summarise."""
+def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_seconds: float) -> None:
+    """Simulate traffic, train on its baseline, stream it through a local broker into the daemon (alerts
+    shown live), then evaluate what was caught against the ground truth."""
     from detector.demo import run_demo
-    from detector.service import StopFlag, open_store
+    from detector.service import StopFlag
 
     settings = _settings(ctx, kafka={"session_timeout_ms": 6000})
     stop = StopFlag()
     with stop.on_signals():
-        result = run_demo(settings, workdir, events, idle_seconds, stop)
+        result = run_demo(settings, workdir, scenario, seed, idle_seconds, stop, on_alerts=_print_alerts)
     stderr.print(
-        f"broker {result.bootstrap_servers}: produced {result.produced} records from {result.sample_file}"
+        f"{result.simulation.scenario}: {result.produced} records streamed through the broker at "
+        f"{result.bootstrap_servers}; daemon: {_summary(result.stats)}",
+        highlight=False,
     )
-    stderr.print(_summary(result.stats))
-    with open_store(settings) as store:
-        sessions = store.list_sessions(limit=100_000)
-        counts = store.dead_letter_counts()
-    busiest = sorted(sessions, key=lambda s: s.queries, reverse=True)[:10]
-    _print_rows(map(_session_row, busiest), OutputFormat.TABLE, SESSION_COLUMNS, "busiest sessions")
+    _print_evaluation(result.evaluation)
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------
+
+
+def _print_evaluation(result: Any) -> None:
+    """The evaluation's per-kind table, false alerts, ROC figures and where the report is."""
+    from detector.evaluate import format_duration, format_share
+
+    table = Table(title="detection by attack kind")
+    for column in ("attack kind", "attackers", "detected", "as this kind", "median queries", "median time"):
+        table.add_column(column, justify="left" if column == "attack kind" else "right")
+    for kind in result.kinds:
+        table.add_row(
+            kind.kind,
+            str(kind.attackers),
+            format_share(kind.detected_share),
+            format_share(kind.matched_share),
+            "n/a" if kind.queries_median is None else f"{kind.queries_median:g}",
+            format_duration(kind.seconds_median),
+        )
+    stdout.print(table)
+    roc = result.roc
+    tpr = ", ".join(f"TPR {format_share(rate)} at FPR {float(x):.1%}" for x, rate in roc.tpr_at_fpr.items())
+    stdout.print(
+        f"benign clients falsely alerted: {result.benign_alerted}/{result.benign_clients} "
+        f"({format_share(result.benign_alerted_share)}); "
+        f"ROC AUC {'n/a' if roc.auc is None else f'{roc.auc:.3f}'}, {tpr}",
+        highlight=False,
+    )
+    stderr.print(f"report written to {result.report}", highlight=False, soft_wrap=True)
+
+
+@app.command("evaluate")
+@click.option(
+    "--events",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Query logs to replay, JSON Lines (a simulator's events.jsonl).",
+)
+@click.option(
+    "--truth",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ground truth, one JSON line per client (a simulator's truth.jsonl).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("var/evaluation"),
+    show_default=True,
+    help="Where report.md, roc.png, scores.png, summary.json (and the run's own database) go.",
+)
+@click.pass_context
+def evaluate(ctx: click.Context, events: Path, truth: Path, out: Path) -> None:
+    """Measure detection quality: replay labelled traffic through the detector and score its alerts."""
+    from detector.evaluate import TruthError
+    from detector.evaluate import evaluate as evaluate_files
+    from detector.ingest.jsonl import total_bytes
+
+    settings = _settings(ctx)
+    with _progress("evaluating", total_bytes([str(events)]), unit_bytes=True) as advance:
+        try:
+            result = evaluate_files(settings, events, truth, out, progress=advance)
+        except TruthError as exc:
+            raise click.BadParameter(str(exc), param_hint="--truth") from None
+    _print_evaluation(result)
+
+
+# -- training-set index --------------------------------------------------------------------------------------
+
+
+@app.command("index-training")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Index file to write (a .npz archive of hashes and sketches, no training rows).",
+)
+def index_training(file: Path, out: Path) -> None:
+    """Index a model's training rows (.npy, .csv with a header, or .jsonl) for training-set look-ups.
+
+    With MIA_TRAINING_INDEX_KEY set (hex), the index is keyed with it and the key stays out of the file;
+    otherwise a random key is generated and stored in the file.
+    """
+    from detector.features.training import KEY_ENVIRONMENT_VARIABLE, TrainingSetIndex, load_training_rows
+
+    hex_key = os.environ.get(KEY_ENVIRONMENT_VARIABLE, "")
+    try:
+        key = bytes.fromhex(hex_key) if hex_key else None
+    except ValueError:
+        raise click.ClickException(f"{KEY_ENVIRONMENT_VARIABLE} is not a hexadecimal key") from None
+    try:
+        rows = load_training_rows(file)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="FILE") from None
+    try:
+        index = TrainingSetIndex.build(rows, key=key)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    index.save(out, include_key=key is None)
+    where = "stored in the file" if key is None else f"not stored (taken from {KEY_ENVIRONMENT_VARIABLE})"
     stderr.print(
-        "dead letters by reason: " + (", ".join(f"{r} {n}" for r, n in sorted(counts.items())) or "none")
+        f"indexed {index.size} rows of width {index.width} into {out}; key {where}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -351,6 +545,106 @@ def deadletters_list(ctx: click.Context, reason: str | None, limit: int, fmt: st
     _print_rows(rows, fmt, ["reason", "source", "detail", "raw_size", "received_at"], "dead letters")
 
 
+ALERT_COLUMNS = [
+    "id",
+    "kind",
+    "severity",
+    "status",
+    "client_id",
+    "model",
+    "score",
+    "threshold",
+    "queries",
+    "raised_at",
+    "top_reason",
+]
+ALERT_STATUS_OPTION = click.option(
+    "--status", type=click.Choice([s.value for s in AlertStatus]), help="Only alerts with this status."
+)
+
+
+def _alert_record(alert: StoredAlert) -> dict[str, Any]:
+    return {
+        "id": alert.id,
+        "dedup_key": alert.dedup_key,
+        "client_id": alert.client_id,
+        "client_ids": list(alert.client_ids),
+        "model": alert.model,
+        "kind": alert.kind.value,
+        "severity": alert.severity.value,
+        "status": alert.status.value,
+        "rule_id": alert.rule_id,
+        "score": alert.score,
+        "threshold": alert.threshold,
+        "reasons": [asdict(reason) for reason in alert.reasons],
+        "evidence": alert.evidence,
+        "atlas_technique": alert.atlas_technique,
+        "triage": alert.triage,
+        "queries": alert.queries,
+        "updates": alert.updates,
+        "first_seen": _rfc3339(alert.first_seen.timestamp()),
+        "last_seen": _rfc3339(alert.last_seen.timestamp()),
+        "raised_at": _rfc3339(alert.raised_at.timestamp()),
+        "updated_at": _rfc3339(alert.updated_at.timestamp()),
+        "resolved_at": _rfc3339(alert.resolved_at.timestamp()) if alert.resolved_at else None,
+    }
+
+
+def _top_reason(alert: StoredAlert) -> str:
+    """The first line of the explanation: `feature=value (pNN)`, NN the baseline percentile."""
+    if not alert.reasons:
+        return ""
+    reason = alert.reasons[0]
+    text = f"{reason.feature}={reason.value:.4g}"
+    if reason.baseline_percentile is None:
+        return text
+    return f"{text} (p{reason.baseline_percentile:.4g})"
+
+
+@app.group("alerts")
+def alerts_group() -> None:
+    """Detected attacks: one open alert per model, client(s) and kind."""
+
+
+@alerts_group.command("list")
+@ALERT_STATUS_OPTION
+@click.option("--client", help="Only alerts whose primary client is this id.")
+@click.option("--kind", type=click.Choice([k.value for k in AlertKind]), help="Only this kind of attack.")
+@LIMIT_OPTION
+@FORMAT_OPTION
+@click.pass_context
+def alerts_list(
+    ctx: click.Context, status: str | None, client: str | None, kind: str | None, limit: int, fmt: str
+) -> None:
+    """List alerts with their strongest reason, newest raised first."""
+    from detector.service import open_alert_store
+
+    with open_alert_store(_settings(ctx), migrate=True) as store:
+        alerts = store.list_alerts(status=status, client_id=client, kind=kind, limit=limit)
+    rows = ({**_alert_record(alert), "top_reason": _top_reason(alert)} for alert in alerts)
+    _print_rows(rows, fmt, ALERT_COLUMNS, "alerts")
+
+
+@alerts_group.command("export")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([OutputFormat.JSONL.value]),
+    default=OutputFormat.JSONL.value,
+    show_default=True,
+    help="JSON Lines: one alert a line, times in RFC 3339 UTC.",
+)
+@ALERT_STATUS_OPTION
+@click.pass_context
+def alerts_export(ctx: click.Context, fmt: str, status: str | None) -> None:
+    """Print every alert in full (explanation, evidence), newest raised first."""
+    from detector.service import open_alert_store
+
+    with open_alert_store(_settings(ctx), migrate=True) as store:
+        alerts = store.list_alerts(status=status, limit=None)
+    _print_rows(map(_alert_record, alerts), fmt, [], "alerts")
+
+
 # -- configuration, database, schemas ------------------------------------------------------------------------
 
 
@@ -420,6 +714,7 @@ def main(argv: list[str] | None = None) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from detector.broker import BrokerError
+    from detector.scoring.model import ModelError
 
     try:
         code = app.main(args=argv, prog_name="mia-detector", standalone_mode=False)
@@ -427,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail("aborted", 130)
     except click.ClickException as exc:
         _fail(exc.format_message(), 2)
-    except ConfigError as exc:
+    except (ConfigError, ModelError) as exc:
         _fail(str(exc), 2)
     except (BrokerError, RuntimeFailure) as exc:
         _fail(str(exc), 1)

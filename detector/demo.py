@@ -1,4 +1,5 @@
-"""The demo: an embedded broker, a sample stream produced into it, and the daemon consuming it."""
+"""The demo: simulated traffic, a model trained on its benign baseline, the stream through a local broker into
+the daemon (alerts shown as they open), and the evaluation of what it caught against the ground truth."""
 
 from __future__ import annotations
 
@@ -7,47 +8,62 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detector.broker import EmbeddedBroker
-from detector.pipeline import PipelineStats
-from detector.service import StopFlag, produce_file, run_daemon
+from detector.evaluate import Evaluation, evaluate
+from detector.features.training import TrainingSetIndex, load_training_rows
+from detector.pipeline import OnAlerts, PipelineStats
+from detector.service import StopFlag, produce_file, run_daemon, train
 from detector.settings import Settings
-from detector.simulate.sample import write_sample
+from detector.simulate import SimulationSummary, simulate
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What the demo did: where the broker ran, what was produced, what the daemon processed."""
+    """What the demo did: the simulation, where the broker ran, what the daemon processed, how well it did."""
 
+    simulation: SimulationSummary
     bootstrap_servers: str
-    sample_file: Path
     produced: int
     stats: PipelineStats
+    evaluation: Evaluation
+
+
+def index_training_sets(simulation: Path, out: Path) -> Path:
+    """One training-set index per simulated model (`training-<model>.npy` → `<model>.npz`); returns `out`."""
+    for rows_file in sorted(simulation.glob("training-*.npy")):
+        model = rows_file.stem.removeprefix("training-")
+        TrainingSetIndex.build(load_training_rows(rows_file)).save(out / f"{model}.npz")
+    return out
 
 
 def run_demo(
-    settings: Settings, workdir: Path, events: int, idle_exit_seconds: float, stop: StopFlag
+    settings: Settings,
+    workdir: Path,
+    scenario: str,
+    seed: int,
+    idle_exit_seconds: float,
+    stop: StopFlag,
+    on_alerts: OnAlerts | None = None,
 ) -> DemoResult:
-    """Start a local broker, produce `events` sample records into the first topic, consume them to the end.
-
-    The daemon runs with `settings` (database, sessions, limits) but against the embedded broker, and stops
-    once the stream has been idle for `idle_exit_seconds` (or on SIGINT/SIGTERM).
-    """
-    sample = workdir / "sample-stream.jsonl"
-    write_sample(sample, clients=60, events=events, malformed_every=199)
+    """Simulate `scenario`, train on its baseline, stream its events through an embedded broker into the
+    daemon until idle (or SIGINT/SIGTERM), then evaluate the detector on the same events."""
+    simulation = simulate(scenario, seed, workdir / "scenario")
+    log.info("simulated %s: %d records from %d clients", scenario, simulation.records, simulation.clients)
+    indexes = index_training_sets(simulation.out, workdir / "indexes")
+    indexed = settings.model_copy(update={"training_index": indexes})
+    model_dir = workdir / "model"
+    train(indexed, [str(simulation.out / "baseline.jsonl")], 0.001, model_dir)
+    trained = indexed.model_copy(update={"model_path": model_dir})
     with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
-        local = settings.model_copy(
-            update={
-                "kafka": settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
-            }
+        local = trained.model_copy(
+            update={"kafka": trained.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})}
         )
         topic = local.kafka.topics[0]
-        log.info(
-            "embedded broker on %s; producing %d sample records to %s",
-            broker.bootstrap_servers,
-            events,
-            topic,
-        )
-        produced = produce_file(local, sample, topic)
-        stats = run_daemon(local, stop, idle_exit_seconds=idle_exit_seconds)
-    return DemoResult(broker.bootstrap_servers, sample, produced, stats)
+        produced = produce_file(local, simulation.out / "events.jsonl", topic)
+        log.info("produced %d records to %s on %s; consuming", produced, topic, broker.bootstrap_servers)
+        stats = run_daemon(local, stop, idle_exit_seconds=idle_exit_seconds, on_alerts=on_alerts)
+    evaluation = evaluate(
+        trained, simulation.out / "events.jsonl", simulation.out / "truth.jsonl", workdir / "evaluation"
+    )
+    return DemoResult(simulation, broker.bootstrap_servers, produced, stats, evaluation)

@@ -57,6 +57,12 @@ class Metrics:
             "Sessions held in memory",
             registry=self.registry,
         )
+        self.alerts_opened = Counter(
+            f"{PREFIX}_alerts_opened_total",
+            "Alerts opened, by kind and severity",
+            ["kind", "severity"],
+            registry=self.registry,
+        )
         self.sessions_closed = Counter(
             f"{PREFIX}_sessions_closed_total",
             "Sessions ended by the inactivity gap or the maximum duration",

@@ -1,11 +1,14 @@
 """The processing chain and its commit point: the only module that knows every step.
 
-    raw records ─> Decode ─> Deduplicate ─> Sessionize ─┐
-         (bad records ─> dead letters)                  └─> [commit point] Persist ─> Commit offsets
+    raw records ─> Decode ─> Deduplicate ─> Sessionize ─> Detect ─┐
+         (bad records ─> dead letters)                            └─> [commit point] Persist ─> Commit offsets
 
 Steps run on each polled batch; their results stay pending until the commit policy says the commit is due.
-Then, in order: dead letters are published (if a dead-letter topic is configured), everything pending is
-written to the database in one transaction, and only then are the source positions committed. A crash at
+Detect updates the streaming features of every query's client and applies the rules to the clients it
+touched, so attacks are flagged while they run; the anomaly model scores those clients in one micro-batch
+at the commit point. Then, in order: dead letters are published (if a dead-letter topic is configured),
+everything pending (sessions, alerts, dead letters, seen events, checkpoints) is written to the database in
+one transaction, and only then are the source positions committed. A crash at
 any point re-delivers at most what was not yet committed, and event-id de-duplication makes re-delivered
 events change nothing: at-least-once delivery, exactly-once effect.
 """
@@ -18,18 +21,24 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from detector.alerts.model import Detection
+from detector.features.client import ClientKey, FeatureTracker
 from detector.ingest.decode import RecordDecoder
 from detector.ingest.records import DeadLetter, InvalidRecord, RawRecord
 from detector.metrics import Metrics
 from detector.model import Query
+from detector.scoring.coordination import CoordinationTracker
+from detector.scoring.detector import Detector
 from detector.sessions import SessionTracker
 from detector.storage import Checkpoint, DurableBatch, Store
+from detector.storage.alerts import AlertChange
 
 log = logging.getLogger(__name__)
 
 Positions = dict[tuple[str, int], int]
 CommitPositions = Callable[[Mapping[tuple[str, int], int]], None]
 PublishDeadLetters = Callable[[list[DeadLetter]], None]
+OnAlerts = Callable[[list[tuple[AlertChange, Detection]]], None]
 
 
 @dataclass(frozen=True)
@@ -54,17 +63,26 @@ class PipelineStats:
     duplicates: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
     commits: int = 0
+    alerts_opened: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
-class _Pending:
+class PendingWork:
     """What has been processed since the last commit and must become durable with it."""
 
     seen_events: dict[str, float] = field(default_factory=dict)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     positions: Positions = field(default_factory=dict)
+    detections: dict[str, Detection] = field(default_factory=dict)  # the latest per alert key: stored
+    first_detections: dict[str, Detection] = field(default_factory=dict)  # the first: when it fired
+    touched: set[ClientKey] = field(default_factory=set)
     records: int = 0
     since: float = 0.0
+
+    def record(self, detection: Detection) -> None:
+        """Keep `detection` as the latest of its alert key, and as the first if it is."""
+        self.detections[detection.dedup_key] = detection
+        self.first_detections.setdefault(detection.dedup_key, detection)
 
 
 class DecodeStep:
@@ -127,6 +145,44 @@ class SessionizeStep:
         return count
 
 
+class DetectStep:
+    """Streaming features for every query, then the rules on each client touched (the latest detection per
+    alert key is kept until the commit); the anomaly model runs on the touched clients at the commit."""
+
+    def __init__(
+        self, tracker: FeatureTracker, detector: Detector, coordination: CoordinationTracker
+    ) -> None:
+        self.tracker = tracker
+        self.detector = detector
+        self.coordination = coordination
+        self._watermark = float("-inf")
+
+    def process(self, events: list[list[Query]], pending: PendingWork) -> None:
+        """Update features with the queries of `events` and record the rules' detections in `pending`."""
+        if not events:
+            return
+        touched = self.tracker.update([query for queries in events for query in queries])
+        pending.touched |= touched
+        for key in touched:
+            client = self.tracker.get(key)
+            if client is not None:
+                self._watermark = max(self._watermark, client.last_seen)
+                self.coordination.observe(key, client)
+                for detection in self.detector.evaluate(key, client):
+                    pending.record(detection)
+
+    def at_commit(self, pending: PendingWork) -> None:
+        """Score the clients touched since the last commit with the anomaly model (one micro-batch), and
+        pool training-set hits across keys (coordination)."""
+        clients = {key: client for key in pending.touched if (client := self.tracker.get(key)) is not None}
+        allowed = {entry.client_id for entry in self.detector.allowlist}
+        for detection in [
+            *self.detector.evaluate_anomalies(clients),
+            *self.coordination.detections(self._watermark, allowed),
+        ]:
+            pending.record(detection)
+
+
 class Pipeline:
     """Runs the steps on each batch and owns the commit point (see the module docstring)."""
 
@@ -136,10 +192,12 @@ class Pipeline:
         store: Store,
         tracker: SessionTracker,
         decoder: RecordDecoder,
+        detect: DetectStep,
         policy: CommitPolicy,
         metrics: Metrics,
         commit_positions: CommitPositions | None = None,
         publish_dead_letters: PublishDeadLetters | None = None,
+        on_alerts: OnAlerts | None = None,
         group_id: str = "",
         keep_raw_bytes: int = 4096,
         seen_events_retention_seconds: float = 72 * 3600.0,
@@ -153,12 +211,14 @@ class Pipeline:
         self._decode = DecodeStep(decoder, keep_raw_bytes, metrics)
         self._deduplicate = DeduplicateStep(store)
         self._sessionize = SessionizeStep(tracker, store)
+        self.detect = detect
+        self._on_alerts = on_alerts
         self._commit_positions = commit_positions
         self._publish_dead_letters = publish_dead_letters
         self._group_id = group_id
         self._retention = seen_events_retention_seconds
         self._clock = clock
-        self._pending = _Pending(since=clock())
+        self._pending = PendingWork(since=clock())
 
     def submit(self, records: list[RawRecord]) -> None:
         """Process one polled batch, then commit if the policy says it is due."""
@@ -181,13 +241,16 @@ class Pipeline:
         sessions = self.tracker.drain_changed()
         if pending.dead_letters and self._publish_dead_letters is not None:
             self._publish_dead_letters(pending.dead_letters)
+        self.detect.at_commit(pending)
+        detections = list(pending.detections.values())
         watermark = self.tracker.watermark
         has_watermark = watermark != float("-inf")
-        self.store.write(
+        changes = self.store.write(
             DurableBatch(
                 seen_events=list(pending.seen_events.items()),
                 sessions=sessions,
                 dead_letters=pending.dead_letters,
+                detections=detections,
                 checkpoints=[
                     Checkpoint(self._group_id, topic, partition, offset)
                     for (topic, partition), offset in pending.positions.items()
@@ -198,12 +261,29 @@ class Pipeline:
         )
         if self._commit_positions is not None:
             self._commit_positions(pending.positions)
-        self._pending = _Pending(since=self._clock())
+        self._pending = PendingWork(since=self._clock())
+        self._report(changes, [pending.first_detections[d.dedup_key] for d in detections])
         self.stats.commits += 1
         self.metrics.commits.inc()
         self.metrics.sessions_closed.inc(closed)
         self.metrics.active_sessions.set(len(self.tracker))
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
+
+    def _report(self, changes: list[AlertChange], detections: list[Detection]) -> None:
+        # `detections` are the first of their key since the last commit: an opened alert is reported with
+        # the query count and event time at which its rule fired, not those of the commit.
+        opened = [
+            (change, detection)
+            for change, detection in zip(changes, detections, strict=True)
+            if change.change == "opened"
+        ]
+        for _, detection in opened:
+            self.stats.alerts_opened[detection.kind.value] += 1
+            self.metrics.alerts_opened.labels(
+                kind=detection.kind.value, severity=detection.severity.value
+            ).inc()
+        if opened and self._on_alerts is not None:
+            self._on_alerts(opened)
 
     def release_all(self) -> None:
         """Commit, then forget in-memory sessions: partitions are being revoked and may move elsewhere."""
@@ -217,6 +297,7 @@ class Pipeline:
         decoded = self._decode.process(records, pending.dead_letters)
         fresh, duplicates = self._deduplicate.process(decoded, pending.seen_events)
         queries = self._sessionize.process(fresh)
+        self.detect.process(fresh, pending)
         for record in records:
             origin = record.origin
             if origin.kind == "kafka":

@@ -12,21 +12,49 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+import numpy as np
 import orjson
 
+from detector.alerts.model import AlertKind
+from detector.features.client import FeatureTracker, TrainingIndexes, TrainingLookup
+from detector.features.embedding import ModelScale, QueryEmbedder
 from detector.ingest.decode import RecordDecoder
 from detector.ingest.jsonl import read_jsonl_batches
 from detector.ingest.kafka import KafkaPublisher, KafkaSource
-from detector.ingest.records import DeadLetter, RawRecord
+from detector.ingest.records import DeadLetter, InvalidRecord, RawRecord
 from detector.metrics import Metrics
-from detector.pipeline import CommitPolicy, Pipeline, PipelineStats
+from detector.model import Query
+from detector.pipeline import CommitPolicy, DetectStep, OnAlerts, Pipeline, PipelineStats
+from detector.scoring.calibrate import fit_scoring_model
+from detector.scoring.coordination import CoordinationTracker
+from detector.scoring.detector import AllowEntry, Detector
+from detector.scoring.model import ScoringModel
+from detector.scoring.rules import load_rules
 from detector.sessions import SessionTracker
 from detector.settings import Settings
-from detector.storage import Store, create_engine_for, upgrade
+from detector.storage import AlertStore, Store, create_engine_for, upgrade
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[list[RawRecord]], None]
+
+
+def prepare_process() -> None:
+    """Tune this process for stream processing: one BLAS thread, a cheaper garbage collector."""
+    limit_blas_threads()
+    tune_garbage_collector()
+
+
+def limit_blas_threads() -> None:
+    """Run numpy's linear algebra on one thread.
+
+    The detector multiplies small matrices (a micro-batch by a projection) all the time; with a thread pool
+    per call on a busy 2-core machine the same product took 8 times longer than on one thread. Scale out
+    with processes in the consumer group instead.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
 
 
 def tune_garbage_collector() -> None:
@@ -50,6 +78,62 @@ def open_store(settings: Settings, migrate: bool | None = None) -> Store:
     return Store(engine)
 
 
+def open_alert_store(settings: Settings, migrate: bool | None = None) -> AlertStore:
+    """The alert store at the configured database URL, migrated as `open_store` would migrate it."""
+    engine = create_engine_for(settings.database.url.get_secret_value())
+    if settings.database.migrate_on_start if migrate is None else migrate:
+        upgrade(engine)
+    return AlertStore(engine)
+
+
+def load_scoring_model(settings: Settings) -> ScoringModel | None:
+    """The scoring model at `MIA_MODEL_PATH`, if configured (hash-checked, never unpickled)."""
+    if settings.model_path is None:
+        return None
+    model = ScoringModel.load(settings.model_path)
+    log.info("scoring model %s (target FPR %g)", model.version, model.target_fpr)
+    return model
+
+
+def load_training_indexes(settings: Settings) -> TrainingIndexes:
+    """The training-set indexes at `MIA_TRAINING_INDEX`: one file (for every model of its width), or a
+    directory of `<model name>.npz` files. Keys come from `MIA_TRAINING_INDEX_KEY` when not in the files."""
+    path = settings.training_index
+    if path is None:
+        return TrainingIndexes()
+    from detector.features.training import TrainingSetIndex
+
+    secret = settings.training_index_key
+    key = bytes.fromhex(secret.get_secret_value()) if secret is not None else None
+    if path.is_dir():
+        by_model: dict[str, TrainingLookup] = {
+            file.stem: TrainingSetIndex.load(file, key=key) for file in sorted(path.glob("*.npz"))
+        }
+        log.info("training-set indexes for models %s", sorted(by_model))
+        return TrainingIndexes(by_model)
+    index = TrainingSetIndex.load(path, key=key)
+    log.info("training-set index of %d rows of width %d", index.size, index.width)
+    return TrainingIndexes(default=index)
+
+
+def build_detection(
+    settings: Settings, model: ScoringModel | None = None, indexes: TrainingIndexes | None = None
+) -> DetectStep:
+    """The detection step: features (scaled as the model was trained, if any), rules, model, allow-list."""
+    scales = {
+        name: ModelScale.fixed(np.asarray(scale["mean"]), np.asarray(scale["std"]))
+        for name, scale in (model.scales.items() if model else ())
+    }
+    tracker = FeatureTracker(QueryEmbedder(scales), indexes, settings.detection.max_clients)
+    allowlist = [
+        AllowEntry(entry.client_id, entry.reason, AlertKind(entry.kind) if entry.kind else None)
+        for entry in settings.detection.allowlist
+    ]
+    detector = Detector(load_rules(settings.detection.rules_path), model, allowlist)
+    training_rule = next(rule for rule in detector.rules if rule.kind is AlertKind.TRAINING_SET_TARGETING)
+    return DetectStep(tracker, detector, CoordinationTracker(detector.threshold(training_rule)))
+
+
 def build_pipeline(
     settings: Settings,
     store: Store,
@@ -57,9 +141,13 @@ def build_pipeline(
     *,
     commit_positions: Callable[..., None] | None = None,
     publish_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
+    on_alerts: OnAlerts | None = None,
     group_id: str = "",
+    detect: DetectStep | None = None,
 ) -> Pipeline:
-    """A pipeline configured from `settings`, writing to `store`."""
+    """A pipeline configured from `settings`, writing to `store` (detection from the settings by default)."""
+    if detect is None:
+        detect = build_detection(settings, load_scoring_model(settings), load_training_indexes(settings))
     return Pipeline(
         store=store,
         tracker=SessionTracker(
@@ -69,10 +157,12 @@ def build_pipeline(
             allowed_lateness_seconds=settings.sessions.allowed_lateness_seconds,
         ),
         decoder=RecordDecoder(settings.ingest),
+        detect=detect,
         policy=CommitPolicy(settings.commit.min_interval_seconds, settings.commit.min_records),
         metrics=metrics,
         commit_positions=commit_positions,
         publish_dead_letters=publish_dead_letters,
+        on_alerts=on_alerts,
         group_id=group_id,
         keep_raw_bytes=settings.ingest.dead_letter_raw_bytes,
         seen_events_retention_seconds=settings.database.seen_events_retention_hours * 3600.0,
@@ -80,12 +170,17 @@ def build_pipeline(
 
 
 def replay(
-    settings: Settings, paths: Sequence[str], progress: Progress | None = None, metrics: Metrics | None = None
+    settings: Settings,
+    paths: Sequence[str],
+    progress: Progress | None = None,
+    metrics: Metrics | None = None,
+    on_alerts: OnAlerts | None = None,
+    detect: DetectStep | None = None,
 ) -> PipelineStats:
     """Process JSON Lines files (or stdin, `-`) to the end, exactly as the daemon would process a topic."""
-    tune_garbage_collector()
+    prepare_process()
     with open_store(settings) as store:
-        pipeline = build_pipeline(settings, store, metrics or Metrics())
+        pipeline = build_pipeline(settings, store, metrics or Metrics(), on_alerts=on_alerts, detect=detect)
         for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records):
             pipeline.submit(batch)
             if progress is not None:
@@ -135,12 +230,13 @@ def run_daemon(
     idle_exit_seconds: float | None = None,
     metrics: Metrics | None = None,
     progress: Progress | None = None,
+    on_alerts: OnAlerts | None = None,
 ) -> PipelineStats:
     """Consume, process and commit until `stop` is set (or, with `idle_exit_seconds`, the stream is idle).
 
     On the way out the current batch is finished, everything pending is persisted and offsets committed.
     """
-    tune_garbage_collector()
+    prepare_process()
     store = open_store(settings)
     metrics = metrics or Metrics()
     group = group_id or settings.kafka.group_id
@@ -158,6 +254,7 @@ def run_daemon(
         metrics,
         commit_positions=source.commit,
         publish_dead_letters=_dead_letter_publisher(publisher, settings) if publisher else None,
+        on_alerts=on_alerts,
         group_id=group,
     )
     log.info("consuming %s as group %s from %s", source.topics, group, settings.kafka.bootstrap_servers)
@@ -195,6 +292,40 @@ def _dead_letter_publisher(
         publisher.flush()
 
     return publish
+
+
+def decoded_batches(settings: Settings, paths: Sequence[str]) -> Iterator[list[Query]]:
+    """The queries of JSON Lines files, one list per read batch; undecodable records are skipped (counted
+    nowhere: use `replay` to see them as dead letters)."""
+    decoder = RecordDecoder(settings.ingest)
+    for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records):
+        queries: list[Query] = []
+        for record in batch:
+            try:
+                queries.extend(decoder.decode(record))
+            except InvalidRecord:
+                continue
+        yield queries
+
+
+def train(settings: Settings, paths: Sequence[str], target_fpr: float, out: Path) -> ScoringModel:
+    """Fit the scoring model on baseline traffic and save it to `out` (a directory).
+
+    Allow-listed clients are left out of the calibration: they are silenced anyway, and one known-benign
+    outlier (a nightly job scoring the training set) would otherwise set a rule's threshold by itself.
+    """
+    prepare_process()
+    tracker = FeatureTracker(QueryEmbedder(), load_training_indexes(settings), max_clients=10_000_000)
+    allowed = {entry.client_id for entry in settings.detection.allowlist}
+    model = fit_scoring_model(
+        decoded_batches(settings, paths),
+        tracker,
+        load_rules(settings.detection.rules_path),
+        target_fpr,
+        excluded=allowed.__contains__,
+    )
+    model.save(out)
+    return model
 
 
 def client_key(line: bytes) -> bytes | None:

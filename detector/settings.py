@@ -81,6 +81,25 @@ class CommitSettings(BaseModel):
     min_records: int = Field(default=20_000, ge=1)
 
 
+class AllowlistEntry(BaseModel):
+    """A client (or a client for one alert kind) an operator has judged benign, and why."""
+
+    model_config = _GROUP
+    client_id: str = Field(min_length=1)
+    kind: str | None = None
+    reason: str = Field(min_length=3)
+
+
+class DetectionSettings(BaseModel):
+    """Detection: which rules, how many clients' features in memory, and the operators' allow-list."""
+
+    model_config = _GROUP
+    rules_path: Path | None = None
+    max_clients: int = Field(default=20_000, ge=1)
+    allowlist: list[AllowlistEntry] = Field(default_factory=list)
+    anomaly_interval_seconds: float = Field(default=5.0, ge=0)
+
+
 class LogSettings(BaseModel):
     """How the daemon logs: human-readable lines or one JSON object a line."""
 
@@ -104,7 +123,12 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     commit: CommitSettings = Field(default_factory=CommitSettings)
+    detection: DetectionSettings = Field(default_factory=DetectionSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    # Fixed names operators' manifests rely on: MIA_MODEL_PATH, MIA_TRAINING_INDEX, MIA_TRAINING_INDEX_KEY.
+    model_path: Path | None = None
+    training_index: Path | None = None
+    training_index_key: SecretStr | None = None
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, with every secret (and database password) masked."""

@@ -18,8 +18,11 @@ from sqlalchemy import Engine, delete, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
+from detector.alerts.model import Detection
 from detector.ingest.records import DeadLetter
 from detector.sessions import SessionKey, SessionState, SessionStatus
+from detector.storage.alerts import AlertChange, AlertStore
+from detector.storage.base import Repository
 from detector.storage.tables import Base, CheckpointRow, DeadLetterRow, SeenEventRow, SessionRow
 
 # Bound parameters per IN list: far below every backend's limit, large enough to need few statements.
@@ -46,13 +49,14 @@ class DurableBatch:
 
     `seen_events` pairs each event id with its event time (epoch seconds). `close_sessions_before` closes
     stored open sessions whose last query is older (epoch seconds); `prune_seen_before` forgets seen events
-    older than that event time.
+    older than that event time. `detections` open or update alerts (see `AlertStore.upsert`).
     """
 
     seen_events: list[tuple[str, float]] = field(default_factory=list)
     sessions: list[SessionState] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)
     close_sessions_before: float | None = None
     prune_seen_before: float | None = None
 
@@ -71,29 +75,15 @@ class StoredDeadLetter:
     created_at: datetime
 
 
-class Store:
+class Store(Repository):
     """Reads and writes the detector's tables on SQLite or PostgreSQL (migrated to head beforehand).
 
     `clock` returns the current time in epoch seconds; it stamps `updated_at`, `created_at` and `seen_at`.
     """
 
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
-        if engine.dialect.name not in ("sqlite", "postgresql"):
-            raise ValueError(
-                f"unsupported database backend {engine.dialect.name!r}: use SQLite or PostgreSQL"
-            )
-        self._engine = engine
-        self._clock = clock
-
-    def close(self) -> None:
-        """Close every pooled connection (the store can still be used: it reconnects on demand)."""
-        self._engine.dispose()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        super().__init__(engine, clock=clock)
+        self._alerts = AlertStore(engine, clock=clock)
 
     # -- pipeline ----------------------------------------------------------------------------------------
 
@@ -139,8 +129,8 @@ class Store:
                 latest.extend(_session_state(row) for row in rows)
         return latest
 
-    def write(self, batch: DurableBatch) -> None:
-        """Store `batch` in one transaction: all of it or, on error, none of it.
+    def write(self, batch: DurableBatch) -> list[AlertChange]:
+        """Store `batch` in one transaction: all of it or, on error, none of it; return the alert changes.
 
         Seen events and dead letters already stored are kept as they are; sessions (by id) and checkpoints
         (by group, topic and partition) are overwritten. Stale open sessions are then closed and old seen
@@ -149,6 +139,7 @@ class Store:
         """
         now = _utc(self._clock())
         with self._engine.begin() as connection:
+            changes = self._alerts.upsert(batch.detections, connection) if batch.detections else []
             self._insert_seen_events(connection, batch.seen_events, now)
             self._upsert_sessions(connection, batch.sessions, now)
             self._insert_dead_letters(connection, batch.dead_letters, now)
@@ -166,6 +157,7 @@ class Store:
                 connection.execute(
                     delete(SeenEventRow).where(SeenEventRow.event_time < _utc(batch.prune_seen_before))
                 )
+        return changes
 
     # -- command line ------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The database schema: sessions, dead letters, consumer checkpoints and the seen-event ledger.
+"""The database schema: sessions, dead letters, consumer checkpoints, the seen-event ledger and alerts.
 
 Column lengths follow the input contract in `detector.model` (model and client ids up to 256 characters, ...)
 so that a record the decoder accepted can always be stored, also on PostgreSQL where lengths are enforced.
@@ -11,7 +11,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -79,6 +91,10 @@ class _SQLiteText:
         text = None if utc is None else utc.isoformat(" ", "microseconds")[:26]
         self._last = (value, text)
         return text
+
+
+# The rows `uq_alerts_open_dedup_key` covers, as an `ON CONFLICT` clause must name them to use that index.
+OPEN_ALERT_CONDITION = "status = 'open'"
 
 
 class Base(DeclarativeBase):
@@ -161,3 +177,55 @@ class SeenEventRow(Base):
     event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     event_time: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AlertRow(Base):
+    """An alert: the detections of one (model, client(s), kind) while it is open, combined.
+
+    At most one row per `dedup_key` is open (a partial unique index); resolved rows are history. `first_seen`
+    and `last_seen` are event time, `raised_at`, `updated_at` and `resolved_at` wall-clock time.
+    """
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),  # SQLite only autoincrements INTEGER keys
+        primary_key=True,
+        autoincrement=True,
+    )
+    dedup_key: Mapped[str] = mapped_column(String(1024))  # detector.alerts.MAX_DEDUP_KEY_LENGTH
+    model: Mapped[str] = mapped_column(String(256))
+    client_id: Mapped[str] = mapped_column(String(256))
+    client_ids: Mapped[list[str]] = mapped_column(JSON)
+    kind: Mapped[str] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    rule_id: Mapped[str] = mapped_column(String(256))
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    evidence: Mapped[list[str]] = mapped_column(JSON)
+    atlas_technique: Mapped[str] = mapped_column(String(64))
+    triage: Mapped[str] = mapped_column(Text)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime())
+    raised_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    queries: Mapped[int] = mapped_column(BigInteger)
+    updates: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (
+        # Never two open alerts for one key, even from concurrent writers; also finds a key's open alert.
+        Index(
+            "uq_alerts_open_dedup_key",
+            "dedup_key",
+            unique=True,
+            sqlite_where=text(OPEN_ALERT_CONDITION),
+            postgresql_where=text(OPEN_ALERT_CONDITION),
+        ),
+        # Listing, newest first, optionally by status; listing by client or kind.
+        Index(None, "status", "raised_at"),
+        Index(None, "client_id"),
+        Index(None, "kind"),
+    )

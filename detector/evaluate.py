@@ -1,0 +1,654 @@
+"""Measured detection quality: the real detector replayed over labelled traffic and scored against the truth.
+
+`evaluate` replays an events file through the same pipeline as `mia-detector replay` (rules, the scoring
+model and the training-set index from the settings) into a fresh database of its own, records each client's
+first alert, and compares the alerts with the simulator's ground truth (`truth.jsonl`, one line per client):
+
+- per attack kind: attackers detected (any alert, and an alert of the attack's own kind), queries seen and
+  event time elapsed from the attack's start until the first alert;
+- per benign population: clients falsely alerted;
+- over all clients: a continuous suspicion score (how far each client is towards its nearest threshold) and
+  its ROC curve, so that separation is measured beyond the single operating point the thresholds pick.
+
+It writes `report.md`, `roc.png`, `scores.png` and `summary.json` into the output directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pydantic import SecretStr
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from detector.alerts.model import AlertKind, Detection
+from detector.features.client import FeatureTracker
+from detector.scoring.detector import ANOMALY_MIN_QUERIES, Detector
+from detector.service import (
+    Progress,
+    build_detection,
+    load_scoring_model,
+    load_training_indexes,
+    replay,
+)
+from detector.settings import Settings
+from detector.storage.alerts import AlertChange
+
+log = logging.getLogger(__name__)
+
+DATABASE_FILE = "evaluation.db"
+REPORT_FILE = "report.md"
+ROC_FILE = "roc.png"
+SCORES_FILE = "scores.png"
+SUMMARY_FILE = "summary.json"
+SCENARIO_FILE = "scenario.json"  # written by the simulator next to events.jsonl; optional here
+# Read this many records at a time. Rules run once a batch and an alert is reported with the state at which
+# its rule first fired, so the default poll-sized batches (thousands of records, a whole simulated hour at
+# once) would blur "queries to alert"; a live daemon polls what arrived since its last poll.
+BATCH_RECORDS = 100
+# No client's features may be evicted during an evaluation: every client must be scored at the end. The
+# bound only caps memory; what is used is what the clients in the file need.
+NO_EVICTION = 10_000_000
+FPR_POINTS = (0.001, 0.01)
+SCORE_FLOOR = 1e-3  # where a zero score is drawn on the log-scale figures
+DAY_SECONDS = 86_400.0
+
+
+class TruthError(ValueError):
+    """The truth file is malformed: the message names the line."""
+
+
+@dataclass(frozen=True)
+class TruthClient:
+    """One line of `truth.jsonl`: who the client is, and for an attacker, what and since when."""
+
+    client_id: str
+    role: str
+    population: str
+    kind: str | None
+    attack_start: float | None
+
+    @property
+    def attacker(self) -> bool:
+        """True for an attacking client."""
+        return self.role == "attacker"
+
+
+@dataclass(frozen=True)
+class FirstAlert:
+    """The first alert naming a client: its kind and severity, the client's queries when it fired and the
+    event time (epoch seconds) of the client's last query then."""
+
+    kind: str
+    severity: str
+    queries: int
+    at: float
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    """What the evaluation found for one labelled client."""
+
+    client_id: str
+    role: str
+    population: str
+    kind: str | None
+    score: float
+    first_alert: FirstAlert | None
+    alert_kinds: tuple[str, ...]
+    seconds_to_alert: float | None
+
+
+@dataclass(frozen=True)
+class KindQuality:
+    """Detection of one attack kind. Shares are None without attackers; query and time figures are over
+    the detected attackers (None when none was detected)."""
+
+    kind: str
+    attackers: int
+    detected: int
+    detected_share: float | None
+    matched: int
+    matched_share: float | None
+    queries_median: float | None
+    queries_p90: float | None
+    seconds_median: float | None
+
+
+@dataclass(frozen=True)
+class PopulationQuality:
+    """False alerts in one benign population."""
+
+    population: str
+    clients: int
+    alerted: int
+    alerted_share: float
+
+
+@dataclass(frozen=True)
+class AlertKindCount:
+    """Alerts opened of one kind, split by whether they name an attacker or only benign clients (alerts
+    naming only clients absent from the truth file are in `alerts` alone)."""
+
+    kind: str
+    alerts: int
+    on_attackers: int
+    on_benign_only: int
+
+
+@dataclass(frozen=True)
+class Roc:
+    """Separation of attackers (positive) from benign clients by suspicion score. Every figure is None
+    when either class is empty; `tpr_at_fpr` maps each FPR point to the highest TPR at an FPR not above it."""
+
+    positives: int
+    negatives: int
+    auc: float | None
+    tpr_at_fpr: dict[str, float | None]
+    fpr: list[float] = field(repr=False)
+    tpr: list[float] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Every figure of one evaluation run (see the module docstring); `summary.json` holds the same."""
+
+    events: Path
+    truth: Path
+    out: Path
+    scenario: dict[str, Any] | None
+    model_version: str | None
+    training_index: bool
+    records: int
+    queries: int
+    dead_letters: int
+    span_seconds: float
+    attackers: int
+    attackers_detected: int
+    attackers_detected_share: float | None
+    benign_clients: int
+    benign_alerted: int
+    benign_alerted_share: float | None
+    benign_alerted_per_day: float | None
+    unlabelled_clients: int
+    kinds: list[KindQuality]
+    populations: list[PopulationQuality]
+    alert_kinds: list[AlertKindCount]
+    roc: Roc
+    clients: list[ClientOutcome] = field(repr=False)
+    seconds: float
+
+    @property
+    def report(self) -> Path:
+        """The Markdown report."""
+        return self.out / REPORT_FILE
+
+
+def evaluate(
+    settings: Settings, events: Path, truth: Path, out: Path, progress: Progress | None = None
+) -> Evaluation:
+    """Replay `events` through the configured detector, compare its alerts with `truth`, write the report.
+
+    The run uses its own SQLite database `out/evaluation.db` (recreated each time; the configured database
+    is never touched) and keeps every client's features to the end. Writes `report.md`, `roc.png`,
+    `scores.png` and `summary.json` into `out` (created if needed). `progress` is called with each batch
+    of records read, as by `replay`. Raises `TruthError` for a malformed truth file.
+    """
+    began = time.perf_counter()
+    labelled = read_truth(truth)
+    out.mkdir(parents=True, exist_ok=True)
+    database = out / DATABASE_FILE
+    # A database left by an earlier run would make every event a duplicate, and nothing would be detected.
+    database.unlink(missing_ok=True)
+    run_settings = settings.model_copy(
+        update={
+            "database": settings.database.model_copy(
+                update={"url": SecretStr(f"sqlite:///{database}"), "migrate_on_start": True}
+            ),
+            "detection": settings.detection.model_copy(
+                update={"max_clients": max(settings.detection.max_clients, NO_EVICTION)}
+            ),
+            "kafka": settings.kafka.model_copy(update={"max_poll_records": BATCH_RECORDS}),
+        }
+    )
+    model = load_scoring_model(run_settings)
+    detect = build_detection(run_settings, model, load_training_indexes(run_settings))
+    alerts = _AlertLog()
+    stats = replay(run_settings, [str(events)], progress=progress, on_alerts=alerts, detect=detect)
+
+    scores = suspicion_scores(detect.tracker, detect.detector)
+    seen = [client for _, client in detect.tracker.items()]
+    span = max(c.last_seen for c in seen) - min(c.first_seen for c in seen) if seen else 0.0
+    outcomes = [_outcome(client, scores.get(client.client_id, 0.0), alerts) for client in labelled]
+    benign = [outcome for outcome in outcomes if outcome.role != "attacker"]
+    attackers = [outcome for outcome in outcomes if outcome.role == "attacker"]
+    benign_alerted = sum(outcome.first_alert is not None for outcome in benign)
+    attackers_detected = sum(outcome.first_alert is not None for outcome in attackers)
+    roles = {client.client_id: client.attacker for client in labelled}
+    evaluation = Evaluation(
+        events=events,
+        truth=truth,
+        out=out,
+        scenario=_scenario(events.parent / SCENARIO_FILE),
+        model_version=model.version if model else None,
+        training_index=bool(
+            detect.tracker.training_indexes.by_model or detect.tracker.training_indexes.default
+        ),
+        records=stats.records,
+        queries=stats.queries,
+        dead_letters=sum(stats.dead_letters.values()),
+        span_seconds=span,
+        attackers=len(attackers),
+        attackers_detected=attackers_detected,
+        attackers_detected_share=_share(attackers_detected, len(attackers)),
+        benign_clients=len(benign),
+        benign_alerted=benign_alerted,
+        benign_alerted_share=_share(benign_alerted, len(benign)),
+        benign_alerted_per_day=benign_alerted / (span / DAY_SECONDS) if span > 0 else None,
+        unlabelled_clients=len(set(scores) - set(roles)),
+        kinds=_kinds(attackers),
+        populations=_populations(benign),
+        alert_kinds=_alert_kinds(alerts.opened, roles),
+        roc=roc([outcome.role == "attacker" for outcome in outcomes], [o.score for o in outcomes]),
+        clients=outcomes,
+        seconds=time.perf_counter() - began,
+    )
+    write_summary(evaluation, out / SUMMARY_FILE)
+    plot_roc(evaluation.roc, out / ROC_FILE)
+    plot_scores(outcomes, out / SCORES_FILE)
+    evaluation.report.write_text(render_report(evaluation))
+    return evaluation
+
+
+def read_truth(path: Path) -> list[TruthClient]:
+    """The clients of a truth file (JSON Lines); raises `TruthError` naming the first bad line."""
+    clients: list[TruthClient] = []
+    known: set[str] = set()
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = orjson.loads(line)
+                start = entry.get("attack_start")
+                client = TruthClient(
+                    client_id=str(entry["client_id"]),
+                    role=str(entry["role"]),
+                    population=str(entry["population"]),
+                    kind=None if entry.get("kind") is None else str(entry["kind"]),
+                    attack_start=None if start is None else datetime.fromisoformat(start).timestamp(),
+                )
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as error:
+                raise TruthError(f"{path}:{number}: not a truth record ({error})") from None
+            if client.role not in ("attacker", "benign"):
+                raise TruthError(f"{path}:{number}: role must be attacker or benign, not {client.role!r}")
+            if client.attacker and client.kind is None:
+                raise TruthError(f"{path}:{number}: an attacker needs a kind")
+            if client.client_id in known:
+                raise TruthError(f"{path}:{number}: client {client.client_id} is listed twice")
+            known.add(client.client_id)
+            clients.append(client)
+    return clients
+
+
+def suspicion_scores(tracker: FeatureTracker, detector: Detector) -> dict[str, float]:
+    """Per client id, how far its features are towards the nearest threshold (1.0 = at it), now.
+
+    For each of the client's (model, client) keys: the highest `score / threshold` over the rules whose
+    guards hold, and `anomaly score / forest threshold` when the model has a forest and the client has sent
+    enough queries for the forest to judge it; the client's score is the highest over its keys. Kinds the
+    allow-list silences for a client do not count, as they cannot alert.
+    """
+    keyed = tracker.items()
+    snapshots = [client.snapshot() for _, client in keyed]
+    scores: dict[str, float] = {}
+    for ((_, client_id), _), values in zip(keyed, snapshots, strict=True):
+        ratios = [
+            values.get(rule.score, 0.0) / threshold
+            for rule in detector.rules
+            if (threshold := detector.threshold(rule)) > 0
+            and rule.applies(values)
+            and not detector.allowed(client_id, rule.kind)
+        ]
+        scores[client_id] = max([scores.get(client_id, 0.0), *ratios])
+    model = detector.model
+    if model is not None and model.forest is not None and model.forest_threshold > 0:
+        eligible = [
+            (key[1], values)
+            for (key, client), values in zip(keyed, snapshots, strict=True)
+            if client.queries >= ANOMALY_MIN_QUERIES
+            and not detector.allowed(key[1], AlertKind.ANOMALOUS_SESSION)
+        ]
+        anomaly = model.anomaly_scores([values for _, values in eligible])
+        for (client_id, _), score in zip(eligible, anomaly, strict=True):
+            scores[client_id] = max(scores[client_id], float(score) / model.forest_threshold)
+    return scores
+
+
+def roc(labels: Sequence[bool], scores: Sequence[float]) -> Roc:
+    """The ROC of `scores` for `labels` (True = attacker); see `Roc` for the degenerate cases."""
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    if not positives or not negatives:
+        return Roc(positives, negatives, None, {str(x): None for x in FPR_POINTS}, [], [])
+    fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores))
+    return Roc(
+        positives,
+        negatives,
+        float(roc_auc_score(np.asarray(labels), np.asarray(scores))),
+        {str(x): float(tpr[fpr <= x].max()) for x in FPR_POINTS},
+        [float(value) for value in fpr],
+        [float(value) for value in tpr],
+    )
+
+
+class _AlertLog:
+    """The `on_alerts` callback: every alert opened, and each client's first alert and kinds alerted."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[str, tuple[str, ...]]] = []
+        self.first: dict[str, FirstAlert] = {}
+        self.kinds: dict[str, set[str]] = {}
+
+    def __call__(self, opened: list[tuple[AlertChange, Detection]]) -> None:
+        for _, detection in opened:
+            kind = detection.kind.value
+            self.opened.append((kind, detection.client_ids))
+            # A coordination alert names several clients: each of them has been flagged.
+            for client_id in detection.client_ids:
+                self.kinds.setdefault(client_id, set()).add(kind)
+                self.first.setdefault(
+                    client_id,
+                    FirstAlert(kind, detection.severity.value, detection.queries, detection.last_seen),
+                )
+
+
+def _outcome(client: TruthClient, score: float, alerts: _AlertLog) -> ClientOutcome:
+    first = alerts.first.get(client.client_id)
+    start = client.attack_start
+    return ClientOutcome(
+        client_id=client.client_id,
+        role=client.role,
+        population=client.population,
+        kind=client.kind,
+        score=score,
+        first_alert=first,
+        alert_kinds=tuple(sorted(alerts.kinds.get(client.client_id, ()))),
+        seconds_to_alert=first.at - start if first is not None and start is not None else None,
+    )
+
+
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _kinds(attackers: list[ClientOutcome]) -> list[KindQuality]:
+    qualities = []
+    for kind in sorted({outcome.kind for outcome in attackers if outcome.kind is not None}):
+        mine = [outcome for outcome in attackers if outcome.kind == kind]
+        detected = [outcome for outcome in mine if outcome.first_alert is not None]
+        queries = [outcome.first_alert.queries for outcome in detected if outcome.first_alert is not None]
+        seconds = [outcome.seconds_to_alert for outcome in detected if outcome.seconds_to_alert is not None]
+        matched = sum(kind in outcome.alert_kinds for outcome in mine)
+        qualities.append(
+            KindQuality(
+                kind=kind,
+                attackers=len(mine),
+                detected=len(detected),
+                detected_share=_share(len(detected), len(mine)),
+                matched=matched,
+                matched_share=_share(matched, len(mine)),
+                queries_median=float(np.median(queries)) if queries else None,
+                queries_p90=float(np.percentile(queries, 90)) if queries else None,
+                seconds_median=float(np.median(seconds)) if seconds else None,
+            )
+        )
+    return qualities
+
+
+def _populations(benign: list[ClientOutcome]) -> list[PopulationQuality]:
+    qualities = []
+    for population in sorted({outcome.population for outcome in benign}):
+        mine = [outcome for outcome in benign if outcome.population == population]
+        alerted = sum(outcome.first_alert is not None for outcome in mine)
+        qualities.append(PopulationQuality(population, len(mine), alerted, alerted / len(mine)))
+    return qualities
+
+
+def _alert_kinds(opened: list[tuple[str, tuple[str, ...]]], roles: dict[str, bool]) -> list[AlertKindCount]:
+    alerts: Counter[str] = Counter()
+    on_attackers: Counter[str] = Counter()
+    on_benign: Counter[str] = Counter()
+    for kind, client_ids in opened:
+        alerts[kind] += 1
+        named = [roles[client_id] for client_id in client_ids if client_id in roles]
+        if any(named):
+            on_attackers[kind] += 1
+        elif named:
+            on_benign[kind] += 1
+    return [
+        AlertKindCount(kind, alerts[kind], on_attackers[kind], on_benign[kind]) for kind in sorted(alerts)
+    ]
+
+
+def _scenario(path: Path) -> dict[str, Any] | None:
+    """The simulator's metadata next to the events (name, description, seed), if it is there."""
+    if not path.is_file():
+        return None
+    try:
+        metadata = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as error:
+        log.warning("ignoring %s: %s", path, error)
+        return None
+    return {key: metadata.get(key) for key in ("scenario", "description", "seed", "start", "end")}
+
+
+# -- outputs -------------------------------------------------------------------------------------------------
+
+
+def write_summary(evaluation: Evaluation, path: Path) -> None:
+    """Every figure of `evaluation` as JSON (paths as strings), the report's machine-readable twin."""
+    data = orjson.dumps(evaluation, default=str, option=orjson.OPT_INDENT_2)
+    path.write_bytes(data + b"\n")
+
+
+def plot_roc(result: Roc, path: Path) -> None:
+    """The ROC curve on a log FPR axis with the TPR at each of `FPR_POINTS` marked, as a PNG."""
+    figure = Figure(figsize=(6.4, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    if result.auc is None:
+        axes.text(0.5, 0.5, "no ROC: attackers and benign clients are both needed", ha="center", va="center")
+        axes.set_axis_off()
+        figure.savefig(path, dpi=120)
+        return
+    # FPR 0 has no place on a log axis: it is drawn at the left edge, a decade below both the first FPR
+    # point and the finest FPR the benign clients can measure.
+    left = min(FPR_POINTS[0] / 10, 0.1 / result.negatives)
+    fpr = np.clip(result.fpr, left, 1.0)
+    axes.plot(fpr, result.tpr, color="tab:blue", label=f"detector (AUC {result.auc:.3f})")
+    chance = np.logspace(np.log10(left), 0, 100)
+    axes.plot(chance, chance, color="grey", linestyle=":", label="chance")
+    for point, tpr in result.tpr_at_fpr.items():
+        x = float(point)
+        axes.axvline(x, color="tab:red", linestyle="--", linewidth=0.8)
+        if tpr is not None:
+            axes.plot([x], [tpr], marker="o", linestyle="", label=f"TPR {tpr:.2f} at FPR {x:.1%}")
+    axes.set_xscale("log")
+    axes.set_xlim(left, 1.0)
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel(f"false-positive rate (benign clients, n={result.negatives})")
+    axes.set_ylabel(f"true-positive rate (attackers, n={result.positives})")
+    axes.set_title("ROC of the per-client suspicion score")
+    axes.legend(loc="lower right")
+    figure.savefig(path, dpi=120)
+
+
+def plot_scores(outcomes: list[ClientOutcome], path: Path) -> None:
+    """Suspicion scores of benign clients and of each attack kind (log scale, 1.0 = a threshold), as a PNG."""
+    groups: dict[str, list[float]] = {"benign": []}
+    for outcome in sorted(outcomes, key=lambda outcome: outcome.kind or ""):
+        groups.setdefault(outcome.kind or "benign", []).append(max(outcome.score, SCORE_FLOOR))
+    figure = Figure(figsize=(max(6.4, 1.6 * len(groups)), 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    jitter = np.random.default_rng(0)  # fixed: the same inputs draw the same figure
+    for position, scores in enumerate(groups.values(), start=1):
+        if scores:
+            axes.boxplot([scores], positions=[position], widths=0.5, showfliers=False)
+            x = position + jitter.uniform(-0.15, 0.15, len(scores))
+            axes.scatter(x, scores, s=10, alpha=0.6, color="tab:green" if position == 1 else "tab:red")
+    axes.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label="threshold (score 1.0)")
+    axes.set_xticks(
+        range(1, len(groups) + 1),
+        [name.replace("_", "\n") + f"\n(n={len(scores)})" for name, scores in groups.items()],
+    )
+    axes.set_yscale("log")
+    axes.set_ylabel(f"suspicion score (score / threshold; 0 drawn at {SCORE_FLOOR:g})")
+    axes.set_title("Per-client suspicion score at the end of the run")
+    axes.legend(loc="upper left")
+    figure.savefig(path, dpi=120)
+
+
+def format_share(share: float | None) -> str:
+    """`share` as a percentage with one decimal; n/a for None."""
+    return "n/a" if share is None else f"{share:.1%}"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:g}"
+
+
+def format_duration(seconds: float | None) -> str:
+    """`seconds` for people: seconds under 2 minutes, minutes under 2 hours, hours beyond; n/a for None."""
+    if seconds is None:
+        return "n/a"
+    if abs(seconds) < 120:
+        return f"{seconds:.0f} s"
+    if abs(seconds) < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render_report(evaluation: Evaluation) -> str:
+    """The Markdown report of `evaluation`: inputs, the tables, the figures, and how to read them."""
+    e = evaluation
+    scenario = e.scenario
+    lines = ["# Detection quality", ""]
+    if scenario is not None:
+        lines += [
+            f"Scenario **{scenario['scenario']}** (seed {scenario['seed']}): {scenario['description']}",
+            "",
+        ]
+    lines += [
+        f"- events: `{e.events}` ({e.records} records, {e.queries} queries, {e.dead_letters} dead letters, "
+        f"spanning {format_duration(e.span_seconds)} of event time)",
+        f"- truth: `{e.truth}` ({e.attackers} attacking and {e.benign_clients} benign clients"
+        + (f"; {e.unlabelled_clients} clients in the events are not in it" if e.unlabelled_clients else "")
+        + ")",
+        "- scoring model: "
+        + (
+            f"`{e.model_version}`"
+            if e.model_version
+            else "none: every rule at its floor and no anomaly model (`mia-detector train` on baseline "
+            "traffic, then `MIA_MODEL_PATH`, calibrates them)"
+        ),
+        "- training-set index: "
+        + ("loaded" if e.training_index else "none: the training-set targeting rule cannot fire without it"),
+        f"- detection run time (replay and scoring): {e.seconds:.1f} s",
+        "",
+        "## Attacks by kind",
+        "",
+        "| attack kind | attackers | detected | detected as this kind | median queries to alert "
+        "| p90 queries to alert | median time to alert |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind in e.kinds:
+        lines.append(
+            f"| {kind.kind} | {kind.attackers} | {kind.detected} ({format_share(kind.detected_share)}) "
+            f"| {kind.matched} ({format_share(kind.matched_share)}) | {_number(kind.queries_median)} "
+            f"| {_number(kind.queries_p90)} | {format_duration(kind.seconds_median)} |"
+        )
+    lines += [
+        f"| **all** | {e.attackers} | {e.attackers_detected} ({format_share(e.attackers_detected_share)}) "
+        "| | | | |",
+        "",
+        "## False alerts on benign clients",
+        "",
+        "| population | clients | falsely alerted | share |",
+        "|---|---:|---:|---:|",
+    ]
+    for population in e.populations:
+        lines.append(
+            f"| {population.population} | {population.clients} | {population.alerted} "
+            f"| {format_share(population.alerted_share)} |"
+        )
+    per_day = "n/a" if e.benign_alerted_per_day is None else f"{e.benign_alerted_per_day:.1f}"
+    lines += [
+        f"| **all** | {e.benign_clients} | {e.benign_alerted} | {format_share(e.benign_alerted_share)} |",
+        "",
+        f"Benign clients falsely alerted per simulated day: {per_day}.",
+        "",
+        "## Alert kinds raised",
+        "",
+    ]
+    if e.alert_kinds:
+        lines += [
+            "| alert kind | alerts opened | naming an attacker | naming only benign clients |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {count.kind} | {count.alerts} | {count.on_attackers} | {count.on_benign_only} |"
+            for count in e.alert_kinds
+        ]
+    else:
+        lines.append("No alert was opened.")
+    lines += ["", "## Separation of attackers from benign clients", ""]
+    if e.roc.auc is None:
+        lines.append("No ROC: it needs both attacking and benign clients in the truth file.")
+    else:
+        tpr = ", ".join(
+            f"TPR {format_share(rate)} at FPR {float(x):.1%}" for x, rate in e.roc.tpr_at_fpr.items()
+        )
+        lines += [
+            f"ROC AUC **{e.roc.auc:.3f}**; {tpr} ({e.roc.positives} attackers, {e.roc.negatives} benign "
+            f"clients: the smallest non-zero FPR measurable here is {1 / e.roc.negatives:.2%}).",
+        ]
+    lines += [
+        "",
+        f"![ROC curve]({ROC_FILE})",
+        "",
+        f"![Suspicion scores]({SCORES_FILE})",
+        "",
+        "## What the figures mean",
+        "",
+        "- The events were replayed through the configured detector exactly as `mia-detector replay` does, "
+        f"in batches of {BATCH_RECORDS} records (as a live daemon polls what arrived), into a database "
+        "of this evaluation's own.",
+        "- *Detected*: at least one alert named the client (a coordination alert counts for every client "
+        "it names). *Detected as this kind*: one of its alerts had the attack's own kind.",
+        "- *Queries to alert*: the queries the client had sent (attack and cover traffic) when its first "
+        "alert's rule first fired. *Time to alert*: event time from the attack's first query to the client's "
+        "last query when the first alert's rule fired. Both are measured at batch granularity.",
+        "- *Falsely alerted*: a benign client named by any alert; per simulated day divides the count by "
+        "the events' span in days.",
+        "- *Suspicion score*: per client at the end of the run, the highest ratio of a rule's score to its "
+        "threshold (over the rules whose guards hold) or of the anomaly score to the forest threshold (when "
+        "a model is loaded and the client sent enough queries); 1.0 means at a threshold. A client alerted "
+        "earlier may end below 1.0 when a guard (a share) no longer holds. The ROC ranks clients by it: it "
+        "shows how much separation the thresholds leave unused, not the alerting itself.",
+        "- TPR at an FPR is the largest share of attackers scored above a cut-off that flags at most that "
+        "share of benign clients.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Every feature of every active (model, client) key, updated one micro-batch at a time.
+
+Features follow a client across its sessions (a slow attacker spreads one attack over many sessions), so
+their state is keyed like sessions but outlives them; it is bounded per client and in the number of clients
+(least recently active evicted first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import numpy as np
+
+from detector.features.base import CounterFeature
+from detector.features.clusters import MatchKind, RecordClusters
+from detector.features.confidence import ConfidenceHarvesting
+from detector.features.embedding import Observation, QueryEmbedder
+from detector.features.probing import NearDuplicateProbing
+from detector.features.proximity import TrainingSetProximity
+from detector.features.similarity import QuerySimilarity
+from detector.features.volume import VolumeTiming
+from detector.model import Query
+
+ClientKey = tuple[str, str]  # (model, client id)
+FEATURE_TYPES: tuple[type[CounterFeature], ...] = (
+    VolumeTiming,
+    QuerySimilarity,
+    NearDuplicateProbing,
+    ConfidenceHarvesting,
+    TrainingSetProximity,
+)
+EVIDENCE_PER_KIND = 5
+
+
+class TrainingLookup(Protocol):
+    """What the feature tracker needs of a training-set index."""
+
+    @property
+    def width(self) -> int: ...
+
+    def lookup(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+class TrainingIndexes:
+    """The training-set index of each model: by model name, else a default for every model of its width."""
+
+    def __init__(
+        self, by_model: dict[str, TrainingLookup] | None = None, default: TrainingLookup | None = None
+    ):
+        self.by_model = by_model or {}
+        self.default = default
+
+    def for_model(self, model: str, width: int) -> TrainingLookup | None:
+        """The index that applies to `model`'s rows of `width` features, if any."""
+        index = self.by_model.get(model, self.default)
+        return index if index is not None and index.width == width else None
+
+
+class ClientFeatures:
+    """The clusters, features and a little evidence (event ids) of one (model, client) key."""
+
+    def __init__(
+        self,
+        clusters: RecordClusters | None = None,
+        features: list[CounterFeature] | None = None,
+        evidence: dict[str, list[str]] | None = None,
+    ) -> None:
+        self.clusters = clusters or RecordClusters()
+        self.features = features or [feature_type() for feature_type in FEATURE_TYPES]
+        self.evidence: dict[str, list[str]] = evidence or {}
+        self.first_seen = float("inf")
+        self.last_seen = float("-inf")
+        self.queries = 0
+
+    def update(self, observation: Observation) -> None:
+        """Match the observation to the client's clusters, then update every feature with it."""
+        match = self.clusters.assign(observation)
+        for feature in self.features:
+            feature.update(observation)
+        query = observation.query
+        self.queries += 1
+        self.first_seen = min(self.first_seen, query.timestamp)
+        self.last_seen = max(self.last_seen, query.timestamp)
+        if match.in_burst:
+            self._keep("flip" if match.label_flip else "variant", query.event_id)
+        if observation.training_hit:
+            self._keep("training", query.event_id)
+        if match.kind is MatchKind.NEW and query.requested.is_confidence:
+            self._keep("confidence", query.event_id)
+
+    def snapshot(self) -> dict[str, float]:
+        """Every feature's values, by name."""
+        values: dict[str, float] = {}
+        for feature in self.features:
+            values.update(feature.snapshot())
+        return values
+
+    def evidence_for(self, kinds: Iterable[str]) -> list[str]:
+        """Event ids kept as evidence of the given kinds (most recent last)."""
+        return [event for kind in kinds for event in self.evidence.get(kind, [])]
+
+    def _keep(self, kind: str, event_id: str) -> None:
+        kept = self.evidence.setdefault(kind, [])
+        if event_id not in kept:
+            kept.append(event_id)
+            del kept[:-EVIDENCE_PER_KIND]
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable state: clusters (projections, no raw rows), counters, evidence ids."""
+        return {
+            "clusters": self.clusters.state(),
+            "features": {feature.name: feature.state() for feature in self.features},
+            "evidence": self.evidence,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "queries": self.queries,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ClientFeatures:
+        """Continue from `state` (see `state`)."""
+        features = [
+            feature_type.from_state(state["features"][feature_type.name]) for feature_type in FEATURE_TYPES
+        ]
+        restored = cls(RecordClusters.from_state(state["clusters"]), features, state["evidence"])
+        restored.first_seen = state["first_seen"]
+        restored.last_seen = state["last_seen"]
+        restored.queries = state["queries"]
+        return restored
+
+
+class FeatureTracker:
+    """Features of the active clients, at most `max_clients` of them (least recently active evicted)."""
+
+    def __init__(
+        self,
+        embedder: QueryEmbedder | None = None,
+        training_indexes: TrainingIndexes | None = None,
+        max_clients: int = 20_000,
+    ) -> None:
+        self.embedder = embedder or QueryEmbedder()
+        self.training_indexes = training_indexes or TrainingIndexes()
+        self.max_clients = max_clients
+        self._clients: OrderedDict[ClientKey, ClientFeatures] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def get(self, key: ClientKey) -> ClientFeatures | None:
+        """The features of `key`, if it is active."""
+        return self._clients.get(key)
+
+    def items(self) -> list[tuple[ClientKey, ClientFeatures]]:
+        """Every active client's key and features, least recently active first (a copy: safe to update)."""
+        return list(self._clients.items())
+
+    def update(self, queries: list[Query]) -> set[ClientKey]:
+        """Update the features of every query's client; return the keys touched."""
+        observations = self.embedder.observe(queries)
+        self._mark_training_hits(observations)
+        touched: set[ClientKey] = set()
+        for observation in observations:
+            key = (observation.query.model, observation.query.client_id)
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = ClientFeatures()
+                if len(self._clients) > self.max_clients:
+                    self._clients.popitem(last=False)
+            else:
+                self._clients.move_to_end(key)
+            client.update(observation)
+            touched.add(key)
+        return touched
+
+    def _mark_training_hits(self, observations: list[Observation]) -> None:
+        groups: dict[tuple[str, int], list[Observation]] = {}
+        for observation in observations:
+            if observation.raw is not None:
+                groups.setdefault((observation.query.model, observation.raw.shape[0]), []).append(observation)
+        for (model, width), group in groups.items():
+            index = self.training_indexes.for_model(model, width)
+            if index is None:
+                continue
+            hits = index.lookup(np.stack([o.raw for o in group]))  # type: ignore[misc]
+            for observation, hit in zip(group, hits, strict=True):
+                observation.training_hit = int(hit)

@@ -1,0 +1,206 @@
+"""From queries to comparable points: per-model feature scaling, random projection, and fingerprints.
+
+Every query becomes an `Observation`: a small float32 `point` in which the distance between two queries is
+their scaled Euclidean distance divided by the typical distance between unrelated records (so ~1 for two
+unrelated records, ~0 for near-copies, whatever the model's input width), an optional `invariant` point for
+square image-like rows that stays put under the augmentations label-only attacks use (shifts, flips), and
+an exact `fingerprint`. Text (BYTES) inputs use hashed character trigrams in place of numeric features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from detector.model import Query
+
+if TYPE_CHECKING:
+    from detector.features.clusters import ClusterMatch
+
+PROJECTION_DIM = 32
+TEXT_BUCKETS = 512
+MIN_IMAGE_SIDE = 8
+WARMUP_QUERIES = 256
+
+
+@dataclass(slots=True)
+class Observation:
+    """A query with what features need of it: comparable points, a fingerprint, a training-set hit."""
+
+    query: Query
+    point: np.ndarray
+    invariant: np.ndarray | None
+    fingerprint: int
+    raw: np.ndarray | None  # the row itself (for which coordinates changed); never persisted
+    training_hit: int = 0  # 0 none, 1 near, 2 exact
+    match: ClusterMatch | None = None  # set by `RecordClusters.assign`, read by the features
+
+
+def fingerprint_of(values: bytes) -> int:
+    """A stable 64-bit fingerprint (process-independent, unlike `hash`)."""
+    return int.from_bytes(hashlib.blake2b(values, digest_size=8).digest(), "little")
+
+
+@dataclass
+class ModelScale:
+    """Running mean and variance per input feature of one model (Welford), frozen once warmed up.
+
+    Freezing keeps distances comparable over time: a scale that kept moving would make the same pair of
+    queries near at one moment and far at another.
+    """
+
+    width: int
+    count: int = 0
+    mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    m2: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    frozen: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mean.size == 0:
+            self.mean = np.zeros(self.width)
+            self.m2 = np.zeros(self.width)
+
+    @classmethod
+    def fixed(cls, mean: np.ndarray, std: np.ndarray) -> ModelScale:
+        """A scale known in advance (from the baseline the detector was trained on)."""
+        width = mean.shape[0]
+        return cls(
+            width,
+            WARMUP_QUERIES,
+            mean.astype(np.float64),
+            (std.astype(np.float64) ** 2) * WARMUP_QUERIES,
+            True,
+        )
+
+    def learn(self, rows: np.ndarray) -> None:
+        """Fold a [n, width] block of rows into the running statistics (until frozen)."""
+        if self.frozen:
+            return
+        for row in rows.astype(np.float64):
+            self.count += 1
+            delta = row - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (row - self.mean)
+        if self.count >= WARMUP_QUERIES:
+            self.frozen = True
+
+    @property
+    def std(self) -> np.ndarray:
+        """Per-feature standard deviation, never zero (constant features count as unit-scaled)."""
+        if self.count < 2:
+            return np.ones(self.width)
+        std = np.sqrt(self.m2 / (self.count - 1))
+        return np.where(std > 1e-9, std, 1.0)
+
+
+class QueryEmbedder:
+    """Turns queries into observations, one micro-batch at a time (one matrix product per input width)."""
+
+    def __init__(self, scales: dict[str, ModelScale] | None = None, seed: int = 20261129) -> None:
+        self._scales: dict[str, ModelScale] = scales or {}
+        self._seed = seed
+        self._projections: dict[int, np.ndarray] = {}
+
+    @property
+    def scales(self) -> dict[str, ModelScale]:
+        """The per-model scales in use (learned online unless given)."""
+        return self._scales
+
+    def observe(self, queries: list[Query]) -> list[Observation]:
+        """One observation per query, in order."""
+        observations: list[Observation | None] = [None] * len(queries)
+        numeric: dict[tuple[str, int], list[int]] = {}
+        for index, query in enumerate(queries):
+            if query.vector is not None and query.vector.size:
+                numeric.setdefault((query.model, query.vector.size), []).append(index)
+            else:
+                observations[index] = self._text_observation(query)
+        for (model, width), indices in numeric.items():
+            rows = np.stack([queries[i].vector for i in indices]).astype(np.float32, copy=False)  # type: ignore[misc]
+            scale = self._scale(model, width)
+            scale.learn(rows)
+            scaled = (rows - scale.mean) / scale.std
+            points = (scaled @ self._projection(width)).astype(np.float32)
+            invariants = _image_invariants(rows, self._projection(width)) if _image_side(width) else None
+            quantised = np.round(rows, 5)
+            for position, index in enumerate(indices):
+                observations[index] = Observation(
+                    query=queries[index],
+                    point=points[position],
+                    invariant=None if invariants is None else invariants[position],
+                    fingerprint=fingerprint_of(quantised[position].tobytes()),
+                    raw=rows[position],
+                )
+        return [observation for observation in observations if observation is not None]
+
+    def _scale(self, model: str, width: int) -> ModelScale:
+        scale = self._scales.get(model)
+        if scale is None or scale.width != width:
+            scale = self._scales[model] = ModelScale(width)
+        return scale
+
+    def _projection(self, width: int) -> np.ndarray:
+        """A fixed Gaussian projection [width, PROJECTION_DIM], scaled so unrelated records are ~1 apart."""
+        projection = self._projections.get(width)
+        if projection is None:
+            rng = np.random.default_rng([self._seed, width])
+            # E|P(a-b)|^2 = |a-b|^2 for N(0, 1/k) entries, and |a-b|^2 ~ 2*width for unrelated scaled rows.
+            projection = rng.normal(0.0, 1.0 / math.sqrt(PROJECTION_DIM), (width, PROJECTION_DIM))
+            projection = (projection / math.sqrt(2.0 * width)).astype(np.float32)
+            self._projections[width] = projection
+        return projection
+
+    def _text_observation(self, query: Query) -> Observation:
+        text = query.text or ""
+        sketch = text_sketch(text)
+        point = (sketch @ self._projection(TEXT_BUCKETS)) * math.sqrt(TEXT_BUCKETS)
+        return Observation(
+            query=query,
+            point=point.astype(np.float32),
+            invariant=None,
+            fingerprint=fingerprint_of(text.encode()),
+            raw=None,
+        )
+
+
+def text_sketch(text: str) -> np.ndarray:
+    """Hashed character-trigram counts of `text`, L2-normalised ([TEXT_BUCKETS] float32).
+
+    Two prompts sharing most of their trigrams are close; unrelated prompts are ~sqrt(2) apart.
+    """
+    counts = np.zeros(TEXT_BUCKETS, dtype=np.float32)
+    normalised = " ".join(text.lower().split())
+    for start in range(max(len(normalised) - 2, 1)):
+        counts[zlib.crc32(normalised[start : start + 3].encode()) % TEXT_BUCKETS] += 1.0
+    norm = float(np.linalg.norm(counts))
+    return counts / norm if norm else counts
+
+
+def _image_side(width: int) -> int:
+    side = math.isqrt(width)
+    return side if side * side == width and side >= MIN_IMAGE_SIDE else 0
+
+
+def _image_invariants(rows: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """Points of square image-like rows that shifts and horizontal flips leave (nearly) unchanged.
+
+    The magnitude of the 2-D Fourier transform ignores circular shifts; adding that of the mirrored image
+    removes the flip. Label-only membership attacks query exactly such variants. Raw pixel values are used:
+    per-pixel standardisation would weigh the empty borders of digits as much as their strokes. Each point
+    is normalised so that the distance between two of them is, like `point`'s, about 1 when unrelated.
+    """
+    side = _image_side(rows.shape[1])
+    images = rows.reshape(-1, side, side).astype(np.float64)
+    magnitude = np.abs(np.fft.fft2(images)) + np.abs(np.fft.fft2(images[:, :, ::-1]))
+    features = np.log1p(magnitude / 2.0).reshape(-1, side * side)
+    features -= features.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    features /= np.where(norms > 0, norms, 1.0)
+    # The projection maps distances d to d / sqrt(2 * width); unit vectors are at most 2 apart.
+    points: np.ndarray = (features @ projection * math.sqrt(side * side)).astype(np.float32)
+    return points

@@ -1,0 +1,73 @@
+"""Near-duplicate probing: bursts of variants of one record, and label flips between near-identical inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from detector.features.base import CounterFeature, ratio
+from detector.features.clusters import MatchKind
+from detector.features.embedding import Observation
+
+BURST_SIZE = 3  # the record itself and two variants: the smallest augmentation probe (2r+1 with r=1)
+WALK_SIZE = 50  # beyond the largest augmentation bursts: a walk
+
+
+@dataclasses.dataclass
+class NearDuplicateProbing(CounterFeature):
+    """Clusters of dense variants of one record, their sizes, and label flips inside them.
+
+    Targets augmentation probing (label-only and LiRA: many records, each queried in 2-50 small variants)
+    and boundary probing (hundreds of near-identical, label-only queries whose label flips). Only variants
+    in bursts count (see `ClusterMatch.in_burst`): variants that change a few features (what-if analysts),
+    exact repeats (retries, dashboards) and late returns to an old near-neighbour are counted apart.
+    """
+
+    name = "probing"
+    queries: int = 0
+    dense_variants: int = 0
+    sparse_variants: int = 0
+    revisits: int = 0
+    label_only_variants: int = 0
+    flips: int = 0
+    burst_clusters: int = 0
+    walk_clusters: int = 0
+    max_cluster_size: int = 1
+
+    def update(self, observation: Observation) -> None:
+        match = observation.match
+        assert match is not None
+        self.queries += 1
+        if match.kind is not MatchKind.VARIANT:
+            return
+        if not match.dense:
+            self.sparse_variants += 1
+            return
+        if not match.in_burst:
+            self.revisits += 1
+            return
+        self.dense_variants += 1
+        if not observation.query.requested.is_confidence:
+            self.label_only_variants += 1
+        if match.label_flip:
+            self.flips += 1
+        if match.cluster_size == BURST_SIZE:
+            self.burst_clusters += 1
+        if match.cluster_size == WALK_SIZE:
+            self.walk_clusters += 1
+        self.max_cluster_size = max(self.max_cluster_size, match.cluster_size)
+
+    def values(self) -> dict[str, float]:
+        return {
+            "dense_variants": self.dense_variants,
+            "sparse_variants": self.sparse_variants,
+            "revisits": self.revisits,
+            "label_only_share": ratio(self.label_only_variants, self.dense_variants),
+            "flips": self.flips,
+            "flip_rate": ratio(self.flips, self.dense_variants),
+            "burst_clusters": self.burst_clusters,
+            # Bursts per query: probing sends one per few dozen queries, benign near-neighbours one per
+            # thousands; interleaving cover traffic only dilutes it a few times.
+            "burst_share": ratio(self.burst_clusters, self.queries),
+            "walk_clusters": self.walk_clusters,
+            "max_cluster_size": self.max_cluster_size,
+        }

@@ -1,0 +1,102 @@
+"""Cross-client coordination: one attack split over several API keys (sybils), each below every threshold.
+
+Sybil keys deal the attack's candidate records between them, so each key alone shows too little. What they
+share is the target: records of the model's training set. Over a sliding window of event time, the keys of a
+model that hit the training set are pooled; when together they hit at least the training-set rule's
+threshold of distinct training records, one alert names all of them. Keys already pooled into an alert are
+not pooled again, so a campaign that grows raises one alert per wave, never one per key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from detector.alerts.model import AlertKind, Detection, Reason, Severity
+from detector.features.client import ClientFeatures, ClientKey
+from detector.scoring.rules import ATLAS_EXFILTRATION_VIA_INFERENCE_API
+
+WINDOW_SECONDS = 6 * 3600.0
+MIN_HIT_RATE = 0.02  # below this, a key's hits are the index's chance near-matches, not targeting
+MIN_CLIENTS = 2
+TRIAGE = (
+    "Several keys of one model together queried many records of its training set, each key too few to be "
+    "alerted alone: a membership-inference attack split over sybil keys. Check whether the keys share an "
+    "owner, an IP range or a creation date; revoke them together."
+)
+
+
+@dataclass
+class _Participant:
+    distinct_hits: int
+    hit_rate: float
+    queries: int
+    first_seen: float
+    last_seen: float
+    evidence: list[str] = field(default_factory=list)
+
+
+class CoordinationTracker:
+    """Pools training-set hits across the keys of each model (see the module docstring)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._participants: dict[str, dict[str, _Participant]] = {}
+        self._reported: dict[str, set[str]] = {}
+
+    def observe(self, key: ClientKey, client: ClientFeatures) -> None:
+        """Take note of a client's training-set hits (if it has enough to count)."""
+        values = client.snapshot()
+        hits = int(values.get("training.distinct_hits", 0))
+        rate = values.get("training.hit_rate", 0.0)
+        model, client_id = key
+        if hits < 1 or rate < MIN_HIT_RATE or client_id in self._reported.get(model, ()):
+            return
+        if hits >= self.threshold:
+            return  # alerted on its own by the training-set rule
+        self._participants.setdefault(model, {})[client_id] = _Participant(
+            hits,
+            rate,
+            client.queries,
+            client.first_seen,
+            client.last_seen,
+            client.evidence_for(("training",)),
+        )
+
+    def detections(self, watermark: float, allowed: set[str]) -> list[Detection]:
+        """Coordinated-clients detections whose pooled hits reached the threshold (pool windows pruned)."""
+        detections = []
+        for model, participants in self._participants.items():
+            for client_id in [c for c, p in participants.items() if p.last_seen < watermark - WINDOW_SECONDS]:
+                del participants[client_id]
+            pool = {c: p for c, p in participants.items() if c not in allowed}
+            hits = sum(p.distinct_hits for p in pool.values())
+            if len(pool) < MIN_CLIENTS or hits < self.threshold:
+                continue
+            detections.append(
+                Detection(
+                    model=model,
+                    client_ids=tuple(sorted(pool)),
+                    kind=AlertKind.COORDINATED_CLIENTS,
+                    severity=Severity.CRITICAL,
+                    rule_id="MIA-COORD",
+                    score=float(hits),
+                    threshold=float(self.threshold),
+                    reasons=[
+                        Reason("coordination.clients", float(len(pool))),
+                        Reason("coordination.distinct_training_hits", float(hits)),
+                        Reason(
+                            "coordination.max_client_hits", float(max(p.distinct_hits for p in pool.values()))
+                        ),
+                    ],
+                    evidence=[event for p in pool.values() for event in p.evidence],
+                    first_seen=min(p.first_seen for p in pool.values()),
+                    last_seen=max(p.last_seen for p in pool.values()),
+                    queries=sum(p.queries for p in pool.values()),
+                    atlas_technique=ATLAS_EXFILTRATION_VIA_INFERENCE_API,
+                    triage=TRIAGE,
+                )
+            )
+            self._reported.setdefault(model, set()).update(pool)
+            for client_id in pool:
+                del participants[client_id]
+        return detections

@@ -1,0 +1,213 @@
+"""The scoring model fitted on baseline traffic: feature percentiles, rule thresholds, an IsolationForest.
+
+Thresholds are set in operational units: each is the (1 - target FPR) quantile of the per-client maximum of
+its score on the baseline, so that about that share of baseline clients would ever have been alerted.
+
+On disk a model is a directory: `manifest.json` (everything but the forest, plus the forest file's SHA-256)
+and `forest.skops` (skops' safe format, never pickle). Loading checks the hash before reading the forest,
+and skops refuses any type it was not told to trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sklearn.ensemble import IsolationForest
+
+from detector.scoring.rules import Rule
+
+FORMAT_VERSION = 1
+FOREST_FILE = "forest.skops"
+MANIFEST_FILE = "manifest.json"
+PERCENTILES = np.linspace(0, 100, 101)
+# Beyond what a baseline can show (see `_threshold`): twice the largest benign value for rule scores, which
+# are counts that a heavy benign client can double from one day to the next; for the forest's bounded
+# score, a quarter of the gap between the largest and the median benign client above the largest.
+EXTRAPOLATION_MARGIN = 1.0
+FOREST_EXTRAPOLATION_MARGIN = 0.25
+# What the forest file may contain; anything else makes skops refuse to load it.
+TRUSTED_TYPES = [
+    "sklearn.ensemble._iforest.IsolationForest",
+    "sklearn.tree._classes.ExtraTreeRegressor",
+    "sklearn.tree._tree.Tree",
+    "numpy.random._mt19937.MT19937",
+    "numpy.random.mtrand.RandomState",
+    "builtins.slice",
+]
+
+
+class ModelError(ValueError):
+    """A scoring model that cannot be used (missing, tampered with, or of another format version)."""
+
+
+def _threshold(client_maxima: list[float], target_fpr: float) -> float:
+    """The (1 - target_fpr) quantile of the clients' maxima.
+
+    A baseline of n clients cannot tell the quantile beyond 1 - 1/n: it only shows its largest value, and the
+    next day's largest benign client is as likely to lie above it as below. There the threshold is the
+    largest baseline value raised by `EXTRAPOLATION_MARGIN`, so that one more benign client of the same kind
+    does not page anyone.
+    """
+    if target_fpr * len(client_maxima) >= 1.0:
+        return float(np.percentile(client_maxima, 100.0 * (1.0 - target_fpr)))
+    return float(max(client_maxima, default=0.0)) * (1.0 + EXTRAPOLATION_MARGIN)
+
+
+def _forest_threshold(client_maxima: list[float], target_fpr: float) -> float:
+    """Like `_threshold`, for the forest's anomaly score (bounded, so the margin is additive)."""
+    if target_fpr * len(client_maxima) >= 1.0:
+        return float(np.percentile(client_maxima, 100.0 * (1.0 - target_fpr)))
+    largest, median = float(np.max(client_maxima)), float(np.median(client_maxima))
+    return largest + FOREST_EXTRAPOLATION_MARGIN * (largest - median)
+
+
+def _rule_maximum(rule: Rule, trajectory: list[dict[str, float]]) -> float:
+    """The highest score `rule` reached over one client's snapshots (0 if its guards never held)."""
+    return max(
+        (snapshot.get(rule.score, 0.0) for snapshot in trajectory if rule.applies(snapshot)), default=0.0
+    )
+
+
+def anomaly_matrix(snapshots: list[dict[str, float]], names: list[str]) -> np.ndarray:
+    """Snapshots as a matrix for the forest: counts are log-compressed so that volume does not dominate."""
+    matrix = np.array(
+        [[snapshot.get(name, 0.0) for name in names] for snapshot in snapshots], dtype=np.float64
+    )
+    return np.log1p(np.clip(matrix, 0.0, None))
+
+
+@dataclass
+class ScoringModel:
+    """What `mia-detector train` learns from baseline traffic (see the module docstring)."""
+
+    version: str
+    target_fpr: float
+    feature_names: list[str]
+    quantiles: dict[str, list[float]]
+    rule_thresholds: dict[str, float]
+    forest_threshold: float
+    scales: dict[str, dict[str, list[float]]]
+    baseline_clients: int
+    forest: IsolationForest | None = field(default=None, repr=False)
+
+    @classmethod
+    def fit(
+        cls,
+        trajectories: list[list[dict[str, float]]],
+        rules: list[Rule],
+        target_fpr: float,
+        scales: dict[str, dict[str, list[float]]],
+        seed: int = 0,
+    ) -> ScoringModel:
+        """Fit on baseline clients' `trajectories`: each client's snapshots, taken as its traffic grew.
+
+        Raises `ModelError` when the baseline holds no traffic.
+        """
+        snapshots = [snapshot for trajectory in trajectories for snapshot in trajectory]
+        if not snapshots:
+            raise ModelError("the baseline holds no traffic to learn from")
+        names = sorted({name for snapshot in snapshots for name in snapshot})
+        matrix = np.array([[snapshot.get(name, 0.0) for name in names] for snapshot in snapshots])
+        quantiles = {
+            name: np.percentile(matrix[:, i], PERCENTILES).round(6).tolist() for i, name in enumerate(names)
+        }
+        forest = IsolationForest(n_estimators=100, random_state=seed).fit(anomaly_matrix(snapshots, names))
+        scores = -forest.score_samples(anomaly_matrix(snapshots, names))
+        ends = np.cumsum([len(trajectory) for trajectory in trajectories])
+        forest_maxima = [float(part.max()) for part in np.split(scores, ends[:-1]) if part.size]
+        thresholds = {
+            rule.id: _threshold([_rule_maximum(rule, trajectory) for trajectory in trajectories], target_fpr)
+            for rule in rules
+        }
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        return cls(
+            version=f"{stamp}-fpr{target_fpr:g}",
+            target_fpr=target_fpr,
+            feature_names=names,
+            quantiles=quantiles,
+            rule_thresholds=thresholds,
+            forest_threshold=_forest_threshold(forest_maxima, target_fpr),
+            scales=scales,
+            baseline_clients=len(trajectories),
+            forest=forest,
+        )
+
+    def anomaly_scores(self, snapshots: list[dict[str, float]]) -> np.ndarray:
+        """Higher is more anomalous; one micro-batch call (a one-row call costs as much as thousands)."""
+        if self.forest is None or not snapshots:
+            return np.zeros(len(snapshots))
+        return -self.forest.score_samples(anomaly_matrix(snapshots, self.feature_names))  # type: ignore[no-any-return]
+
+    def percentile(self, feature: str, value: float) -> float | None:
+        """Where `value` falls among baseline snapshots of `feature` (0-100), or None if unknown."""
+        points = self.quantiles.get(feature)
+        if points is None:
+            return None
+        low = int(np.searchsorted(points, value, side="left"))
+        high = int(np.searchsorted(points, value, side="right"))
+        return (
+            float(PERCENTILES[min((low + high) // 2, 100)])
+            if high > low
+            else float(PERCENTILES[min(low, 100)])
+        )
+
+    # -- persistence ---------------------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        """Write `manifest.json` and `forest.skops` into `directory` (created if needed)."""
+        import skops.io
+
+        directory.mkdir(parents=True, exist_ok=True)
+        forest_path = directory / FOREST_FILE
+        skops.io.dump(self.forest, forest_path)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "version": self.version,
+            "target_fpr": self.target_fpr,
+            "feature_names": self.feature_names,
+            "quantiles": self.quantiles,
+            "rule_thresholds": self.rule_thresholds,
+            "forest_threshold": self.forest_threshold,
+            "scales": self.scales,
+            "baseline_clients": self.baseline_clients,
+            "forest_sha256": hashlib.sha256(forest_path.read_bytes()).hexdigest(),
+        }
+        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+    @classmethod
+    def load(cls, directory: Path) -> ScoringModel:
+        """Read a model written by `save`; raise `ModelError` if anything is missing or altered."""
+        import skops.io
+
+        try:
+            manifest = json.loads((directory / MANIFEST_FILE).read_text())
+            forest_bytes = (directory / FOREST_FILE).read_bytes()
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read scoring model at {directory}: {exc}") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ModelError(
+                f"scoring model at {directory} has format {manifest.get('format_version')},"
+                f" need {FORMAT_VERSION}"
+            )
+        if hashlib.sha256(forest_bytes).hexdigest() != manifest.get("forest_sha256"):
+            raise ModelError(f"scoring model at {directory}: {FOREST_FILE} does not match its manifest hash")
+        try:
+            forest = skops.io.loads(forest_bytes, trusted=TRUSTED_TYPES)
+        except Exception as exc:  # skops raises several types for untrusted or malformed content
+            raise ModelError(f"scoring model at {directory}: unsafe or unreadable forest: {exc}") from None
+        return cls(
+            version=manifest["version"],
+            target_fpr=manifest["target_fpr"],
+            feature_names=manifest["feature_names"],
+            quantiles=manifest["quantiles"],
+            rule_thresholds=manifest["rule_thresholds"],
+            forest_threshold=manifest["forest_threshold"],
+            scales=manifest["scales"],
+            baseline_clients=manifest["baseline_clients"],
+            forest=forest,
+        )

@@ -1,0 +1,143 @@
+"""The streaming features against the behaviours they target and the benign traffic that resembles them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from detector.features.client import FEATURE_TYPES, FeatureTracker, TrainingIndexes
+from detector.model import Requested
+from tests.streams import (
+    SCALE,
+    WIDTH,
+    SetIndex,
+    Stream,
+    augmentation_probe,
+    boundary_walk,
+    harvest,
+    record,
+    rng,
+    snapshot_after,
+    warmed_tracker,
+)
+
+
+def test_retry_storms_are_exact_repeats_not_probing() -> None:
+    stream = Stream()
+    queries = [stream.query(row, gap=0.1) for row in (record() for _ in range(20)) for _ in range(8)]
+    values = snapshot_after(queries)
+    assert values["similarity.exact_share"] == pytest.approx(140 / 160)
+    assert values["probing.dense_variants"] == 0 and values["probing.burst_clusters"] == 0
+
+
+def test_what_if_analysts_make_sparse_variants_only() -> None:
+    stream, base = Stream(), record()
+    queries = []
+    for step in range(60):
+        row = base.copy()
+        row[step % 2] += SCALE[step % 2] * 0.02 * (step + 1)  # one field edited at a time
+        queries.append(stream.query(row, label=str(step % 2)))
+    values = snapshot_after(queries)
+    assert values["probing.sparse_variants"] >= 50
+    assert values["probing.burst_clusters"] == 0 and values["probing.flips"] == 0
+
+
+def test_augmentation_bursts_are_counted_per_record() -> None:
+    values = snapshot_after(augmentation_probe(Stream(), records=12, variants=8))
+    assert values["probing.burst_clusters"] == 12
+    assert values["probing.dense_variants"] == 12 * 8
+    assert values["probing.label_only_share"] == 1.0
+
+
+def test_a_boundary_walk_stays_one_cluster_and_counts_label_flips() -> None:
+    values = snapshot_after(boundary_walk(Stream(), steps=400))
+    assert values["probing.walk_clusters"] >= 1
+    assert values["probing.flips"] > 100
+    assert values["similarity.distinct_share"] < 0.05
+
+
+def test_harvesting_counts_distinct_records_asked_for_confidence() -> None:
+    stream = Stream()
+    queries = harvest(stream, records=300) + [
+        stream.query(record(), requested=Requested.LABEL) for _ in range(30)
+    ]
+    values = snapshot_after(queries)
+    assert values["confidence.distinct_asked"] == 300
+    assert values["confidence.asked_share"] == pytest.approx(300 / 330)
+    assert values["confidence.mean_max"] == pytest.approx(0.7, abs=1e-5)
+    assert values["confidence.mean_margin"] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_training_set_hits_are_counted_when_an_index_is_loaded() -> None:
+    members = [record() for _ in range(40)]
+    tracker = warmed_tracker()
+    tracker.training_indexes = TrainingIndexes(default=SetIndex(members))
+    stream = Stream()
+    tracker.update([stream.query(row) for row in members[:20]] + [stream.query(record()) for _ in range(20)])
+    client = tracker.get(("m", "c"))
+    assert client is not None
+    values = client.snapshot()
+    assert values["training.hits"] == 20 and values["training.hit_rate"] == 0.5
+    assert len(client.evidence["training"]) == 5
+
+
+def test_text_prompts_that_share_most_trigrams_are_variants() -> None:
+    tracker = FeatureTracker()
+    stream = Stream(model="llm")
+    base = "Summarise the account history of customer 4411 and list the three largest transactions."
+    queries = []
+    for index in range(10):
+        query = stream.query(np.zeros(0, dtype=np.float32), requested=Requested.LOGPROBS)
+        query.vector, query.text = None, base.replace("4411", f"44{index:02d}")
+        queries.append(query)
+    tracker.update(queries)
+    client = tracker.get(("llm", "c"))
+    assert client is not None
+    values = client.snapshot()
+    assert values["similarity.variant_share"] >= 0.8
+    assert values["confidence.rich_share"] == 1.0
+
+
+def test_state_round_trip_continues_exactly_where_it_left_off() -> None:
+    stream = Stream()
+    queries = []
+    for _ in range(30):
+        base = record()
+        queries += [
+            stream.query(base + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.01, label=str(i % 2))
+            for i in range(5)
+        ]
+    first, second = queries[:70], queries[70:]
+
+    uninterrupted = warmed_tracker()
+    uninterrupted.update(first)
+    uninterrupted.update(second)
+
+    moved = warmed_tracker()
+    moved.update(first)
+    client = moved.get(("m", "c"))
+    assert client is not None
+    state = json.loads(json.dumps(client.state()))  # as it would travel between processes
+    fresh = warmed_tracker()
+    fresh._clients[("m", "c")] = type(client).from_state(state)
+    fresh.update(second)
+
+    expected = uninterrupted.get(("m", "c"))
+    restored = fresh.get(("m", "c"))
+    assert expected is not None and restored is not None
+    assert restored.snapshot() == expected.snapshot()
+    assert all(name in state["features"] for name in (feature.name for feature in FEATURE_TYPES))
+
+
+def test_memory_is_bounded_per_client_and_in_clients() -> None:
+    tracker = FeatureTracker(max_clients=5)
+    for client in range(8):
+        stream = Stream(client=f"c{client}")
+        tracker.update([stream.query(record()) for _ in range(10)])
+    assert len(tracker) == 5
+    busy = Stream("busy")
+    tracker.update([busy.query(record()) for _ in range(2000)])
+    client = tracker.get(("m", "busy"))
+    assert client is not None and len(client.clusters) <= 256

@@ -1,0 +1,184 @@
+"""Rules as reviewed data, the scoring model (fit, thresholds, safe loading) and the decisions taken."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.alerts.model import AlertKind, Severity
+from detector.features.client import ClientFeatures, FeatureTracker, TrainingIndexes
+from detector.model import Requested
+from detector.scoring.detector import AllowEntry, Detector
+from detector.scoring.model import FOREST_FILE, MANIFEST_FILE, ModelError, ScoringModel
+from detector.scoring.rules import load_rules
+from tests.streams import SetIndex, Stream, augmentation_probe, boundary_walk, harvest, record, warmed_tracker
+
+RULES = load_rules()
+
+
+def client_after(queries: list, tracker: FeatureTracker | None = None) -> ClientFeatures:
+    tracker = tracker or warmed_tracker()
+    for start in range(0, len(queries), 50):
+        tracker.update(queries[start : start + 50])
+    client = tracker.get((queries[0].model, queries[0].client_id))
+    assert client is not None
+    return client
+
+
+def benign_clients() -> dict[str, ClientFeatures]:
+    """Traffic of the benign habits that resemble attacks, one client each."""
+    clients = {}
+    retry = Stream("retry-storm")
+    clients["retry"] = client_after(
+        [retry.query(row, gap=0.1) for row in (record() for _ in range(30)) for _ in range(6)]
+    )
+    analyst, base = Stream("what-if"), record()
+    edits = []
+    for step in range(80):
+        row = base.copy()
+        row[step % 2] *= 1.0 + 0.01 * step
+        edits.append(analyst.query(row, label=str(step % 2)))
+    clients["what-if"] = client_after(edits)
+    dashboard, shown = Stream("dashboard"), [record() for _ in range(5)]
+    clients["dashboard"] = client_after([dashboard.query(row, gap=60) for _ in range(40) for row in shown])
+    steady = Stream("steady")
+    clients["steady"] = client_after(
+        [steady.query(record(), requested=Requested.LABEL, gap=30) for _ in range(150)]
+    )
+    return clients
+
+
+def test_every_rule_is_complete_reviewed_data() -> None:
+    feature_names = set(ClientFeatures().snapshot())
+    assert {rule.kind for rule in RULES} >= {
+        AlertKind.BOUNDARY_PROBING,
+        AlertKind.AUGMENTATION_PROBING,
+        AlertKind.TRAINING_SET_TARGETING,
+        AlertKind.CONFIDENCE_HARVESTING,
+    }
+    for rule in RULES:
+        assert rule.atlas == "AML.T0024"
+        assert len(rule.triage) > 100 and rule.known_false_positives and rule.references
+        assert rule.floor > 0, "a rule must never act on no evidence"
+        assert rule.score in feature_names
+        assert set(rule.requires) <= feature_names and set(rule.explain) <= feature_names
+        assert rule.score in rule.explain
+    # Severity follows how direct the evidence of membership inference is.
+    severity = {rule.kind: rule.severity for rule in RULES}
+    assert severity[AlertKind.TRAINING_SET_TARGETING].rank >= severity[AlertKind.BOUNDARY_PROBING].rank
+    assert severity[AlertKind.BOUNDARY_PROBING].rank > severity[AlertKind.CONFIDENCE_HARVESTING].rank
+
+
+@pytest.mark.parametrize(
+    ("kind", "behaviour"),
+    [
+        (AlertKind.BOUNDARY_PROBING, lambda: boundary_walk(Stream("walker"))),
+        (AlertKind.AUGMENTATION_PROBING, lambda: augmentation_probe(Stream("prober"))),
+        (AlertKind.CONFIDENCE_HARVESTING, lambda: harvest(Stream("harvester"), records=400)),
+    ],
+)
+def test_each_rule_fires_on_its_behaviour_with_evidence(kind: AlertKind, behaviour) -> None:  # type: ignore[no-untyped-def]
+    queries = behaviour()
+    client = client_after(queries)
+    detections = Detector(RULES).evaluate((queries[0].model, queries[0].client_id), client)
+    fired = {detection.kind: detection for detection in detections}
+    assert kind in fired
+    detection = fired[kind]
+    assert detection.score >= detection.threshold
+    assert detection.evidence and set(detection.evidence) <= {query.event_id for query in queries}
+    assert detection.reasons[0].feature == next(rule.score for rule in RULES if rule.kind is kind)
+    assert detection.queries == len(queries)
+
+
+def test_training_set_targeting_fires_on_candidates_from_the_training_set() -> None:
+    members = [record() for _ in range(50)]
+    tracker = warmed_tracker()
+    tracker.training_indexes = TrainingIndexes(default=SetIndex(members))
+    stream = Stream("candidate-tester")
+    queries = [stream.query(row) for row in members[:25]] + [stream.query(record()) for _ in range(25)]
+    detections = Detector(RULES).evaluate(("m", "candidate-tester"), client_after(queries, tracker))
+    assert [d.kind for d in detections] == [AlertKind.TRAINING_SET_TARGETING]
+    assert detections[0].severity is Severity.CRITICAL
+
+
+def test_benign_look_alikes_stay_quiet() -> None:
+    detector = Detector(RULES)
+    for name, client in benign_clients().items():
+        assert detector.evaluate(("m", name), client) == [], name
+
+
+def test_the_allow_list_silences_a_client_for_one_kind_or_all() -> None:
+    queries = augmentation_probe(Stream("tta-client"))
+    client = client_after(queries)
+    key = ("m", "tta-client")
+    assert Detector(RULES).evaluate(key, client)
+    for entry in (
+        AllowEntry("tta-client", "test-time augmentation"),
+        AllowEntry("tta-client", "test-time augmentation", AlertKind.AUGMENTATION_PROBING),
+    ):
+        assert Detector(RULES, allowlist=[entry]).evaluate(key, client) == []
+    other_kind = AllowEntry("tta-client", "nightly job", AlertKind.TRAINING_SET_TARGETING)
+    assert Detector(RULES, allowlist=[other_kind]).evaluate(key, client)
+
+
+def baseline_trajectories() -> list[list[dict[str, float]]]:
+    trajectories = []
+    for client in benign_clients().values():
+        trajectories.append([client.snapshot()])
+    rng = np.random.default_rng(5)
+    tracker = warmed_tracker()
+    for index in range(40):  # ordinary users of varying activity
+        stream = Stream(f"user-{index}")
+        client = client_after(
+            [stream.query(record(), gap=float(rng.uniform(5, 500))) for _ in range(int(rng.integers(3, 60)))],
+            tracker,
+        )
+        trajectories.append([client.snapshot()])
+    return trajectories
+
+
+def test_thresholds_come_from_the_target_false_alert_rate_and_never_go_below_the_floor() -> None:
+    trajectories = baseline_trajectories()
+    strict = ScoringModel.fit(trajectories, RULES, target_fpr=0.001, scales={})
+    loose = ScoringModel.fit(trajectories, RULES, target_fpr=0.2, scales={})
+    assert strict.forest_threshold >= loose.forest_threshold
+    harvest_rule = next(rule for rule in RULES if rule.kind is AlertKind.CONFIDENCE_HARVESTING)
+    assert strict.rule_thresholds[harvest_rule.id] >= loose.rule_thresholds[harvest_rule.id]
+    detector = Detector(RULES, strict)
+    for rule in RULES:
+        assert detector.threshold(rule) >= rule.floor
+    # The baseline's own clients stay (nearly) quiet at the calibrated thresholds.
+    assert strict.baseline_clients == len(trajectories)
+
+
+def test_a_saved_model_loads_back_and_scores_the_same(tmp_path: Path) -> None:
+    model = ScoringModel.fit(
+        baseline_trajectories(), RULES, 0.01, scales={"m": {"mean": [0.0], "std": [1.0]}}
+    )
+    model.save(tmp_path / "model")
+    loaded = ScoringModel.load(tmp_path / "model")
+    snapshots = [client.snapshot() for client in benign_clients().values()]
+    assert np.allclose(loaded.anomaly_scores(snapshots), model.anomaly_scores(snapshots))
+    assert loaded.rule_thresholds == model.rule_thresholds and loaded.version == model.version
+    probe = client_after(augmentation_probe(Stream("p"))).snapshot()
+    assert loaded.percentile("probing.burst_clusters", probe["probing.burst_clusters"]) == 100.0
+
+
+def test_a_tampered_or_foreign_model_is_refused_before_anything_is_deserialised(tmp_path: Path) -> None:
+    directory = tmp_path / "model"
+    ScoringModel.fit(baseline_trajectories(), RULES, 0.01, scales={}).save(directory)
+    forest = directory / FOREST_FILE
+    original = forest.read_bytes()
+    forest.write_bytes(original[:-10] + b"0123456789")
+    with pytest.raises(ModelError, match="hash"):
+        ScoringModel.load(directory)
+    forest.write_bytes(original)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest | {"format_version": 99}))
+    with pytest.raises(ModelError, match="format"):
+        ScoringModel.load(directory)
+    with pytest.raises(ModelError, match="cannot read"):
+        ScoringModel.load(tmp_path / "missing")

@@ -1,0 +1,528 @@
+"""Alerts on SQLite and PostgreSQL: one open alert per dedup key, updated in place; the `alerts` commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from detector.alerts import MAX_EVIDENCE, AlertKind, AlertStatus, Detection, Reason, Severity
+from detector.storage import AlertChange, AlertStore, Change, create_engine_for, upgrade
+from detector.storage.tables import AlertRow
+
+from .conftest import START, FakeClock
+
+MODEL = "fraud-v1"
+
+
+def detection(
+    *clients: str,
+    kind: AlertKind = AlertKind.CONFIDENCE_HARVESTING,
+    severity: Severity = Severity.MEDIUM,
+    score: float = 0.8,
+    evidence: list[str] | None = None,
+    first_seen: float = START,
+    last_seen: float = START + 60,
+    queries: int = 100,
+    reasons: list[Reason] | None = None,
+    rule_id: str = "MIA-001",
+) -> Detection:
+    return Detection(
+        model=MODEL,
+        client_ids=clients or ("client-a",),
+        kind=kind,
+        severity=severity,
+        rule_id=rule_id,
+        score=score,
+        threshold=0.5,
+        reasons=reasons if reasons is not None else [Reason("confidence_share", 0.97, 99.5)],
+        evidence=evidence if evidence is not None else ["e1", "e2"],
+        first_seen=first_seen,
+        last_seen=last_seen,
+        queries=queries,
+        triage="Check whether the client pulls full probability vectors for many distinct inputs.",
+    )
+
+
+@pytest.fixture
+def alerts(engine: Engine, clock: FakeClock) -> AlertStore:
+    """An alert store on a database migrated to head."""
+    upgrade(engine)
+    return AlertStore(engine, clock=clock)
+
+
+def rows(engine: Engine) -> list[dict[str, Any]]:
+    """Every stored alert row, open or not, by id."""
+    with engine.connect() as connection:
+        query = select(AlertRow.__table__).order_by(AlertRow.id)
+        return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def utc(epoch_seconds: float) -> datetime:
+    return datetime.fromtimestamp(epoch_seconds, UTC)
+
+
+# -- the detection -------------------------------------------------------------------------------------------
+
+
+def test_a_detection_normalises_clients_and_keeps_the_newest_evidence() -> None:
+    group = detection(
+        "c", "a", "b", "a", kind=AlertKind.COORDINATED_CLIENTS, evidence=[*"xyzx", *map(str, range(30))]
+    )
+
+    assert group.client_ids == ("a", "b", "c") and group.client_id == "a"
+    assert group.dedup_key == "fraud-v1|a,b,c|coordinated_clients"
+    assert group.evidence == [str(i) for i in range(10, 30)]
+    assert len(detection(evidence=[f"e{i}" for i in range(MAX_EVIDENCE)]).evidence) == MAX_EVIDENCE
+
+
+def test_a_dedup_key_too_long_to_store_is_shortened_to_a_stable_digest() -> None:
+    clients = [f"client-{i:03d}-{'x' * 200}" for i in range(10)]
+
+    key = detection(*clients).dedup_key
+
+    assert len(key) <= 1024 and key == detection(*reversed(clients)).dedup_key
+    assert re.fullmatch(r"fraud-v1\|sha256:[0-9a-f]{64}\|confidence_harvesting", key)
+    assert detection(*clients[:9]).dedup_key != key
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"client_ids": ()}, "at least one client"),
+        ({"score": float("nan")}, "finite"),
+        ({"threshold": float("inf")}, "finite"),
+        ({"first_seen": START + 61}, "after last_seen"),
+        ({"queries": -1}, "negative"),
+    ],
+)
+def test_a_detection_refuses_values_an_alert_cannot_hold(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(detection(), **change)
+
+
+def test_a_reason_refuses_values_json_cannot_hold_and_percentiles_out_of_range() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        Reason("entropy", float("nan"))
+    with pytest.raises(ValueError, match="percentile"):
+        Reason("entropy", 0.1, 100.5)
+
+
+def test_severities_rank_from_low_to_critical() -> None:
+    assert [severity.rank for severity in Severity] == [0, 1, 2, 3]
+    assert max(Severity.HIGH, Severity.CRITICAL, Severity.LOW, key=lambda s: s.rank) is Severity.CRITICAL
+
+
+def test_detections_of_different_alerts_cannot_be_combined() -> None:
+    with pytest.raises(ValueError, match="cannot combine"):
+        detection("a").combined(detection("b"))
+
+
+# -- opening and updating ------------------------------------------------------------------------------------
+
+
+def test_a_first_detection_opens_an_alert_holding_every_value(alerts: AlertStore) -> None:
+    reasons = [Reason("confidence_share", 0.97, 99.5), Reason("distinct_inputs", 1234.0, None)]
+    group = detection(
+        "client-b", "client-a", kind=AlertKind.COORDINATED_CLIENTS, severity=Severity.HIGH, reasons=reasons
+    )
+
+    changes = alerts.upsert([group])
+
+    [alert] = alerts.list_alerts()
+    assert changes == [AlertChange(alert.id, "fraud-v1|client-a,client-b|coordinated_clients", Change.OPENED)]
+    assert alert.as_detection() == group
+    assert (alert.client_id, alert.client_ids) == ("client-a", ("client-a", "client-b"))
+    assert alert.reasons == reasons and alert.reasons[1].baseline_percentile is None
+    assert (alert.status, alert.updates, alert.resolved_at) == (AlertStatus.OPEN, 0, None)
+    assert alert.raised_at == alert.updated_at == utc(START)
+    assert alert.first_seen == utc(START) and alert.last_seen.tzinfo is UTC
+    assert alerts.open_alert_count() == 1
+
+
+def test_a_later_detection_updates_the_open_alert(alerts: AlertStore, clock: FakeClock) -> None:
+    [opened] = alerts.upsert([detection(severity=Severity.MEDIUM, score=0.8, queries=100)])
+    newer_reasons = [Reason("augmentation_share", 0.4, 97.0)]
+    clock.now += 30
+
+    [updated] = alerts.upsert(
+        [
+            detection(
+                severity=Severity.CRITICAL,
+                score=0.95,
+                evidence=["e2", "e3"],
+                first_seen=START - 10,
+                last_seen=START + 120,
+                queries=250,
+                reasons=newer_reasons,
+                rule_id="MIA-002",
+            )
+        ]
+    )
+
+    [alert] = alerts.list_alerts()
+    assert updated == dataclasses.replace(opened, change=Change.UPDATED)
+    assert (alert.severity, alert.score, alert.queries, alert.rule_id) == (
+        Severity.CRITICAL,
+        0.95,
+        250,
+        "MIA-002",
+    )
+    assert (alert.first_seen, alert.last_seen) == (utc(START - 10), utc(START + 120))
+    assert alert.reasons == newer_reasons
+    assert alert.evidence == ["e1", "e2", "e3"]
+    assert (alert.updates, alert.raised_at, alert.updated_at) == (1, utc(START), utc(START + 30))
+
+
+def test_an_update_keeps_the_higher_severity_and_the_peak_score(alerts: AlertStore) -> None:
+    alerts.upsert([detection(severity=Severity.HIGH, score=0.9, queries=300)])
+
+    [change] = alerts.upsert(
+        [detection(severity=Severity.LOW, score=0.6, queries=20, last_seen=START + 90, reasons=[])]
+    )
+
+    [alert] = alerts.list_alerts()
+    assert change.change is Change.UPDATED
+    assert (alert.severity, alert.score, alert.queries) == (Severity.HIGH, 0.9, 300)
+    assert alert.reasons == [] and alert.last_seen == utc(START + 90)  # the newest explanation wins
+
+
+def test_an_older_detection_arriving_late_keeps_the_newer_explanation(alerts: AlertStore) -> None:
+    alerts.upsert([detection(last_seen=START + 100, evidence=["new"], rule_id="MIA-NEW")])
+
+    alerts.upsert([detection(last_seen=START + 50, evidence=["old"], rule_id="MIA-OLD")])
+
+    [alert] = alerts.list_alerts()
+    assert (alert.rule_id, alert.evidence, alert.last_seen) == ("MIA-NEW", ["old", "new"], utc(START + 100))
+
+
+def test_evidence_keeps_the_newest_distinct_event_ids_up_to_the_cap(alerts: AlertStore) -> None:
+    for round_ in range(6):
+        # Overlapping windows: every id but the first is sent twice.
+        ids = [f"e{i}" for i in range(round_ * 5, round_ * 5 + 10)]
+        alerts.upsert([detection(evidence=ids, last_seen=START + 60 + round_)])
+
+    [alert] = alerts.list_alerts()
+    assert alert.evidence == [f"e{i}" for i in range(15, 35)]
+    assert alert.updates == 5
+
+
+def test_the_same_detection_again_changes_nothing(
+    alerts: AlertStore, engine: Engine, clock: FakeClock
+) -> None:
+    # Event times finer than the microseconds stored: the comparison must not see a change.
+    again = detection(first_seen=START + 0.1234567, last_seen=START + 60.7654321)
+    [opened] = alerts.upsert([again])
+    before = rows(engine)
+    clock.now += 60
+
+    [change] = alerts.upsert([dataclasses.replace(again)])
+
+    assert change == dataclasses.replace(opened, change=Change.UNCHANGED)
+    assert rows(engine) == before
+
+
+def test_many_upserts_never_open_a_second_alert_for_one_key(alerts: AlertStore, engine: Engine) -> None:
+    for round_ in range(30):
+        batch = [
+            detection(score=round_ / 30, evidence=[f"r{round_}"], last_seen=START + 60 + round_),
+            detection("client-b", last_seen=START + 60 + round_),
+            detection(kind=AlertKind.BOUNDARY_PROBING, queries=round_),
+        ]
+        alerts.upsert(batch)
+
+    stored = rows(engine)
+    assert len(stored) == 3 and {row["status"] for row in stored} == {"open"}
+    assert sorted(row["dedup_key"] for row in stored) == [
+        "fraud-v1|client-a|boundary_probing",
+        "fraud-v1|client-a|confidence_harvesting",
+        "fraud-v1|client-b|confidence_harvesting",
+    ]
+    assert alerts.open_alert_count() == 3
+
+
+def test_detections_sharing_a_key_in_one_call_become_one_alert(alerts: AlertStore) -> None:
+    first = detection(score=0.7, evidence=["e1"], last_seen=START + 60)
+    second = detection(score=0.9, severity=Severity.HIGH, evidence=["e2"], last_seen=START + 70)
+    other = detection("client-b")
+
+    changes = alerts.upsert([first, other, second])
+
+    assert [change.change for change in changes] == [Change.OPENED] * 3
+    assert changes[0] == changes[2] != changes[1]
+    alert = alerts.list_alerts(client_id="client-a")[0]
+    assert (alert.score, alert.severity, alert.evidence, alert.updates) == (
+        0.9,
+        Severity.HIGH,
+        ["e1", "e2"],
+        0,
+    )
+    assert alerts.upsert([]) == []
+
+
+def test_a_detection_after_the_alert_was_resolved_opens_a_new_alert(
+    alerts: AlertStore, clock: FakeClock
+) -> None:
+    [first] = alerts.upsert([detection(last_seen=START + 60)])
+    clock.now += 3600
+    assert alerts.resolve_idle(before=START + 61) == 1
+
+    [second] = alerts.upsert([detection(first_seen=START + 7200, last_seen=START + 7260)])
+
+    assert second.change is Change.OPENED and second.alert_id != first.alert_id
+    assert second.dedup_key == first.dedup_key
+    latest, resolved = alerts.list_alerts()
+    assert (latest.id, latest.status) == (second.alert_id, AlertStatus.OPEN)
+    assert (resolved.id, resolved.status, resolved.resolved_at) == (
+        first.alert_id,
+        AlertStatus.RESOLVED,
+        utc(START + 3600),
+    )
+    assert resolved.updated_at == utc(START + 3600) and resolved.last_seen == utc(START + 60)
+
+
+def test_the_database_itself_refuses_a_second_open_alert_for_a_key(
+    alerts: AlertStore, engine: Engine
+) -> None:
+    alerts.upsert([detection()])
+    [row] = rows(engine)
+    del row["id"]
+
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(insert(AlertRow), row)
+    with engine.begin() as connection:  # resolved alerts are history: any number of them per key
+        connection.execute(insert(AlertRow), [{**row, "status": "resolved"}, {**row, "status": "resolved"}])
+
+    assert [r["status"] for r in rows(engine)] == ["open", "resolved", "resolved"]
+
+
+def test_a_schema_refusing_new_alerts_fails_loudly_instead_of_retrying_forever(
+    alerts: AlertStore, engine: Engine
+) -> None:
+    with engine.begin() as connection:  # the unique index as it must not be: over resolved alerts too
+        connection.exec_driver_sql("DROP INDEX uq_alerts_open_dedup_key")
+        connection.exec_driver_sql("CREATE UNIQUE INDEX uq_alerts_open_dedup_key ON alerts (dedup_key)")
+    alerts.upsert([detection(last_seen=START + 60)])
+    alerts.resolve_idle(before=START + 61)
+
+    with pytest.raises(RuntimeError, match="partial index"):
+        alerts.upsert([detection(last_seen=START + 120)])
+
+
+def test_resolve_idle_resolves_open_alerts_last_seen_before_the_horizon(
+    alerts: AlertStore, clock: FakeClock
+) -> None:
+    alerts.upsert([detection("idle", last_seen=START + 100), detection("edge", last_seen=START + 200)])
+    alerts.upsert([detection("busy", last_seen=START + 300)])
+    clock.now += 10
+
+    assert alerts.resolve_idle(before=START + 200) == 1
+    assert alerts.resolve_idle(before=START + 200) == 0
+
+    statuses = {alert.client_id: alert.status for alert in alerts.list_alerts()}
+    assert statuses == {"idle": AlertStatus.RESOLVED, "edge": AlertStatus.OPEN, "busy": AlertStatus.OPEN}
+    assert [a.resolved_at for a in alerts.list_alerts(status="resolved")] == [utc(START + 10)]
+    assert alerts.open_alert_count() == 2
+
+
+def test_list_alerts_filters_and_puts_the_newest_raised_first(alerts: AlertStore, clock: FakeClock) -> None:
+    for client, kind in [
+        ("a", AlertKind.BOUNDARY_PROBING),
+        ("b", AlertKind.CONFIDENCE_HARVESTING),
+        ("a", AlertKind.ANOMALOUS_SESSION),
+    ]:
+        alerts.upsert([detection(client, kind=kind)])
+        clock.now += 1
+
+    def listed(**filters: Any) -> list[tuple[str, str]]:
+        return [(alert.client_id, alert.kind.value) for alert in alerts.list_alerts(**filters)]
+
+    assert listed() == [("a", "anomalous_session"), ("b", "confidence_harvesting"), ("a", "boundary_probing")]
+    assert listed(client_id="a") == [("a", "anomalous_session"), ("a", "boundary_probing")]
+    assert listed(kind="boundary_probing") == [("a", "boundary_probing")]
+    assert listed(status="resolved") == []
+    assert listed(limit=1) == [("a", "anomalous_session")]
+    assert len(listed(limit=None)) == 3
+
+
+# -- transactions and concurrency ----------------------------------------------------------------------------
+
+
+def test_upsert_joins_the_callers_transaction(alerts: AlertStore, engine: Engine) -> None:
+    with engine.connect() as connection:
+        with connection.begin():
+            connection.execute(
+                delete(AlertRow)
+            )  # the caller has written before: its transaction is under way
+            alerts.upsert([detection("kept")], connection=connection)
+        with pytest.raises(RuntimeError), connection.begin():
+            alerts.upsert([detection("rolled-back")], connection=connection)
+            raise RuntimeError("the rest of the batch failed")
+
+    assert [alert.client_id for alert in alerts.list_alerts()] == ["kept"]
+
+
+def test_a_concurrent_writer_updates_the_alert_instead_of_opening_another(
+    alerts: AlertStore, engine: Engine
+) -> None:
+    results: list[AlertChange] = []
+    with engine.connect() as first:
+        first.begin()
+        [opened] = alerts.upsert([detection(evidence=["first"])], connection=first)
+        # The second writer runs while the first has opened the alert but not yet committed it.
+        second = threading.Thread(
+            target=lambda: results.extend(
+                alerts.upsert([detection(evidence=["second"], last_seen=START + 61)])
+            )
+        )
+        second.start()
+        wait_until_blocked(engine)
+        first.commit()
+        second.join(timeout=60)
+
+    assert results == [dataclasses.replace(opened, change=Change.UPDATED)]
+    [alert] = alerts.list_alerts()
+    assert (alert.evidence, alert.updates) == (["first", "second"], 1)
+
+
+def wait_until_blocked(engine: Engine) -> None:
+    """Until another session waits for a lock (PostgreSQL), or a moment has passed (SQLite)."""
+    if engine.dialect.name == "sqlite":
+        time.sleep(0.5)  # SQLite shows no waiting writers; the test holds either way, only the race varies
+        return
+    deadline = time.monotonic() + 30
+    with engine.connect() as probe:
+        while not probe.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).scalar_one():
+            assert time.monotonic() < deadline, "the second writer never waited for the first"
+            time.sleep(0.02)
+            probe.rollback()  # a fresh snapshot of pg_stat_activity
+
+
+# -- command line --------------------------------------------------------------------------------------------
+
+
+def mia(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MIA_")}
+    env["MIA_DATABASE_URL"] = database_url
+    return subprocess.run(
+        [sys.executable, "-m", "detector", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+@pytest.fixture
+def populated(sqlite_url: str) -> str:
+    """A SQLite database holding one resolved alert and, raised later, one open coordination alert."""
+    engine = create_engine_for(sqlite_url)
+    clock = FakeClock()
+    try:
+        upgrade(engine)
+        store = AlertStore(engine, clock=clock)
+        store.upsert([detection("client-z", severity=Severity.LOW, last_seen=START + 60)])
+        clock.now += 120
+        store.resolve_idle(before=START + 61)
+        store.upsert(
+            [
+                detection(
+                    "client-b",
+                    "client-a",
+                    kind=AlertKind.COORDINATED_CLIENTS,
+                    severity=Severity.CRITICAL,
+                    score=0.9375,
+                    reasons=[Reason("shared_inputs", 0.625, 99.9), Reason("clients", 2.0)],
+                )
+            ]
+        )
+    finally:
+        engine.dispose()
+    return sqlite_url
+
+
+def test_alerts_export_prints_every_alert_as_json_lines(populated: str) -> None:
+    result = mia(populated, "alerts", "export", "--format", "jsonl")
+
+    assert result.returncode == 0, result.stderr
+    exported = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [(a["client_id"], a["status"]) for a in exported] == [
+        ("client-a", "open"),
+        ("client-z", "resolved"),
+    ]
+    group = exported[0]
+    assert group["client_ids"] == ["client-a", "client-b"]
+    assert {
+        key: group[key] for key in ("model", "kind", "severity", "rule_id", "score", "threshold", "queries")
+    } == {
+        "model": MODEL,
+        "kind": "coordinated_clients",
+        "severity": "critical",
+        "rule_id": "MIA-001",
+        "score": 0.9375,
+        "threshold": 0.5,
+        "queries": 100,
+    }
+    assert group["reasons"] == [
+        {"feature": "shared_inputs", "value": 0.625, "baseline_percentile": 99.9},
+        {"feature": "clients", "value": 2.0, "baseline_percentile": None},
+    ]
+    assert group["evidence"] == ["e1", "e2"] and group["atlas_technique"] == "AML.T0024" and group["triage"]
+    assert (group["first_seen"], group["raised_at"]) == (
+        "2023-11-14T22:13:20.000Z",
+        "2023-11-14T22:15:20.000Z",
+    )
+    for alert in exported:
+        for field in ("first_seen", "last_seen", "raised_at", "updated_at"):
+            assert RFC3339_UTC.fullmatch(alert[field]), (field, alert[field])
+    assert group["resolved_at"] is None and RFC3339_UTC.fullmatch(exported[1]["resolved_at"])
+
+    only_resolved = mia(populated, "alerts", "export", "--status", "resolved")
+    assert [orjson.loads(line)["client_id"] for line in only_resolved.stdout.splitlines()] == ["client-z"]
+
+
+def test_alerts_list_prints_a_table_with_the_top_reason(populated: str) -> None:
+    result = mia(populated, "alerts", "list")
+
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if "kind" in line)
+    columns = [cell.strip() for cell in header.strip("┃│ ").replace("┃", "│").split("│")]
+    assert columns == [
+        "id",
+        "kind",
+        "severity",
+        "status",
+        "client_id",
+        "model",
+        "score",
+        "threshold",
+        "queries",
+        "raised_at",
+        "top_reason",
+    ]
+    assert "shared_inputs=0.625 (p99.9)" in result.stdout
+    assert "coordinated_clients" in result.stdout and "client-z" in result.stdout
+
+    filtered = mia(
+        populated, "alerts", "list", "--status", "open", "--kind", "coordinated_clients", "--format", "jsonl"
+    )
+    [alert] = [orjson.loads(line) for line in filtered.stdout.splitlines()]
+    assert (alert["client_id"], alert["top_reason"]) == ("client-a", "shared_inputs=0.625 (p99.9)")

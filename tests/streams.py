@@ -1,0 +1,111 @@
+"""Synthetic query streams of one client for feature and scoring tests: benign habits, attack behaviours."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detector.features.client import FeatureTracker
+from detector.features.embedding import QueryEmbedder
+from detector.model import Query, Requested
+
+WIDTH = 30
+rng = np.random.default_rng(11)
+SCALE = rng.uniform(0.5, 50.0, WIDTH).astype(np.float32)  # features on very different scales, as in real data
+
+
+def record() -> np.ndarray:
+    return (rng.normal(size=WIDTH) * SCALE).astype(np.float32)
+
+
+class Stream:
+    """Builds the queries of one client with a simulated clock."""
+
+    def __init__(self, client: str = "c", model: str = "m") -> None:
+        self.client, self.model, self.clock, self.count = client, model, 1_764_000_000.0, 0
+
+    def query(
+        self,
+        row: np.ndarray,
+        *,
+        label: str = "0",
+        requested: Requested = Requested.PROBABILITIES,
+        probabilities: np.ndarray | None = None,
+        gap: float = 1.0,
+    ) -> Query:
+        self.clock += gap
+        self.count += 1
+        return Query(
+            event_id=f"{self.client}-{self.count}",
+            row=0,
+            batch_size=1,
+            timestamp=self.clock,
+            model=self.model,
+            model_version=None,
+            client_id=self.client,
+            client_ip=None,
+            user_agent=None,
+            vector=row.astype(np.float32),
+            text=None,
+            requested=requested,
+            label=label,
+            probabilities=probabilities,
+        )
+
+
+def warmed_tracker() -> FeatureTracker:
+    """A tracker whose per-model scale has been learned from benign traffic of other clients."""
+    tracker = FeatureTracker(QueryEmbedder())
+    warmup = Stream("warmup")
+    tracker.update([warmup.query(record()) for _ in range(300)])
+    return tracker
+
+
+def snapshot_after(queries: list[Query], tracker: FeatureTracker | None = None) -> dict[str, float]:
+    tracker = tracker or warmed_tracker()
+    for start in range(0, len(queries), 50):  # micro-batches, as the pipeline sends them
+        tracker.update(queries[start : start + 50])
+    client = tracker.get((queries[0].model, queries[0].client_id))
+    assert client is not None
+    return client.snapshot()
+
+
+class SetIndex:
+    """A stand-in training index over exact rows (the real index has its own tests)."""
+
+    width = WIDTH
+
+    def __init__(self, rows: list[np.ndarray]) -> None:
+        self._rows = {row.tobytes() for row in rows}
+
+    def lookup(self, rows: np.ndarray) -> np.ndarray:
+        return np.array([2 if row.tobytes() in self._rows else 0 for row in rows], dtype=np.int8)
+
+
+def augmentation_probe(stream: Stream, records: int = 12, variants: int = 8) -> list[Query]:
+    """Label-only augmentation probing: each record, then a burst of small noisy variants of it."""
+    queries = []
+    for _ in range(records):
+        base = record()
+        queries.append(stream.query(base, requested=Requested.LABEL))
+        for _ in range(variants):
+            noisy = base + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.02
+            queries.append(stream.query(noisy, requested=Requested.LABEL, gap=0.2))
+    return queries
+
+
+def boundary_walk(stream: Stream, steps: int = 400) -> list[Query]:
+    """A label-only walk of small dense steps hovering on the decision boundary (labels keep flipping)."""
+    point = record()
+    direction = rng.normal(size=WIDTH).astype(np.float32) * SCALE
+    queries = []
+    for step in range(steps):
+        point = point + direction * 0.002 + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.004
+        label = "1" if (step // 3) % 2 else "0"
+        queries.append(stream.query(point, label=label, requested=Requested.LABEL, gap=0.05))
+    return queries
+
+
+def harvest(stream: Stream, records: int = 300) -> list[Query]:
+    """Confidence harvesting: one query per distinct record, asking for the probability vector."""
+    probabilities = np.array([0.7, 0.2, 0.1], dtype=np.float32)
+    return [stream.query(record(), probabilities=probabilities) for _ in range(records)]
