@@ -20,8 +20,8 @@ def record() -> np.ndarray:
 class Stream:
     """Builds the queries of one client with a simulated clock."""
 
-    def __init__(self, client: str = "c", model: str = "m") -> None:
-        self.client, self.model, self.clock, self.count = client, model, 1_764_000_000.0, 0
+    def __init__(self, client: str = "c", model: str = "m", ip: str | None = None) -> None:
+        self.client, self.model, self.clock, self.count, self.ip = client, model, 1_764_000_000.0, 0, ip
 
     def query(
         self,
@@ -42,7 +42,7 @@ class Stream:
             model=self.model,
             model_version=None,
             client_id=self.client,
-            client_ip=None,
+            client_ip=self.ip,
             user_agent=None,
             vector=row.astype(np.float32),
             text=None,

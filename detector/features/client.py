@@ -73,6 +73,7 @@ class ClientFeatures:
         self.first_seen = float("inf")
         self.last_seen = float("-inf")
         self.queries = 0
+        self.client_ip: str | None = None
 
     def update(self, observation: Observation) -> None:
         """Match the observation to the client's clusters, then update every feature with it."""
@@ -83,6 +84,7 @@ class ClientFeatures:
         self.queries += 1
         self.first_seen = min(self.first_seen, query.timestamp)
         self.last_seen = max(self.last_seen, query.timestamp)
+        self.client_ip = query.client_ip or self.client_ip
         if match.in_burst:
             self._keep("flip" if match.label_flip else "variant", query.event_id)
         if observation.training_hit:
@@ -116,6 +118,7 @@ class ClientFeatures:
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
             "queries": self.queries,
+            "client_ip": self.client_ip,
         }
 
     @classmethod
@@ -128,6 +131,7 @@ class ClientFeatures:
         restored.first_seen = state["first_seen"]
         restored.last_seen = state["last_seen"]
         restored.queries = state["queries"]
+        restored.client_ip = state.get("client_ip")
         return restored
 
 

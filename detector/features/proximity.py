@@ -22,6 +22,7 @@ class TrainingSetProximity(CounterFeature):
     exact_hits: int = 0
     near_hits: int = 0
     distinct_hits: int = 0
+    distinct_exact_hits: int = 0
 
     def update(self, observation: Observation) -> None:
         self.queries += 1
@@ -34,12 +35,15 @@ class TrainingSetProximity(CounterFeature):
         match = observation.match
         if match is not None and match.kind is MatchKind.NEW:
             self.distinct_hits += 1
+            if observation.training_hit == 2:
+                self.distinct_exact_hits += 1
 
     def values(self) -> dict[str, float]:
         hits = self.exact_hits + self.near_hits
         return {
             "hits": hits,
             "distinct_hits": self.distinct_hits,
+            "distinct_exact_hits": self.distinct_exact_hits,
             "hit_rate": ratio(hits, self.queries),
             "exact_hit_rate": ratio(self.exact_hits, self.queries),
         }

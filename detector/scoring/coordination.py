@@ -1,14 +1,16 @@
 """Cross-client coordination: one attack split over several API keys (sybils), each below every threshold.
 
 Sybil keys deal the attack's candidate records between them, so each key alone shows too little. What they
-share is the target: records of the model's training set. Over a sliding window of event time, the keys of a
-model that hit the training set are pooled; when together they hit at least the training-set rule's
-threshold of distinct training records, one alert names all of them. Keys already pooled into an alert are
-not pooled again, so a campaign that grows raises one alert per wave, never one per key.
+share is the target — exact records of the model's training set — and, usually, the network they come from.
+Over a sliding window of event time, the keys of one model and one network (IPv4 /24, IPv6 /48) that sent
+exact training records are pooled; when together they reach the training-set rule's threshold, one alert
+names all of them. Keys already pooled into an alert are not pooled again, so a campaign that grows raises
+one alert per wave, never one per key. Keys without a known address are not pooled.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from detector.alerts.model import AlertKind, Detection, Reason, Severity
@@ -16,7 +18,7 @@ from detector.features.client import ClientFeatures, ClientKey
 from detector.scoring.rules import ATLAS_EXFILTRATION_VIA_INFERENCE_API
 
 WINDOW_SECONDS = 6 * 3600.0
-MIN_HIT_RATE = 0.02  # below this, a key's hits are the index's chance near-matches, not targeting
+MIN_HIT_RATE = 0.02  # of exact hits: a key sending training records now and then among its own data
 MIN_CLIENTS = 2
 TRIAGE = (
     "Several keys of one model together queried many records of its training set, each key too few to be "
@@ -35,25 +37,38 @@ class _Participant:
     evidence: list[str] = field(default_factory=list)
 
 
+def network_of(address: str | None) -> str | None:
+    """The /24 (IPv4) or /48 (IPv6) network of `address`, or None when unknown or unparsable."""
+    if not address:
+        return None
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    prefix = 24 if parsed.version == 4 else 48
+    return str(ipaddress.ip_network(f"{parsed}/{prefix}", strict=False))
+
+
 class CoordinationTracker:
     """Pools training-set hits across the keys of each model (see the module docstring)."""
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self._participants: dict[str, dict[str, _Participant]] = {}
+        self._participants: dict[tuple[str, str], dict[str, _Participant]] = {}
         self._reported: dict[str, set[str]] = {}
 
     def observe(self, key: ClientKey, client: ClientFeatures) -> None:
         """Take note of a client's training-set hits (if it has enough to count)."""
         values = client.snapshot()
         hits = int(values.get("training.distinct_hits", 0))
-        rate = values.get("training.hit_rate", 0.0)
+        rate = values.get("training.exact_hit_rate", 0.0)
+        network = network_of(client.client_ip)
         model, client_id = key
-        if hits < 1 or rate < MIN_HIT_RATE or client_id in self._reported.get(model, ()):
+        if hits < 1 or rate < MIN_HIT_RATE or network is None or client_id in self._reported.get(model, ()):
             return
         if hits >= self.threshold:
             return  # alerted on its own by the training-set rule
-        self._participants.setdefault(model, {})[client_id] = _Participant(
+        self._participants.setdefault((model, network), {})[client_id] = _Participant(
             hits,
             rate,
             client.queries,
@@ -65,7 +80,7 @@ class CoordinationTracker:
     def detections(self, watermark: float, allowed: set[str]) -> list[Detection]:
         """Coordinated-clients detections whose pooled hits reached the threshold (pool windows pruned)."""
         detections = []
-        for model, participants in self._participants.items():
+        for (model, network), participants in self._participants.items():
             for client_id in [c for c, p in participants.items() if p.last_seen < watermark - WINDOW_SECONDS]:
                 del participants[client_id]
             pool = {c: p for c, p in participants.items() if c not in allowed}
@@ -82,7 +97,7 @@ class CoordinationTracker:
                     score=float(hits),
                     threshold=float(self.threshold),
                     reasons=[
-                        Reason("coordination.clients", float(len(pool))),
+                        Reason(f"coordination.clients_from_{network}", float(len(pool))),
                         Reason("coordination.distinct_training_hits", float(hits)),
                         Reason(
                             "coordination.max_client_hits", float(max(p.distinct_hits for p in pool.values()))

@@ -29,6 +29,11 @@ ANOMALY_TRIAGE = (
 )
 
 
+def _excess(score: float, threshold: float) -> float:
+    """How far above its threshold a score is, comparable across rules."""
+    return score / threshold if threshold > 0 else score
+
+
 @dataclass(frozen=True)
 class AllowEntry:
     """An operator's decision that a client (for every kind, or one kind) is benign, and why."""
@@ -62,29 +67,31 @@ class Detector:
         return any(entry.covers(client_id, kind) for entry in self.allowlist)
 
     def evaluate(self, key: ClientKey, client: ClientFeatures) -> list[Detection]:
-        """The rule detections for one client now (empty when nothing crosses a threshold)."""
+        """The rule detections for one client now, one per alert kind (the rule furthest above its threshold
+        speaks for the kind); empty when nothing crosses a threshold."""
         values = client.snapshot()
-        detections = []
+        detections: dict[AlertKind, Detection] = {}
         for rule in self.rules:
             score = values.get(rule.score, 0.0)
             threshold = self.threshold(rule)
             if score < threshold or not rule.applies(values) or self.allowed(key[1], rule.kind):
                 continue
-            detections.append(
-                self._detection(
-                    key,
-                    client,
-                    rule.kind,
-                    rule.severity,
-                    rule.id,
-                    score,
-                    threshold,
-                    self._reasons(values, rule.explain),
-                    rule.triage,
-                    rule.atlas,
-                )
+            current = detections.get(rule.kind)
+            if current is not None and _excess(current.score, current.threshold) >= _excess(score, threshold):
+                continue
+            detections[rule.kind] = self._detection(
+                key,
+                client,
+                rule.kind,
+                rule.severity,
+                rule.id,
+                score,
+                threshold,
+                self._reasons(values, rule.explain),
+                rule.triage,
+                rule.atlas,
             )
-        return detections
+        return list(detections.values())
 
     def evaluate_anomalies(self, clients: dict[ClientKey, ClientFeatures]) -> list[Detection]:
         """Anomalous-session detections for `clients`, scored in one micro-batch."""

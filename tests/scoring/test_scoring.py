@@ -182,3 +182,19 @@ def test_a_tampered_or_foreign_model_is_refused_before_anything_is_deserialised(
         ScoringModel.load(directory)
     with pytest.raises(ModelError, match="cannot read"):
         ScoringModel.load(tmp_path / "missing")
+
+
+def test_exact_training_records_hidden_in_cover_traffic_are_still_found() -> None:
+    members = [record() for _ in range(20)]
+    tracker = warmed_tracker()
+    tracker.training_indexes = TrainingIndexes(default=SetIndex(members))
+    stream = Stream("interleaver")
+    rows = [members[index // 250] if index % 250 == 100 else record() for index in range(1000)]
+    hidden = [stream.query(row, requested=Requested.LABEL) for row in rows]
+    client = client_after(hidden, tracker)
+    assert client.snapshot()["training.distinct_exact_hits"] == 4
+    assert Detector(RULES).evaluate(("m", "interleaver"), client) == []
+    tracker.update([stream.query(row, requested=Requested.LABEL) for row in members[10:12]])
+    detections = Detector(RULES).evaluate(("m", "interleaver"), client)
+    assert [(d.kind, d.rule_id) for d in detections] == [(AlertKind.TRAINING_SET_TARGETING, "MIA-005")]
+    assert client.snapshot()["training.hit_rate"] < 0.01  # far below MIA-003's guard
