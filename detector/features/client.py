@@ -73,6 +73,7 @@ class ClientFeatures:
         self.first_seen = float("inf")
         self.last_seen = float("-inf")
         self.queries = 0
+        self.evaluated_at = 0  # `queries` when the rules last judged this client (kept by the pipeline)
         self.client_ip: str | None = None
 
     def update(self, observation: Observation) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
-import numpy as np
-
 from detector.features.base import CounterFeature, ratio
 from detector.features.clusters import MatchKind
 from detector.features.embedding import Observation
@@ -55,9 +53,12 @@ class QuerySimilarity(CounterFeature):
         }
 
     def _median(self) -> float:
-        compared = sum(self.histogram)
-        if not compared:
+        half = sum(self.histogram) / 2
+        if not half:
             return 1.0
-        cumulative = np.cumsum(self.histogram)
-        bucket = int(np.searchsorted(cumulative, compared / 2))
-        return DISTANCE_EDGES[bucket] if bucket < len(DISTANCE_EDGES) else 2.0
+        cumulative = 0
+        for bucket, count in enumerate(self.histogram):
+            cumulative += count
+            if cumulative >= half:
+                return DISTANCE_EDGES[bucket] if bucket < len(DISTANCE_EDGES) else 2.0
+        return 2.0

@@ -57,17 +57,16 @@ class CoordinationTracker:
         self._participants: dict[tuple[str, str], dict[str, _Participant]] = {}
         self._reported: dict[str, set[str]] = {}
 
-    def observe(self, key: ClientKey, client: ClientFeatures) -> None:
-        """Take note of a client's training-set hits (if it has enough to count)."""
-        values = client.snapshot()
+    def observe(self, key: ClientKey, client: ClientFeatures, values: dict[str, float]) -> None:
+        """Take note of a client's training-set hits, from its snapshot `values` (if they count)."""
         hits = int(values.get("training.distinct_hits", 0))
         rate = values.get("training.exact_hit_rate", 0.0)
-        network = network_of(client.client_ip)
         model, client_id = key
-        if hits < 1 or rate < MIN_HIT_RATE or network is None or client_id in self._reported.get(model, ()):
+        if hits < 1 or rate < MIN_HIT_RATE or hits >= self.threshold:
+            return  # nothing to pool, or alerted on its own by the training-set rule
+        network = network_of(client.client_ip)
+        if network is None or client_id in self._reported.get(model, ()):
             return
-        if hits >= self.threshold:
-            return  # alerted on its own by the training-set rule
         self._participants.setdefault((model, network), {})[client_id] = _Participant(
             hits,
             rate,

@@ -66,10 +66,13 @@ class Detector:
         """True when an allow-list entry silences `kind` for `client_id`."""
         return any(entry.covers(client_id, kind) for entry in self.allowlist)
 
-    def evaluate(self, key: ClientKey, client: ClientFeatures) -> list[Detection]:
+    def evaluate(
+        self, key: ClientKey, client: ClientFeatures, values: dict[str, float] | None = None
+    ) -> list[Detection]:
         """The rule detections for one client now, one per alert kind (the rule furthest above its threshold
-        speaks for the kind); empty when nothing crosses a threshold."""
-        values = client.snapshot()
+        speaks for the kind); empty when nothing crosses a threshold. `values` is the client's snapshot,
+        taken here unless the caller already has it."""
+        values = values if values is not None else client.snapshot()
         detections: dict[AlertKind, Detection] = {}
         for rule in self.rules:
             score = values.get(rule.score, 0.0)

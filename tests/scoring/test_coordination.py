@@ -25,7 +25,7 @@ def test_sybils_below_every_threshold_are_alerted_together_and_only_once() -> No
     for client_id in [*sybils, "benign", "other-network"]:
         client = tracker.get(("m", client_id))
         assert client is not None
-        coordination.observe(("m", client_id), client)
+        coordination.observe(("m", client_id), client, client.snapshot())
 
     [detection] = coordination.detections(watermark=1_764_000_100.0, allowed=set())
     assert detection.kind is AlertKind.COORDINATED_CLIENTS
@@ -46,5 +46,5 @@ def test_one_key_alone_or_allow_listed_keys_do_not_make_a_campaign() -> None:
         tracker.update([stream.query(row) for row in share])
         client = tracker.get(("m", client_id))
         assert client is not None
-        coordination.observe(("m", client_id), client)
+        coordination.observe(("m", client_id), client, client.snapshot())
     assert coordination.detections(watermark=1_764_000_100.0, allowed={"nightly-job"}) == []
