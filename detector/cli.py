@@ -204,10 +204,14 @@ def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
     stderr.print(_summary(stats))
 
 
+# The simulator's scenarios, named here so that `--help` does not have to import scikit-learn.
+SCENARIO_NAMES = ["smoke", "standard", "evasive"]
+
+
 @app.command("simulate")
 @click.option(
     "--scenario",
-    type=click.Choice(["smoke", "standard", "evasive"]),
+    type=click.Choice(SCENARIO_NAMES),
     default="smoke",
     show_default=True,
     help="smoke: seconds; standard: a simulated day; evasive: a day of hiding attackers.",
@@ -296,7 +300,7 @@ def broker(port: int) -> None:
 @app.command("demo")
 @click.option(
     "--scenario",
-    type=click.Choice(["smoke", "standard", "evasive"]),
+    type=click.Choice(SCENARIO_NAMES),
     default="smoke",
     show_default=True,
     help="Simulated traffic to stream (smoke: a simulated hour, every attack kind among benign clients).",
@@ -333,6 +337,12 @@ def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_secon
         highlight=False,
     )
     _print_evaluation(result.evaluation)
+    stderr.print(
+        f"the daemon's sessions and alerts are in {result.database}: "
+        f"MIA_DATABASE_URL=sqlite:///{result.database} mia-detector alerts list",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------

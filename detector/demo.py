@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from detector.broker import EmbeddedBroker
 from detector.evaluate import Evaluation, evaluate
 from detector.features.training import TrainingSetIndex, load_training_rows
@@ -23,6 +25,7 @@ class DemoResult:
     """What the demo did: the simulation, where the broker ran, what the daemon processed, how well it did."""
 
     simulation: SimulationSummary
+    database: Path
     bootstrap_servers: str
     produced: int
     stats: PipelineStats
@@ -47,7 +50,17 @@ def run_demo(
     on_alerts: OnAlerts | None = None,
 ) -> DemoResult:
     """Simulate `scenario`, train on its baseline, stream its events through an embedded broker into the
-    daemon until idle (or SIGINT/SIGTERM), then evaluate the detector on the same events."""
+    daemon until idle (or SIGINT/SIGTERM), then evaluate the detector on the same events.
+
+    The daemon writes to a fresh SQLite database in `workdir` (`demo.db`): the same seed gives the same
+    event ids, which a database that saw them before would skip as already processed.
+    """
+    database = workdir / "demo.db"
+    for stale in workdir.glob("demo.db*"):
+        stale.unlink()
+    settings = settings.model_copy(
+        update={"database": settings.database.model_copy(update={"url": SecretStr(f"sqlite:///{database}")})}
+    )
     simulation = simulate(scenario, seed, workdir / "scenario")
     log.info("simulated %s: %d records from %d clients", scenario, simulation.records, simulation.clients)
     indexes = index_training_sets(simulation.out, workdir / "indexes")
@@ -66,4 +79,4 @@ def run_demo(
     evaluation = evaluate(
         trained, simulation.out / "events.jsonl", simulation.out / "truth.jsonl", workdir / "evaluation"
     )
-    return DemoResult(simulation, broker.bootstrap_servers, produced, stats, evaluation)
+    return DemoResult(simulation, database, broker.bootstrap_servers, produced, stats, evaluation)

@@ -195,3 +195,10 @@ def test_a_daemon_stopped_mid_stream_and_started_again_counts_every_event_exactl
     assert sum(store.dead_letter_counts().values()) == sum(reference.dead_letters.values())
     positions = store.checkpoints(group)
     assert positions and all(topic_name == topic for topic_name, _ in positions)
+
+
+def test_the_command_line_offers_every_simulator_scenario() -> None:
+    from detector.cli import SCENARIO_NAMES
+    from detector.simulate import SCENARIOS
+
+    assert sorted(SCENARIO_NAMES) == sorted(SCENARIOS)
