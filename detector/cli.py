@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from detector.alerts import AlertKind, AlertStatus
 from detector.alerts.model import Detection
 from detector.ingest.records import RawRecord
 from detector.logs import configure_logging
+from detector.model import rfc3339
 from detector.sessions import SessionState
 from detector.settings import ConfigError, Settings, load_settings
 
@@ -457,10 +457,6 @@ def index_training(file: Path, out: Path) -> None:
 # -- listings ------------------------------------------------------------------------------------------------
 
 
-def _rfc3339(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 SESSION_COLUMNS = [
     "model",
     "client_id",
@@ -484,8 +480,8 @@ def _session_row(session: SessionState) -> dict[str, Any]:
         "confidence_share": round(session.confidence_share, 4),
         "text_queries": session.text_queries,
         "max_batch_size": session.max_batch_size,
-        "first_seen": _rfc3339(session.first_seen),
-        "last_seen": _rfc3339(session.last_seen),
+        "first_seen": rfc3339(session.first_seen),
+        "last_seen": rfc3339(session.last_seen),
     }
 
 
@@ -592,11 +588,11 @@ def _alert_record(alert: StoredAlert) -> dict[str, Any]:
         "triage": alert.triage,
         "queries": alert.queries,
         "updates": alert.updates,
-        "first_seen": _rfc3339(alert.first_seen.timestamp()),
-        "last_seen": _rfc3339(alert.last_seen.timestamp()),
-        "raised_at": _rfc3339(alert.raised_at.timestamp()),
-        "updated_at": _rfc3339(alert.updated_at.timestamp()),
-        "resolved_at": _rfc3339(alert.resolved_at.timestamp()) if alert.resolved_at else None,
+        "first_seen": rfc3339(alert.first_seen.timestamp()),
+        "last_seen": rfc3339(alert.last_seen.timestamp()),
+        "raised_at": rfc3339(alert.raised_at.timestamp()),
+        "updated_at": rfc3339(alert.updated_at.timestamp()),
+        "resolved_at": rfc3339(alert.resolved_at.timestamp()) if alert.resolved_at else None,
     }
 
 

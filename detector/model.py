@@ -193,6 +193,11 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
+def rfc3339(epoch: float) -> str:
+    """`epoch` seconds as an RFC 3339 UTC timestamp with milliseconds (`2026-11-29T08:00:00.123Z`)."""
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def json_schemas() -> dict[str, str]:
     """Return `{file name: JSON text}` of the exported JSON Schema of each wire-format model."""
     return {

@@ -97,7 +97,6 @@ class DetectionSettings(BaseModel):
     rules_path: Path | None = None
     max_clients: int = Field(default=20_000, ge=1)
     allowlist: list[AllowlistEntry] = Field(default_factory=list)
-    anomaly_interval_seconds: float = Field(default=5.0, ge=0)
 
 
 class LogSettings(BaseModel):

@@ -109,15 +109,6 @@ class KafkaSource:
                 }
             )
 
-    def lag(self) -> dict[tuple[str, int], int]:
-        """Records behind the high watermark per assigned partition, from the consumer's last fetch."""
-        lag: dict[tuple[str, int], int] = {}
-        for tp in self._consumer.assignment():
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None:
-                lag[(tp.topic, tp.partition)] = max(highwater - self._consumer.position(tp), 0)
-        return lag
-
     def close(self) -> None:
         """Leave the group (without committing anything more)."""
         self._consumer.close(autocommit=False)

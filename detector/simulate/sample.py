@@ -16,11 +16,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from detector.model import rfc3339
+
 START = datetime(2026, 11, 29, 8, 0, tzinfo=UTC).timestamp()
-
-
-def _rfc3339(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -55,7 +53,7 @@ def oip_record(
         )
     return {
         "event_id": event_id,
-        "timestamp": _rfc3339(timestamp),
+        "timestamp": rfc3339(timestamp),
         "model": {"name": model, "version": "3"},
         "client": {"id": client_id, "ip": "203.0.113.7", "user_agent": "python-requests/2.32"},
         "request": {
@@ -90,7 +88,7 @@ def _kserve_record(
 def _text_record(event_id: str, timestamp: float, client_id: str, prompt: str) -> dict[str, Any]:
     return {
         "event_id": event_id,
-        "timestamp": _rfc3339(timestamp),
+        "timestamp": rfc3339(timestamp),
         "model": {"name": "support-llm"},
         "client": {"id": client_id, "user_agent": "openai-python/1.40"},
         "request": {
