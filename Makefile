@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run demo test lint bench schemas clean
+.PHONY: install tools run demo test lint bench schemas clean
 
 install: $(VENV)/.installed
 
@@ -13,10 +14,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# Prometheus, promtool and Alertmanager (Debian packages) for the tests that run them for real.
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	       --no-install-recommends prometheus prometheus-alertmanager >/dev/null; }
+
 run demo: install  ## the daemon end to end: embedded broker + SQLite + a sample stream
 	$(BIN)/mia-detector --config examples/simulation.toml demo
 
-test: install  ## every test, the integration ones included (broker, PostgreSQL)
+test: install tools  ## every test, the integration ones included (broker, PostgreSQL, Prometheus, Alertmanager)
 	$(BIN)/pytest
 
 lint: install

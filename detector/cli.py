@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 import orjson
@@ -33,6 +34,8 @@ from detector.sessions import SessionState
 from detector.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from detector.storage import StoredAlert
 
 log = logging.getLogger("detector")
@@ -651,6 +654,210 @@ def alerts_export(ctx: click.Context, fmt: str, status: str | None) -> None:
     _print_rows(map(_alert_record, alerts), fmt, [], "alerts")
 
 
+class Duration(click.ParamType[float]):
+    """A duration such as `90s`, `15m`, `2h`, `1d` or `1h30m`, in seconds."""
+
+    name = "duration"
+    _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+    _UNIT: ClassVar[dict[str, int]] = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip().lower()
+        parts = self._PART.findall(text)
+        if not parts or "".join(number + unit for number, unit in parts) != text:
+            self.fail(f"{value!r} is not a duration such as 90s, 15m, 2h, 1d or 1h30m", param, ctx)
+        seconds = sum(float(number) * self._UNIT[unit] for number, unit in parts)
+        if seconds <= 0:
+            self.fail("the duration must be positive", param, ctx)
+        return seconds
+
+
+@alerts_group.command("silence")
+@click.option("--client", help="Silence alerts involving this client id.")
+@click.option("--model", help="Silence alerts on this model.")
+@click.option("--kind", type=click.Choice([k.value for k in AlertKind]), help="Silence this kind of alert.")
+@click.option("--rule", help="Silence alerts raised by this rule id (e.g. MIA-004).")
+@click.option("--for", "duration", type=Duration(), required=True, help="How long, e.g. 2h or 30m.")
+@click.option("--reason", default="", help="Why (shown with the silence).")
+@click.pass_context
+def alerts_silence(
+    ctx: click.Context,
+    client: str | None,
+    model: str | None,
+    kind: str | None,
+    rule: str | None,
+    duration: float,
+    reason: str,
+) -> None:
+    """Keep matching alerts from notifying for a while (every option given must match).
+
+    Matching alerts are still recorded; a resolution is still sent for an alert that was notified.
+    """
+    from detector.service import open_engine
+    from detector.storage import SilenceStore
+
+    if client is None and model is None and kind is None and rule is None:
+        raise click.UsageError("say what to silence: --client, --model, --kind and/or --rule")
+    with SilenceStore(open_engine(_settings(ctx), migrate=True)) as store:
+        silence = store.add(
+            duration_seconds=duration,
+            reason=reason,
+            created_by=os.environ.get("USER", "unknown"),
+            client_id=client,
+            model=model,
+            kind=kind,
+            rule_id=rule,
+        )
+    until = rfc3339(silence.expires_at.timestamp())
+    stderr.print(f"silence {silence.id} ({silence.describe()}) until {until}")
+
+
+@alerts_group.command("silences")
+@click.option("--all", "include_expired", is_flag=True, help="Include expired silences.")
+@FORMAT_OPTION
+@click.pass_context
+def alerts_silences(ctx: click.Context, include_expired: bool, fmt: str) -> None:
+    """List the active silences (or all), newest first."""
+    from detector.service import open_engine
+    from detector.storage import SilenceStore
+
+    with SilenceStore(open_engine(_settings(ctx), migrate=True)) as store:
+        silences = store.list(include_expired=include_expired)
+    rows = (
+        {
+            "id": silence.id,
+            "matches": silence.describe(),
+            "reason": silence.reason,
+            "created_by": silence.created_by,
+            "created_at": rfc3339(silence.created_at.timestamp()),
+            "expires_at": rfc3339(silence.expires_at.timestamp()),
+        }
+        for silence in silences
+    )
+    _print_rows(rows, fmt, ["id", "matches", "reason", "created_by", "expires_at"], "silences")
+
+
+@alerts_group.command("unsilence")
+@click.argument("silence_id", type=int)
+@click.pass_context
+def alerts_unsilence(ctx: click.Context, silence_id: int) -> None:
+    """End a silence now."""
+    from detector.service import open_engine
+    from detector.storage import SilenceStore
+
+    with SilenceStore(open_engine(_settings(ctx), migrate=True)) as store:
+        if not store.expire(silence_id):
+            raise click.BadParameter(f"no active silence {silence_id}", param_hint="SILENCE_ID")
+    stderr.print(f"silence {silence_id} ended")
+
+
+def _operate_on_alert(ctx: click.Context, alert_id: int, operation: str) -> None:
+    from detector.service import open_alert_store
+
+    with open_alert_store(_settings(ctx), migrate=True) as store:
+        try:
+            outcome = getattr(store, operation)(alert_id)
+        except LookupError as exc:
+            raise click.BadParameter(str(exc), param_hint="ALERT_ID") from None
+    notified = len(outcome.notifications)
+    stderr.print(f"alert {alert_id}: {operation}d" + (", notification queued" if notified else ""))
+
+
+@alerts_group.command("acknowledge")
+@click.argument("alert_id", type=int)
+@click.pass_context
+def alerts_acknowledge(ctx: click.Context, alert_id: int) -> None:
+    """Mark an open alert as taken care of (PagerDuty acknowledges its incident)."""
+    _operate_on_alert(ctx, alert_id, "acknowledge")
+
+
+@alerts_group.command("resolve")
+@click.argument("alert_id", type=int)
+@click.pass_context
+def alerts_resolve(ctx: click.Context, alert_id: int) -> None:
+    """Resolve an open alert now instead of after its quiet period."""
+    _operate_on_alert(ctx, alert_id, "resolve")
+
+
+@alerts_group.command("test")
+@click.pass_context
+def alerts_test(ctx: click.Context) -> None:
+    """Send one test notification to every configured sink; print, per sink, delivered or the error."""
+    from datetime import UTC, datetime
+
+    from detector.alerts.lifecycle import connectivity_check
+    from detector.alerts.sinks import DeliveryError, build_sinks
+
+    settings = _settings(ctx)
+    sinks = build_sinks(settings)
+    if not sinks:
+        raise click.UsageError(
+            "no sink configured: set MIA_ALERTMANAGER_URL, MIA_PAGERDUTY_ROUTING_KEY, MIA_SLACK_WEBHOOK_URL,"
+            " MIA_WEBHOOK_URL, MIA_OCSF_FILE or MIA_OCSF_TOPIC"
+        )
+    notification = connectivity_check(datetime.now(UTC), settings.dashboard.url)
+    failed = 0
+    for sink in sinks:
+        try:
+            sink.deliver(notification)
+        except DeliveryError as exc:
+            failed += 1
+            stdout.print(f"{sink.name}: FAILED: {exc}", markup=False, highlight=False)
+        else:
+            stdout.print(f"{sink.name}: delivered", markup=False, highlight=False)
+        finally:
+            sink.close()
+    if failed:
+        raise RuntimeFailure(f"{failed} of {len(sinks)} sinks did not take the test notification")
+
+
+@alerts_group.command("outbox")
+@click.option("--status", type=click.Choice(["pending", "delivered", "failed"]), help="Only this status.")
+@click.option("--sink", help="Only this sink (alertmanager, pagerduty, slack, webhook, ocsf-file, ...).")
+@LIMIT_OPTION
+@FORMAT_OPTION
+@click.pass_context
+def alerts_outbox(ctx: click.Context, status: str | None, sink: str | None, limit: int, fmt: str) -> None:
+    """List queued notifications per sink with their delivery state, newest first."""
+    from detector.service import open_engine
+    from detector.storage import OutboxStore
+
+    with OutboxStore(open_engine(_settings(ctx), migrate=True)) as outbox:
+        queued = outbox.list(status=status, sink=sink, limit=limit)
+    rows = (
+        {
+            "id": entry.id,
+            "sink": entry.sink,
+            "alert_id": entry.notification.alert.id,
+            "event": entry.notification.event.value,
+            "status": entry.status.value,
+            "attempts": entry.attempts,
+            "created_at": rfc3339(entry.created_at.timestamp()),
+            "next_attempt_at": rfc3339(entry.next_attempt_at.timestamp()),
+            "last_error": entry.last_error or "",
+            "idempotency_key": entry.notification.idempotency_key,
+        }
+        for entry in queued
+    )
+    columns = ["id", "sink", "alert_id", "event", "status", "attempts", "created_at", "last_error"]
+    _print_rows(rows, fmt, columns, "notifications")
+
+
+@alerts_group.command("redeliver")
+@click.option("--sink", help="Only this sink's failed notifications.")
+@click.pass_context
+def alerts_redeliver(ctx: click.Context, sink: str | None) -> None:
+    """Queue failed notifications again (after fixing what the receiver rejected)."""
+    from detector.service import open_engine
+    from detector.storage import OutboxStore
+
+    with OutboxStore(open_engine(_settings(ctx), migrate=True)) as outbox:
+        count = outbox.retry_failed(sink)
+    stderr.print(f"{count} notifications queued again")
+
+
 # -- configuration, database, schemas ------------------------------------------------------------------------
 
 
@@ -684,9 +891,17 @@ def db_upgrade(ctx: click.Context) -> None:
     stderr.print(f"database at revision {current_revision(engine)}")
 
 
+def exported_models() -> dict[str, type[BaseModel]]:
+    """Every model whose JSON Schema is published in `schemas/`, by file stem."""
+    from detector.alerts.notification import Notification
+    from detector.model import SCHEMA_MODELS
+
+    return {**SCHEMA_MODELS, "notification": Notification}
+
+
 @app.group("schemas")
 def schemas_group() -> None:
-    """JSON Schemas of the input contract."""
+    """JSON Schemas of the input contract and of the notifications sent to webhooks."""
 
 
 @schemas_group.command("export")
@@ -698,10 +913,10 @@ def schemas_group() -> None:
     help="Directory to write the *.schema.json files to.",
 )
 def schemas_export(out: Path) -> None:
-    """Write the JSON Schemas of the input contract (envelope, OIP v2, KServe v1)."""
+    """Write the JSON Schemas of the input contract (envelope, OIP v2, KServe v1) and of notifications."""
     from detector.model import export_json_schemas
 
-    for path in export_json_schemas(out):
+    for path in export_json_schemas(out, exported_models()):
         stderr.print(f"wrote {path}")
 
 

@@ -44,3 +44,7 @@ def configure_logging(fmt: str, level: str) -> None:
     if level != "DEBUG":
         logging.getLogger("kafka").setLevel(logging.ERROR)
         logging.getLogger("alembic").setLevel(logging.WARNING)
+    # httpx logs every request with its URL, and receivers' URLs carry credentials (a Slack webhook URL is
+    # its own secret): never below WARNING, whatever the level asked for.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -7,6 +7,7 @@ The pydantic models describe the wire format and are exported as JSON Schema int
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -198,19 +199,19 @@ def rfc3339(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def json_schemas() -> dict[str, str]:
-    """Return `{file name: JSON text}` of the exported JSON Schema of each wire-format model."""
+def json_schemas(models: Mapping[str, type[BaseModel]] = SCHEMA_MODELS) -> dict[str, str]:
+    """`{file name: JSON text}` of the JSON Schema of each of `models` (by default the wire formats)."""
     return {
         f"{name}.schema.json": json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
-        for name, model in SCHEMA_MODELS.items()
+        for name, model in models.items()
     }
 
 
-def export_json_schemas(directory: Path) -> list[Path]:
-    """Write every wire-format JSON Schema into `directory`; return the files written."""
+def export_json_schemas(directory: Path, models: Mapping[str, type[BaseModel]] = SCHEMA_MODELS) -> list[Path]:
+    """Write the JSON Schema of each of `models` into `directory`; return the files written."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for file_name, text in json_schemas().items():
+    for file_name, text in json_schemas(models).items():
         path = directory / file_name
         path.write_text(text, encoding="utf-8")
         written.append(path)

@@ -28,10 +28,10 @@ from detector.ingest.records import DeadLetter, InvalidRecord, RawRecord
 from detector.metrics import Metrics
 from detector.model import Query
 from detector.scoring.coordination import CoordinationTracker
-from detector.scoring.detector import Detector
+from detector.scoring.detector import Detector, RatioObserver
 from detector.sessions import SessionTracker
 from detector.storage import Checkpoint, DurableBatch, Store
-from detector.storage.alerts import AlertChange
+from detector.storage.alerts import AlertChange, AlertUpdate
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ Positions = dict[tuple[str, int], int]
 CommitPositions = Callable[[Mapping[tuple[str, int], int]], None]
 PublishDeadLetters = Callable[[list[DeadLetter]], None]
 OnAlerts = Callable[[list[tuple[AlertChange, Detection]]], None]
+
+# How often a pipeline with nothing to commit still resolves the alerts that have gone quiet.
+RESOLVE_INTERVAL_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,10 @@ class SessionizeStep:
 
 class DetectStep:
     """Streaming features for every query, then the rules on each client touched (the latest detection per
-    alert key is kept until the commit); the anomaly model runs on the touched clients at the commit."""
+    alert key is kept until the commit); the anomaly model runs on the touched clients at the commit.
+
+    `observe_ratio`, when set (the pipeline's metrics), is told every judged client's score/threshold.
+    """
 
     def __init__(
         self, tracker: FeatureTracker, detector: Detector, coordination: CoordinationTracker
@@ -155,6 +161,7 @@ class DetectStep:
         self.tracker = tracker
         self.detector = detector
         self.coordination = coordination
+        self.observe_ratio: RatioObserver | None = None
         self._watermark = float("-inf")
 
     def process(self, events: list[list[Query]], pending: PendingWork) -> None:
@@ -172,7 +179,7 @@ class DetectStep:
                 self._watermark = max(self._watermark, client.last_seen)
                 values = client.snapshot()
                 self.coordination.observe(key, client, values)
-                for detection in self.detector.evaluate(key, client, values):
+                for detection in self.detector.evaluate(key, client, values, observe=self.observe_ratio):
                     pending.record(detection)
 
     def at_commit(self, pending: PendingWork) -> None:
@@ -181,7 +188,7 @@ class DetectStep:
         clients = {key: client for key in pending.touched if (client := self.tracker.get(key)) is not None}
         allowed = {entry.client_id for entry in self.detector.allowlist}
         for detection in [
-            *self.detector.evaluate_anomalies(clients),
+            *self.detector.evaluate_anomalies(clients, observe=self.observe_ratio),
             *self.coordination.detections(self._watermark, allowed),
         ]:
             pending.record(detection)
@@ -202,6 +209,7 @@ class Pipeline:
         commit_positions: CommitPositions | None = None,
         publish_dead_letters: PublishDeadLetters | None = None,
         on_alerts: OnAlerts | None = None,
+        on_notifications: Callable[[], None] | None = None,
         group_id: str = "",
         keep_raw_bytes: int = 4096,
         seen_events_retention_seconds: float = 72 * 3600.0,
@@ -217,12 +225,14 @@ class Pipeline:
         self._sessionize = SessionizeStep(tracker, store)
         self.detect = detect
         self._on_alerts = on_alerts
+        self._on_notifications = on_notifications
         self._commit_positions = commit_positions
         self._publish_dead_letters = publish_dead_letters
         self._group_id = group_id
         self._retention = seen_events_retention_seconds
         self._clock = clock
         self._pending = PendingWork(since=clock())
+        self._resolved_at = clock()
 
     def submit(self, records: list[RawRecord]) -> None:
         """Process one polled batch, then commit if the policy says it is due."""
@@ -232,9 +242,14 @@ class Pipeline:
 
     def maybe_commit(self) -> bool:
         """Commit when due (call on idle polls too, so a quiet stream still commits); True if it did."""
-        if self.policy.due(self._pending.records, self._clock() - self._pending.since):
+        now = self._clock()
+        if self.policy.due(self._pending.records, now - self._pending.since):
             self.commit()
             return True
+        if now - self._resolved_at >= RESOLVE_INTERVAL_SECONDS:
+            # A quiet stream commits nothing, yet its alerts must still resolve once quiet long enough.
+            self._resolved_at = now
+            self._report(self.store.alerts.resolve_quiet(self._watermark()), [])
         return False
 
     def commit(self) -> None:
@@ -247,9 +262,8 @@ class Pipeline:
             self._publish_dead_letters(pending.dead_letters)
         self.detect.at_commit(pending)
         detections = list(pending.detections.values())
-        watermark = self.tracker.watermark
-        has_watermark = watermark != float("-inf")
-        changes = self.store.write(
+        watermark = self._watermark()
+        alerts = self.store.write(
             DurableBatch(
                 seen_events=list(pending.seen_events.items()),
                 sessions=sessions,
@@ -259,28 +273,38 @@ class Pipeline:
                     Checkpoint(self._group_id, topic, partition, offset)
                     for (topic, partition), offset in pending.positions.items()
                 ],
-                close_sessions_before=self.tracker.idle_horizon if has_watermark else None,
-                prune_seen_before=watermark - self._retention if has_watermark else None,
+                close_sessions_before=self.tracker.idle_horizon if watermark is not None else None,
+                prune_seen_before=watermark - self._retention if watermark is not None else None,
+                watermark=watermark,
             )
         )
         if self._commit_positions is not None:
             self._commit_positions(pending.positions)
         self._pending = PendingWork(since=self._clock())
-        self._report(changes, [pending.first_detections[d.dedup_key] for d in detections])
+        self._resolved_at = self._pending.since
+        self._report(alerts, [pending.first_detections[d.dedup_key] for d in detections])
         self.stats.commits += 1
         self.metrics.commits.inc()
         self.metrics.sessions_closed.inc(closed)
         self.metrics.active_sessions.set(len(self.tracker))
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
 
-    def _report(self, changes: list[AlertChange], detections: list[Detection]) -> None:
+    def _watermark(self) -> float | None:
+        watermark = self.tracker.watermark
+        return None if watermark == float("-inf") else watermark
+
+    def _report(self, alerts: AlertUpdate, detections: list[Detection]) -> None:
         # `detections` are the first of their key since the last commit: an opened alert is reported with
         # the query count and event time at which its rule fired, not those of the commit.
         opened = [
             (change, detection)
-            for change, detection in zip(changes, detections, strict=True)
+            for change, detection in zip(alerts.changes, detections, strict=True)
             if change.change == "opened"
         ]
+        for alert in alerts.resolved:
+            self.metrics.alerts_resolved.labels(kind=alert.kind.value, severity=alert.severity.value).inc()
+        if alerts.notifications and self._on_notifications is not None:
+            self._on_notifications()
         for _, detection in opened:
             self.stats.alerts_opened[detection.kind.value] += 1
             self.metrics.alerts_opened.labels(
@@ -316,3 +340,6 @@ class Pipeline:
         self.metrics.events_consumed.labels(source=records[0].origin.kind).inc(len(records))
         self.metrics.queries.inc(queries)
         self.metrics.duplicate_events.inc(duplicates)
+        self.metrics.observe_processed(
+            [event[0].timestamp for event in fresh], [record.received_at for record in records]
+        )

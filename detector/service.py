@@ -8,14 +8,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 
 import numpy as np
 import orjson
+from sqlalchemy import Engine
 
+from detector.alerts.dispatcher import Dispatcher, RetryPolicy
+from detector.alerts.lifecycle import NotificationPolicy
 from detector.alerts.model import AlertKind
+from detector.alerts.sinks import Sink, build_sinks, configured_sink_names
 from detector.features.client import FeatureTracker, TrainingIndexes, TrainingLookup
 from detector.features.embedding import ModelScale, QueryEmbedder
 from detector.ingest.decode import RecordDecoder
@@ -32,11 +36,18 @@ from detector.scoring.model import ScoringModel
 from detector.scoring.rules import load_rules
 from detector.sessions import SessionTracker
 from detector.settings import Settings
-from detector.storage import AlertStore, Store, create_engine_for, upgrade
+from detector.storage import AlertStore, OutboxStore, Store, create_engine_for, upgrade
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[list[RawRecord]], None]
+
+# How long a stopping daemon (or a finished replay) waits for due notifications to be delivered.
+DRAIN_SECONDS = 10.0
+# How often a daemon whose outbox is over its limit looks again before resuming consumption.
+BACKPRESSURE_POLL_SECONDS = 0.5
+# How often the consumer loop exports its lag (read from the last fetch: no broker round trip).
+LAG_INTERVAL_SECONDS = 1.0
 
 
 def prepare_process() -> None:
@@ -70,20 +81,62 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def open_store(settings: Settings, migrate: bool | None = None) -> Store:
-    """The store at the configured database URL, migrated to the latest schema unless told otherwise."""
+def open_engine(settings: Settings, migrate: bool | None = None) -> Engine:
+    """An engine on the configured database, migrated to the latest schema unless told otherwise."""
     engine = create_engine_for(settings.database.url.get_secret_value())
     if settings.database.migrate_on_start if migrate is None else migrate:
         upgrade(engine)
-    return Store(engine)
+    return engine
+
+
+def notification_policy(settings: Settings, sinks: Sequence[str] = ()) -> NotificationPolicy:
+    """The alert lifecycle of the settings, notifying `sinks`."""
+    return NotificationPolicy(
+        sinks=tuple(sinks),
+        renotify_seconds=settings.alerts.renotify_seconds,
+        resolve_after_seconds=settings.alerts.resolve_after_seconds,
+        dashboard_url=settings.dashboard.url,
+    )
+
+
+def open_store(settings: Settings, migrate: bool | None = None, sinks: Sequence[str] = ()) -> Store:
+    """The store at the configured database URL (see `open_engine`), its alert changes notifying `sinks`."""
+    return Store(open_engine(settings, migrate), policy=notification_policy(settings, sinks))
 
 
 def open_alert_store(settings: Settings, migrate: bool | None = None) -> AlertStore:
-    """The alert store at the configured database URL, migrated as `open_store` would migrate it."""
-    engine = create_engine_for(settings.database.url.get_secret_value())
-    if settings.database.migrate_on_start if migrate is None else migrate:
-        upgrade(engine)
-    return AlertStore(engine)
+    """The alert store at the configured database URL, notifying every configured sink."""
+    sinks = configured_sink_names(settings)
+    return AlertStore(open_engine(settings, migrate), policy=notification_policy(settings, sinks))
+
+
+@contextmanager
+def delivering(settings: Settings, sinks: list[Sink], metrics: Metrics) -> Iterator[Dispatcher | None]:
+    """A started dispatcher draining the outbox into `sinks` (None without sinks) for the block.
+
+    On the way out it is given `DRAIN_SECONDS` to deliver what is due; anything left stays in the outbox
+    for the next start.
+    """
+    if not sinks:
+        yield None
+        return
+    outbox = OutboxStore(open_engine(settings, migrate=False))
+    dispatcher = Dispatcher(
+        outbox,
+        sinks,
+        metrics,
+        retry=RetryPolicy(settings.alerts.retry_initial_seconds, settings.alerts.retry_max_seconds),
+        max_pending=settings.alerts.outbox_max_pending,
+    )
+    dispatcher.start()
+    log.info("delivering alerts to %s", ", ".join(dispatcher.sink_names))
+    try:
+        yield dispatcher
+    finally:
+        if not dispatcher.drain(DRAIN_SECONDS):
+            log.warning("notifications still pending: they are delivered at the next start")
+        dispatcher.close()
+        outbox.close()
 
 
 def load_scoring_model(settings: Settings) -> ScoringModel | None:
@@ -142,12 +195,15 @@ def build_pipeline(
     commit_positions: Callable[..., None] | None = None,
     publish_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
     on_alerts: OnAlerts | None = None,
+    on_notifications: Callable[[], None] | None = None,
     group_id: str = "",
     detect: DetectStep | None = None,
 ) -> Pipeline:
     """A pipeline configured from `settings`, writing to `store` (detection from the settings by default)."""
     if detect is None:
         detect = build_detection(settings, load_scoring_model(settings), load_training_indexes(settings))
+    detect.observe_ratio = metrics.observe_score_ratio
+    metrics.set_model(detect.detector.model.version if detect.detector.model is not None else None)
     return Pipeline(
         store=store,
         tracker=SessionTracker(
@@ -163,6 +219,7 @@ def build_pipeline(
         commit_positions=commit_positions,
         publish_dead_letters=publish_dead_letters,
         on_alerts=on_alerts,
+        on_notifications=on_notifications,
         group_id=group_id,
         keep_raw_bytes=settings.ingest.dead_letter_raw_bytes,
         seen_events_retention_seconds=settings.database.seen_events_retention_hours * 3600.0,
@@ -177,11 +234,28 @@ def replay(
     on_alerts: OnAlerts | None = None,
     detect: DetectStep | None = None,
 ) -> PipelineStats:
-    """Process JSON Lines files (or stdin, `-`) to the end, exactly as the daemon would process a topic."""
+    """Process JSON Lines files (or stdin, `-`) to the end, exactly as the daemon would process a topic,
+    alert notifications included."""
     prepare_process()
-    with open_store(settings) as store:
-        pipeline = build_pipeline(settings, store, metrics or Metrics(), on_alerts=on_alerts, detect=detect)
+    metrics = metrics or Metrics()
+    sinks = build_sinks(settings)
+    with (
+        open_store(settings, sinks=[sink.name for sink in sinks]) as store,
+        delivering(settings, sinks, metrics) as dispatcher,
+    ):
+        pipeline = build_pipeline(
+            settings,
+            store,
+            metrics,
+            on_alerts=on_alerts,
+            on_notifications=dispatcher.wake if dispatcher is not None else None,
+            detect=detect,
+        )
         for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records):
+            while dispatcher is not None and dispatcher.backlogged:
+                # A file can wait: no group membership to keep alive, unlike the daemon's consumer.
+                time.sleep(BACKPRESSURE_POLL_SECONDS)
+                metrics.backpressure_seconds.inc(BACKPRESSURE_POLL_SECONDS)
             pipeline.submit(batch)
             if progress is not None:
                 progress(batch)
@@ -234,50 +308,87 @@ def run_daemon(
 ) -> PipelineStats:
     """Consume, process and commit until `stop` is set (or, with `idle_exit_seconds`, the stream is idle).
 
-    On the way out the current batch is finished, everything pending is persisted and offsets committed.
+    Serves metrics and delivers alert notifications meanwhile. On the way out the current batch is
+    finished, everything pending is persisted and offsets committed.
     """
     prepare_process()
-    store = open_store(settings)
     metrics = metrics or Metrics()
     group = group_id or settings.kafka.group_id
-    publisher = KafkaPublisher(settings.kafka) if settings.kafka.dead_letter_topic else None
-    pipeline: Pipeline | None = None
-
-    def release() -> None:
-        if pipeline is not None:
-            pipeline.release_all()
-
-    source = KafkaSource(settings.kafka, on_revoke=release, topics=topics, group_id=group)
-    pipeline = build_pipeline(
-        settings,
-        store,
-        metrics,
-        commit_positions=source.commit,
-        publish_dead_letters=_dead_letter_publisher(publisher, settings) if publisher else None,
-        on_alerts=on_alerts,
-        group_id=group,
-    )
-    log.info("consuming %s as group %s from %s", source.topics, group, settings.kafka.bootstrap_servers)
-    last_record = time.monotonic()
-    try:
-        while not stop:
-            records = source.poll()
-            pipeline.submit(records)
-            if records or not source.assigned:
-                # Joining the group (a restarted member waits out its predecessor's session) is not idleness.
-                last_record = time.monotonic()
-                if records and progress is not None:
-                    progress(records)
-            elif idle_exit_seconds is not None and time.monotonic() - last_record > idle_exit_seconds:
-                log.info("no records for %.0f s: stopping", idle_exit_seconds)
-                break
-        pipeline.commit()
-    finally:
-        source.close()
-        store.close()
+    sinks = build_sinks(settings)
+    with ExitStack() as resources:
+        store = resources.enter_context(open_store(settings, sinks=[sink.name for sink in sinks]))
+        dispatcher = resources.enter_context(delivering(settings, sinks, metrics))
+        listen = settings.metrics.host_port
+        if listen is not None:
+            resources.callback(metrics.serve(*listen))
+        publisher = KafkaPublisher(settings.kafka) if settings.kafka.dead_letter_topic else None
         if publisher is not None:
-            publisher.close()
+            resources.callback(publisher.close)
+        pipeline: Pipeline | None = None
+
+        def release() -> None:
+            if pipeline is not None:
+                pipeline.release_all()
+
+        source = KafkaSource(settings.kafka, on_revoke=release, topics=topics, group_id=group)
+        resources.callback(source.close)
+        pipeline = build_pipeline(
+            settings,
+            store,
+            metrics,
+            commit_positions=source.commit,
+            publish_dead_letters=_dead_letter_publisher(publisher, settings) if publisher else None,
+            on_alerts=on_alerts,
+            on_notifications=dispatcher.wake if dispatcher is not None else None,
+            group_id=group,
+        )
+        log.info("consuming %s as group %s from %s", source.topics, group, settings.kafka.bootstrap_servers)
+        _consume(source, pipeline, stop, dispatcher, idle_exit_seconds, progress)
+        pipeline.commit()
     return pipeline.stats
+
+
+def _consume(
+    source: KafkaSource,
+    pipeline: Pipeline,
+    stop: StopFlag,
+    dispatcher: Dispatcher | None,
+    idle_exit_seconds: float | None,
+    progress: Progress | None,
+) -> None:
+    """The consumer loop: poll, process, commit when due; hold consumption while the outbox is full."""
+    metrics = pipeline.metrics
+    last_record = time.monotonic()
+    held = False
+    lag_observed = float("-inf")
+    while not stop:
+        backlogged = dispatcher is not None and dispatcher.backlogged
+        if backlogged != held:
+            held = backlogged
+            source.hold(held)
+            metrics.outbox_backpressure.set(1 if held else 0)
+            if held:
+                log.warning("more undelivered notifications than the outbox limit: consumption held")
+            else:
+                log.info("outbox back under its limit: consumption resumed")
+        polled_at = time.monotonic()
+        records = source.poll()
+        if held:
+            source.hold(True)  # partitions assigned by a rebalance meanwhile start unpaused
+            metrics.backpressure_seconds.inc(time.monotonic() - polled_at)
+        pipeline.submit(records)
+        if polled_at - lag_observed >= LAG_INTERVAL_SECONDS:
+            lag_observed = polled_at
+            metrics.observe_lag(source.lag())
+        if records or not source.assigned or held:
+            # Joining the group (a restarted member waits out its predecessor's session) is not idleness,
+            # and neither is waiting for the sinks.
+            last_record = time.monotonic()
+            if records and progress is not None:
+                progress(records)
+        elif idle_exit_seconds is not None and time.monotonic() - last_record > idle_exit_seconds:
+            log.info("no records for %.0f s: stopping", idle_exit_seconds)
+            break
 
 
 def _dead_letter_publisher(

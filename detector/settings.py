@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -99,6 +99,93 @@ class DetectionSettings(BaseModel):
     allowlist: list[AllowlistEntry] = Field(default_factory=list)
 
 
+class AlertSettings(BaseModel):
+    """The alert lifecycle and how notifications are delivered from the outbox."""
+
+    model_config = _GROUP
+    # An alert without a new detection for this long (event time, or wall time when the stream stops) is
+    # resolved.
+    resolve_after_seconds: float = Field(default=1800.0, gt=0)
+    # An open alert with new evidence but no higher severity notifies again at most this often.
+    renotify_seconds: float = Field(default=900.0, gt=0)
+    # Undelivered notifications beyond which consumption pauses until the sinks catch up.
+    outbox_max_pending: int = Field(default=10_000, ge=1)
+    retry_initial_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+class AlertmanagerSettings(BaseModel):
+    """Prometheus Alertmanager (`MIA_ALERTMANAGER_URL`, e.g. http://alertmanager:9093)."""
+
+    model_config = _GROUP
+    url: SecretStr | None = None
+
+
+class PagerDutySettings(BaseModel):
+    """PagerDuty Events API v2 (`MIA_PAGERDUTY_ROUTING_KEY`, `MIA_PAGERDUTY_URL`)."""
+
+    model_config = _GROUP
+    routing_key: SecretStr | None = None
+    url: str = "https://events.pagerduty.com/v2/enqueue"
+
+
+class SlackSettings(BaseModel):
+    """A Slack incoming webhook (`MIA_SLACK_WEBHOOK_URL`; the URL is the secret)."""
+
+    model_config = _GROUP
+    webhook_url: SecretStr | None = None
+
+
+class WebhookSettings(BaseModel):
+    """A generic JSON webhook (`MIA_WEBHOOK_URL`, `MIA_WEBHOOK_SECRET`, `MIA_WEBHOOK_HEADERS` as JSON)."""
+
+    model_config = _GROUP
+    url: SecretStr | None = None
+    secret: SecretStr | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class OcsfSettings(BaseModel):
+    """OCSF Detection Findings for a SIEM: a JSON Lines file and/or a Kafka topic (`MIA_OCSF_FILE`,
+    `MIA_OCSF_TOPIC`; the topic is written through the `kafka` settings' brokers)."""
+
+    model_config = _GROUP
+    file: Path | None = None
+    topic: str | None = None
+
+
+class DashboardSettings(BaseModel):
+    """Where responders look (`MIA_DASHBOARD_URL`): notifications link to it."""
+
+    model_config = _GROUP
+    url: str | None = None
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint of `mia-detector run` (`MIA_METRICS_ADDR`, host:port; empty turns it off)."""
+
+    model_config = _GROUP
+    addr: str = "127.0.0.1:9108"
+
+    @field_validator("addr")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port such as 127.0.0.1:9108, got {value!r}")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when metrics are turned off."""
+        if not self.addr:
+            return None
+        host, _, port = self.addr.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class LogSettings(BaseModel):
     """How the daemon logs: human-readable lines or one JSON object a line."""
 
@@ -124,6 +211,14 @@ class Settings(BaseSettings):
     commit: CommitSettings = Field(default_factory=CommitSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    alertmanager: AlertmanagerSettings = Field(default_factory=AlertmanagerSettings)
+    pagerduty: PagerDutySettings = Field(default_factory=PagerDutySettings)
+    slack: SlackSettings = Field(default_factory=SlackSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    ocsf: OcsfSettings = Field(default_factory=OcsfSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     # Fixed names operators' manifests rely on: MIA_MODEL_PATH, MIA_TRAINING_INDEX, MIA_TRAINING_INDEX_KEY.
     model_path: Path | None = None
     training_index: Path | None = None
@@ -133,6 +228,8 @@ class Settings(BaseSettings):
         """The effective configuration as plain data, with every secret (and database password) masked."""
         data = self.model_dump(mode="json")
         data["database"]["url"] = _mask_url_password(self.database.url.get_secret_value())
+        # Webhook headers usually carry credentials (Authorization, API keys).
+        data["webhook"]["headers"] = dict.fromkeys(self.webhook.headers, "**********")
         return data
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import uuid
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
 
+import pytest
+
+from detector.alerts.model import AlertKind, AlertStatus, Severity
+from detector.alerts.notification import AlertReason, AlertSnapshot, Notification, NotificationEvent
 from detector.broker import EmbeddedBroker
 from detector.settings import Settings, load_settings
 
@@ -27,4 +33,66 @@ def make_settings(
         kafka["bootstrap_servers"] = broker.bootstrap_servers
     kafka.update(groups.pop("kafka", {}))
     commit = {"min_records": 500, "min_interval_seconds": 0.5} | groups.pop("commit", {})
-    return load_settings(None, database={"url": database_url}, kafka=kafka, commit=commit, **groups)
+    # No metrics endpoint unless a test asks for one: tests must not compete for a fixed port.
+    metrics = {"addr": ""} | groups.pop("metrics", {})
+    return load_settings(
+        None, database={"url": database_url}, kafka=kafka, commit=commit, metrics=metrics, **groups
+    )
+
+
+def make_notification(
+    event: NotificationEvent = NotificationEvent.OPENED,
+    *,
+    alert_id: int = 7,
+    sequence: int = 1,
+    severity: Severity = Severity.HIGH,
+    previous_severity: Severity | None = None,
+    client_ids: tuple[str, ...] = ("client-17",),
+    kind: AlertKind = AlertKind.TRAINING_SET_TARGETING,
+    dashboard_url: str | None = "https://grafana.example/d/mia-client?var-client=client-17",
+) -> Notification:
+    """A realistic notification of one alert (resolved ones carry `resolved_at`)."""
+    now = datetime.now(UTC)
+    resolved = event is NotificationEvent.RESOLVED
+    alert = AlertSnapshot(
+        id=alert_id,
+        dedup_key=f"credit-risk|{','.join(client_ids)}|{kind.value}",
+        model="credit-risk",
+        client_ids=list(client_ids),
+        kind=kind,
+        severity=severity,
+        status=AlertStatus.RESOLVED if resolved else AlertStatus.OPEN,
+        rule_id="MIA-003",
+        score=0.42,
+        threshold=0.1,
+        reasons=[
+            AlertReason(feature="training_hit_rate", value=0.42, baseline_percentile=100.0),
+            AlertReason(feature="distinct_training_hits", value=57.0, baseline_percentile=99.9),
+            AlertReason(feature="queries", value=136.0),
+        ],
+        evidence=[f"evt-{i:04d}" for i in range(5)],
+        atlas_technique="AML.T0024",
+        triage="client queried 57 distinct training records",
+        first_seen=now - timedelta(minutes=20),
+        last_seen=now - timedelta(minutes=1),
+        raised_at=now - timedelta(minutes=15),
+        resolved_at=now if resolved else None,
+        queries=136,
+    )
+    return Notification(
+        idempotency_key=f"mia-{alert_id}-{sequence}",
+        event=event,
+        created_at=now,
+        alert=alert,
+        previous_severity=previous_severity,
+        dashboard_url=dashboard_url,
+    )
+
+
+def missing_tool(what: str) -> NoReturn:
+    """Skip the test on a developer's machine without `what`; fail it in CI, where everything is installed
+    (`.ci/run`), so that a missing install step cannot pass as a green run."""
+    message = f"{what} is not installed (apt-get install prometheus prometheus-alertmanager)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

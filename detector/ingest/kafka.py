@@ -99,6 +99,33 @@ class KafkaSource:
         """True once the group has given this consumer at least one partition."""
         return bool(self._consumer.assignment())
 
+    def hold(self, held: bool) -> None:
+        """Stop (True) or resume (False) fetching from the assigned partitions (back-pressure).
+
+        `poll` must still be called meanwhile: it keeps the consumer in its group and returns nothing.
+        """
+        if held:
+            self._consumer.pause(*self._consumer.assignment())
+        else:
+            self._consumer.resume(*self._consumer.paused())
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Records behind the high watermark per assigned partition, as of the consumer's last fetch.
+
+        No broker round trip: the high watermark comes with every fetch response. Partitions not fetched
+        yet are left out. (Some brokers, tansu among them, report a high watermark below the true end.)
+        """
+        lag: dict[tuple[str, int], int] = {}
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            # A fetched partition has its position; timeout 0 keeps a lookup that is still due from blocking.
+            position = self._consumer.position(tp, timeout_ms=0)
+            if position is not None:
+                lag[(tp.topic, tp.partition)] = max(highwater - position, 0)
+        return lag
+
     def commit(self, positions: Mapping[tuple[str, int], int]) -> None:
         """Commit `positions` (next offsets) synchronously; a no-op when empty."""
         if positions:

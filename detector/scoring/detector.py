@@ -7,7 +7,7 @@ loaded) and turns what crosses it into a `Detection` with its reasons and eviden
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from detector.alerts.model import AlertKind, Detection, Reason, Severity
@@ -23,6 +23,8 @@ EVIDENCE_KINDS: dict[AlertKind, tuple[str, ...]] = {
     AlertKind.ANOMALOUS_SESSION: ("flip", "variant", "training", "confidence"),
 }
 ANOMALY_MIN_QUERIES = 20  # the forest judges behaviour, and a handful of queries shows none
+# Told, for every client judged, how its score compares with the threshold: (kind, score / threshold).
+RatioObserver = Callable[[AlertKind, float], None]
 ANOMALY_TRIAGE = (
     "The client's traffic is unlike any baseline client's in the combination of features listed; no single "
     "rule fired. Read the top reasons, then the client's sessions and evidence events."
@@ -67,16 +69,26 @@ class Detector:
         return any(entry.covers(client_id, kind) for entry in self.allowlist)
 
     def evaluate(
-        self, key: ClientKey, client: ClientFeatures, values: dict[str, float] | None = None
+        self,
+        key: ClientKey,
+        client: ClientFeatures,
+        values: dict[str, float] | None = None,
+        *,
+        observe: RatioObserver | None = None,
     ) -> list[Detection]:
         """The rule detections for one client now, one per alert kind (the rule furthest above its threshold
         speaks for the kind); empty when nothing crosses a threshold. `values` is the client's snapshot,
-        taken here unless the caller already has it."""
+        taken here unless the caller already has it. `observe`, if given, is told each kind's highest
+        score/threshold ratio (0 when no rule of the kind applies), allow-listed or not."""
         values = values if values is not None else client.snapshot()
         detections: dict[AlertKind, Detection] = {}
+        ratios: dict[AlertKind, float] = {}
         for rule in self.rules:
             score = values.get(rule.score, 0.0)
             threshold = self.threshold(rule)
+            if observe is not None:
+                ratio = _excess(score, threshold) if rule.applies(values) else 0.0
+                ratios[rule.kind] = max(ratios.get(rule.kind, 0.0), ratio)
             if score < threshold or not rule.applies(values) or self.allowed(key[1], rule.kind):
                 continue
             current = detections.get(rule.kind)
@@ -94,10 +106,16 @@ class Detector:
                 rule.triage,
                 rule.atlas,
             )
+        if observe is not None:
+            for kind, ratio in ratios.items():
+                observe(kind, ratio)
         return list(detections.values())
 
-    def evaluate_anomalies(self, clients: dict[ClientKey, ClientFeatures]) -> list[Detection]:
-        """Anomalous-session detections for `clients`, scored in one micro-batch."""
+    def evaluate_anomalies(
+        self, clients: dict[ClientKey, ClientFeatures], *, observe: RatioObserver | None = None
+    ) -> list[Detection]:
+        """Anomalous-session detections for `clients`, scored in one micro-batch (`observe` as in
+        `evaluate`, for each client scored)."""
         model = self.model
         if model is None or model.forest is None:
             return []
@@ -109,6 +127,8 @@ class Detector:
         for (key, client), values, score in zip(
             eligible, snapshots, model.anomaly_scores(snapshots), strict=True
         ):
+            if observe is not None:
+                observe(AlertKind.ANOMALOUS_SESSION, _excess(float(score), model.forest_threshold))
             if score < model.forest_threshold or self.allowed(key[1], AlertKind.ANOMALOUS_SESSION):
                 continue
             unusual = sorted(values, key=lambda name: -(model.percentile(name, values[name]) or 0.0))[:5]

@@ -1,4 +1,5 @@
-"""Alerts in the database: detections become open alerts, one per dedup key, updated while they stay open.
+"""Alerts in the database: detections become open alerts, one per dedup key, updated while they stay open,
+resolved when quiet; every change that calls for a notification queues it in the outbox, atomically.
 
 `AlertStore.upsert` can join the caller's transaction, so the pipeline stores alerts atomically with the
 results they were derived from.
@@ -7,19 +8,30 @@ results they were derived from.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import Engine, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
+from detector.alerts.lifecycle import (
+    NotificationPolicy,
+    NotificationState,
+    build_notification,
+    change_event,
+    silenced_by,
+)
 from detector.alerts.model import AlertKind, AlertStatus, Detection, Reason, Severity
+from detector.alerts.notification import AlertReason, AlertSnapshot, Notification, NotificationEvent
 from detector.storage.base import Repository
+from detector.storage.outbox import enqueue
+from detector.storage.silences import active_silences
 from detector.storage.tables import OPEN_ALERT_CONDITION, AlertRow
 
 # Keys per IN list: far below every backend's bound-parameter limit, large enough to need few statements.
@@ -48,6 +60,16 @@ class AlertChange:
     change: Change
 
 
+@dataclass
+class AlertUpdate:
+    """What one transaction did to the alerts: the detections' changes, the alerts resolved, and the
+    notifications queued in the outbox for them."""
+
+    changes: list[AlertChange] = field(default_factory=list)
+    resolved: list[StoredAlert] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class StoredAlert:
     """An alert as stored. `first_seen` and `last_seen` are event time; every datetime is aware UTC."""
@@ -74,6 +96,34 @@ class StoredAlert:
     resolved_at: datetime | None
     queries: int
     updates: int
+    acknowledged_at: datetime | None = None
+    notified_at: datetime | None = None
+    notified_severity: Severity | None = None
+
+    def snapshot(self) -> AlertSnapshot:
+        """The alert as a notification carries it."""
+        return AlertSnapshot(
+            id=self.id,
+            dedup_key=self.dedup_key,
+            model=self.model,
+            client_ids=list(self.client_ids),
+            kind=self.kind,
+            severity=self.severity,
+            status=self.status,
+            rule_id=self.rule_id,
+            score=self.score,
+            threshold=self.threshold,
+            reasons=[AlertReason(**vars(reason)) for reason in self.reasons],
+            evidence=list(self.evidence),
+            atlas_technique=self.atlas_technique,
+            triage=self.triage,
+            first_seen=self.first_seen,
+            last_seen=self.last_seen,
+            raised_at=self.raised_at,
+            resolved_at=self.resolved_at,
+            acknowledged_at=self.acknowledged_at,
+            queries=self.queries,
+        )
 
     def as_detection(self) -> Detection:
         """The alert as the one detection that all its detections combine into."""
@@ -99,7 +149,18 @@ class AlertStore(Repository):
     """Reads and writes the `alerts` table on SQLite or PostgreSQL (migrated to head beforehand).
 
     `clock` returns the current time in epoch seconds; it stamps `raised_at`, `updated_at` and `resolved_at`.
+    `policy` says which sinks alert changes notify (none by default) and when an alert is quiet.
     """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+        policy: NotificationPolicy | None = None,
+    ) -> None:
+        super().__init__(engine, clock=clock)
+        self._policy = policy or NotificationPolicy()
 
     def upsert(
         self, detections: Sequence[Detection], connection: Connection | None = None
@@ -121,7 +182,7 @@ class AlertStore(Repository):
             return []
         now = _utc(self._clock())
         with self._transaction(connection) as transaction:
-            _lock_sqlite(transaction)
+            lock_sqlite(transaction)
             changes = self._apply(transaction, pending, now)
         return [changes[detection.dedup_key] for detection in detections]
 
@@ -152,18 +213,116 @@ class AlertStore(Repository):
         with self._engine.connect() as connection:
             return [_stored_alert(row) for row in connection.execute(query)]
 
-    def resolve_idle(self, before: float) -> int:
-        """Resolve the open alerts last seen before `before` (event time, epoch seconds); return how many."""
+    def record(
+        self,
+        connection: Connection,
+        detections: Sequence[Detection],
+        watermark: float | None = None,
+    ) -> AlertUpdate:
+        """In the caller's transaction: upsert `detections`, resolve quiet alerts, queue notifications.
+
+        An alert is quiet when its last detection is the quiet period older than the `watermark` (event
+        time, epoch seconds; the newest event time of the stream), or when it has not changed for the
+        quiet period of wall time. Notifications follow `detector.alerts.lifecycle` and the policy's sinks.
+        """
+        update_ = AlertUpdate(changes=self.upsert(detections, connection) if detections else [])
         now = _utc(self._clock())
-        statement = (
-            update(AlertRow)
-            .where(AlertRow.status == AlertStatus.OPEN, AlertRow.last_seen < _utc(before))
-            .values(status=AlertStatus.RESOLVED, resolved_at=now, updated_at=now)
-        )
+        changed = [change.alert_id for change in update_.changes if change.change != Change.UNCHANGED]
+        notify = bool(self._policy.sinks)
+        if notify and changed:
+            silences = active_silences(connection, now)
+            for alert in _alerts_by_id(connection, changed):
+                snapshot = alert.snapshot()
+                state = NotificationState(alert.notified_at, alert.notified_severity)
+                event = change_event(snapshot, state, now, self._policy)
+                if event is None or silenced_by(snapshot, silences) is not None:
+                    continue
+                update_.notifications.append(
+                    build_notification(event, snapshot, now, self._policy, alert.notified_severity)
+                )
+        update_.resolved = self._resolve_quiet(connection, now, watermark)
+        if notify:
+            update_.notifications.extend(
+                build_notification(NotificationEvent.RESOLVED, alert.snapshot(), now, self._policy)
+                for alert in update_.resolved
+                if alert.notified_at is not None
+            )
+            self._queue(connection, update_.notifications, now)
+        return update_
+
+    def resolve_quiet(self, watermark: float | None = None) -> AlertUpdate:
+        """`record` without detections, in a transaction of its own: resolves the quiet alerts."""
         with self._engine.begin() as connection:
-            return connection.execute(statement).rowcount
+            lock_sqlite(connection)
+            return self.record(connection, [], watermark)
+
+    def acknowledge(self, alert_id: int) -> AlertUpdate:
+        """Mark open alert `alert_id` acknowledged and notify it (if it was notified); raises `LookupError`
+        when there is no such open alert."""
+        return self._operate(alert_id, NotificationEvent.ACKNOWLEDGED, {"acknowledged_at": ...})
+
+    def resolve(self, alert_id: int) -> AlertUpdate:
+        """Resolve open alert `alert_id` now and notify it (if it was notified); raises `LookupError` when
+        there is no such open alert."""
+        return self._operate(
+            alert_id,
+            NotificationEvent.RESOLVED,
+            {"status": AlertStatus.RESOLVED.value, "resolved_at": ...},
+        )
 
     # -- internals ---------------------------------------------------------------------------------------
+
+    def _operate(self, alert_id: int, event: NotificationEvent, values: dict[str, Any]) -> AlertUpdate:
+        """Set `values` (`...` standing for now) on open alert `alert_id` and notify `event` if notified."""
+        now = _utc(self._clock())
+        stamped = {name: now if value is ... else value for name, value in values.items()}
+        with self._engine.begin() as connection:
+            lock_sqlite(connection)
+            found = connection.execute(
+                update(AlertRow)
+                .where(AlertRow.id == alert_id, AlertRow.status == AlertStatus.OPEN)
+                .values(**stamped, updated_at=now)
+                .returning(AlertRow.id)
+            ).first()
+            if found is None:
+                raise LookupError(f"no open alert with id {alert_id}")
+            (alert,) = _alerts_by_id(connection, [alert_id])
+            outcome = AlertUpdate(resolved=[alert] if event is NotificationEvent.RESOLVED else [])
+            if self._policy.sinks and alert.notified_at is not None:
+                outcome.notifications.append(build_notification(event, alert.snapshot(), now, self._policy))
+                self._queue(connection, outcome.notifications, now)
+        return outcome
+
+    def _resolve_quiet(
+        self, connection: Connection, now: datetime, watermark: float | None
+    ) -> list[StoredAlert]:
+        quiet_period = self._policy.resolve_after_seconds
+        quiet = AlertRow.updated_at < now - timedelta(seconds=quiet_period)
+        if watermark is not None:
+            quiet = or_(quiet, AlertRow.last_seen < _utc(watermark - quiet_period))
+        resolved_ids = list(
+            connection.execute(
+                update(AlertRow)
+                .where(AlertRow.status == AlertStatus.OPEN, quiet)
+                .values(status=AlertStatus.RESOLVED.value, resolved_at=now, updated_at=now)
+                .returning(AlertRow.id)
+            ).scalars()
+        )
+        return _alerts_by_id(connection, resolved_ids)
+
+    def _queue(self, connection: Connection, notifications: list[Notification], now: datetime) -> None:
+        """Put `notifications` in the outbox and remember, per alert, what was last notified."""
+        if not notifications:
+            return
+        enqueue(connection, notifications, self._policy.sinks, now)
+        latest = {notification.alert.id: notification.alert.severity for notification in notifications}
+        connection.execute(
+            update(AlertRow).where(AlertRow.id == bindparam("alert_id")),
+            [
+                {"alert_id": alert_id, "notified_at": now, "notified_severity": severity.value}
+                for alert_id, severity in latest.items()
+            ],
+        )
 
     @contextmanager
     def _transaction(self, connection: Connection | None) -> Iterator[Connection]:
@@ -210,7 +369,18 @@ class AlertStore(Repository):
         return {key: alert_id for key, alert_id in connection.execute(statement, rows)}
 
 
-def _lock_sqlite(connection: Connection) -> None:
+def _alerts_by_id(connection: Connection, alert_ids: list[int]) -> list[StoredAlert]:
+    """The alerts of `alert_ids`, in id order."""
+    found: list[StoredAlert] = []
+    for start in range(0, len(alert_ids), _CHUNK):
+        chunk = alert_ids[start : start + _CHUNK]
+        query = select(_ALERTS).where(AlertRow.id.in_(chunk))
+        found.extend(_stored_alert(row) for row in connection.execute(query))
+    return sorted(found, key=lambda alert: alert.id)
+
+
+def lock_sqlite(connection: Connection) -> None:
+    """On SQLite, take the database's write lock now, at the start of the transaction."""
     # pysqlite begins a transaction only at the first write, so another writer could change an alert between
     # this transaction reading it and writing it back: take SQLite's write lock before reading. (PostgreSQL
     # locks the rows read instead, with FOR UPDATE.)
@@ -287,6 +457,9 @@ def _new_row(key: str, detection: Detection, now: datetime) -> dict[str, Any]:
         "updated_at": now,
         "resolved_at": None,
         "updates": 0,
+        "acknowledged_at": None,
+        "notified_at": None,
+        "notified_severity": None,
     }
 
 
@@ -314,6 +487,9 @@ def _stored_alert(row: Row[Any]) -> StoredAlert:
         resolved_at=row.resolved_at,
         queries=row.queries,
         updates=row.updates,
+        acknowledged_at=row.acknowledged_at,
+        notified_at=row.notified_at,
+        notified_severity=Severity(row.notified_severity) if row.notified_severity else None,
     )
 
 

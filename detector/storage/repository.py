@@ -18,10 +18,11 @@ from sqlalchemy import Engine, delete, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
+from detector.alerts.lifecycle import NotificationPolicy
 from detector.alerts.model import Detection
 from detector.ingest.records import DeadLetter
 from detector.sessions import SessionKey, SessionState, SessionStatus
-from detector.storage.alerts import AlertChange, AlertStore
+from detector.storage.alerts import AlertStore, AlertUpdate, lock_sqlite
 from detector.storage.base import Repository
 from detector.storage.tables import Base, CheckpointRow, DeadLetterRow, SeenEventRow, SessionRow
 
@@ -49,7 +50,9 @@ class DurableBatch:
 
     `seen_events` pairs each event id with its event time (epoch seconds). `close_sessions_before` closes
     stored open sessions whose last query is older (epoch seconds); `prune_seen_before` forgets seen events
-    older than that event time. `detections` open or update alerts (see `AlertStore.upsert`).
+    older than that event time. `detections` open or update alerts, and alerts quiet for long enough
+    before the `watermark` (the stream's event time) are resolved, with their notifications (see
+    `AlertStore.record`).
     """
 
     seen_events: list[tuple[str, float]] = field(default_factory=list)
@@ -59,6 +62,7 @@ class DurableBatch:
     detections: list[Detection] = field(default_factory=list)
     close_sessions_before: float | None = None
     prune_seen_before: float | None = None
+    watermark: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,15 @@ class Store(Repository):
     `clock` returns the current time in epoch seconds; it stamps `updated_at`, `created_at` and `seen_at`.
     """
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+        policy: NotificationPolicy | None = None,
+    ) -> None:
         super().__init__(engine, clock=clock)
-        self._alerts = AlertStore(engine, clock=clock)
+        self.alerts = AlertStore(engine, clock=clock, policy=policy)
 
     # -- pipeline ----------------------------------------------------------------------------------------
 
@@ -129,8 +139,9 @@ class Store(Repository):
                 latest.extend(_session_state(row) for row in rows)
         return latest
 
-    def write(self, batch: DurableBatch) -> list[AlertChange]:
-        """Store `batch` in one transaction: all of it or, on error, none of it; return the alert changes.
+    def write(self, batch: DurableBatch) -> AlertUpdate:
+        """Store `batch` in one transaction: all of it or, on error, none of it; return what happened to
+        the alerts.
 
         Seen events and dead letters already stored are kept as they are; sessions (by id) and checkpoints
         (by group, topic and partition) are overwritten. Stale open sessions are then closed and old seen
@@ -139,7 +150,8 @@ class Store(Repository):
         """
         now = _utc(self._clock())
         with self._engine.begin() as connection:
-            changes = self._alerts.upsert(batch.detections, connection) if batch.detections else []
+            lock_sqlite(connection)
+            alerts = self.alerts.record(connection, batch.detections, batch.watermark)
             self._insert_seen_events(connection, batch.seen_events, now)
             self._upsert_sessions(connection, batch.sessions, now)
             self._insert_dead_letters(connection, batch.dead_letters, now)
@@ -157,7 +169,7 @@ class Store(Repository):
                 connection.execute(
                     delete(SeenEventRow).where(SeenEventRow.event_time < _utc(batch.prune_seen_before))
                 )
-        return changes
+        return alerts
 
     # -- command line ------------------------------------------------------------------------------------
 

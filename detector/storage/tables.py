@@ -1,4 +1,5 @@
-"""The database schema: sessions, dead letters, consumer checkpoints, the seen-event ledger and alerts.
+"""The database schema: sessions, dead letters, checkpoints, the seen-event ledger, alerts, silences and
+the notification outbox.
 
 Column lengths follow the input contract in `detector.model` (model and client ids up to 256 characters, ...)
 so that a record the decoder accepted can always be stored, also on PostgreSQL where lengths are enforced.
@@ -214,6 +215,11 @@ class AlertRow(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     queries: Mapped[int] = mapped_column(BigInteger)
     updates: Mapped[int] = mapped_column(Integer)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The last notification written for the alert: when (wall time) and at which severity; null until the
+    # first (an alert opened under a silence has none).
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    notified_severity: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (
         # Never two open alerts for one key, even from concurrent writers; also finds a key's open alert.
@@ -228,4 +234,57 @@ class AlertRow(Base):
         Index(None, "status", "raised_at"),
         Index(None, "client_id"),
         Index(None, "kind"),
+    )
+
+
+class SilenceRow(Base):
+    """An operator's silence: alerts it matches raise no notifications until `expires_at`.
+
+    Each of `client_id`, `model`, `kind` and `rule_id` that is set must match; at least one is set.
+    """
+
+    __tablename__ = "silences"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    client_id: Mapped[str | None] = mapped_column(String(256))
+    model: Mapped[str | None] = mapped_column(String(256))
+    kind: Mapped[str | None] = mapped_column(String(64))
+    rule_id: Mapped[str | None] = mapped_column(String(256))
+    reason: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class NotificationRow(Base):
+    """The outbox: one row per notification and sink, written in the transaction of the alert change.
+
+    `status` is pending until the sink accepted it (delivered) or rejected it as invalid (failed); a pending
+    row is tried again at `next_attempt_at`.
+    """
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    alert_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    sink: Mapped[str] = mapped_column(String(32))
+    idempotency_key: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # A notification is queued once per sink.
+        Index(None, "idempotency_key", "sink", unique=True),
+        # A sink's queue, in order.
+        Index(None, "sink", "status", "id"),
     )

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from detector.alerts import MAX_EVIDENCE, AlertKind, AlertStatus, Detection, Reason, Severity
+from detector.alerts.lifecycle import NotificationPolicy
 from detector.storage import AlertChange, AlertStore, Change, create_engine_for, upgrade
 from detector.storage.tables import AlertRow
 
@@ -53,6 +54,10 @@ def detection(
         queries=queries,
         triage="Check whether the client pulls full probability vectors for many distinct inputs.",
     )
+
+
+# The default quiet period after which an alert resolves.
+QUIET = NotificationPolicy().resolve_after_seconds
 
 
 @pytest.fixture
@@ -276,7 +281,7 @@ def test_a_detection_after_the_alert_was_resolved_opens_a_new_alert(
 ) -> None:
     [first] = alerts.upsert([detection(last_seen=START + 60)])
     clock.now += 3600
-    assert alerts.resolve_idle(before=START + 61) == 1
+    assert len(alerts.resolve_quiet().resolved) == 1  # an hour without change: quiet in wall time
 
     [second] = alerts.upsert([detection(first_seen=START + 7200, last_seen=START + 7260)])
 
@@ -314,21 +319,21 @@ def test_a_schema_refusing_new_alerts_fails_loudly_instead_of_retrying_forever(
         connection.exec_driver_sql("DROP INDEX uq_alerts_open_dedup_key")
         connection.exec_driver_sql("CREATE UNIQUE INDEX uq_alerts_open_dedup_key ON alerts (dedup_key)")
     alerts.upsert([detection(last_seen=START + 60)])
-    alerts.resolve_idle(before=START + 61)
+    alerts.resolve_quiet(watermark=START + 61 + QUIET)
 
     with pytest.raises(RuntimeError, match="partial index"):
         alerts.upsert([detection(last_seen=START + 120)])
 
 
-def test_resolve_idle_resolves_open_alerts_last_seen_before_the_horizon(
+def test_resolve_quiet_resolves_open_alerts_last_seen_a_quiet_period_before_the_watermark(
     alerts: AlertStore, clock: FakeClock
 ) -> None:
     alerts.upsert([detection("idle", last_seen=START + 100), detection("edge", last_seen=START + 200)])
     alerts.upsert([detection("busy", last_seen=START + 300)])
     clock.now += 10
 
-    assert alerts.resolve_idle(before=START + 200) == 1
-    assert alerts.resolve_idle(before=START + 200) == 0
+    assert [a.client_id for a in alerts.resolve_quiet(watermark=START + 200 + QUIET).resolved] == ["idle"]
+    assert alerts.resolve_quiet(watermark=START + 200 + QUIET).resolved == []
 
     statuses = {alert.client_id: alert.status for alert in alerts.list_alerts()}
     assert statuses == {"idle": AlertStatus.RESOLVED, "edge": AlertStatus.OPEN, "busy": AlertStatus.OPEN}
@@ -441,7 +446,7 @@ def populated(sqlite_url: str) -> str:
         store = AlertStore(engine, clock=clock)
         store.upsert([detection("client-z", severity=Severity.LOW, last_seen=START + 60)])
         clock.now += 120
-        store.resolve_idle(before=START + 61)
+        store.resolve_quiet(watermark=START + 61 + QUIET)
         store.upsert(
             [
                 detection(

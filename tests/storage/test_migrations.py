@@ -20,7 +20,15 @@ from detector.storage import create_engine_for, current_revision, database, head
 from detector.storage.database import MIGRATIONS_DIR, alembic_config
 from detector.storage.tables import Base
 
-TABLES = {"sessions", "dead_letters", "consumer_checkpoints", "seen_events", "alerts"}
+TABLES = {
+    "sessions",
+    "dead_letters",
+    "consumer_checkpoints",
+    "seen_events",
+    "alerts",
+    "silences",
+    "notifications",
+}
 
 
 def schema_differences(engine: Engine, metadata: MetaData) -> list[Any]:
@@ -33,8 +41,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0002"
-    assert current_revision(engine) == "0002"
+    assert head_revision() == "0003"
+    assert current_revision(engine) == "0003"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 

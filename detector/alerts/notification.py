@@ -1,0 +1,114 @@
+"""What the outbox holds and every sink receives: one state change of one alert, as a `Notification`.
+
+The payload is a snapshot of the alert when it changed, so a notification delivered an hour late (its sink
+was down) still says what was true then. Its JSON Schema is exported to `schemas/` for webhook consumers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from urllib.parse import urlencode
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from detector.alerts.model import AlertKind, AlertStatus, Severity
+
+PRODUCT = "mia-detector"
+
+
+class NotificationEvent(StrEnum):
+    """The state change a notification reports."""
+
+    OPENED = "opened"  # a new alert
+    UPDATED = "updated"  # new evidence on an open alert (at most once per renotify interval)
+    ESCALATED = "escalated"  # its severity was raised
+    ACKNOWLEDGED = "acknowledged"  # a responder took it (`mia-detector alerts acknowledge`)
+    RESOLVED = "resolved"  # quiet for the configured period, or resolved by hand
+    TEST = "test"  # `mia-detector alerts test`: proves the sink works, reports no attack
+
+
+class AlertReason(BaseModel):
+    """One line of the explanation: a feature's value and its percentile among baseline clients."""
+
+    model_config = ConfigDict(frozen=True)
+    feature: str
+    value: float
+    baseline_percentile: float | None = None
+
+
+class AlertSnapshot(BaseModel):
+    """An alert as it stood when the notification was written. Times are aware UTC datetimes."""
+
+    model_config = ConfigDict(frozen=True)
+    id: int
+    dedup_key: str
+    model: str
+    client_ids: list[str] = Field(min_length=1)
+    kind: AlertKind
+    severity: Severity
+    status: AlertStatus
+    rule_id: str
+    score: float
+    threshold: float
+    reasons: list[AlertReason]
+    evidence: list[str] = Field(description="event ids of the newest queries behind the alert")
+    atlas_technique: str
+    triage: str = ""
+    first_seen: datetime = Field(description="event time of the first query of the behaviour")
+    last_seen: datetime = Field(description="event time of the latest query of the behaviour")
+    raised_at: datetime
+    resolved_at: datetime | None = None
+    acknowledged_at: datetime | None = None
+    queries: int = Field(ge=0)
+
+    @property
+    def client_id(self) -> str:
+        """The primary client (the first of the sorted ids)."""
+        return self.client_ids[0]
+
+
+class Notification(BaseModel):
+    """One state change of one alert, to be delivered to every configured sink exactly once.
+
+    `idempotency_key` is the same on every delivery attempt of this notification, and different for every
+    other notification: receivers use it to drop a retry of a request they already took.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    idempotency_key: str
+    event: NotificationEvent
+    created_at: datetime
+    alert: AlertSnapshot
+    previous_severity: Severity | None = Field(
+        default=None, description="the severity before an escalation, else null"
+    )
+    dashboard_url: str | None = Field(default=None, description="where to investigate this alert")
+
+    @property
+    def title(self) -> str:
+        """A short headline: `[HIGH] training set targeting on credit-risk by client-17`."""
+        alert = self.alert
+        clients = alert.client_id if len(alert.client_ids) == 1 else f"{len(alert.client_ids)} clients"
+        kind = alert.kind.value.replace("_", " ")
+        prefix = "[TEST] " if self.event is NotificationEvent.TEST else ""
+        return f"{prefix}[{alert.severity.value.upper()}] {kind} on {alert.model} by {clients}"
+
+    @property
+    def summary(self) -> str:
+        """The title with what happened and why, in one line (PagerDuty caps summaries at 1024 chars)."""
+        alert = self.alert
+        why = f"rule {alert.rule_id} scored {alert.score:.3g} (threshold {alert.threshold:.3g})"
+        return f"{self.title}: {self.event.value}; {why}; {alert.queries} queries"[:1024]
+
+    def top_reasons(self, count: int = 3) -> list[AlertReason]:
+        """The first `count` reasons, as detection ordered them (most telling first)."""
+        return list(self.alert.reasons[:count])
+
+
+def dashboard_link(base_url: str | None, model: str, client_id: str) -> str | None:
+    """A link to the client-investigation dashboard at `base_url` for one model and client, or None."""
+    if not base_url:
+        return None
+    separator = "&" if "?" in base_url else "?"
+    return f"{base_url}{separator}{urlencode({'var-model': model, 'var-client': client_id})}"

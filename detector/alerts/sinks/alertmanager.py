@@ -1,0 +1,117 @@
+"""Alertmanager: every notification is posted to `POST /api/v2/alerts` as one or two alerts.
+
+Alertmanager identifies an alert by its label set, so the labels of one alert at one severity never change:
+`alertname` (`MiaDetector` + the kind in CamelCase), `severity`, `model`, `kind`, `client` (the primary
+client), `alert_id` and `service`. Everything that may change between notifications of one alert (the rule
+that fired last, the evidence, the explanation) goes into annotations.
+
+An open alert is posted with `endsAt` `hold_seconds` ahead: it stays active while the detector keeps
+re-sending it and expires by itself should the detector die. An escalation also posts the alert at its
+previous severity with `endsAt` now, so that the lower-severity instance resolves instead of lingering; a
+resolution posts it with `endsAt` at the time it was resolved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
+from detector.alerts.sinks.base import describe_reason, format_time, post_json
+
+# How long a test alert stays active: long enough to see it in the Alertmanager UI and its receivers.
+TEST_ALERT_SECONDS = 300.0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def alert_name(kind: str) -> str:
+    """`MiaDetector` and `kind` in CamelCase: `training_set_targeting` → `MiaDetectorTrainingSetTargeting`."""
+    return "MiaDetector" + "".join(part.capitalize() for part in kind.split("_"))
+
+
+class AlertmanagerSink:
+    """Posts notifications as Alertmanager alerts to `{url}/api/v2/alerts`.
+
+    `hold_seconds`: how long an open alert stays active after each notification; it should exceed the
+    longest time between two notifications of an open alert. `clock` returns the current aware time.
+    """
+
+    name = "alertmanager"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        hold_seconds: float,
+        timeout: float = 10.0,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        if hold_seconds <= 0:
+            raise ValueError(f"hold_seconds must be positive, got {hold_seconds}")
+        self._url = f"{url.rstrip('/')}/api/v2/alerts"
+        self._hold = timedelta(seconds=hold_seconds)
+        self._clock = clock
+        self._client = httpx.Client(timeout=timeout)
+
+    def deliver(self, notification: Notification) -> None:
+        """Post the alerts for `notification`; raise `DeliveryError` unless Alertmanager took them."""
+        post_json(self._client, self._url, self.alerts(notification), sink=self.name)
+
+    def alerts(self, notification: Notification) -> list[dict[str, Any]]:
+        """The body posted for `notification`: a list of Alertmanager v2 `postableAlert`s."""
+        now = self._clock()
+        alert = notification.alert
+        event = notification.event
+        severity = alert.severity.value
+        if event is NotificationEvent.TEST:
+            return [self._alert(notification, "info", now + timedelta(seconds=TEST_ALERT_SECONDS))]
+        if event is NotificationEvent.RESOLVED:
+            return [self._alert(notification, severity, alert.resolved_at or now)]
+        current = self._alert(notification, severity, now + self._hold)
+        previous = notification.previous_severity
+        if event is NotificationEvent.ESCALATED and previous is not None and previous != alert.severity:
+            return [self._alert(notification, previous.value, now), current]
+        return [current]
+
+    def close(self) -> None:
+        """Close the connection pool; safe to call more than once."""
+        self._client.close()
+
+    def _alert(self, notification: Notification, severity: str, ends_at: datetime) -> dict[str, Any]:
+        alert = notification.alert
+        test = notification.event is NotificationEvent.TEST
+        labels = {
+            "alertname": "MiaDetectorTest" if test else alert_name(alert.kind.value),
+            "severity": severity,
+            "model": alert.model,
+            "kind": alert.kind.value,
+            "client": alert.client_id,
+            "alert_id": str(alert.id),
+            "service": PRODUCT,
+        }
+        annotations = {
+            "summary": notification.summary,
+            "description": "\n".join(describe_reason(reason) for reason in notification.top_reasons()),
+            "rule": alert.rule_id,
+            "evidence": ",".join(alert.evidence),
+            "triage": alert.triage,
+            "clients": ",".join(alert.client_ids),
+        }
+        if alert.acknowledged_at is not None:
+            annotations["acknowledged_at"] = format_time(alert.acknowledged_at)
+        # Alertmanager refuses an alert that ends before it starts (clocks of two hosts may disagree).
+        ends_at = max(ends_at, alert.raised_at)
+        body: dict[str, Any] = {"labels": labels, "startsAt": format_time(alert.raised_at)}
+        if notification.dashboard_url:
+            annotations["dashboard"] = notification.dashboard_url
+            body["generatorURL"] = notification.dashboard_url
+        # Alertmanager drops empty annotations anyway; leaving them out keeps the body honest.
+        body["annotations"] = {key: value for key, value in annotations.items() if value}
+        body["endsAt"] = format_time(ends_at)
+        return body

@@ -1,0 +1,99 @@
+"""The contract every sink meets, and the HTTP call most of them share."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import httpx
+import orjson
+
+from detector.alerts.notification import AlertReason, Notification
+
+# Statuses that say "try again later"; every other 4xx says the request itself is wrong.
+_TRANSIENT_STATUSES = frozenset({408, 425, 429})
+# How much of a receiver's error body goes into the recorded error.
+_ERROR_BODY_CHARS = 200
+
+
+class DeliveryError(Exception):
+    """A notification was not delivered. `permanent`: retrying the same request cannot succeed (the receiver
+    rejected it as invalid); otherwise it is retried later, after `retry_after` seconds when the receiver
+    said so."""
+
+    def __init__(self, message: str, *, permanent: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+
+class Sink(Protocol):
+    """A receiver of notifications. `deliver` returns once the receiver has accepted the notification and
+    raises `DeliveryError` otherwise; it may be called again with the same notification (a retry)."""
+
+    name: str
+
+    def deliver(self, notification: Notification) -> None:
+        """Hand `notification` to the receiver; raise `DeliveryError` unless it accepted it."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+def post_json(
+    client: httpx.Client, url: str, body: Any, *, sink: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """POST `body` as JSON to `url`; return the response if its status is 2xx, else raise `DeliveryError`.
+
+    Connection failures, timeouts, 408/425/429 and 5xx are transient; other statuses are permanent. The
+    error names `sink`, never `url`, which may hold a secret (Slack webhook URLs do).
+    """
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    try:
+        response = client.post(
+            url, content=content, headers={"Content-Type": "application/json", **(headers or {})}
+        )
+    except httpx.HTTPError as exc:
+        raise DeliveryError(f"{sink}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if response.is_success:
+        return response
+    status = response.status_code
+    detail = " ".join(response.text[:_ERROR_BODY_CHARS].split())
+    transient = status >= 500 or status in _TRANSIENT_STATUSES
+    raise DeliveryError(
+        f"{sink}: HTTP {status} {detail}".rstrip(),
+        permanent=not transient,
+        retry_after=_retry_after(response.headers.get("Retry-After")),
+    )
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def format_time(moment: datetime) -> str:
+    """`moment` as RFC 3339 in UTC to the millisecond (`2024-05-01T12:00:00.000Z`); naive times are UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def describe_reason(reason: AlertReason) -> str:
+    """One reason as a responder reads it: `distinct_training_hits = 57 (p99.9 of baseline)`."""
+    text = f"{reason.feature} = {reason.value:.4g}"
+    if reason.baseline_percentile is not None:
+        text += f" (p{reason.baseline_percentile:g} of baseline)"
+    return text

@@ -1,0 +1,269 @@
+"""The contract every sink meets, run against each sink wired to a real target.
+
+A sink is plugged in through a `SinkHarness`: it builds the sink, reads back what its target accepted,
+names the identifier a receiver de-duplicates on, and can break the target. To add a sink, write a
+harness and add its factory to `HARNESSES` (any sink) or `HTTP_HARNESSES` (sinks speaking HTTP, which
+also get the HTTP failure checks below).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from detector.alerts.model import Severity
+from detector.alerts.notification import Notification, NotificationEvent
+from detector.alerts.sinks.alertmanager import AlertmanagerSink
+from detector.alerts.sinks.base import DeliveryError, Sink
+from detector.alerts.sinks.pagerduty import PagerDutySink
+from detector.alerts.sinks.slack import SlackSink
+from detector.alerts.sinks.webhook import WebhookSink
+from tests.alerts.sinks import test_alertmanager, test_pagerduty, test_slack, test_webhook
+from tests.receivers import RecordedRequest, RecordingReceiver, Validator
+from tests.support import make_notification
+
+# What a URL must never leak into an error: the secret part of its path, and where it points.
+URL_SECRET = "s3cr3t"
+
+
+class SinkHarness(Protocol):
+    """One sink and the real target it delivers to."""
+
+    def make_sink(self) -> Sink:
+        """A new sink delivering to the target."""
+        ...
+
+    def delivered(self) -> list[Any]:
+        """What the target accepted, oldest first: one entry per successful `deliver`."""
+        ...
+
+    def identity(self, delivered: Any) -> str:
+        """The identifier a receiver de-duplicates on (dedup key, idempotency key, label set)."""
+        ...
+
+    def break_target(self) -> None:
+        """Make the target fail in a way a later retry can get past (a 503, a stopped broker...)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the target and release what the harness holds."""
+        ...
+
+
+@dataclass
+class HttpHarness:
+    """An HTTP sink against a `RecordingReceiver` that validates the sink's native payload."""
+
+    build: Callable[[str], Sink]  # the receiver's base URL → the sink
+    identify: Callable[[RecordedRequest], str]
+    validate: Validator
+    status: int = 200
+    body: Any = b""
+    receiver: RecordingReceiver = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.receiver = RecordingReceiver(status=self.status, body=self.body, validate=self.validate)
+
+    def make_sink(self) -> Sink:
+        return self.build(self.receiver.url)
+
+    def delivered(self) -> list[Any]:
+        assert self.receiver.rejected == [], [request.error for request in self.receiver.rejected]
+        return self.receiver.accepted
+
+    def identity(self, delivered: Any) -> str:
+        return self.identify(delivered)
+
+    def break_target(self) -> None:
+        self.receiver.fail_next(1_000, 503)
+
+    def close(self) -> None:
+        self.receiver.stop()
+
+
+def _alertmanager(_: Path) -> HttpHarness:
+    return HttpHarness(
+        build=lambda url: AlertmanagerSink(url + test_alertmanager.PREFIX, hold_seconds=600.0, timeout=2.0),
+        # Alertmanager identifies an alert by its labels.
+        identify=lambda request: json.dumps([alert["labels"] for alert in request.json], sort_keys=True),
+        validate=test_alertmanager.validate_alerts,
+    )
+
+
+def _pagerduty(_: Path) -> HttpHarness:
+    return HttpHarness(
+        build=lambda url: PagerDutySink(
+            test_pagerduty.ROUTING_KEY, url=url + test_pagerduty.PATH, timeout=2.0
+        ),
+        identify=lambda request: str(request.json["dedup_key"]),
+        validate=test_pagerduty.validate_event,
+        status=202,
+        body=test_pagerduty.ACCEPTED,
+    )
+
+
+def _slack_identity(request: RecordedRequest) -> str:
+    # Slack de-duplicates nothing; the message's context line names the notification for a reader.
+    [context] = [block for block in request.json["blocks"] if block["type"] == "context"]
+    return str(context["elements"][0]["text"].rsplit(" · ", 1)[-1])
+
+
+def _slack(_: Path) -> HttpHarness:
+    return HttpHarness(
+        build=lambda url: SlackSink(url + test_slack.PATH, timeout=2.0),
+        identify=_slack_identity,
+        validate=test_slack.validate_message,
+        body="ok",
+    )
+
+
+def _webhook(_: Path) -> HttpHarness:
+    return HttpHarness(
+        build=lambda url: WebhookSink(url + test_webhook.PATH, secret=test_webhook.SECRET, timeout=2.0),
+        identify=lambda request: request.headers["idempotency-key"],
+        validate=test_webhook.verifier(test_webhook.SECRET),
+    )
+
+
+# Sink name → a factory given the test's temporary directory.
+HTTP_HARNESSES: dict[str, Callable[[Path], HttpHarness]] = {
+    "alertmanager": _alertmanager,
+    "pagerduty": _pagerduty,
+    "slack": _slack,
+    "webhook": _webhook,
+}
+HARNESSES: dict[str, Callable[[Path], SinkHarness]] = {**HTTP_HARNESSES}
+
+
+@pytest.fixture(params=sorted(HARNESSES))
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SinkHarness]:
+    built = HARNESSES[request.param](tmp_path)
+    yield built
+    built.close()
+
+
+@pytest.fixture(params=sorted(HTTP_HARNESSES))
+def http_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HttpHarness]:
+    built = HTTP_HARNESSES[request.param](tmp_path)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def sink(harness: SinkHarness) -> Iterator[Sink]:
+    made = harness.make_sink()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def http_sink(http_harness: HttpHarness) -> Iterator[Sink]:
+    made = http_harness.make_sink()
+    yield made
+    made.close()
+
+
+def notification_of(event: NotificationEvent, **overrides: Any) -> Notification:
+    """A realistic notification of `event` (an escalation from medium to high)."""
+    if event is NotificationEvent.ESCALATED:
+        overrides = {"severity": Severity.HIGH, "previous_severity": Severity.MEDIUM, **overrides}
+    return make_notification(event, **overrides)
+
+
+def assert_hides_the_url(error: DeliveryError) -> None:
+    assert URL_SECRET not in str(error) and "127.0.0.1" not in str(error), str(error)
+
+
+# --- Every sink ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", list(NotificationEvent))
+def test_delivers_every_event(harness: SinkHarness, sink: Sink, event: NotificationEvent) -> None:
+    sink.deliver(notification_of(event))
+    assert len(harness.delivered()) == 1
+
+
+def test_a_broken_target_is_a_transient_failure(harness: SinkHarness, sink: Sink) -> None:
+    harness.break_target()
+    with pytest.raises(DeliveryError) as raised:
+        sink.deliver(notification_of(NotificationEvent.OPENED))
+    assert not raised.value.permanent
+    assert_hides_the_url(raised.value)
+    assert harness.delivered() == []
+
+
+@pytest.mark.parametrize("event", list(NotificationEvent))
+def test_redelivery_keeps_the_identifier(harness: SinkHarness, sink: Sink, event: NotificationEvent) -> None:
+    notification = notification_of(event)
+    sink.deliver(notification)
+    sink.deliver(notification)
+    sink.deliver(notification_of(event, alert_id=8, client_ids=("client-18",)))
+    first, retry, other = (harness.identity(delivered) for delivered in harness.delivered())
+    assert first == retry
+    assert other != first
+
+
+def test_close_is_safe_twice(harness: SinkHarness) -> None:
+    sink = harness.make_sink()
+    sink.deliver(notification_of(NotificationEvent.OPENED))
+    sink.close()
+    sink.close()
+
+
+def test_names_are_those_the_dispatcher_knows(harness: SinkHarness, sink: Sink) -> None:
+    from detector.alerts.sinks import SINK_NAMES
+
+    assert sink.name in SINK_NAMES
+
+
+# --- Every HTTP sink -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
+def test_server_errors_are_transient(http_harness: HttpHarness, http_sink: Sink, status: int) -> None:
+    http_harness.receiver.fail_next(1, status)
+    with pytest.raises(DeliveryError) as raised:
+        http_sink.deliver(notification_of(NotificationEvent.OPENED))
+    assert not raised.value.permanent and raised.value.retry_after is None
+    assert_hides_the_url(raised.value)
+    http_sink.deliver(notification_of(NotificationEvent.OPENED))
+    assert len(http_harness.delivered()) == 1
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 413, 422])
+def test_client_errors_are_permanent(http_harness: HttpHarness, http_sink: Sink, status: int) -> None:
+    http_harness.receiver.fail_next(1, status)
+    with pytest.raises(DeliveryError) as raised:
+        http_sink.deliver(notification_of(NotificationEvent.OPENED))
+    assert raised.value.permanent
+    assert f"HTTP {status}" in str(raised.value) and http_sink.name in str(raised.value)
+    assert_hides_the_url(raised.value)
+
+
+def test_rate_limiting_carries_retry_after(http_harness: HttpHarness, http_sink: Sink) -> None:
+    http_harness.receiver.fail_next(1, 429, headers={"Retry-After": "7"})
+    with pytest.raises(DeliveryError) as raised:
+        http_sink.deliver(notification_of(NotificationEvent.OPENED))
+    assert not raised.value.permanent and raised.value.retry_after == 7.0
+
+
+def test_a_receiver_that_is_down_is_retried_until_it_is_back(
+    http_harness: HttpHarness, http_sink: Sink
+) -> None:
+    notification = notification_of(NotificationEvent.OPENED)
+    receiver = http_harness.receiver
+    receiver.stop()
+    for _ in range(2):
+        with pytest.raises(DeliveryError) as raised:
+            http_sink.deliver(notification)
+        assert not raised.value.permanent
+        assert_hides_the_url(raised.value)
+    receiver.start()
+    http_sink.deliver(notification)
+    [delivered] = http_harness.delivered()
+    assert receiver.requests == [delivered]  # nothing arrived while it was down

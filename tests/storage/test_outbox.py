@@ -1,0 +1,217 @@
+"""The alert lifecycle in the database: every notifying change queues one notification per sink in the
+outbox, in the same transaction; silences; the dispatcher's and operator's views of the outbox."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from detector.alerts import AlertKind, AlertStatus, Severity
+from detector.alerts.lifecycle import NotificationPolicy
+from detector.alerts.notification import NotificationEvent
+from detector.storage import (
+    AlertStore,
+    DeliveryStatus,
+    DurableBatch,
+    OutboxStore,
+    SilenceStore,
+    Store,
+    upgrade,
+)
+from detector.storage.tables import NotificationRow
+
+from .conftest import START, FakeClock
+from .test_alerts import detection
+
+SINKS = ("webhook", "slack")
+POLICY = NotificationPolicy(sinks=SINKS, renotify_seconds=600, resolve_after_seconds=1800)
+
+
+@pytest.fixture
+def alerts(engine: Engine, clock: FakeClock) -> AlertStore:
+    upgrade(engine)
+    return AlertStore(engine, clock=clock, policy=POLICY)
+
+
+@pytest.fixture
+def outbox(engine: Engine, clock: FakeClock) -> OutboxStore:
+    return OutboxStore(engine, clock=clock)
+
+
+@pytest.fixture
+def silences(engine: Engine, clock: FakeClock) -> SilenceStore:
+    return SilenceStore(engine, clock=clock)
+
+
+def record(alerts: AlertStore, engine: Engine, *detections: object, watermark: float | None = None) -> list:
+    with engine.begin() as connection:
+        return alerts.record(connection, list(detections), watermark).notifications  # type: ignore[arg-type]
+
+
+def queued_events(outbox: OutboxStore, sink: str = "webhook") -> list[tuple[int, str]]:
+    """(alert id, event) of every notification queued for `sink`, oldest first."""
+    return [(q.notification.alert.id, q.notification.event.value) for q in reversed(outbox.list(sink=sink))]
+
+
+def test_an_opened_alert_queues_one_notification_per_sink(
+    alerts: AlertStore, outbox: OutboxStore, engine: Engine
+) -> None:
+    [notification] = record(alerts, engine, detection("client-a"))
+
+    assert notification.event is NotificationEvent.OPENED
+    for sink in SINKS:
+        [queued] = outbox.list(sink=sink)
+        assert queued.notification == notification
+        assert (queued.status, queued.attempts) == (DeliveryStatus.PENDING, 0)
+    assert notification.alert.client_ids == ["client-a"] and notification.alert.status is AlertStatus.OPEN
+
+
+def test_updates_notify_once_per_renotify_interval_and_escalations_at_once(
+    alerts: AlertStore, outbox: OutboxStore, engine: Engine, clock: FakeClock
+) -> None:
+    record(alerts, engine, detection(last_seen=START + 60))
+    clock.now += 60
+    assert record(alerts, engine, detection(last_seen=START + 120)) == []  # within the interval: quiet
+
+    clock.now += 60
+    [escalated] = record(alerts, engine, detection(severity=Severity.HIGH, last_seen=START + 180))
+    assert escalated.event is NotificationEvent.ESCALATED
+    assert (escalated.previous_severity, escalated.alert.severity) == (Severity.MEDIUM, Severity.HIGH)
+
+    clock.now += 599
+    assert record(alerts, engine, detection(last_seen=START + 240)) == []
+    clock.now += 1
+    [updated] = record(alerts, engine, detection(last_seen=START + 300))
+    assert updated.event is NotificationEvent.UPDATED and updated.alert.severity is Severity.HIGH
+    alert_id = updated.alert.id
+    assert queued_events(outbox) == [(alert_id, "opened"), (alert_id, "escalated"), (alert_id, "updated")]
+
+
+def test_nothing_is_queued_when_the_alert_transaction_rolls_back(
+    alerts: AlertStore, outbox: OutboxStore, engine: Engine
+) -> None:
+    with pytest.raises(RuntimeError, match="boom"), engine.begin() as connection:
+        alerts.record(connection, [detection()])
+        raise RuntimeError("boom")
+
+    assert outbox.list() == [] and alerts.list_alerts() == []
+
+
+def test_a_quiet_alert_resolves_and_notifies_its_resolution(
+    alerts: AlertStore, outbox: OutboxStore, engine: Engine, clock: FakeClock
+) -> None:
+    record(alerts, engine, detection("idle", last_seen=START + 60), detection("busy", last_seen=START + 1000))
+
+    clock.now += 10
+    with engine.begin() as connection:
+        update = alerts.record(connection, [], watermark=START + 60 + 1800 + 1)  # event time: idle is quiet
+
+    assert [alert.client_id for alert in update.resolved] == ["idle"]
+    [resolution] = update.notifications
+    assert resolution.event is NotificationEvent.RESOLVED and resolution.alert.status is AlertStatus.RESOLVED
+    assert resolution.alert.resolved_at == datetime.fromtimestamp(clock.now, UTC)
+
+    clock.now += 1800  # wall time: nothing changed on "busy" for the quiet period
+    assert [alert.client_id for alert in alerts.resolve_quiet().resolved] == ["busy"]
+    assert [event for _, event in queued_events(outbox)] == ["opened", "opened", "resolved", "resolved"]
+
+
+def test_a_silence_holds_notifications_of_matching_alerts_but_not_their_resolution(
+    alerts: AlertStore, outbox: OutboxStore, silences: SilenceStore, engine: Engine, clock: FakeClock
+) -> None:
+    record(alerts, engine, detection("noisy", last_seen=START + 60))
+    silences.add(duration_seconds=3600, reason="pen test", created_by="alice", client_id="noisy")
+    silences.add(duration_seconds=3600, reason="known job", created_by="bob", rule_id="MIA-004")
+
+    clock.now += 700
+    assert record(alerts, engine, detection("noisy", severity=Severity.HIGH, last_seen=START + 700)) == []
+    assert record(alerts, engine, detection("other", rule_id="MIA-004")) == []
+    [notified] = record(alerts, engine, detection("third", kind=AlertKind.BOUNDARY_PROBING))
+    assert notified.alert.client_ids == ["third"]
+
+    clock.now += 1801
+    resolved = alerts.resolve_quiet().notifications
+    # "noisy" was notified before its silence: its receivers hear it resolve. "other" never was: nothing.
+    assert sorted(n.alert.client_id for n in resolved) == ["noisy", "third"]
+
+
+def test_an_alert_opened_under_an_expired_silence_notifies_as_opened(
+    alerts: AlertStore, silences: SilenceStore, engine: Engine, clock: FakeClock
+) -> None:
+    silence = silences.add(duration_seconds=60, reason="maintenance", created_by="ops", model="fraud-v1")
+    assert record(alerts, engine, detection()) == []
+    assert [s.id for s in silences.list()] == [silence.id]
+
+    clock.now += 61
+    assert silences.list() == [] and [s.id for s in silences.list(include_expired=True)] == [silence.id]
+    [late] = record(alerts, engine, detection(last_seen=START + 120))
+    assert late.event is NotificationEvent.OPENED
+
+
+def test_silences_need_a_criterion_and_a_positive_duration_and_can_end_early(
+    silences: SilenceStore, engine: Engine
+) -> None:
+    upgrade(engine)
+    with pytest.raises(ValueError, match="client, model, kind or rule"):
+        silences.add(duration_seconds=60, reason="", created_by="x")
+    with pytest.raises(ValueError, match="positive"):
+        silences.add(duration_seconds=0, reason="", created_by="x", client_id="a")
+    silence = silences.add(duration_seconds=60, reason="", created_by="x", client_id="a", rule_id="MIA-001")
+    assert silence.describe() == "client=a rule=MIA-001"
+
+    assert silences.expire(silence.id) is True
+    assert silences.expire(silence.id) is False and silences.list() == []
+
+
+def test_acknowledge_and_resolve_by_hand_notify_and_refuse_unknown_alerts(
+    alerts: AlertStore, outbox: OutboxStore, engine: Engine
+) -> None:
+    [opened] = record(alerts, engine, detection())
+    alert_id = opened.alert.id
+
+    [acknowledged] = alerts.acknowledge(alert_id).notifications
+    assert acknowledged.event is NotificationEvent.ACKNOWLEDGED and acknowledged.alert.acknowledged_at
+    outcome = alerts.resolve(alert_id)
+    assert [alert.id for alert in outcome.resolved] == [alert_id]
+    assert [n.event for n in outcome.notifications] == [NotificationEvent.RESOLVED]
+    with pytest.raises(LookupError, match=f"no open alert with id {alert_id}"):
+        alerts.resolve(alert_id)
+    assert [event for _, event in queued_events(outbox)] == ["opened", "acknowledged", "resolved"]
+
+
+def test_without_sinks_nothing_is_queued(engine: Engine, clock: FakeClock) -> None:
+    upgrade(engine)
+    store = Store(engine, clock=clock)
+
+    update = store.write(DurableBatch(detections=[detection()], watermark=START + 60))
+
+    assert update.notifications == [] and [c.change.value for c in update.changes] == ["opened"]
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(NotificationRow)).scalar_one() == 0
+
+
+def test_the_outbox_tracks_attempts_and_backlog_and_requeues_failures(
+    alerts: AlertStore, outbox: OutboxStore, engine: Engine, clock: FakeClock
+) -> None:
+    record(alerts, engine, detection("a"), detection("b"), detection("c"))
+    first, second, third = outbox.head("webhook", limit=10)
+    assert first.id < second.id < third.id
+
+    clock.now += 5
+    outbox.mark_delivered(first.id)
+    outbox.mark_retry(second.id, 1, datetime.fromtimestamp(clock.now + 30, UTC), "webhook: HTTP 503")
+    outbox.mark_failed(third.id, 1, "webhook: HTTP 400 bad payload")
+
+    [head] = outbox.head("webhook", limit=10)
+    assert (head.id, head.attempts, head.last_error) == (second.id, 1, "webhook: HTTP 503")
+    backlog = outbox.backlog()
+    assert backlog["webhook"].pending == 1 and backlog["slack"].pending == 3
+    assert backlog["webhook"].oldest == datetime.fromtimestamp(START, UTC)
+    assert outbox.counts()[("webhook", "failed")] == 1
+    assert outbox.list(status="delivered")[0].delivered_at == datetime.fromtimestamp(clock.now, UTC)
+
+    assert outbox.retry_failed("slack") == 0
+    assert outbox.retry_failed() == 1
+    assert [q.id for q in outbox.head("webhook", limit=10)] == [second.id, third.id]
