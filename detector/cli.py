@@ -340,6 +340,10 @@ def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_secon
         highlight=False,
     )
     _print_evaluation(result.evaluation)
+    if result.findings is not None:
+        stderr.print(f"notifications as OCSF findings: {result.findings}", highlight=False, soft_wrap=True)
+    else:
+        stderr.print(f"notifications delivered to: {', '.join(result.sinks)}", highlight=False)
     stderr.print(
         f"the daemon's sessions and alerts are in {result.database}: "
         f"MIA_DATABASE_URL=sqlite:///{result.database} mia-detector alerts list",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from detector.alerts.sinks import configured_sink_names
 from detector.broker import EmbeddedBroker
 from detector.evaluate import Evaluation, evaluate
 from detector.features.training import TrainingSetIndex, load_training_rows
@@ -30,6 +31,8 @@ class DemoResult:
     produced: int
     stats: PipelineStats
     evaluation: Evaluation
+    sinks: list[str]
+    findings: Path | None
 
 
 def index_training_sets(simulation: Path, out: Path) -> Path:
@@ -61,6 +64,12 @@ def run_demo(
     settings = settings.model_copy(
         update={"database": settings.database.model_copy(update={"url": SecretStr(f"sqlite:///{database}")})}
     )
+    findings: Path | None = None
+    if not configured_sink_names(settings):
+        # Notifications go somewhere real even on a laptop: OCSF findings in a file, as a SIEM would read.
+        findings = workdir / "findings.jsonl"
+        findings.unlink(missing_ok=True)
+        settings = settings.model_copy(update={"ocsf": settings.ocsf.model_copy(update={"file": findings})})
     simulation = simulate(scenario, seed, workdir / "scenario")
     log.info("simulated %s: %d records from %d clients", scenario, simulation.records, simulation.clients)
     indexes = index_training_sets(simulation.out, workdir / "indexes")
@@ -79,4 +88,13 @@ def run_demo(
     evaluation = evaluate(
         trained, simulation.out / "events.jsonl", simulation.out / "truth.jsonl", workdir / "evaluation"
     )
-    return DemoResult(simulation, database, broker.bootstrap_servers, produced, stats, evaluation)
+    return DemoResult(
+        simulation,
+        database,
+        broker.bootstrap_servers,
+        produced,
+        stats,
+        evaluation,
+        configured_sink_names(settings),
+        findings,
+    )
