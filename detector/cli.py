@@ -6,6 +6,7 @@ one-line message on stderr and exit code 2 (usage, configuration) or 1 (runtime)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -799,7 +800,7 @@ def alerts_test(ctx: click.Context) -> None:
     if not sinks:
         raise click.UsageError(
             "no sink configured: set MIA_ALERTMANAGER_URL, MIA_PAGERDUTY_ROUTING_KEY, MIA_SLACK_WEBHOOK_URL,"
-            " MIA_WEBHOOK_URL, MIA_OCSF_FILE or MIA_OCSF_TOPIC"
+            " MIA_WEBHOOK_URL, MIA_OCSF_FILE, MIA_OCSF_TOPIC or MIA_GRAFANA_URL and MIA_GRAFANA_TOKEN"
         )
     notification = connectivity_check(datetime.now(UTC), settings.dashboard.url)
     failed = 0
@@ -922,6 +923,114 @@ def schemas_export(out: Path) -> None:
 
     for path in export_json_schemas(out, exported_models()):
         stderr.print(f"wrote {path}")
+
+
+# -- Grafana dashboards --------------------------------------------------------------------------------------
+
+
+@app.group("dashboards")
+def dashboards_group() -> None:
+    """Grafana dashboards: write them as JSON files, or publish them to a Grafana."""
+
+
+@dashboards_group.command("build")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("dashboards"),
+    show_default=True,
+    help="Directory to write the dashboard JSON files to.",
+)
+def dashboards_build(out: Path) -> None:
+    """Write every dashboard as a JSON file, for Grafana's file provisioning or its import page."""
+    from detector.dashboards import write_dashboards
+
+    for path in write_dashboards(out):
+        stderr.print(f"wrote {path}")
+
+
+@dashboards_group.command("push")
+@click.option("--url", help="Grafana's base URL, e.g. https://grafana.example (default: MIA_GRAFANA_URL).")
+@click.option(
+    "--prometheus-url",
+    help="Prometheus as Grafana's server reaches it (default for a new data source: http://localhost:9090).",
+)
+@click.option("--postgres-host", help="The detector's PostgreSQL as host:port (default: localhost:5432).")
+@click.option("--postgres-database", help="Its database (default: mia).")
+@click.option("--postgres-user", help="A role that may only read it (default: grafana_reader).")
+@click.option(
+    "--postgres-sslmode",
+    type=click.Choice(["disable", "require", "verify-ca", "verify-full"]),
+    help="TLS to PostgreSQL (default: require).",
+)
+@click.pass_context
+def dashboards_push(
+    ctx: click.Context,
+    url: str | None,
+    prometheus_url: str | None,
+    postgres_host: str | None,
+    postgres_database: str | None,
+    postgres_user: str | None,
+    postgres_sslmode: str | None,
+) -> None:
+    """Publish the dashboards, their folder and their data sources to Grafana; safe to run again.
+
+    The token is a Grafana service-account token with the Admin role, read from MIA_GRAFANA_TOKEN; the
+    PostgreSQL role's password from MIA_GRAFANA_POSTGRES_PASSWORD. A data source that already exists is
+    updated only when one of its options (or the password) is given; a provisioned one never is. Prints
+    what was created, updated or left unchanged.
+    """
+    from detector.dashboards import FOLDER_TITLE, build_dashboards
+    from detector.dashboards.grafana import GrafanaClient, GrafanaError
+    from detector.dashboards.push import postgres_datasource, prometheus_datasource, push
+
+    settings = _settings(ctx)
+    url = url or settings.grafana.url
+    if not url:
+        raise click.UsageError("say where Grafana is: --url or MIA_GRAFANA_URL")
+    if settings.grafana.token is None:
+        raise click.UsageError("set MIA_GRAFANA_TOKEN to a Grafana service-account token (role Admin)")
+    try:
+        client = GrafanaClient(
+            url,
+            settings.grafana.token.get_secret_value(),
+            timeout=settings.alerts.timeout_seconds,
+            verify=settings.grafana.verify_tls,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from None
+    postgres_options = (postgres_host, postgres_database, postgres_user, postgres_sslmode)
+    # The password too comes from the environment (or the settings file), never an option: `ps` shows those.
+    password = settings.grafana.postgres_password
+    prometheus = prometheus_datasource(prometheus_url or "http://localhost:9090")
+    postgres = postgres_datasource(
+        postgres_host or "localhost:5432",
+        postgres_database or "mia",
+        postgres_user or "grafana_reader",
+        password=password.get_secret_value() if password is not None else None,
+        sslmode=postgres_sslmode or "require",
+    )
+    datasources = [
+        dataclasses.replace(prometheus, update_existing=prometheus_url is not None),
+        dataclasses.replace(
+            postgres, update_existing=any(option is not None for option in (*postgres_options, password))
+        ),
+    ]
+    try:
+        report = push(client, build_dashboards(), datasources, FOLDER_TITLE)
+    except GrafanaError as exc:
+        raise RuntimeFailure(str(exc)) from None
+    finally:
+        client.close()
+    for change in report.changes:
+        note = f" ({change.note})" if change.note else ""
+        link = f"  {client.address.base_url}{change.url}" if change.kind == "dashboard" and change.url else ""
+        stdout.print(
+            f"{change.action:<9} {change.kind:<10} {change.uid}  {change.title}{note}{link}",
+            markup=False,
+            highlight=False,
+        )
+    stderr.print(f"pushed to {client.address.base_url}: {report.summary}", markup=False, highlight=False)
 
 
 # -- entry point ---------------------------------------------------------------------------------------------

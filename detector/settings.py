@@ -162,6 +162,19 @@ class DashboardSettings(BaseModel):
     url: str | None = None
 
 
+class GrafanaSettings(BaseModel):
+    """Grafana (`MIA_GRAFANA_URL`, `MIA_GRAFANA_TOKEN`, a service-account token): alerts become annotations
+    when both are set, and `mia-detector dashboards push` publishes there, giving the PostgreSQL data source
+    the password `MIA_GRAFANA_POSTGRES_PASSWORD`. `MIA_GRAFANA_VERIFY_TLS=false` accepts a self-signed
+    certificate."""
+
+    model_config = _GROUP
+    url: str | None = None
+    token: SecretStr | None = None
+    postgres_password: SecretStr | None = None
+    verify_tls: bool = True
+
+
 class MetricsSettings(BaseModel):
     """The Prometheus endpoint of `mia-detector run` (`MIA_METRICS_ADDR`, host:port; empty turns it off)."""
 
@@ -218,6 +231,7 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     ocsf: OcsfSettings = Field(default_factory=OcsfSettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    grafana: GrafanaSettings = Field(default_factory=GrafanaSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     # Fixed names operators' manifests rely on: MIA_MODEL_PATH, MIA_TRAINING_INDEX, MIA_TRAINING_INDEX_KEY.
     model_path: Path | None = None

@@ -68,6 +68,18 @@ def _ocsf_kafka(settings: Settings) -> Sink:
     return OcsfKafkaSink(settings.kafka, settings.ocsf.topic, timeout=settings.alerts.timeout_seconds)
 
 
+def _grafana(settings: Settings) -> Sink:
+    from detector.alerts.sinks.grafana import GrafanaAnnotationSink
+
+    assert settings.grafana.url is not None and settings.grafana.token is not None
+    return GrafanaAnnotationSink(
+        settings.grafana.url,
+        settings.grafana.token.get_secret_value(),
+        timeout=settings.alerts.timeout_seconds,
+        verify=settings.grafana.verify_tls,
+    )
+
+
 # Every sink: its name (the outbox's and the metrics' label), whether the settings configure it, and how
 # to build it. Building is deferred: listing alerts must not connect to a broker.
 _SINKS: list[tuple[str, Callable[[Settings], bool], Callable[[Settings], Sink]]] = [
@@ -77,6 +89,7 @@ _SINKS: list[tuple[str, Callable[[Settings], bool], Callable[[Settings], Sink]]]
     ("webhook", lambda s: s.webhook.url is not None, _webhook),
     ("ocsf-file", lambda s: s.ocsf.file is not None, _ocsf_file),
     ("ocsf-kafka", lambda s: s.ocsf.topic is not None, _ocsf_kafka),
+    ("grafana", lambda s: s.grafana.url is not None and s.grafana.token is not None, _grafana),
 ]
 
 SINK_NAMES = tuple(name for name, _, _ in _SINKS)
