@@ -33,6 +33,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/memory.py
 
 schemas: install  ## regenerate schemas/*.schema.json from the pydantic models
 	$(BIN)/mia-detector schemas export --out schemas

@@ -74,10 +74,8 @@ def main() -> None:
             metrics={"addr": ""},
             commit={"min_records": 20_000},
         )
-        per_client = args.events / args.clients
-        print(
-            f"load: {args.events} single-row records of 30 features, {args.clients} clients, {per_client:.0f} each"
-        )
+        each = args.events // args.clients
+        print(f"load: {args.events} single-row records of 30 features, {args.clients} clients, {each} each")
         state, _ = held_bytes(detector_state(settings, events))
         history, _ = held_bytes(query_history(settings, events))
     print(f"  baseline: the clients' decoded queries   {history / args.clients / 1024:8.1f} KiB per client")
