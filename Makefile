@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install tools run demo test lint bench schemas clean
+.PHONY: install tools run demo test lint bench schemas stack-up stack-down clean
 
 install: $(VENV)/.installed
 
@@ -14,11 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Prometheus, promtool and Alertmanager (Debian packages) for the tests that run them for real.
+# Prometheus, promtool, Alertmanager and docker-compose (Debian packages) for the tests that run or check
+# them for real.
 tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
+	  && command -v docker-compose >/dev/null \
 	  || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	       --no-install-recommends prometheus prometheus-alertmanager >/dev/null; }
+	       --no-install-recommends prometheus prometheus-alertmanager docker-compose >/dev/null; }
 
 run demo: install  ## the daemon end to end: embedded broker + SQLite + a sample stream
 	$(BIN)/mia-detector --config examples/simulation.toml demo
@@ -37,6 +39,13 @@ bench: install
 
 schemas: install  ## regenerate schemas/*.schema.json from the pydantic models
 	$(BIN)/mia-detector schemas export --out schemas
+
+stack-up:  ## Kafka, PostgreSQL, the daemon, Prometheus, Alertmanager, Grafana on Docker (deploy/README.md)
+	sh deploy/init-env.sh
+	docker compose -f deploy/docker-compose.yml up -d --build
+
+stack-down:
+	docker compose -f deploy/docker-compose.yml down
 
 clean:
 	rm -rf $(VENV) var build dist *.egg-info mia-detector.db*

@@ -1024,7 +1024,7 @@ def dashboards_push(
         client.close()
     for change in report.changes:
         note = f" ({change.note})" if change.note else ""
-        link = f"  {client.address.base_url}{change.url}" if change.kind == "dashboard" and change.url else ""
+        link = f"  {client.address.link(change.url)}" if change.kind == "dashboard" and change.url else ""
         stdout.print(
             f"{change.action:<9} {change.kind:<10} {change.uid}  {change.title}{note}{link}",
             markup=False,

@@ -9,7 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -99,6 +107,21 @@ class DetectionSettings(BaseModel):
     allowlist: list[AllowlistEntry] = Field(default_factory=list)
 
 
+class _ReceiverGroup(BaseModel):
+    """A group of optional receiver settings: a blank value (`MIA_SLACK_WEBHOOK_URL=` in a manifest or an
+    env file) means "not set", not a receiver at an empty address."""
+
+    model_config = _GROUP
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and not value.strip() and info.field_name is not None:
+            field = cls.model_fields[info.field_name]
+            return field.get_default(call_default_factory=True)
+        return value
+
+
 class AlertSettings(BaseModel):
     """The alert lifecycle and how notifications are delivered from the outbox."""
 
@@ -115,60 +138,53 @@ class AlertSettings(BaseModel):
     timeout_seconds: float = Field(default=10.0, gt=0)
 
 
-class AlertmanagerSettings(BaseModel):
+class AlertmanagerSettings(_ReceiverGroup):
     """Prometheus Alertmanager (`MIA_ALERTMANAGER_URL`, e.g. http://alertmanager:9093)."""
 
-    model_config = _GROUP
     url: SecretStr | None = None
 
 
-class PagerDutySettings(BaseModel):
+class PagerDutySettings(_ReceiverGroup):
     """PagerDuty Events API v2 (`MIA_PAGERDUTY_ROUTING_KEY`, `MIA_PAGERDUTY_URL`)."""
 
-    model_config = _GROUP
     routing_key: SecretStr | None = None
     url: str = "https://events.pagerduty.com/v2/enqueue"
 
 
-class SlackSettings(BaseModel):
+class SlackSettings(_ReceiverGroup):
     """A Slack incoming webhook (`MIA_SLACK_WEBHOOK_URL`; the URL is the secret)."""
 
-    model_config = _GROUP
     webhook_url: SecretStr | None = None
 
 
-class WebhookSettings(BaseModel):
+class WebhookSettings(_ReceiverGroup):
     """A generic JSON webhook (`MIA_WEBHOOK_URL`, `MIA_WEBHOOK_SECRET`, `MIA_WEBHOOK_HEADERS` as JSON)."""
 
-    model_config = _GROUP
     url: SecretStr | None = None
     secret: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict)
 
 
-class OcsfSettings(BaseModel):
+class OcsfSettings(_ReceiverGroup):
     """OCSF Detection Findings for a SIEM: a JSON Lines file and/or a Kafka topic (`MIA_OCSF_FILE`,
     `MIA_OCSF_TOPIC`; the topic is written through the `kafka` settings' brokers)."""
 
-    model_config = _GROUP
     file: Path | None = None
     topic: str | None = None
 
 
-class DashboardSettings(BaseModel):
+class DashboardSettings(_ReceiverGroup):
     """Where responders look (`MIA_DASHBOARD_URL`): notifications link to it."""
 
-    model_config = _GROUP
     url: str | None = None
 
 
-class GrafanaSettings(BaseModel):
+class GrafanaSettings(_ReceiverGroup):
     """Grafana (`MIA_GRAFANA_URL`, `MIA_GRAFANA_TOKEN`, a service-account token): alerts become annotations
     when both are set, and `mia-detector dashboards push` publishes there, giving the PostgreSQL data source
     the password `MIA_GRAFANA_POSTGRES_PASSWORD`. `MIA_GRAFANA_VERIFY_TLS=false` accepts a self-signed
     certificate."""
 
-    model_config = _GROUP
     url: str | None = None
     token: SecretStr | None = None
     postgres_password: SecretStr | None = None

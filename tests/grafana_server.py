@@ -32,6 +32,8 @@ as Grafana checks it; a request Grafana would refuse gets Grafana's status and a
   `type=annotation`, `from`/`to` and `limit` (100 by default), newest first. `PATCH` changes only what
   it is given, and `"tags": []` removes every tag, as in Grafana.
 
+Served from a sub-path (`prefix`), the `url`s it answers hold that prefix, as Grafana's do.
+
 Not emulated: nested folders, permissions per folder, dashboard versions history, the `/apis` routes.
 """
 
@@ -117,6 +119,7 @@ class FakeGrafana:
         self._requests: list[ApiRequest] = []
         self._failures_left = 0
         self._failure_status = 503
+        self._failure_headers: dict[str, str] = {}
         self._answers_to_lose = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -140,10 +143,12 @@ class FakeGrafana:
         """The requests that changed something (POST, PUT, PATCH, DELETE answered 2xx)."""
         return [r for r in self.requests if r.method != "GET" and 200 <= r.status < 300]
 
-    def fail_next(self, count: int, status: int = 503) -> None:
-        """Answer the next `count` API requests with `status`, doing nothing."""
+    def fail_next(self, count: int, status: int = 503, *, headers: Mapping[str, str] | None = None) -> None:
+        """Answer the next `count` API requests with `status` (and `headers`, such as Retry-After), doing
+        nothing."""
         with self._lock:
             self._failures_left, self._failure_status = count, status
+            self._failure_headers = dict(headers or {})
 
     def lose_next_answers(self, count: int) -> None:
         """Carry out the next `count` requests, then close their connections without answering (a response
@@ -190,7 +195,7 @@ class FakeGrafana:
         """(method, path pattern, role needed, handler); a handler gets the path's groups, then the
         query and the body."""
         viewer, editor, admin = _ROLES["Viewer"], _ROLES["Editor"], _ROLES["Admin"]
-        routes = [
+        routes: list[tuple[str, str, int, Callable[..., Any]]] = [
             ("GET", r"/api/folders", viewer, self._list_folders),
             ("POST", r"/api/folders", editor, self._create_folder),
             ("GET", r"/api/folders/([^/]+)", viewer, self._get_folder),
@@ -210,8 +215,8 @@ class FakeGrafana:
 
     def _answer(
         self, method: str, target: str, headers: Mapping[str, str], raw: bytes
-    ) -> tuple[int, Any, bool]:
-        """(status, JSON body, whether to lose the answer) for one request."""
+    ) -> tuple[int, Any, dict[str, str], bool]:
+        """(status, JSON body, extra headers, whether to lose the answer) for one request."""
         parts = urlsplit(target)
         path, query = parts.path, parse_qs(parts.query, keep_blank_values=True)
         if self.prefix:
@@ -222,13 +227,14 @@ class FakeGrafana:
             parsed = None
         authorization = headers.get("authorization")
         request = ApiRequest(method, path, query, authorization, parsed)
-        lose = False
+        lose, extra_headers = False, {}
         with self._lock:
             try:
                 if path == "/api/health":
                     raise _Reply(200, {"commit": "fake", "database": "ok", "version": self.version})
                 if self._failures_left > 0:
                     self._failures_left -= 1
+                    extra_headers = self._failure_headers
                     raise _error(self._failure_status, "failure injected by the fake Grafana")
                 role = self._authenticate(authorization)
                 status, body = self._dispatch(method, path, query, raw, parsed, role)
@@ -242,7 +248,7 @@ class FakeGrafana:
             self._requests.append(
                 ApiRequest(method, path, query, request.authorization, parsed, status if not lose else 0)
             )
-        return status, body, lose
+        return status, body, extra_headers, lose
 
     def _authenticate(self, authorization: str | None) -> int:
         scheme, _, token = (authorization or "").partition(" ")
@@ -305,7 +311,7 @@ class FakeGrafana:
             "id": self._next_id("folder"),
             "uid": uid,
             "title": title,
-            "url": f"/dashboards/f/{uid}/{_slug(title)}",
+            "url": f"{self.prefix}/dashboards/f/{uid}/{_slug(title)}",
             "hasAcl": False,
             "canSave": True,
             "canEdit": True,
@@ -332,7 +338,7 @@ class FakeGrafana:
             raise _error(409, "a folder or dashboard in the general folder with the same name already exists")
         folder.update(
             title=title,
-            url=f"/dashboards/f/{uid}/{_slug(title)}",
+            url=f"{self.prefix}/dashboards/f/{uid}/{_slug(title)}",
             version=folder["version"] + 1,
             updated=_now_iso(),
         )
@@ -461,7 +467,7 @@ class FakeGrafana:
                 "canSave": True,
                 "canEdit": True,
                 "slug": _slug(dashboard["title"]),
-                "url": f"/d/{uid}/{_slug(dashboard['title'])}",
+                "url": f"{self.prefix}/d/{uid}/{_slug(dashboard['title'])}",
                 "version": dashboard["version"],
                 "created": stored["created"],
                 "updated": stored["updated"],
@@ -537,7 +543,7 @@ class FakeGrafana:
         return {
             "id": saved["id"],
             "uid": uid,
-            "url": f"/d/{uid}/{slug}",
+            "url": f"{self.prefix}/d/{uid}/{slug}",
             "status": "success",
             "version": saved["version"],
             "slug": slug,
@@ -590,9 +596,9 @@ class FakeGrafana:
         if not isinstance(start, int) or not isinstance(end, int):
             raise _error(400, "bad request data: time and timeEnd are epoch milliseconds")
         start, end = min(start, end), max(start, end)
-        now = _now_ms()
-        annotation = {
-            "id": self._next_id("annotation"),
+        now, annotation_id = _now_ms(), self._next_id("annotation")
+        annotation: dict[str, Any] = {
+            "id": annotation_id,
             "alertId": 0,
             "alertName": "",
             "dashboardId": int(body.get("dashboardId") or 0),
@@ -612,8 +618,8 @@ class FakeGrafana:
             "avatarUrl": "",
             "data": body.get("data") or {},
         }
-        self.annotations[annotation["id"]] = annotation
-        return {"message": "Annotation added", "id": annotation["id"]}
+        self.annotations[annotation_id] = annotation
+        return {"message": "Annotation added", "id": annotation_id}
 
     def _patch_annotation(self, annotation_id: str, *, query: Any, body: dict[str, Any]) -> dict[str, Any]:
         annotation = self.annotations.get(int(annotation_id))
@@ -645,13 +651,15 @@ class FakeGrafana:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 headers = {name.lower(): value for name, value in self.headers.items()}
-                status, body, lose = grafana._answer(self.command, self.path, headers, raw)
+                status, body, extra_headers, lose = grafana._answer(self.command, self.path, headers, raw)
                 if lose:
                     self.close_connection = True
                     return
                 content = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                for name, value in extra_headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
                 self.wfile.write(content)

@@ -89,10 +89,10 @@ def make_notification(
     )
 
 
-def missing_tool(what: str) -> NoReturn:
+def missing_tool(what: str, install: str = "make tools") -> NoReturn:
     """Skip the test on a developer's machine without `what`; fail it in CI, where everything is installed
     (`.ci/run`), so that a missing install step cannot pass as a green run."""
-    message = f"{what} is not installed (apt-get install prometheus prometheus-alertmanager)"
+    message = f"{what} is not installed ({install})"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)

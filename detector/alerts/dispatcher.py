@@ -82,6 +82,7 @@ class Dispatcher:
                 metrics.notifications.labels(sink=sink.name, outcome=outcome)
             metrics.notifications_pending.labels(sink=sink.name).set(0)
             metrics.notification_oldest_pending.labels(sink=sink.name).set(0)
+            metrics.notification_delivery_seconds.labels(sink=sink.name)
 
     @property
     def sink_names(self) -> list[str]:

@@ -36,7 +36,7 @@ from detector.dashboards.common import (
 # The client's alerts in the range, for the chosen models (alias `a`).
 CLIENT_ALERTS = f"{involves_client('a.')} AND {alert_overlaps_range('a.')} AND {in_models('a.')}"
 # The client's sessions in the range, for the chosen models.
-CLIENT_SESSIONS = f"client_id = '${CLIENT}' AND {session_overlaps_range()} AND {in_models()}"
+CLIENT_SESSIONS = f"client_id = ${{{CLIENT}:sqlstring}} AND {session_overlaps_range()} AND {in_models()}"
 
 
 def build(links: list[JSON]) -> JSON:
@@ -109,7 +109,7 @@ def build(links: list[JSON]) -> JSON:
                     f"""
 SELECT $__timeGroupAlias(last_seen, $__interval), model AS metric, sum(queries) AS queries
 FROM sessions
-WHERE client_id = '${CLIENT}' AND $__timeFilter(last_seen) AND {in_models()}
+WHERE client_id = ${{{CLIENT}:sqlstring}} AND $__timeFilter(last_seen) AND {in_models()}
 GROUP BY 1, 2
 ORDER BY 1
 """,
@@ -223,7 +223,7 @@ SELECT
   json_array_length(a.client_ids) AS "group size", a.reasons -> 0 ->> 'feature' AS "shared by"
 FROM alerts AS a
 CROSS JOIN LATERAL json_array_elements_text(a.client_ids) AS c(client_id)
-WHERE a.kind = 'coordinated_clients' AND c.client_id <> '${CLIENT}' AND {CLIENT_ALERTS}
+WHERE a.kind = 'coordinated_clients' AND c.client_id <> ${{{CLIENT}:sqlstring}} AND {CLIENT_ALERTS}
 ORDER BY a.raised_at DESC, client
 LIMIT 200
 """
@@ -265,7 +265,7 @@ SELECT
 FROM silences AS s
 WHERE s.created_at <= $__timeTo() AND s.expires_at >= $__timeFrom()
   AND (
-    s.client_id = '${CLIENT}'
+    s.client_id = ${{{CLIENT}:sqlstring}}
     OR (s.client_id IS NULL AND EXISTS (
       SELECT 1 FROM alerts AS a
       WHERE {involves_client("a.")}

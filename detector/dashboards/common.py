@@ -3,7 +3,8 @@
 SQL is PostgreSQL with Grafana's macros: `$__timeFilter(column)` (column within the dashboard's range),
 `$__timeFrom()` / `$__timeTo()` (the range's ends as timestamps), `$__timeGroupAlias(column, $__interval)`
 (the time bucket, named `time`). Multi-value variables (`$model`) expand to a quoted list for `IN (...)`;
-single-value ones (`$client`) expand as they are, so they are quoted where used: `'$client'`.
+single-value ones are inserted with Grafana's `sqlstring` format (`${client:sqlstring}`): quoted, quotes
+doubled, so that a client id (attacker-controlled text) cannot change the query.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def in_models(alias: str = "") -> str:
 
 def involves_client(alias: str = "") -> str:
     """The alert names `$client`, alone or among a coordinated group (`client_ids` is a JSON array)."""
-    return f"{alias}client_ids::jsonb @> jsonb_build_array('${CLIENT}'::text)"
+    return f"{alias}client_ids::jsonb @> jsonb_build_array(${{{CLIENT}:sqlstring}}::text)"
 
 
 def alert_overlaps_range(alias: str = "") -> str:

@@ -15,12 +15,17 @@ legacy API key) as `Authorization: Bearer <token>`:
 
 Where `grafana-api` 1.0.3 (2020) lacks an endpoint (data sources by uid) or gets one wrong (its partial
 annotation update sends `"tags": []`, which Grafana reads as "remove every tag"; its annotation search does
-not encode tags), the request goes through its generic `GrafanaAPI` request methods instead.
+not encode tags), the request goes through its generic `GrafanaAPI` request methods instead. Its error
+handling is bypassed too: a response hook on its `requests` session turns every 4xx and 5xx into our
+error, keeping the status, Grafana's message and any Retry-After, before `grafana-api` misreads a body that
+is not JSON (a proxy's error page).
 """
 
 from __future__ import annotations
 
+import email.utils
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,17 +46,42 @@ _T = TypeVar("_T")
 
 class GrafanaError(Exception):
     """A Grafana request failed. `status` is the HTTP status, or None when no answer came (connection
-    refused, timeout, TLS failure, a body that is not JSON). The message is one line without the token."""
+    refused, timeout, TLS failure, a body that is not JSON); `retry_after` the seconds Grafana (or a proxy)
+    asked to wait, if it did. The message is one line without the token."""
 
-    def __init__(self, detail: str, *, status: int | None = None) -> None:
+    def __init__(self, detail: str, *, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(f"Grafana: {detail}")
         self.detail = detail  # the message without the leading "Grafana: "
         self.status = status
+        self.retry_after = retry_after
 
     @property
     def transient(self) -> bool:
         """Whether the same request may succeed later: no answer, a timeout, 429 or a 5xx."""
         return self.status is None or self.status >= 500 or self.status in _TRANSIENT_STATUSES
+
+
+class _Refused(Exception):
+    """Raised from the session's response hook for an error status, before `grafana_api` reads the body
+    (it indexes text bodies as if they were JSON objects)."""
+
+    def __init__(self, status: int, detail: str, retry_after: float | None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+def _refuse_errors(response: Any, *args: Any, **kwargs: Any) -> None:
+    """A `requests` response hook: turn a 4xx or 5xx into `_Refused` with Grafana's message."""
+    status = int(response.status_code)
+    if status < 400:
+        return
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    raise _Refused(status, _detail(body), _retry_after(response.headers.get("Retry-After")))
 
 
 @dataclass(frozen=True)
@@ -88,8 +118,19 @@ class GrafanaAddress:
     @property
     def base_url(self) -> str:
         """The URL Grafana's pages are under, without a trailing slash."""
+        return f"{self._origin}/{self.url_path_prefix}".rstrip("/")
+
+    def link(self, path: str) -> str:
+        """An absolute URL for a `url` Grafana answered (`/d/uid/slug`, which already holds the sub-path
+        when Grafana serves from one)."""
+        if self.url_path_prefix and path.startswith(f"/{self.url_path_prefix}"):
+            return f"{self._origin}{path}"
+        return f"{self.base_url}{path}"
+
+    @property
+    def _origin(self) -> str:
         port = f":{self.port}" if self.port is not None else ""
-        return f"{self.protocol}://{self.host}{port}/{self.url_path_prefix}".rstrip("/")
+        return f"{self.protocol}://{self.host}{port}"
 
 
 class GrafanaClient:
@@ -111,6 +152,7 @@ class GrafanaClient:
             verify=verify,
             timeout=timeout,
         )
+        self._face.api.s.hooks["response"].append(_refuse_errors)
 
     def __repr__(self) -> str:
         return f"GrafanaClient({self.address.base_url!r})"
@@ -259,13 +301,15 @@ class GrafanaClient:
         """Run one `grafana_api` request; turn whatever it raises into a one-line `GrafanaError`."""
         try:
             return call()
-        except GrafanaException as exc:
-            status = int(exc.status_code)
-            detail = _detail(exc.response)
+        except _Refused as refused:
+            status, detail = refused.status, refused.detail
             if status == 401:
                 detail = f"{detail or 'Unauthorized'} (the token was refused)"
+            message = self._scrub(f"{what}: HTTP {status} {detail}".rstrip())
+            raise GrafanaError(message, status=status, retry_after=refused.retry_after) from None
+        except GrafanaException as exc:  # not reached while the hook answers every error status first
             raise GrafanaError(
-                self._scrub(f"{what}: HTTP {status} {detail}".rstrip()), status=status
+                self._scrub(f"{what}: HTTP {exc.status_code}"), status=int(exc.status_code)
             ) from None
         except OSError as exc:  # requests' errors (connection, timeout, TLS, a body that is not JSON)
             if isinstance(exc, ValueError):
@@ -275,9 +319,6 @@ class GrafanaClient:
             reason = _ERRNO.search(str(exc))
             why = f"{type(exc).__name__}: {reason.group(0).strip()}" if reason else type(exc).__name__
             raise GrafanaError(self._scrub(f"{what}: no answer ({why})")) from None
-        except (TypeError, KeyError) as exc:
-            # grafana-api reads `message` out of error bodies without checking that they are JSON objects.
-            raise GrafanaError(self._scrub(f"{what}: unexpected answer ({type(exc).__name__})")) from None
 
     def _scrub(self, message: str) -> str:
         """One line, and the token masked should Grafana ever echo it."""
@@ -297,6 +338,19 @@ def _detail(response: Any) -> str:
         message = response.get("message") or response.get("error") or ""
         return str(message)[:_MESSAGE_CHARS]
     return str(response or "")[:_MESSAGE_CHARS]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _object(value: Any) -> dict[str, Any]:

@@ -192,11 +192,13 @@ def push(
     message: str = "published by mia-detector",
 ) -> PushReport:
     """Make Grafana hold `dashboards` (uid → dashboard JSON) in the folder `folder_title`, reading from
-    `datasources`; create or update only what differs. Raises `ValueError` for a dashboard without a
-    title or whose uid is not its key (before any request), `GrafanaError` when Grafana refuses."""
+    `datasources`; create or update only what differs. Raises `ValueError` before any request for a
+    dashboard without a title, whose uid is not its key, or whose data-source variable lists another
+    plugin than its data source's; `GrafanaError` when Grafana refuses."""
     for uid, dashboard in dashboards.items():
         if dashboard.get("uid") != uid or not dashboard.get("title"):
             raise ValueError(f"dashboard {uid!r} must have the uid {uid!r} and a title")
+        bind_datasources(dashboard, datasources)
     folder = _ensure_folder(client, folder_title, folder_uid)
     datasource_changes: list[Change] = []
     resolved: list[DataSource] = []

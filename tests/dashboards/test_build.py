@@ -194,7 +194,8 @@ def test_every_variable_used_is_defined_before_use(uid: str) -> None:
         defined.append(variable["name"])
     assert len(set(defined)) == len(defined)
     for query in queries(dashboard):
-        assert variables_in(query.text) <= set(defined), f"{query}: undefined {variables_in(query.text)}"
+        undefined = variables_in(query.text) - set(defined)
+        assert not undefined, f"{query}: undefined {undefined}"
     for panel in panels(dashboard):
         used = variables_in(
             json.dumps({key: panel.get(key) for key in ("datasource", "fieldConfig", "links")})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from detector.dashboards.push import (
     push,
 )
 from tests.grafana_server import FakeGrafana
+from tests.receivers import RecordingReceiver
 from tests.test_cli import cli_env, mia
 
 TOKEN = "glsa_admin_0123456789abcdef"
@@ -240,9 +242,7 @@ def test_provisioned_and_kept_data_sources_are_used_as_they_are(
 ) -> None:
     push(client, DASHBOARDS, datasources(), FOLDER)
     grafana.datasources[PROMETHEUS_UID]["readOnly"] = True  # as if from a provisioning file
-    keep_postgres = DataSource(
-        **{**datasources()[1].__dict__, "url": "elsewhere:5432", "update_existing": False}
-    )
+    keep_postgres = dataclasses.replace(datasources()[1], url="elsewhere:5432", update_existing=False)
 
     report = push(client, DASHBOARDS, [prometheus_datasource("http://other:9090"), keep_postgres], FOLDER)
 
@@ -280,11 +280,12 @@ def test_bad_dashboards_are_refused_before_any_request(grafana: FakeGrafana, cli
     assert grafana.requests == []
 
 
-def test_a_variable_of_another_plugin_is_refused() -> None:
+def test_a_variable_of_another_plugin_is_refused(grafana: FakeGrafana, client: GrafanaClient) -> None:
     dashboard = tiny_dashboard("x", "X")
     dashboard["templating"]["list"][0]["query"] = "loki"
     with pytest.raises(ValueError, match="lists loki data sources"):
-        bind_datasources(dashboard, datasources())
+        push(client, {"x": dashboard}, datasources(), FOLDER)
+    assert grafana.requests == []
     # `postgres` is an alias of grafana-postgresql-datasource: no complaint for the PostgreSQL variable.
     bound = bind_datasources(tiny_dashboard("x", "X"), datasources())
     assert bound["templating"]["list"][1]["current"]["value"] == POSTGRES_UID
@@ -324,6 +325,23 @@ def test_a_grafana_that_is_down_is_a_transient_error(grafana: FakeGrafana, clien
     assert "127.0.0.1" not in message and str(grafana.url) not in message and "\n" not in message
 
 
+def test_answers_that_are_not_grafana_s_keep_their_status() -> None:
+    # A proxy in front of Grafana answers in HTML or plain text, not in Grafana's JSON.
+    with RecordingReceiver(status=502, body="<html>502 Bad Gateway: no message</html>") as proxy:
+        client = GrafanaClient(proxy.url, TOKEN, timeout=2.0)
+        with pytest.raises(GrafanaError) as raised:
+            client.folders()
+        assert str(raised.value) == "Grafana: list folders: HTTP 502 <html>502 Bad Gateway: no message</html>"
+        assert raised.value.transient
+        proxy.respond(200, "<html>a login page</html>")
+        with pytest.raises(GrafanaError, match="the answer is not JSON"):
+            client.folders()
+        proxy.respond(404, "404 page not found")
+        assert client.folder("mia-detector") is None
+        assert {request.headers["authorization"] for request in proxy.requests} == {f"Bearer {TOKEN}"}
+        client.close()
+
+
 def test_grafana_served_from_a_sub_path() -> None:
     with FakeGrafana(tokens={TOKEN: "Admin"}, prefix="/grafana") as grafana:
         client = GrafanaClient(grafana.url + "/", TOKEN, timeout=2.0)
@@ -331,6 +349,9 @@ def test_grafana_served_from_a_sub_path() -> None:
         report = push(client, DASHBOARDS, datasources(), FOLDER)
         client.close()
     assert report.summary == "5 created, 0 updated, 0 unchanged"
+    [overview] = [change for change in report.dashboards if change.uid == "mia-overview"]
+    assert overview.url == "/grafana/d/mia-overview/mia-overview"
+    assert client.address.link(overview.url) == f"{grafana.url}/d/mia-overview/mia-overview"
 
 
 @pytest.mark.parametrize(
@@ -344,6 +365,13 @@ def test_grafana_served_from_a_sub_path() -> None:
 def test_urls_are_split_as_grafana_api_wants(url: str, address: GrafanaAddress) -> None:
     assert GrafanaAddress.parse(url) == address
     assert address.base_url == url.rstrip("/")
+    assert address.link("/d/x/y") == f"{address.base_url}/d/x/y"
+
+
+def test_links_under_a_sub_path_are_not_doubled() -> None:
+    address = GrafanaAddress.parse("https://ops.example/grafana")
+    assert address.link("/grafana/d/x/y") == "https://ops.example/grafana/d/x/y"
+    assert address.link("/d/x/y") == "https://ops.example/grafana/d/x/y"
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import html
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
 from detector.alerts.sinks.base import DeliveryError, describe_reason
@@ -103,14 +103,15 @@ def dashboard_link(notification: Notification) -> str | None:
     """The notification's dashboard URL, opening on the alert's time range unless it names one; None
     without a URL or for one that is not http(s)."""
     url = notification.dashboard_url
-    if not url or urlsplit(url).scheme not in ("http", "https"):
+    parts = urlsplit(url or "")
+    if not url or parts.scheme not in ("http", "https"):
         return None
-    if "from=" in (urlsplit(url).query or ""):
+    if "from" in parse_qs(parts.query):
         return url
     alert = notification.alert
     start = _ms(alert.first_seen - LINK_MARGIN)
     end: int | str = _ms(alert.resolved_at + LINK_MARGIN) if alert.resolved_at is not None else "now"
-    separator = "&" if urlsplit(url).query else ("" if url.endswith("?") else "?")
+    separator = "&" if parts.query else ("" if url.endswith("?") else "?")
     return f"{url}{separator}{urlencode({'from': start, 'to': end})}"
 
 
@@ -143,13 +144,16 @@ class GrafanaAnnotationSink:
             self._client.patch_annotation(
                 int(annotation["id"]),
                 text=text if annotation.get("text") != text else None,
-                tags=tags if list(annotation.get("tags") or []) != tags else None,
+                # Grafana may list tags in another order than they were given.
+                tags=tags if set(annotation.get("tags") or []) != set(tags) else None,
                 time_end_ms=end if end is not None and annotation.get("timeEnd") != end else None,
             )
         except GrafanaError as exc:
             # A 404 on the update: the annotation was deleted in between; the retry creates it again.
             permanent = not exc.transient and exc.status != 404
-            raise DeliveryError(f"{self.name}: {exc.detail}", permanent=permanent) from None
+            raise DeliveryError(
+                f"{self.name}: {exc.detail}", permanent=permanent, retry_after=exc.retry_after
+            ) from None
 
     def close(self) -> None:
         """Close the connection pool; safe to call more than once."""
