@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from detector.broker import EmbeddedBroker
-from detector.storage import create_engine_for
+from tests.support import fresh_postgres_database
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +25,6 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mia.db'}"
 
 
-# A role allowed to create databases; each PostgreSQL test gets its own `mia_test_*` database.
-POSTGRES_ADMIN_URL = os.environ.get("MIA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URL of an empty database, dropped after the test."""
@@ -38,15 +32,5 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         # A directory that does not exist yet: create_engine_for must create it.
         yield f"sqlite:///{tmp_path / 'data' / 'mia.db'}"
         return
-    name = f"mia_test_{uuid.uuid4().hex[:16]}"
-    admin = create_engine_for(POSTGRES_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            yield admin.url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    with fresh_postgres_database() as url:
+        yield url

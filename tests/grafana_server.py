@@ -47,10 +47,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.servers import RestartableHttpServer
 
 KNOWN_TYPES = frozenset(
     {"prometheus", "postgres", "grafana-postgresql-datasource", "mysql", "loki", "elasticsearch", "testdata"}
@@ -96,20 +97,22 @@ def _slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
-class FakeGrafana:
+class FakeGrafana(RestartableHttpServer):
     """An in-memory Grafana HTTP API on 127.0.0.1 (see the module docstring). Thread-safe; started on
     construction; `stop()` and `start()` keep the port and the state."""
+
+    _thread_name = "fake-grafana"
 
     def __init__(
         self, *, tokens: Mapping[str, str] | None = None, version: str = "11.3.0", prefix: str = ""
     ) -> None:
+        super().__init__()
         self.prefix = prefix.rstrip("/")  # served from a sub-path, as with Grafana's `serve_from_sub_path`
         self.tokens = dict(tokens if tokens is not None else {"admin-token": "Admin"})
         for role in self.tokens.values():
             assert role in _ROLES, role
         self.version = version
         self._lock = threading.Lock()
-        self._lifecycle = threading.Lock()
         self.folders: dict[str, dict[str, Any]] = {}
         self.datasources: dict[str, dict[str, Any]] = {}
         self.secrets: dict[str, dict[str, str]] = {}  # data source uid → its secureJsonData
@@ -121,9 +124,6 @@ class FakeGrafana:
         self._failure_status = 503
         self._failure_headers: dict[str, str] = {}
         self._answers_to_lose = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._port = 0
         self.start()
 
     # -- control ---------------------------------------------------------------------------------------------
@@ -155,39 +155,6 @@ class FakeGrafana:
         lost on the way back)."""
         with self._lock:
             self._answers_to_lose = count
-
-    def start(self) -> None:
-        """Listen (again, on the same port after `stop()`); a no-op while running."""
-        with self._lifecycle:
-            if self._server is not None:
-                return
-            server = ThreadingHTTPServer(("127.0.0.1", self._port), self._handler_class())
-            server.daemon_threads = True
-            self._port = server.server_address[1]
-            self._server = server
-            self._thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-grafana", daemon=True
-            )
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop listening: connections are refused until `start()`. A no-op when stopped."""
-        with self._lifecycle:
-            server, thread = self._server, self._thread
-            if server is None or thread is None:
-                return
-            server.shutdown()
-            server.server_close()
-            thread.join()
-            self._server = self._thread = None
-
-    def __enter__(self) -> FakeGrafana:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- dispatch --------------------------------------------------------------------------------------------
 

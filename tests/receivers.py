@@ -22,9 +22,10 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.servers import RestartableHttpServer
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,15 @@ def _encode(body: bytes | str | Any) -> tuple[bytes, str]:
     return json.dumps(body).encode(), "application/json"
 
 
-class RecordingReceiver:
+class RecordingReceiver(RestartableHttpServer):
     """A threaded HTTP server on 127.0.0.1 that records requests and answers as told. Thread-safe.
 
     `status`, `body` (bytes, text, or anything JSON-serialisable) and `headers`: the normal answer.
     `validate`: checks each request (see `Validator`). `fail_first`: how many requests, from the first,
     get `fail_status` (503) instead. Started on construction; `stop()` and `start()` keep the port.
     """
+
+    _thread_name = "recording-receiver"
 
     def __init__(
         self,
@@ -85,8 +88,8 @@ class RecordingReceiver:
         fail_first: int = 0,
         fail_status: int = 503,
     ) -> None:
+        super().__init__()
         self._lock = threading.Condition()
-        self._lifecycle = threading.Lock()  # start() and stop()
         self._requests: list[RecordedRequest] = []
         self._validate = validate
         self._response = _Response(0, b"", {})
@@ -94,20 +97,12 @@ class RecordingReceiver:
         self._failures_left = 0
         self.respond(status, body, headers=headers)
         self.fail_next(fail_first, fail_status)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._port = 0
         self.start()
 
     @property
     def url(self) -> str:
         """`http://127.0.0.1:<port>`, without a trailing slash."""
         return f"http://127.0.0.1:{self._port}"
-
-    @property
-    def port(self) -> int:
-        """The port, the same across `stop()` and `start()`."""
-        return self._port
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -149,43 +144,6 @@ class RecordingReceiver:
             if not done:
                 raise TimeoutError(f"{count} accepted requests expected, got {len(self._requests)} requests")
             return [request for request in self._requests if request.accepted]
-
-    def start(self) -> None:
-        """Listen (again, on the same port after `stop()`); a no-op while running."""
-        with self._lifecycle:
-            if self._server is not None:
-                return
-            server = ThreadingHTTPServer(("127.0.0.1", self._port), self._handler_class())
-            server.daemon_threads = True
-            self._port = server.server_address[1]
-            self._server = server
-            # A short poll interval: stop() waits for the serving loop to notice the shutdown.
-            self._thread = threading.Thread(
-                target=server.serve_forever,
-                kwargs={"poll_interval": 0.01},
-                name="recording-receiver",
-                daemon=True,
-            )
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop listening: connections are refused until `start()`. A no-op when stopped."""
-        with self._lifecycle:
-            server, thread = self._server, self._thread
-            if server is None or thread is None:
-                return
-            server.shutdown()
-            server.server_close()
-            thread.join()
-            self._server = self._thread = None
-
-    def __enter__(self) -> RecordingReceiver:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def _answer(self, request: RecordedRequest) -> _Response:
         error = None

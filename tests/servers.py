@@ -1,12 +1,17 @@
-"""`running_server`: a server binary (Prometheus, Alertmanager) run for a test, ready or explained."""
+"""Servers for tests: `running_server` runs a server binary (Prometheus, Alertmanager) until ready;
+`RestartableHttpServer` is the base of the tests' own HTTP servers (receivers, a fake Grafana)."""
 
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 import httpx
 
@@ -49,3 +54,62 @@ def _wait_ready(name: str, process: subprocess.Popen[bytes], url: str, log_path:
 
 def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class RestartableHttpServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) that can `stop()` (connections refused) and
+    `start()` again on the same port; a context manager that stops it. Subclasses give the handler
+    (`_handler_class`) and call `start()` at the end of their `__init__`."""
+
+    _thread_name = "test-http-server"
+
+    def __init__(self) -> None:
+        self._lifecycle = threading.Lock()  # start() and stop()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        """The port, the same across `stop()` and `start()`."""
+        return self._port
+
+    def start(self) -> None:
+        """Listen (again, on the same port after `stop()`); a no-op while running."""
+        with self._lifecycle:
+            if self._server is not None:
+                return
+            server = ThreadingHTTPServer(("127.0.0.1", self._port), self._handler_class())
+            server.daemon_threads = True
+            self._port = server.server_address[1]
+            self._server = server
+            # A short poll interval: stop() waits for the serving loop to notice the shutdown.
+            self._thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.01},
+                name=self._thread_name,
+                daemon=True,
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening: connections are refused until `start()`. A no-op when stopped."""
+        with self._lifecycle:
+            server, thread = self._server, self._thread
+            if server is None or thread is None:
+                return
+            server.shutdown()
+            server.server_close()
+            thread.join()
+            self._server = self._thread = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -13,6 +15,7 @@ from detector.alerts.model import AlertKind, AlertStatus, Severity
 from detector.alerts.notification import AlertReason, AlertSnapshot, Notification, NotificationEvent
 from detector.broker import EmbeddedBroker
 from detector.settings import Settings, load_settings
+from detector.storage import create_engine_for
 
 
 def unique(prefix: str) -> str:
@@ -96,3 +99,24 @@ def missing_tool(what: str, install: str = "make tools") -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+# A role allowed to create databases; each PostgreSQL test gets its own `mia_test_*` database.
+POSTGRES_ADMIN_URL = os.environ.get("MIA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """The URL of a new, empty `mia_test_*` PostgreSQL database, dropped on exit."""
+    name = f"mia_test_{uuid.uuid4().hex[:16]}"
+    admin = create_engine_for(POSTGRES_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield admin.url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()

@@ -23,9 +23,7 @@ is not JSON (a proxy's error page).
 
 from __future__ import annotations
 
-import email.utils
 import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,6 +31,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from grafana_api.grafana_api import GrafanaException
 from grafana_api.grafana_face import GrafanaFace
+
+from detector.alerts.sinks.base import retry_after_seconds
 
 # Statuses that say "try again later"; every other 4xx says the request itself (or the token) is wrong.
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
@@ -81,7 +81,7 @@ def _refuse_errors(response: Any, *args: Any, **kwargs: Any) -> None:
         body: Any = response.json()
     except ValueError:
         body = response.text
-    raise _Refused(status, _detail(body), _retry_after(response.headers.get("Retry-After")))
+    raise _Refused(status, _detail(body), retry_after_seconds(response.headers.get("Retry-After")))
 
 
 @dataclass(frozen=True)
@@ -338,19 +338,6 @@ def _detail(response: Any) -> str:
         message = response.get("message") or response.get("error") or ""
         return str(message)[:_MESSAGE_CHARS]
     return str(response or "")[:_MESSAGE_CHARS]
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _object(value: Any) -> dict[str, Any]:

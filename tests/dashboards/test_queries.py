@@ -12,7 +12,6 @@ import math
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,11 +30,10 @@ from detector.metrics import PREFIX
 from detector.service import StopFlag, open_engine, produce_file, run_daemon, train
 from detector.simulate import simulate
 from detector.simulate.sample import MALFORMED
-from detector.storage import SilenceStore, create_engine_for
-from tests.conftest import POSTGRES_ADMIN_URL
+from detector.storage import SilenceStore
 from tests.dashboards.test_build import Query, queries
 from tests.prometheus import JOB, prometheus_binary, query, running_prometheus, wait_for
-from tests.support import make_settings, missing_tool
+from tests.support import fresh_postgres_database, make_settings, missing_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka, pytest.mark.postgres]
 
@@ -78,18 +76,8 @@ class Deployment:
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A fresh `mia_test_*` PostgreSQL database for the module, dropped after it."""
-    name = f"mia_test_{uuid.uuid4().hex[:16]}"
-    admin = create_engine_for(POSTGRES_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            yield admin.url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    with fresh_postgres_database() as url:
+        yield url
 
 
 def write_events(scenario: Path, directory: Path) -> tuple[Path, Path, list[str]]:

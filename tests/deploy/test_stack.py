@@ -561,7 +561,7 @@ def test_the_postgres_init_script_makes_a_role_that_can_read_the_detectors_table
 
     from detector.storage import create_engine_for
     from detector.storage.database import upgrade
-    from tests.conftest import POSTGRES_ADMIN_URL
+    from tests.support import POSTGRES_ADMIN_URL
 
     psql = tool("psql")
     admin_url = make_url(POSTGRES_ADMIN_URL)

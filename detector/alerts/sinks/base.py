@@ -67,11 +67,11 @@ def post_json(
     raise DeliveryError(
         f"{sink}: HTTP {status} {detail}".rstrip(),
         permanent=not transient,
-        retry_after=_retry_after(response.headers.get("Retry-After")),
+        retry_after=retry_after_seconds(response.headers.get("Retry-After")),
     )
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta seconds or an HTTP date), or None."""
     if not value:
         return None
