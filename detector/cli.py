@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from enum import StrEnum
@@ -37,7 +37,7 @@ from detector.settings import ConfigError, Settings, load_settings
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from detector.storage import StoredAlert
+    from detector.storage import AlertStore, AlertUpdate, StoredAlert
 
 log = logging.getLogger("detector")
 
@@ -758,16 +758,18 @@ def alerts_unsilence(ctx: click.Context, silence_id: int) -> None:
     stderr.print(f"silence {silence_id} ended")
 
 
-def _operate_on_alert(ctx: click.Context, alert_id: int, operation: str) -> None:
+def _operate_on_alert(
+    ctx: click.Context, alert_id: int, operation: Callable[[AlertStore, int], AlertUpdate], done: str
+) -> None:
     from detector.service import open_alert_store
 
     with open_alert_store(_settings(ctx), migrate=True) as store:
         try:
-            outcome = getattr(store, operation)(alert_id)
+            outcome = operation(store, alert_id)
         except LookupError as exc:
             raise click.BadParameter(str(exc), param_hint="ALERT_ID") from None
-    notified = len(outcome.notifications)
-    stderr.print(f"alert {alert_id}: {operation}d" + (", notification queued" if notified else ""))
+    queued = ", notification queued" if outcome.notifications else ""
+    stderr.print(f"alert {alert_id}: {done}{queued}")
 
 
 @alerts_group.command("acknowledge")
@@ -775,7 +777,9 @@ def _operate_on_alert(ctx: click.Context, alert_id: int, operation: str) -> None
 @click.pass_context
 def alerts_acknowledge(ctx: click.Context, alert_id: int) -> None:
     """Mark an open alert as taken care of (PagerDuty acknowledges its incident)."""
-    _operate_on_alert(ctx, alert_id, "acknowledge")
+    from detector.storage import AlertStore
+
+    _operate_on_alert(ctx, alert_id, AlertStore.acknowledge, "acknowledged")
 
 
 @alerts_group.command("resolve")
@@ -783,7 +787,9 @@ def alerts_acknowledge(ctx: click.Context, alert_id: int) -> None:
 @click.pass_context
 def alerts_resolve(ctx: click.Context, alert_id: int) -> None:
     """Resolve an open alert now instead of after its quiet period."""
-    _operate_on_alert(ctx, alert_id, "resolve")
+    from detector.storage import AlertStore
+
+    _operate_on_alert(ctx, alert_id, AlertStore.resolve, "resolved")
 
 
 @alerts_group.command("test")

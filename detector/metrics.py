@@ -9,11 +9,9 @@ partitions it is assigned.
 from __future__ import annotations
 
 import platform
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from importlib import metadata
 
 import numpy as np
@@ -37,17 +35,6 @@ RECEIPT_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # Around 1, where a client starts to alert.
 SCORE_RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5, 10)
 DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-# `ScoringModel.fit` names a model after the moment it was trained: 20261129T101500Z-fpr0.001.
-_MODEL_STAMP = re.compile(r"^(\d{8}T\d{6}Z)")
-
-
-def model_trained_at(version: str) -> float | None:
-    """The training time (epoch seconds) in a model version made by `ScoringModel.fit`, or None."""
-    match = _MODEL_STAMP.match(version)
-    if match is None:
-        return None
-    return datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def package_version() -> str:
@@ -325,6 +312,14 @@ class Metrics:
                 self._last_event = newest
                 self.last_event_timestamp.set(newest)
 
+    def add_sink(self, sink: str) -> None:
+        """Start the notification series of `sink` at zero, so that rates and alerts see it from the start."""
+        for outcome in NOTIFICATION_OUTCOMES:
+            self.notifications.labels(sink=sink, outcome=outcome)
+        self.notifications_pending.labels(sink=sink).set(0)
+        self.notification_oldest_pending.labels(sink=sink).set(0)
+        self.notification_delivery_seconds.labels(sink=sink)
+
     def observe_lag(self, lag: Mapping[tuple[str, int], int]) -> None:
         """Set the lag of each (topic, partition); partitions no longer listed lose their series."""
         for topic, partition in self._lag_partitions - lag.keys():
@@ -340,14 +335,14 @@ class Metrics:
             child.observe(ratio)
 
     def set_model(self, version: str | None, trained_at: float | None = None) -> None:
-        """The scoring model in use (None: none). `trained_at` (epoch seconds) defaults to the time in a
-        version made by `ScoringModel.fit`; without either, the model's age is not exported."""
+        """The scoring model in use (None: none), trained at `trained_at` (epoch seconds); without it, the
+        model's age is not exported."""
         self.model_info.clear()
         if version is None:
             self._model_trained_at = None
             return
         self.model_info.labels(version=version).set(1)
-        self._model_trained_at = trained_at if trained_at is not None else model_trained_at(version)
+        self._model_trained_at = trained_at
 
     def _model_age(self) -> float | None:
         trained_at = self._model_trained_at

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from detector.alerts.dispatcher import Dispatcher, RetryPolicy
 from detector.alerts.lifecycle import NotificationPolicy
 from detector.alerts.model import AlertKind
-from detector.alerts.sinks import Sink, build_sinks, configured_sink_names
+from detector.alerts.sinks import build_sinks, configured_sink_names
 from detector.features.client import FeatureTracker, TrainingIndexes, TrainingLookup
 from detector.features.embedding import ModelScale, QueryEmbedder
 from detector.ingest.decode import RecordDecoder
@@ -111,32 +111,33 @@ def open_alert_store(settings: Settings, migrate: bool | None = None) -> AlertSt
 
 
 @contextmanager
-def delivering(settings: Settings, sinks: list[Sink], metrics: Metrics) -> Iterator[Dispatcher | None]:
-    """A started dispatcher draining the outbox into `sinks` (None without sinks) for the block.
+def persisting(settings: Settings, metrics: Metrics) -> Iterator[tuple[Store, Dispatcher | None]]:
+    """For the block: the store, its alert changes notifying every configured sink, and a started
+    dispatcher delivering them from the outbox (None without sinks).
 
-    On the way out it is given `DRAIN_SECONDS` to deliver what is due; anything left stays in the outbox
-    for the next start.
+    On the way out the dispatcher is given `DRAIN_SECONDS` to deliver what is due; anything left stays in
+    the outbox for the next start.
     """
-    if not sinks:
-        yield None
-        return
-    outbox = OutboxStore(open_engine(settings, migrate=False))
-    dispatcher = Dispatcher(
-        outbox,
-        sinks,
-        metrics,
-        retry=RetryPolicy(settings.alerts.retry_initial_seconds, settings.alerts.retry_max_seconds),
-        max_pending=settings.alerts.outbox_max_pending,
-    )
-    dispatcher.start()
-    log.info("delivering alerts to %s", ", ".join(dispatcher.sink_names))
-    try:
-        yield dispatcher
-    finally:
-        if not dispatcher.drain(DRAIN_SECONDS):
-            log.warning("notifications still pending: they are delivered at the next start")
-        dispatcher.close()
-        outbox.close()
+    sinks = build_sinks(settings)
+    with open_store(settings, sinks=[sink.name for sink in sinks]) as store:
+        if not sinks:
+            yield store, None
+            return
+        dispatcher = Dispatcher(
+            OutboxStore(store.engine),
+            sinks,
+            metrics,
+            retry=RetryPolicy(settings.alerts.retry_initial_seconds, settings.alerts.retry_max_seconds),
+            max_pending=settings.alerts.outbox_max_pending,
+        )
+        dispatcher.start()
+        log.info("delivering alerts to %s", ", ".join(dispatcher.sink_names))
+        try:
+            yield store, dispatcher
+        finally:
+            if not dispatcher.drain(DRAIN_SECONDS):
+                log.warning("notifications still pending: they are delivered at the next start")
+            dispatcher.close()
 
 
 def load_scoring_model(settings: Settings) -> ScoringModel | None:
@@ -195,15 +196,17 @@ def build_pipeline(
     commit_positions: Callable[..., None] | None = None,
     publish_dead_letters: Callable[[list[DeadLetter]], None] | None = None,
     on_alerts: OnAlerts | None = None,
-    on_notifications: Callable[[], None] | None = None,
+    dispatcher: Dispatcher | None = None,
     group_id: str = "",
     detect: DetectStep | None = None,
 ) -> Pipeline:
-    """A pipeline configured from `settings`, writing to `store` (detection from the settings by default)."""
+    """A pipeline configured from `settings`, writing to `store` (detection from the settings by default),
+    waking `dispatcher` when a commit queued notifications."""
     if detect is None:
         detect = build_detection(settings, load_scoring_model(settings), load_training_indexes(settings))
     detect.observe_ratio = metrics.observe_score_ratio
-    metrics.set_model(detect.detector.model.version if detect.detector.model is not None else None)
+    model = detect.detector.model
+    metrics.set_model(model.version if model else None, model.trained_at if model else None)
     return Pipeline(
         store=store,
         tracker=SessionTracker(
@@ -219,7 +222,7 @@ def build_pipeline(
         commit_positions=commit_positions,
         publish_dead_letters=publish_dead_letters,
         on_alerts=on_alerts,
-        on_notifications=on_notifications,
+        on_notifications=dispatcher.wake if dispatcher is not None else None,
         group_id=group_id,
         keep_raw_bytes=settings.ingest.dead_letter_raw_bytes,
         seen_events_retention_seconds=settings.database.seen_events_retention_hours * 3600.0,
@@ -238,18 +241,9 @@ def replay(
     alert notifications included."""
     prepare_process()
     metrics = metrics or Metrics()
-    sinks = build_sinks(settings)
-    with (
-        open_store(settings, sinks=[sink.name for sink in sinks]) as store,
-        delivering(settings, sinks, metrics) as dispatcher,
-    ):
+    with persisting(settings, metrics) as (store, dispatcher):
         pipeline = build_pipeline(
-            settings,
-            store,
-            metrics,
-            on_alerts=on_alerts,
-            on_notifications=dispatcher.wake if dispatcher is not None else None,
-            detect=detect,
+            settings, store, metrics, on_alerts=on_alerts, dispatcher=dispatcher, detect=detect
         )
         for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records):
             while dispatcher is not None and dispatcher.backlogged:
@@ -314,10 +308,8 @@ def run_daemon(
     prepare_process()
     metrics = metrics or Metrics()
     group = group_id or settings.kafka.group_id
-    sinks = build_sinks(settings)
     with ExitStack() as resources:
-        store = resources.enter_context(open_store(settings, sinks=[sink.name for sink in sinks]))
-        dispatcher = resources.enter_context(delivering(settings, sinks, metrics))
+        store, dispatcher = resources.enter_context(persisting(settings, metrics))
         listen = settings.metrics.host_port
         if listen is not None:
             resources.callback(metrics.serve(*listen))
@@ -339,7 +331,7 @@ def run_daemon(
             commit_positions=source.commit,
             publish_dead_letters=_dead_letter_publisher(publisher, settings) if publisher else None,
             on_alerts=on_alerts,
-            on_notifications=dispatcher.wake if dispatcher is not None else None,
+            dispatcher=dispatcher,
             group_id=group,
         )
         log.info("consuming %s as group %s from %s", source.topics, group, settings.kafka.bootstrap_servers)

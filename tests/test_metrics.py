@@ -21,7 +21,6 @@ from detector.metrics import (
     SCORED_KINDS,
     BatchHistogram,
     Metrics,
-    model_trained_at,
     package_version,
 )
 from detector.scoring.detector import Detector
@@ -85,7 +84,7 @@ EXPECTED = {
 
 def test_every_metric_is_prefixed_documented_and_counters_end_in_total() -> None:
     metrics = Metrics()
-    metrics.set_model("20261129T101500Z-fpr0.001")  # the model's age is exported only with a model
+    metrics.set_model("20261129T101500Z-fpr0.001", trained_at=1_764_403_200.0)  # age: only with a model
     families = list(metrics.registry.collect())
     assert {family.name: family.type for family in families} == {
         f"{PREFIX}_{name}": kind for name, kind in EXPECTED.items()
@@ -206,8 +205,7 @@ def test_the_model_is_exported_with_its_age_computed_at_scrape_time() -> None:
     assert f"{PREFIX}_model_info{{" not in exposition(metrics)
 
     version = "20251129T080000Z-fpr0.001"
-    assert model_trained_at(version) == 1_764_403_200.0
-    metrics.set_model(version)
+    metrics.set_model(version, trained_at=1_764_403_200.0)
     clock.now = 1_764_403_200.0 + 3600.0
     assert value(metrics, f"{PREFIX}_model_info", version=version) == 1
     assert value(metrics, age) == 3600.0

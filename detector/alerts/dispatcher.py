@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 from detector.alerts.sinks.base import DeliveryError, Sink
 from detector.metrics import Metrics
-from detector.storage.outbox import OutboxStore, QueuedNotification
+from detector.storage.outbox import OutboxStore, QueuedNotification, SinkBacklog
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,7 @@ class Dispatcher:
         self._threads: list[threading.Thread] = []
         self._pending = 0
         for sink in self._sinks:
-            for outcome in ("delivered", "retried", "failed"):
-                metrics.notifications.labels(sink=sink.name, outcome=outcome)
-            metrics.notifications_pending.labels(sink=sink.name).set(0)
-            metrics.notification_oldest_pending.labels(sink=sink.name).set(0)
-            metrics.notification_delivery_seconds.labels(sink=sink.name)
+            metrics.add_sink(sink.name)
 
     @property
     def sink_names(self) -> list[str]:
@@ -110,7 +106,7 @@ class Dispatcher:
         deadline = time.monotonic() + timeout
         while True:
             self.wake()
-            if self._backlog_of_sinks() == 0:
+            if self._pending_of_sinks(self._outbox.backlog()) == 0:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -210,10 +206,10 @@ class Dispatcher:
             self._metrics.notifications_pending.labels(sink=name).set(pending)
             age = now - oldest.timestamp() if oldest is not None else 0.0
             self._metrics.notification_oldest_pending.labels(sink=name).set(max(0.0, age))
-        self._pending = sum(entry.pending for name, entry in backlog.items() if name in self._wakes)
+        self._pending = self._pending_of_sinks(backlog)
 
-    def _backlog_of_sinks(self) -> int:
-        backlog = self._outbox.backlog()
+    def _pending_of_sinks(self, backlog: dict[str, SinkBacklog]) -> int:
+        # The outbox may hold rows of sinks no longer configured: they are not this dispatcher's backlog.
         return sum(entry.pending for name, entry in backlog.items() if name in self._wakes)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:

@@ -8,7 +8,6 @@ so one file serves every Grafana whatever its data sources are called.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -441,13 +440,3 @@ class Dashboard:
             "version": 1,
             "weekStart": "",
         }
-
-
-_VARIABLE = re.compile(r"\$\{(\w+)(?:[:.][^}]*)?\}|\$(\w+)|\[\[(\w+)(?::\w+)?\]\]")
-
-
-def variables_in(text: str) -> set[str]:
-    """The template variables `text` refers to (`$name`, `${name}`, `${name:format}`, `[[name]]`), Grafana's
-    built-ins (`$__interval`, `${__value.raw}`, ...) left out."""
-    names = {next(group for group in match.groups() if group) for match in _VARIABLE.finditer(text)}
-    return {name for name in names if not name.startswith("__")}

@@ -86,10 +86,11 @@ class Detector:
         for rule in self.rules:
             score = values.get(rule.score, 0.0)
             threshold = self.threshold(rule)
+            applies = rule.applies(values)
             if observe is not None:
-                ratio = _excess(score, threshold) if rule.applies(values) else 0.0
+                ratio = _excess(score, threshold) if applies else 0.0
                 ratios[rule.kind] = max(ratios.get(rule.kind, 0.0), ratio)
-            if score < threshold or not rule.applies(values) or self.allowed(key[1], rule.kind):
+            if score < threshold or not applies or self.allowed(key[1], rule.kind):
                 continue
             current = detections.get(rule.kind)
             if current is not None and _excess(current.score, current.threshold) >= _excess(score, threshold):

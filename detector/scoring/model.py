@@ -41,6 +41,11 @@ TRUSTED_TYPES = [
 ]
 
 
+# A model's version starts with the moment it was trained: 20261129T101500Z-fpr0.001.
+_VERSION_STAMP = "%Y%m%dT%H%M%SZ"
+_VERSION_STAMP_LENGTH = len("20261129T101500Z")
+
+
 class ModelError(ValueError):
     """A scoring model that cannot be used (missing, tampered with, or of another format version)."""
 
@@ -124,7 +129,7 @@ class ScoringModel:
             rule.id: _threshold([_rule_maximum(rule, trajectory) for trajectory in trajectories], target_fpr)
             for rule in rules
         }
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime(_VERSION_STAMP)
         return cls(
             version=f"{stamp}-fpr{target_fpr:g}",
             target_fpr=target_fpr,
@@ -136,6 +141,16 @@ class ScoringModel:
             baseline_clients=len(trajectories),
             forest=forest,
         )
+
+    @property
+    def trained_at(self) -> float | None:
+        """When the model was trained (epoch seconds), from its version; None for a version not made by
+        `fit`."""
+        try:
+            stamp = datetime.strptime(self.version[:_VERSION_STAMP_LENGTH], _VERSION_STAMP)
+        except ValueError:
+            return None
+        return stamp.replace(tzinfo=UTC).timestamp()
 
     def anomaly_scores(self, snapshots: list[dict[str, float]]) -> np.ndarray:
         """Higher is more anomalous; one micro-batch call (a one-row call costs as much as thousands)."""

@@ -20,6 +20,11 @@ class Repository:
         self._engine = engine
         self._clock = clock
 
+    @property
+    def engine(self) -> Engine:
+        """The engine this repository reads and writes through (other repositories may share it)."""
+        return self._engine
+
     def close(self) -> None:
         """Close every pooled connection (the repository can still be used: it reconnects on demand)."""
         self._engine.dispose()

@@ -129,14 +129,6 @@ class OutboxStore(Repository):
         with self._engine.connect() as connection:
             return [_queued(row) for row in connection.execute(query)]
 
-    def counts(self) -> dict[tuple[str, str], int]:
-        """The number of notifications per (sink, status)."""
-        query = select(NotificationRow.sink, NotificationRow.status, func.count()).group_by(
-            NotificationRow.sink, NotificationRow.status
-        )
-        with self._engine.connect() as connection:
-            return {(sink, status): count for sink, status, count in connection.execute(query)}
-
     def retry_failed(self, sink: str | None = None) -> int:
         """Put failed notifications (of one sink, or all) back in their queue; return how many.
 

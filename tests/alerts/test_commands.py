@@ -28,7 +28,7 @@ def jsonl(text: str) -> list[dict[str, object]]:
 def open_alert(url: str, client: str = "client-a") -> int:
     """Open an alert that notified the webhook; return its id."""
     store = AlertStore(create_engine_for(url), policy=NotificationPolicy(sinks=("webhook",)))
-    with store._engine.begin() as connection:
+    with store.engine.begin() as connection:
         [change] = store.record(connection, [detection(client)]).changes
     return change.alert_id
 

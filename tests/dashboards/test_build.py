@@ -22,9 +22,9 @@ from detector.dashboards import (
     build_dashboards,
     write_dashboards,
 )
-from detector.dashboards.builder import variables_in
 from detector.metrics import PREFIX, Metrics
 from detector.storage.tables import Base
+from tests.dashboards.templates import variables_in
 
 COMMITTED = Path(__file__).resolve().parents[2] / "dashboards"
 REGENERATE = (
@@ -243,7 +243,7 @@ def test_links_lead_to_dashboards_that_exist() -> None:
 def exported_metric_names() -> set[str]:
     """Every series name the detector's `Metrics` can expose, labelled children not yet created included."""
     metrics = Metrics()
-    metrics.set_model("20261129T000000Z-fpr0.001")  # the model's age has no series without a model
+    metrics.set_model("20261129T000000Z-fpr0.001", trained_at=1_764_374_400.0)  # no age without a model
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "info": ("_info",)}
     return {
         family.name + suffix

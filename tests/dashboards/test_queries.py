@@ -31,6 +31,7 @@ from detector.service import StopFlag, open_engine, produce_file, run_daemon, tr
 from detector.simulate import simulate
 from detector.simulate.sample import MALFORMED
 from detector.storage import SilenceStore
+from tests.dashboards.templates import VARIABLE, variable_name
 from tests.dashboards.test_build import Query, queries
 from tests.prometheus import JOB, prometheus_binary, query, running_prometheus, wait_for
 from tests.support import fresh_postgres_database, make_settings, missing_tool
@@ -208,7 +209,6 @@ def deployment(
 
 # -- Grafana's substitutions ---------------------------------------------------------------------------------
 
-_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 # Grafana's pattern for a macro call (`sExpr` in macros.go): arguments cannot contain a parenthesis.
 _MACRO = re.compile(r"\$(__\w+)\(([^)]*)\)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -220,7 +220,7 @@ def substitute(text: str, values: dict[str, str]) -> str:
     left for `expand_macros`; an unknown variable is an error."""
 
     def replace(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
+        name = variable_name(match)
         if name.startswith("__") and text[match.end() : match.end() + 1] == "(":
             return match.group(0)
         if name not in values:
@@ -229,7 +229,7 @@ def substitute(text: str, values: dict[str, str]) -> str:
             return "'" + values[name].replace("'", "''") + "'"
         return values[name]
 
-    return _VARIABLE.sub(replace, text)
+    return VARIABLE.sub(replace, text)
 
 
 def sql_list(values: list[str]) -> str:

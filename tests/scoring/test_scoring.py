@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +167,14 @@ def test_a_saved_model_loads_back_and_scores_the_same(tmp_path: Path) -> None:
     assert loaded.rule_thresholds == model.rule_thresholds and loaded.version == model.version
     probe = client_after(augmentation_probe(Stream("p"))).snapshot()
     assert loaded.percentile("probing.burst_clusters", probe["probing.burst_clusters"]) == 100.0
+
+
+def test_a_model_knows_when_it_was_trained_from_its_version() -> None:
+    model = ScoringModel.fit(baseline_trajectories(), RULES, 0.01, scales={})
+    assert model.trained_at is not None and abs(model.trained_at - time.time()) < 120
+
+    assert replace(model, version="20251129T080000Z-fpr0.001").trained_at == 1_764_403_200.0
+    assert replace(model, version="hand-made").trained_at is None
 
 
 def test_a_tampered_or_foreign_model_is_refused_before_anything_is_deserialised(tmp_path: Path) -> None:

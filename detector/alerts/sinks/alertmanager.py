@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 
 from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
-from detector.alerts.sinks.base import describe_reason, format_time, post_json
+from detector.alerts.sinks.base import describe_reason, post_json
+from detector.model import rfc3339
 
 # How long a test alert stays active: long enough to see it in the Alertmanager UI and its receivers.
 TEST_ALERT_SECONDS = 300.0
@@ -104,14 +105,14 @@ class AlertmanagerSink:
             "clients": ",".join(alert.client_ids),
         }
         if alert.acknowledged_at is not None:
-            annotations["acknowledged_at"] = format_time(alert.acknowledged_at)
+            annotations["acknowledged_at"] = rfc3339(alert.acknowledged_at.timestamp())
         # Alertmanager refuses an alert that ends before it starts (clocks of two hosts may disagree).
         ends_at = max(ends_at, alert.raised_at)
-        body: dict[str, Any] = {"labels": labels, "startsAt": format_time(alert.raised_at)}
+        body: dict[str, Any] = {"labels": labels, "startsAt": rfc3339(alert.raised_at.timestamp())}
         if notification.dashboard_url:
             annotations["dashboard"] = notification.dashboard_url
             body["generatorURL"] = notification.dashboard_url
         # Alertmanager drops empty annotations anyway; leaving them out keeps the body honest.
         body["annotations"] = {key: value for key, value in annotations.items() if value}
-        body["endsAt"] = format_time(ends_at)
+        body["endsAt"] = rfc3339(ends_at.timestamp())
         return body

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
@@ -12,6 +12,7 @@ import orjson
 
 from detector.alerts.notification import AlertReason, Notification
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Statuses that say "try again later"; every other 4xx says the request itself is wrong.
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 # How much of a receiver's error body goes into the recorded error.
@@ -84,11 +85,18 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def format_time(moment: datetime) -> str:
-    """`moment` as RFC 3339 in UTC to the millisecond (`2024-05-01T12:00:00.000Z`); naive times are UTC."""
+def epoch_ms(moment: datetime) -> int:
+    """Milliseconds since the Unix epoch, exactly (no float rounding); naive times are UTC."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def readable_time(moment: datetime) -> str:
+    """`moment` for people, in UTC to the second (`2024-05-01 12:00:00 UTC`); naive times are UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def describe_reason(reason: AlertReason) -> str:

@@ -24,11 +24,11 @@ prediction API's callers (model, client ids) is escaped. The token needs the Edi
 from __future__ import annotations
 
 import html
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
-from detector.alerts.sinks.base import DeliveryError, describe_reason
+from detector.alerts.sinks.base import DeliveryError, describe_reason, epoch_ms, readable_time
 from detector.dashboards.grafana import GrafanaClient, GrafanaError
 
 TAG = PRODUCT  # on every annotation of ours: what dashboards filter on
@@ -38,13 +38,6 @@ MAX_CLIENTS = 10
 REASONS = 3
 # The dashboard link opens on the alert's time range with this much margin either side.
 LINK_MARGIN = timedelta(minutes=15)
-
-
-def _ms(moment: datetime) -> int:
-    """Milliseconds since the epoch; naive times are UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
 
 
 def identity_tag(notification: Notification) -> str:
@@ -80,7 +73,7 @@ def annotation_text(notification: Notification) -> str:
     if notification.previous_severity is not None and notification.previous_severity != alert.severity:
         state += f", escalated from {notification.previous_severity.value}"
     if alert.resolved_at is not None:
-        state += f" at {_utc(alert.resolved_at)}"
+        state += f" at {readable_time(alert.resolved_at)}"
     lines.append(f"Status: {escape(state)}")
     lines.append(
         escape(
@@ -109,8 +102,8 @@ def dashboard_link(notification: Notification) -> str | None:
     if "from" in parse_qs(parts.query):
         return url
     alert = notification.alert
-    start = _ms(alert.first_seen - LINK_MARGIN)
-    end: int | str = _ms(alert.resolved_at + LINK_MARGIN) if alert.resolved_at is not None else "now"
+    start = epoch_ms(alert.first_seen - LINK_MARGIN)
+    end: int | str = epoch_ms(alert.resolved_at + LINK_MARGIN) if alert.resolved_at is not None else "now"
     separator = "&" if parts.query else ("" if url.endswith("?") else "?")
     return f"{url}{separator}{urlencode({'from': start, 'to': end})}"
 
@@ -130,10 +123,10 @@ class GrafanaAnnotationSink:
         alert = notification.alert
         tags = annotation_tags(notification)
         text = annotation_text(notification)
-        start = _ms(alert.raised_at)
+        start = epoch_ms(alert.raised_at)
         end: int | None = None
         if notification.event is NotificationEvent.RESOLVED:
-            end = max(start, _ms(alert.resolved_at or notification.created_at))
+            end = max(start, epoch_ms(alert.resolved_at or notification.created_at))
         try:
             found = self._client.find_annotations([TAG, identity_tag(notification)])
             if not found:
@@ -158,9 +151,3 @@ class GrafanaAnnotationSink:
     def close(self) -> None:
         """Close the connection pool; safe to call more than once."""
         self._client.close()
-
-
-def _utc(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

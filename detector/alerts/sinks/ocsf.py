@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from kafka.errors import KafkaError
 from detector import __version__
 from detector.alerts.model import Severity
 from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
-from detector.alerts.sinks.base import DeliveryError, describe_reason
+from detector.alerts.sinks.base import DeliveryError, describe_reason, epoch_ms
 from detector.ingest.kafka import client_options
 from detector.settings import KafkaSettings
 
@@ -51,7 +50,6 @@ TAIL_BYTES = 64 * 1024
 
 # finding_info.uid is a UUID derived from the alert, so that it is the same on every notification of it.
 _FINDING_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:mia-detector:ocsf:finding")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # activity_id: 1 Create, 2 Update, 3 Close.
 _ACTIVITIES: dict[NotificationEvent, tuple[int, str]] = {
@@ -111,10 +109,10 @@ def detection_finding(notification: Notification, *, product_version: str) -> di
         "title": notification.title,
         "desc": "; ".join([notification.summary, *map(describe_reason, notification.top_reasons())]),
         "types": [alert.kind.value],
-        "created_time": _epoch_ms(alert.raised_at),
-        "modified_time": _epoch_ms(notification.created_at),
-        "first_seen_time": _epoch_ms(alert.first_seen),
-        "last_seen_time": _epoch_ms(alert.last_seen),
+        "created_time": epoch_ms(alert.raised_at),
+        "modified_time": epoch_ms(notification.created_at),
+        "first_seen_time": epoch_ms(alert.first_seen),
+        "last_seen_time": epoch_ms(alert.last_seen),
         "analytic": {"name": alert.rule_id, "uid": alert.rule_id, "type_id": 1, "type": "Rule"},
         "attacks": [_attack(alert.atlas_technique)],
     }
@@ -149,7 +147,7 @@ def detection_finding(notification: Notification, *, product_version: str) -> di
         "activity_name": activity_name,
         "type_uid": CLASS_UID * 100 + activity_id,
         "type_name": f"Detection Finding: {activity_name}",
-        "time": _epoch_ms(notification.created_at),
+        "time": epoch_ms(notification.created_at),
         "severity_id": severity_id,
         "severity": severity,
         "status_id": status_id,
@@ -159,8 +157,8 @@ def detection_finding(notification: Notification, *, product_version: str) -> di
         "risk_level_id": risk_level_id,
         "risk_level": risk_level,
         "count": alert.queries,  # queries by the client(s) between start_time and end_time
-        "start_time": _epoch_ms(alert.first_seen),
-        "end_time": _epoch_ms(alert.last_seen),
+        "start_time": epoch_ms(alert.first_seen),
+        "end_time": epoch_ms(alert.last_seen),
         "finding_info": finding_info,
         "metadata": metadata,
         "resources": [model],
@@ -214,13 +212,6 @@ def _entity(technique_id: str) -> dict[str, str]:
         entity["name"] = _ATLAS_TECHNIQUES[technique_id]
         entity["src_url"] = _ATLAS_URL + technique_id
     return entity
-
-
-def _epoch_ms(moment: datetime) -> int:
-    """Milliseconds since the Unix epoch; naive times are UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
 class OcsfFileSink:

@@ -14,7 +14,8 @@ import httpx
 
 from detector.alerts.model import Severity
 from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
-from detector.alerts.sinks.base import describe_reason, format_time, post_json
+from detector.alerts.sinks.base import describe_reason, post_json
+from detector.model import rfc3339
 
 EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
@@ -82,7 +83,7 @@ class PagerDutySink:
             # The affected system is the model's prediction API; the attack pattern is the class.
             "source": alert.model,
             "severity": "info" if test else _SEVERITIES[alert.severity],
-            "timestamp": format_time(notification.created_at),
+            "timestamp": rfc3339(notification.created_at.timestamp()),
             "component": alert.rule_id,
             "group": PRODUCT,
             "class": "test" if test else alert.kind.value,
@@ -116,8 +117,8 @@ def _details(notification: Notification) -> dict[str, Any]:
         "reasons": [describe_reason(reason) for reason in alert.reasons],
         "evidence": alert.evidence,
         "triage": alert.triage,
-        "first_seen": format_time(alert.first_seen),
-        "last_seen": format_time(alert.last_seen),
+        "first_seen": rfc3339(alert.first_seen.timestamp()),
+        "last_seen": rfc3339(alert.last_seen.timestamp()),
         "alert_id": alert.id,
         "idempotency_key": notification.idempotency_key,
     }

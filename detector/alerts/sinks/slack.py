@@ -7,13 +7,12 @@ that text instead of pinging the channel, and a client id cannot smuggle in a li
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
 from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
-from detector.alerts.sinks.base import describe_reason, post_json
+from detector.alerts.sinks.base import describe_reason, post_json, readable_time
 
 # Block Kit limits (https://api.slack.com/reference/block-kit/blocks).
 MAX_HEADER_CHARS = 150
@@ -105,8 +104,8 @@ class SlackSink:
             ("Rule", f"{alert.rule_id} ({alert.atlas_technique})"),
             ("Score", f"{alert.score:.3g} (threshold {alert.threshold:.3g})"),
             ("Queries", str(alert.queries)),
-            ("First seen", _utc(alert.first_seen)),
-            ("Last seen", _utc(alert.last_seen)),
+            ("First seen", readable_time(alert.first_seen)),
+            ("Last seen", readable_time(alert.last_seen)),
         ]
         blocks: list[dict[str, Any]] = [
             # plain_text is never parsed for links or mentions, so the title needs no escaping here.
@@ -146,9 +145,3 @@ def _section(label: str, value: str) -> dict[str, Any]:
     prefix = f"*{label}*\n"
     text = prefix + _escaped(value, MAX_SECTION_CHARS - len(prefix))
     return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
-
-
-def _utc(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
