@@ -27,23 +27,32 @@ from rich.table import Table
 
 from detector import __version__
 from detector.alerts import AlertKind, AlertStatus
-from detector.alerts.model import Detection
+from detector.alerts.model import Detection, Reason
 from detector.ingest.records import RawRecord
 from detector.logs import configure_logging
 from detector.model import rfc3339
 from detector.sessions import SessionState
 from detector.settings import ConfigError, Settings, load_settings
+from detector.text import json_line, terminal_text, visible
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
+    from detector.alerts.notification import AlertReason
     from detector.storage import AlertStore, AlertUpdate, StoredAlert
+    from detector.storage.alerts import AlertChange
 
 log = logging.getLogger("detector")
+alert_log = logging.getLogger("detector.alerts")
 
-stderr = Console(stderr=True)
+# What is printed quotes client ids, model names and other text from the prediction API's callers: rich must
+# never read it as markup (`[link=...]`, or a `[/]` that ends the program) or emoji codes. Such text is also
+# shown through `visible`, or as `terminal_text` in tables, so that no control character reaches the terminal.
+# Lines on stderr are never broken at the console's width: log lines (which a progress bar passes through
+# this console) must stay one line each.
+stderr = Console(stderr=True, markup=False, emoji=False, soft_wrap=True)
 # Piped listings keep whole values instead of being squeezed to 80 columns.
-stdout = Console() if sys.stdout.isatty() else Console(width=240)
+stdout = Console(markup=False, emoji=False, width=None if sys.stdout.isatty() else 240)
 
 
 class OutputFormat(StrEnum):
@@ -138,20 +147,47 @@ def _progress(description: str, total: int | None, unit_bytes: bool) -> Iterator
         yield advance
 
 
-def _print_alerts(opened: list[tuple[Any, Detection]]) -> None:
-    """One line per newly opened alert: who, what, how sure, and the top reasons."""
-    for _, detection in opened:
-        reasons = ", ".join(
-            f"{reason.feature}={reason.value:g}"
-            + (f" (p{reason.baseline_percentile:.0f})" if reason.baseline_percentile is not None else "")
-            for reason in detection.reasons[:3]
-        )
-        clients = ",".join(detection.client_ids)
-        stderr.print(
-            f"[bold red]ALERT[/] {detection.severity.value:<8} {detection.kind.value:<22} client={clients} "
-            f"model={detection.model} score={detection.score:g} (threshold {detection.threshold:g})"
-            f" {reasons}",
-            highlight=False,
+def _describe_reason(reason: Reason | AlertReason) -> str:
+    """`feature=value (pNN)`, NN the baseline percentile, the feature as `visible` shows it."""
+    text = f"{visible(reason.feature)}={reason.value:.4g}"
+    if reason.baseline_percentile is None:
+        return text
+    return f"{text} (p{reason.baseline_percentile:.4g})"
+
+
+def _log_alerts(opened: list[tuple[AlertChange, Detection]]) -> None:
+    """One log record per newly opened alert (WARNING, logger `detector.alerts`), one line in either log
+    format: who, what, how sure, and the top reasons, with names shown as `visible` shows them.
+
+    The record's fields hold the facts exactly, for JSON logs: `alert_id`, `kind`, `severity`, `model`,
+    `client_ids`, `rule_id`, `score`, `threshold`, `queries`, `top_reason`, and the event times (RFC 3339)
+    `first_seen` and `detected_at` (of the query the alert was raised on).
+    """
+    for change, detection in opened:
+        reasons = [_describe_reason(reason) for reason in detection.reasons[:3]]
+        alert_log.warning(
+            "ALERT %-8s %-22s client=%s model=%s score=%.4g (threshold %.4g) %s",
+            detection.severity.value,
+            detection.kind.value,
+            visible(",".join(detection.client_ids)),
+            visible(detection.model),
+            detection.score,
+            detection.threshold,
+            ", ".join(reasons),
+            extra={
+                "alert_id": change.alert_id,
+                "kind": detection.kind.value,
+                "severity": detection.severity.value,
+                "model": detection.model,
+                "client_ids": list(detection.client_ids),
+                "rule_id": detection.rule_id,
+                "score": detection.score,
+                "threshold": detection.threshold,
+                "queries": detection.queries,
+                "top_reason": reasons[0] if reasons else None,
+                "first_seen": rfc3339(detection.first_seen),
+                "detected_at": rfc3339(detection.last_seen),
+            },
         )
 
 
@@ -187,7 +223,7 @@ def run(
     settings = _settings(ctx, kafka={"topics": list(topics) or None, "group_id": group_id})
     stop = StopFlag()
     with stop.on_signals():
-        stats = run_daemon(settings, stop, idle_exit_seconds=exit_when_idle, on_alerts=_print_alerts)
+        stats = run_daemon(settings, stop, idle_exit_seconds=exit_when_idle, on_alerts=_log_alerts)
     log.info("stopped: %s", _summary(stats))
 
 
@@ -204,8 +240,8 @@ def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
             raise click.BadParameter(f"no such file: {name}", param_hint="FILES")
     settings = _settings(ctx)
     with _progress("replaying", total_bytes(files), unit_bytes=True) as advance:
-        stats = replay_files(settings, files, progress=advance, on_alerts=_print_alerts)
-    stderr.print(_summary(stats))
+        stats = replay_files(settings, files, progress=advance, on_alerts=_log_alerts)
+    log.info("replayed: %s", _summary(stats))
 
 
 # The simulator's scenarios, named here so that `--help` does not have to import scikit-learn.
@@ -334,7 +370,7 @@ def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_secon
     settings = _settings(ctx, kafka={"session_timeout_ms": 6000})
     stop = StopFlag()
     with stop.on_signals():
-        result = run_demo(settings, workdir, scenario, seed, idle_seconds, stop, on_alerts=_print_alerts)
+        result = run_demo(settings, workdir, scenario, seed, idle_seconds, stop, on_alerts=_log_alerts)
     stderr.print(
         f"{result.simulation.scenario}: {result.produced} records streamed through the broker at "
         f"{result.bootstrap_servers}; daemon: {_summary(result.stats)}",
@@ -365,7 +401,7 @@ def _print_evaluation(result: Any) -> None:
         table.add_column(column, justify="left" if column == "attack kind" else "right")
     for kind in result.kinds:
         table.add_row(
-            kind.kind,
+            terminal_text(kind.kind),
             str(kind.attackers),
             format_share(kind.detected_share),
             format_share(kind.matched_share),
@@ -456,7 +492,6 @@ def index_training(file: Path, out: Path) -> None:
     where = "stored in the file" if key is None else f"not stored (taken from {KEY_ENVIRONMENT_VARIABLE})"
     stderr.print(
         f"indexed {index.size} rows of width {index.width} into {out}; key {where}",
-        markup=False,
         highlight=False,
         soft_wrap=True,
     )
@@ -494,17 +529,19 @@ def _session_row(session: SessionState) -> dict[str, Any]:
 
 
 def _print_rows(rows: Iterable[dict[str, Any]], fmt: str, columns: list[str], title: str) -> None:
+    """`rows` as JSON Lines (each line exactly its row, every character printable: `json_line`), or as a
+    table of `columns`, every cell shown as `terminal_text` shows it."""
     if fmt == OutputFormat.JSONL:
         out = sys.stdout.buffer
         for row in rows:
-            out.write(orjson.dumps(row) + b"\n")
+            out.write(json_line(row).encode() + b"\n")
         out.flush()
         return
     table = Table(title=title)
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(row[column]) if row[column] is not None else "" for column in columns))
+        table.add_row(*(terminal_text("" if row[column] is None else str(row[column])) for column in columns))
     stdout.print(table)
 
 
@@ -606,13 +643,7 @@ def _alert_record(alert: StoredAlert) -> dict[str, Any]:
 
 def _top_reason(alert: StoredAlert) -> str:
     """The first line of the explanation: `feature=value (pNN)`, NN the baseline percentile."""
-    if not alert.reasons:
-        return ""
-    reason = alert.reasons[0]
-    text = f"{reason.feature}={reason.value:.4g}"
-    if reason.baseline_percentile is None:
-        return text
-    return f"{text} (p{reason.baseline_percentile:.4g})"
+    return _describe_reason(alert.reasons[0]) if alert.reasons else ""
 
 
 @app.group("alerts")
@@ -716,7 +747,7 @@ def alerts_silence(
             rule_id=rule,
         )
     until = rfc3339(silence.expires_at.timestamp())
-    stderr.print(f"silence {silence.id} ({silence.describe()}) until {until}")
+    stderr.print(f"silence {silence.id} ({visible(silence.describe())}) until {until}")
 
 
 @alerts_group.command("silences")
@@ -815,9 +846,9 @@ def alerts_test(ctx: click.Context) -> None:
             sink.deliver(notification)
         except DeliveryError as exc:
             failed += 1
-            stdout.print(f"{sink.name}: FAILED: {exc}", markup=False, highlight=False)
+            stdout.print(f"{sink.name}: FAILED: {visible(str(exc))}", highlight=False)
         else:
-            stdout.print(f"{sink.name}: delivered", markup=False, highlight=False)
+            stdout.print(f"{sink.name}: delivered", highlight=False)
         finally:
             sink.close()
     if failed:
@@ -1031,12 +1062,10 @@ def dashboards_push(
     for change in report.changes:
         note = f" ({change.note})" if change.note else ""
         link = f"  {client.address.link(change.url)}" if change.kind == "dashboard" and change.url else ""
-        stdout.print(
-            f"{change.action:<9} {change.kind:<10} {change.uid}  {change.title}{note}{link}",
-            markup=False,
-            highlight=False,
-        )
-    stderr.print(f"pushed to {client.address.base_url}: {report.summary}", markup=False, highlight=False)
+        # Titles, uids and notes come from the Grafana server.
+        line = f"{change.action:<9} {change.kind:<10} {change.uid}  {change.title}{note}{link}"
+        stdout.print(visible(line), highlight=False, soft_wrap=True)
+    stderr.print(f"pushed to {client.address.base_url}: {report.summary}", highlight=False)
 
 
 # -- entry point ---------------------------------------------------------------------------------------------
@@ -1044,7 +1073,8 @@ def dashboards_push(
 
 def _fail(message: str, code: int) -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
-    stderr.print(f"mia-detector: error: {first_line}", markup=False, highlight=False, soft_wrap=True)
+    # Errors may quote what they failed on: a client id given on the command line, a value from a record.
+    stderr.print(f"mia-detector: error: {visible(first_line)}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
 
 
@@ -1055,6 +1085,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from detector.broker import BrokerError
     from detector.scoring.model import ModelError
+    from detector.storage.errors import StorageError, describe
 
     try:
         code = app.main(args=argv, prog_name="mia-detector", standalone_mode=False)
@@ -1068,8 +1099,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), 1)
     except KafkaError as exc:
         _fail(f"Kafka: {exc}", 1)
+    except StorageError as exc:
+        _fail(f"database: {exc}", 1)
     except SQLAlchemyError as exc:
-        _fail(f"database: {exc.__class__.__name__}: {exc}", 1)
+        _fail(f"database: {describe(exc)}", 1)
     except OSError as exc:
         _fail(str(exc), 1)
     raise SystemExit(code if isinstance(code, int) else 0)

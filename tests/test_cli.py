@@ -9,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 
 from detector.broker import EmbeddedBroker
 from detector.service import open_store, produce_file, replay
-from detector.simulate.sample import write_sample
+from detector.simulate.sample import START, oip_record, write_sample
 from tests.support import make_settings, unique
 
 
@@ -202,3 +203,91 @@ def test_the_command_line_offers_every_simulator_scenario() -> None:
     from detector.simulate import SCENARIOS
 
     assert sorted(SCENARIO_NAMES) == sorted(SCENARIOS)
+
+
+# A client id as an attacker would choose it: rich markup that does not parse (`[/]`) and a rich link, a
+# terminal escape sequence clearing the screen and an OSC 8 hyperlink, a newline followed by a line that is
+# valid JSON, and a bidirectional override.
+HOSTILE_CLIENT = (
+    "evil[/]x [link=https://attacker.example]click[/link] \x1b[2J\x1b]8;;https://attacker.example\x07here"
+    '\x1b]8;;\x07\n{"level":"error","logger":"forged","message":"FORGED"} \u202egnp.exe'
+)
+# How it is shown: every control character as its escape, the rest as it is.
+HOSTILE_SHOWN = (
+    r"evil[/]x [link=https://attacker.example]click[/link] \x1b[2J\x1b]8;;https://attacker.example\x07here"
+    r'\x1b]8;;\x07\n{"level":"error","logger":"forged","message":"FORGED"} \u202egnp.exe'
+)
+
+
+def write_prober(path: Path, client: str) -> None:
+    """An augmentation prober's traffic, which opens an alert even without a trained model: 12 records, each
+    followed by 8 label-only variants of itself with a little noise."""
+    rng = np.random.default_rng(5)
+    scale = rng.uniform(0.5, 50.0, 30).astype(np.float32)
+    probs = np.array([[0.8, 0.2]], dtype=np.float32)
+    at = START
+    with path.open("wb") as out:
+        for record in range(12):
+            base = rng.normal(size=30) * scale
+            for variant in range(9):
+                row = base if variant == 0 else base + rng.normal(size=30) * scale * 0.02
+                event_id = f"probe-{record}-{variant}"
+                event = oip_record(event_id, at, client, row[None, :], probs, want_probabilities=False)
+                out.write(orjson.dumps(event) + b"\n")
+                at += 0.2
+            at += 5.0
+
+
+def test_a_hostile_client_id_is_shown_escaped_in_the_terminal(sqlite_url: str, tmp_path: Path) -> None:
+    events = tmp_path / "hostile.jsonl"
+    write_prober(events, HOSTILE_CLIENT)
+    env = cli_env(MIA_DATABASE_URL=sqlite_url)
+
+    replayed = mia("replay", str(events), env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    [alert_line] = [line for line in replayed.stderr.splitlines() if "ALERT" in line]
+    assert f"client={HOSTILE_SHOWN} model=credit-risk" in alert_line
+    assert "1 alerts opened" in replayed.stderr
+
+    listings = [mia(*command, env=env) for command in (["alerts", "list"], ["sessions", "list"])]
+    for shown in [replayed, *listings]:
+        assert shown.returncode == 0, shown.stderr
+        output = shown.stdout + shown.stderr
+        # No escape sequence reaches the terminal (and so no hyperlink), and the markup is shown as text.
+        assert "\x1b" not in output and "\u202e" not in output
+        assert "[link=https://attacker.example]click[/link]" in output
+        assert not any(line.lstrip().startswith('{"level"') for line in output.splitlines())
+    for listing in listings:  # tables may wrap a long cell, but at its spaces
+        assert all(part in listing.stdout for part in (r"evil[/]x", r"\x1b[2J\x1b]8;;", r"\u202egnp.exe"))
+
+    exported = mia("alerts", "list", "--format", "jsonl", env=env)
+    assert all(line.isprintable() for line in exported.stdout.split("\n"))
+    [row] = [orjson.loads(line) for line in exported.stdout.splitlines()]
+    assert row["client_id"] == HOSTILE_CLIENT  # escaped on the way out, exactly itself once parsed
+
+
+def test_with_json_logs_every_stderr_line_is_one_json_object_even_for_a_hostile_client_id(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    events = tmp_path / "hostile.jsonl"
+    write_prober(events, HOSTILE_CLIENT)
+
+    replayed = mia("--log-format", "json", "replay", str(events), env=cli_env(MIA_DATABASE_URL=sqlite_url))
+    assert replayed.returncode == 0, replayed.stderr
+    lines = replayed.stderr.split("\n")
+    assert lines[-1] == ""
+    logged = [orjson.loads(line) for line in lines[:-1]]
+    assert all({"time", "level", "logger", "message"} <= set(entry) for entry in logged)
+    # The newline in the client id did not start a record of its own.
+    assert [entry for entry in logged if entry["logger"] == "forged"] == []
+    [alert] = [entry for entry in logged if entry["logger"] == "detector.alerts"]
+    assert alert["level"] == "warning" and alert["client_ids"] == [HOSTILE_CLIENT]
+    assert (alert["kind"], alert["severity"], alert["model"]) == (
+        "augmentation_probing",
+        "high",
+        "credit-risk",
+    )
+    assert isinstance(alert["alert_id"], int) and alert["top_reason"].startswith("probing.")
+    assert alert["first_seen"].endswith("Z") and alert["detected_at"] >= alert["first_seen"]
+    assert HOSTILE_SHOWN in alert["message"]
+    assert any("108 records" in entry["message"] for entry in logged)
