@@ -13,8 +13,20 @@ from urllib.parse import urlencode
 from pydantic import BaseModel, ConfigDict, Field
 
 from detector.alerts.model import AlertKind, AlertStatus, Severity
+from detector.text import shorten, visible
 
 PRODUCT = "mia-detector"
+# The input contract's limit on client ids, model names and event ids (`detector.model`): a name that has to
+# be cut to this never came from a valid record.
+NAME_CHARS = 256
+MAX_SUMMARY_CHARS = 1024
+
+
+def display_name(name: str) -> str:
+    """A client id, model name, event id or feature name as people are shown it: on one line with every
+    control and format character shown as an escape (`detector.text.visible`), at most `NAME_CHARS`
+    characters. Such names come from the prediction API's callers; an ordinary one is returned as it is."""
+    return shorten(visible(name), NAME_CHARS)
 
 
 class NotificationEvent(StrEnum):
@@ -87,19 +99,25 @@ class Notification(BaseModel):
 
     @property
     def title(self) -> str:
-        """A short headline: `[HIGH] training set targeting on credit-risk by client-17`."""
+        """A short headline on one line: `[HIGH] training set targeting on credit-risk by client-17`; the
+        model and client as `display_name` shows them."""
         alert = self.alert
-        clients = alert.client_id if len(alert.client_ids) == 1 else f"{len(alert.client_ids)} clients"
+        if len(alert.client_ids) == 1:
+            clients = display_name(alert.client_id)
+        else:
+            clients = f"{len(alert.client_ids)} clients"
         kind = alert.kind.value.replace("_", " ")
         prefix = "[TEST] " if self.event is NotificationEvent.TEST else ""
-        return f"{prefix}[{alert.severity.value.upper()}] {kind} on {alert.model} by {clients}"
+        return f"{prefix}[{alert.severity.value.upper()}] {kind} on {display_name(alert.model)} by {clients}"
 
     @property
     def summary(self) -> str:
-        """The title with what happened and why, in one line (PagerDuty caps summaries at 1024 chars)."""
+        """The title with what happened and why, on one line of at most `MAX_SUMMARY_CHARS` characters
+        (PagerDuty's limit)."""
         alert = self.alert
-        why = f"rule {alert.rule_id} scored {alert.score:.3g} (threshold {alert.threshold:.3g})"
-        return f"{self.title}: {self.event.value}; {why}; {alert.queries} queries"[:1024]
+        why = f"rule {visible(alert.rule_id)} scored {alert.score:.3g} (threshold {alert.threshold:.3g})"
+        text = f"{self.title}: {self.event.value}; {why}; {alert.queries} queries"
+        return shorten(text, MAX_SUMMARY_CHARS)
 
     def top_reasons(self, count: int = 3) -> list[AlertReason]:
         """The first `count` reasons, as detection ordered them (most telling first)."""

@@ -5,6 +5,11 @@ Alertmanager identifies an alert by its label set, so the labels of one alert at
 client), `alert_id` and `service`. Everything that may change between notifications of one alert (the rule
 that fired last, the evidence, the explanation) goes into annotations.
 
+Model names, client ids and event ids come from the prediction API's callers, and Alertmanager's receivers
+put labels and annotations into mails, chat messages and pages: every one of them is shown as
+`display_name` shows it (one line, control characters as escapes, at most 256 characters), a group of more
+than `MAX_CLIENTS` clients is cut, and every annotation has at most `MAX_STRING_CHARS` characters.
+
 An open alert is posted with `endsAt` `hold_seconds` ahead: it stays active while the detector keeps
 re-sending it and expires by itself should the detector die. An escalation also posts the alert at its
 previous severity with `endsAt` now, so that the lower-severity instance resolves instead of lingering; a
@@ -19,12 +24,15 @@ from typing import Any
 
 import httpx
 
-from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
-from detector.alerts.sinks.base import describe_reason, post_json
+from detector.alerts.notification import PRODUCT, Notification, NotificationEvent, display_name
+from detector.alerts.sinks.base import MAX_STRING_CHARS, describe_reason, post_json
 from detector.model import rfc3339
+from detector.text import shorten
 
 # How long a test alert stays active: long enough to see it in the Alertmanager UI and its receivers.
 TEST_ALERT_SECONDS = 300.0
+# Client ids listed in the `clients` annotation; the rest are counted.
+MAX_CLIENTS = 100
 
 
 def _utcnow() -> datetime:
@@ -90,19 +98,22 @@ class AlertmanagerSink:
         labels = {
             "alertname": "MiaDetectorTest" if test else alert_name(alert.kind.value),
             "severity": severity,
-            "model": alert.model,
+            "model": display_name(alert.model),
             "kind": alert.kind.value,
-            "client": alert.client_id,
+            "client": display_name(alert.client_id),
             "alert_id": str(alert.id),
             "service": PRODUCT,
         }
+        clients = ",".join(map(display_name, alert.client_ids[:MAX_CLIENTS]))
+        if len(alert.client_ids) > MAX_CLIENTS:
+            clients += f" and {len(alert.client_ids) - MAX_CLIENTS} more"
         annotations = {
             "summary": notification.summary,
             "description": "\n".join(describe_reason(reason) for reason in notification.top_reasons()),
             "rule": alert.rule_id,
-            "evidence": ",".join(alert.evidence),
+            "evidence": ",".join(map(display_name, alert.evidence)),
             "triage": alert.triage,
-            "clients": ",".join(alert.client_ids),
+            "clients": clients,
         }
         if alert.acknowledged_at is not None:
             annotations["acknowledged_at"] = rfc3339(alert.acknowledged_at.timestamp())
@@ -113,6 +124,8 @@ class AlertmanagerSink:
             annotations["dashboard"] = notification.dashboard_url
             body["generatorURL"] = notification.dashboard_url
         # Alertmanager drops empty annotations anyway; leaving them out keeps the body honest.
-        body["annotations"] = {key: value for key, value in annotations.items() if value}
+        body["annotations"] = {
+            key: shorten(value, MAX_STRING_CHARS) for key, value in annotations.items() if value
+        }
         body["endsAt"] = rfc3339(ends_at.timestamp())
         return body

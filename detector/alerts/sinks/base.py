@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
-import orjson
 
-from detector.alerts.notification import AlertReason, Notification
+from detector.alerts.notification import AlertReason, Notification, display_name
+from detector.text import json_line, shorten
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Statuses that say "try again later"; every other 4xx says the request itself is wrong.
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 # How much of a receiver's error body goes into the recorded error.
 _ERROR_BODY_CHARS = 200
+# The longest string of a JSON payload. Nothing an alert holds comes near it (names have at most 256
+# characters, dedup keys 1024): it bounds what a receiver gets whatever the alert holds.
+MAX_STRING_CHARS = 4096
 
 
 class DeliveryError(Exception):
@@ -50,10 +54,12 @@ def post_json(
 ) -> httpx.Response:
     """POST `body` as JSON to `url`; return the response if its status is 2xx, else raise `DeliveryError`.
 
+    `body` is sent as it is when it is bytes, else as `detector.text.json_line` writes it: with every
+    character printable, so no receiver's log of the request has a line broken or a terminal code in it.
     Connection failures, timeouts, 408/425/429 and 5xx are transient; other statuses are permanent. The
     error names `sink`, never `url`, which may hold a secret (Slack webhook URLs do).
     """
-    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    content = body if isinstance(body, bytes) else json_line(body).encode()
     try:
         response = client.post(
             url, content=content, headers={"Content-Type": "application/json", **(headers or {})}
@@ -99,9 +105,22 @@ def readable_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def describe_reason(reason: AlertReason) -> str:
-    """One reason as a responder reads it: `distinct_training_hits = 57 (p99.9 of baseline)`."""
-    text = f"{reason.feature} = {reason.value:.4g}"
+def describe_reason(reason: AlertReason, name: Callable[[str], str] = display_name) -> str:
+    """One reason as a responder reads it: `distinct_training_hits = 57 (p99.9 of baseline)`, the feature
+    shown by `name`. Everything but the feature is letters, digits, spaces and `=().+-`."""
+    text = f"{name(reason.feature)} = {reason.value:.4g}"
     if reason.baseline_percentile is not None:
         text += f" (p{reason.baseline_percentile:g} of baseline)"
     return text
+
+
+def bounded(value: Any, limit: int = MAX_STRING_CHARS) -> Any:
+    """`value`, JSON-ready (dicts, lists, strings, numbers, None), with every string (keys included) longer
+    than `limit` cut to `limit` characters, the last of them `…`."""
+    if isinstance(value, str):
+        return shorten(value, limit)
+    if isinstance(value, dict):
+        return {shorten(str(key), limit): bounded(item, limit) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [bounded(item, limit) for item in value]
+    return value

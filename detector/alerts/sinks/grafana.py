@@ -17,8 +17,10 @@ first attempt made instead of adding a second one. A test notification is annota
 tags `mia-detector`, `test` and `test-<idempotency key>`.
 
 The text is HTML, which Grafana sanitises and shows in the annotation's tooltip; every value from the
-prediction API's callers (model, client ids) is escaped. The token needs the Editor role (or the
-`annotations:read` and `annotations:write` permissions) in the organization.
+prediction API's callers (model, client ids) is shown as `display_name` shows it (one line, control
+characters as escapes, at most 256 characters) and HTML-escaped, so it can neither add markup nor a link.
+The token needs the Editor role (or the `annotations:read` and `annotations:write` permissions) in the
+organization.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import html
 from datetime import timedelta
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
+from detector.alerts.notification import PRODUCT, Notification, NotificationEvent, display_name
 from detector.alerts.sinks.base import DeliveryError, describe_reason, epoch_ms, readable_time
 from detector.dashboards.grafana import GrafanaClient, GrafanaError
 
@@ -58,7 +60,7 @@ def annotation_tags(notification: Notification) -> list[str]:
         TAG,
         alert.kind.value,
         alert.severity.value,
-        alert.model[:MAX_TAG_CHARS],
+        display_name(alert.model)[:MAX_TAG_CHARS],
         identity_tag(notification),
     ]
     return list(dict.fromkeys(tags))  # a model named like a severity must not repeat a tag
@@ -81,7 +83,7 @@ def annotation_text(notification: Notification) -> str:
             f"(threshold {alert.threshold:.3g}) over {alert.queries} queries"
         )
     )
-    clients = ", ".join(alert.client_ids[:MAX_CLIENTS])
+    clients = ", ".join(map(display_name, alert.client_ids[:MAX_CLIENTS]))
     if len(alert.client_ids) > MAX_CLIENTS:
         clients += f" and {len(alert.client_ids) - MAX_CLIENTS} more"
     lines.append(f"Clients: {escape(clients)}")

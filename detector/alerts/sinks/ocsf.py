@@ -13,7 +13,10 @@ ids are `evidences[].actor.user.uid`, the event ids of the newest queries behind
 `evidences[].uid`, the model is in `resources`. What OCSF has no attribute for (score, threshold, the reasons)
 is in `unmapped`.
 
-The findings follow OCSF 1.6.0 (https://schema.ocsf.io/1.6.0/classes/detection_finding).
+The findings follow OCSF 1.6.0 (https://schema.ocsf.io/1.6.0/classes/detection_finding). The title, message
+and description show names as `display_name` shows them (one line, control characters as escapes); the
+ids in evidences and resources are kept as they are. No string of a finding is longer than
+`MAX_STRING_CHARS` characters, and the JSON written has every character printable (`detector.text.json_line`).
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from kafka.errors import KafkaError
 from detector import __version__
 from detector.alerts.model import Severity
 from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
-from detector.alerts.sinks.base import DeliveryError, describe_reason, epoch_ms
+from detector.alerts.sinks.base import DeliveryError, bounded, describe_reason, epoch_ms
 from detector.ingest.kafka import client_options
 from detector.settings import KafkaSettings
+from detector.text import json_line
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,8 @@ _ATLAS_URL = "https://atlas.mitre.org/techniques/"
 
 
 def detection_finding(notification: Notification, *, product_version: str) -> dict[str, Any]:
-    """`notification` as an OCSF 1.6.0 Detection Finding, a JSON-ready dict.
+    """`notification` as an OCSF 1.6.0 Detection Finding, a JSON-ready dict whose strings have at most
+    `MAX_STRING_CHARS` characters.
 
     Equal notifications give equal findings. `finding_info.uid` is derived from the alert's id and dedup
     key (from the idempotency key for a test notification, which never touches a real finding);
@@ -167,7 +172,8 @@ def detection_finding(notification: Notification, *, product_version: str) -> di
     }
     if alert.triage:
         finding["remediation"] = {"desc": alert.triage}
-    return finding
+    result: dict[str, Any] = bounded(finding)
+    return result
 
 
 def finding_uid(notification: Notification) -> str:
@@ -232,7 +238,8 @@ class OcsfFileSink:
     def deliver(self, notification: Notification) -> None:
         """Append `notification`'s finding unless it is already there; `DeliveryError` (transient) when the
         file cannot be written (permissions, a full disk, a directory in the way...)."""
-        line = orjson.dumps(detection_finding(notification, product_version=self._product_version)) + b"\n"
+        finding = detection_finding(notification, product_version=self._product_version)
+        line = json_line(finding).encode() + b"\n"
         try:
             self._append(notification.idempotency_key, line)
         except OSError as exc:
@@ -345,7 +352,7 @@ class OcsfKafkaSink:
 
     def deliver(self, notification: Notification) -> None:
         """Send `notification`'s finding and wait for the brokers' acknowledgement."""
-        value = orjson.dumps(detection_finding(notification, product_version=self._product_version))
+        value = json_line(detection_finding(notification, product_version=self._product_version)).encode()
         try:
             producer = self._connect()
             # Keyed by the finding, not the notification: one alert's findings share a partition and so

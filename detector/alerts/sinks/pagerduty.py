@@ -3,6 +3,11 @@
 Opened, updated, escalated and test notifications `trigger`; acknowledged ones `acknowledge` and resolved
 ones `resolve`. Every event of one alert carries the same `dedup_key`, so PagerDuty folds them into one
 incident and a retried request changes nothing.
+
+The summary and source are plain text that PagerDuty shows in pages, phone calls and mails: they are one line
+with control characters shown as escapes (model and client as `display_name` shows them), the summary at
+most 1024 characters. `custom_details` keeps the names as they are, in JSON, each string at most
+`MAX_STRING_CHARS` characters.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from typing import Any
 import httpx
 
 from detector.alerts.model import Severity
-from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
-from detector.alerts.sinks.base import describe_reason, post_json
+from detector.alerts.notification import PRODUCT, Notification, NotificationEvent, display_name
+from detector.alerts.sinks.base import bounded, describe_reason, post_json
 from detector.model import rfc3339
+from detector.text import shorten
 
 EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
@@ -79,15 +85,15 @@ class PagerDutySink:
         alert = notification.alert
         test = notification.event is NotificationEvent.TEST
         event["payload"] = {
-            "summary": notification.summary[:MAX_SUMMARY_LENGTH],
+            "summary": shorten(notification.summary, MAX_SUMMARY_LENGTH),
             # The affected system is the model's prediction API; the attack pattern is the class.
-            "source": alert.model,
+            "source": display_name(alert.model),
             "severity": "info" if test else _SEVERITIES[alert.severity],
             "timestamp": rfc3339(notification.created_at.timestamp()),
             "component": alert.rule_id,
             "group": PRODUCT,
             "class": "test" if test else alert.kind.value,
-            "custom_details": _details(notification),
+            "custom_details": bounded(_details(notification)),
         }
         event["client"] = PRODUCT
         if notification.dashboard_url:

@@ -1,18 +1,29 @@
 """Slack: notifications as Block Kit messages posted to an incoming webhook.
 
-Client ids and model names come from the prediction API's callers, so every piece of text Slack parses
-(mrkdwn and the `text` fallback) has `&`, `<` and `>` escaped: a client named `<!channel>` shows up as
-that text instead of pinging the channel, and a client id cannot smuggle in a link.
+Model names, client ids and reason features come from the prediction API's callers. In every text Slack
+parses (mrkdwn and the `text` fallback):
+
+- `&`, `<` and `>` are escaped as Slack requires: a client named `<!channel>` shows up as that text instead
+  of pinging the channel, and a client id cannot smuggle in a link;
+- those names are shown as inline code, where Slack applies no formatting (`*bold*`, `_italic_`,
+  `~strike~`, `:emoji:`), with backticks and control characters shown as escapes (`\\x60`, `\\n`): a name
+  can neither close its code span nor break the line;
+- mrkdwn text objects are `verbatim`: Slack does not turn URLs or channel names in them into links, nor
+  parse mentions by itself.
+
+The header is plain text, which Slack never parses; names show there as `display_name` shows them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
+from detector.alerts.notification import PRODUCT, Notification, NotificationEvent, display_name
 from detector.alerts.sinks.base import describe_reason, post_json, readable_time
+from detector.text import ELLIPSIS, shorten
 
 # Block Kit limits (https://api.slack.com/reference/block-kit/blocks).
 MAX_HEADER_CHARS = 150
@@ -29,31 +40,32 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _escaped(text: str, limit: int) -> str:
-    """`text` escaped, and cut (with `…`) so that the escaped form fits `limit`; never inside an entity."""
-    escaped = escape(text)
-    if len(escaped) <= limit:
-        return escaped
-    pieces: list[str] = []
-    size = 0
-    for char in text:
-        piece = escape(char)
-        if size + len(piece) > limit - 1:
-            break
-        pieces.append(piece)
-        size += len(piece)
-    return "".join(pieces) + "…"
+def code(name: str) -> str:
+    """`name` (a model, client id or feature) as mrkdwn inline code: `display_name(name)` with each backtick
+    shown as `\\x60` and `&`, `<`, `>` escaped, between backticks."""
+    return "`" + escape(display_name(name).replace("`", "\\x60")) + "`"
 
 
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _fit(text: str, limit: int) -> str:
+    """mrkdwn `text`, cut (with `…`) to at most `limit` characters when longer: never inside an entity, and
+    a code span the cut falls into is closed."""
+    if len(text) <= limit:
+        return text
+    kept = text[: limit - 2]  # room for a closing backtick and the ellipsis
+    entity = kept.rfind("&")
+    if entity > kept.rfind(";"):
+        kept = kept[:entity]
+    if kept.count("`") % 2:
+        kept = kept[:-1] if kept.endswith("`") else kept + "`"
+    return kept + ELLIPSIS
 
 
-def headline(notification: Notification) -> str:
-    """What happened, in one unescaped line: `Resolved: [HIGH] training set targeting on m by client-17`."""
+def headline(notification: Notification, name: Callable[[str], str] = display_name) -> str:
+    """What happened, in one line: `Resolved: [HIGH] training set targeting on m by client-17`, the model and
+    client shown by `name`. The rest holds none of `&<>*_~` nor backticks."""
     alert = notification.alert
-    clients = alert.client_id if len(alert.client_ids) == 1 else f"{len(alert.client_ids)} clients"
-    what = f"{alert.kind.value.replace('_', ' ')} on {alert.model} by {clients}"
+    clients = name(alert.client_id) if len(alert.client_ids) == 1 else f"{len(alert.client_ids)} clients"
+    what = f"{alert.kind.value.replace('_', ' ')} on {name(alert.model)} by {clients}"
     severity = alert.severity.value.upper()
     previous = notification.previous_severity
     match notification.event:
@@ -87,36 +99,35 @@ class SlackSink:
         post_json(self._client, self._url, self.message(notification), sink=self.name)
 
     def message(self, notification: Notification) -> dict[str, Any]:
-        """The webhook body for `notification`: Block Kit `blocks` and the plain `text` fallback."""
+        """The webhook body for `notification`: Block Kit `blocks` and the `text` fallback."""
         alert = notification.alert
-        title = headline(notification)
         severity = alert.severity.value
         if notification.previous_severity is not None:
             severity = f"{notification.previous_severity.value} → {severity}"
-        clients = ", ".join(alert.client_ids[:MAX_CLIENTS])
+        clients = ", ".join(map(code, alert.client_ids[:MAX_CLIENTS]))
         if len(alert.client_ids) > MAX_CLIENTS:
             clients += f" and {len(alert.client_ids) - MAX_CLIENTS} more"
         fields = [
-            ("Model", alert.model),
+            ("Model", code(alert.model)),
             ("Clients", clients),
-            ("Kind", alert.kind.value.replace("_", " ")),
-            ("Severity", severity),
-            ("Rule", f"{alert.rule_id} ({alert.atlas_technique})"),
-            ("Score", f"{alert.score:.3g} (threshold {alert.threshold:.3g})"),
+            ("Kind", escape(alert.kind.value.replace("_", " "))),
+            ("Severity", escape(severity)),
+            ("Rule", escape(f"{alert.rule_id} ({alert.atlas_technique})")),
+            ("Score", escape(f"{alert.score:.3g} (threshold {alert.threshold:.3g})")),
             ("Queries", str(alert.queries)),
             ("First seen", readable_time(alert.first_seen)),
             ("Last seen", readable_time(alert.last_seen)),
         ]
+        title = shorten(headline(notification), MAX_HEADER_CHARS)
         blocks: list[dict[str, Any]] = [
-            # plain_text is never parsed for links or mentions, so the title needs no escaping here.
-            {"type": "header", "text": {"type": "plain_text", "text": _cut(title, MAX_HEADER_CHARS)}},
+            {"type": "header", "text": {"type": "plain_text", "text": title}},
             {"type": "section", "fields": [_field(label, value) for label, value in fields]},
         ]
-        reasons = [f"• {describe_reason(reason)}" for reason in notification.top_reasons(REASONS)]
+        reasons = [f"• {describe_reason(reason, code)}" for reason in notification.top_reasons(REASONS)]
         if reasons:
             blocks.append(_section("Top reasons", "\n".join(reasons)))
         if alert.triage:
-            blocks.append(_section("Triage", alert.triage))
+            blocks.append(_section("Triage", escape(alert.triage)))
         url = notification.dashboard_url
         if url and len(url) <= MAX_URL_CHARS:
             button = {
@@ -128,20 +139,23 @@ class SlackSink:
             blocks.append({"type": "actions", "elements": [button]})
         event, key = notification.event.value, notification.idempotency_key
         context = escape(f"{PRODUCT} · alert {alert.id} · {event} · {key}")
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context}]})
-        return {"text": _escaped(title, MAX_SECTION_CHARS), "blocks": blocks}
+        blocks.append({"type": "context", "elements": [_mrkdwn(context, MAX_SECTION_CHARS)]})
+        return {"text": _fit(headline(notification, code), MAX_SECTION_CHARS), "blocks": blocks}
 
     def close(self) -> None:
         """Close the connection pool; safe to call more than once."""
         self._client.close()
 
 
-def _field(label: str, value: str) -> dict[str, str]:
-    prefix = f"*{label}*\n"
-    return {"type": "mrkdwn", "text": prefix + _escaped(value, MAX_FIELD_CHARS - len(prefix))}
+def _mrkdwn(text: str, limit: int) -> dict[str, Any]:
+    """A mrkdwn text object of `text` (mrkdwn already) fitted to `limit`, which Slack parses for nothing
+    but the markup it holds."""
+    return {"type": "mrkdwn", "text": _fit(text, limit), "verbatim": True}
+
+
+def _field(label: str, value: str) -> dict[str, Any]:
+    return _mrkdwn(f"*{label}*\n{value}", MAX_FIELD_CHARS)
 
 
 def _section(label: str, value: str) -> dict[str, Any]:
-    prefix = f"*{label}*\n"
-    text = prefix + _escaped(value, MAX_SECTION_CHARS - len(prefix))
-    return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+    return {"type": "section", "text": _mrkdwn(f"*{label}*\n{value}", MAX_SECTION_CHARS)}

@@ -1,5 +1,8 @@
 """A generic webhook: the notification itself as JSON (schema in `schemas/`), signed when a secret is set.
 
+Strings are as the alert holds them, each cut to at most `MAX_STRING_CHARS` characters (a bound that nothing
+read from a valid record comes near), in JSON whose every character is printable (`detector.text.json_line`).
+
 Each request carries:
 
 - `Idempotency-Key`: the same on every retry of one notification; drop a request whose key you already took.
@@ -32,7 +35,8 @@ from collections.abc import Callable
 import httpx
 
 from detector.alerts.notification import Notification
-from detector.alerts.sinks.base import post_json
+from detector.alerts.sinks.base import bounded, post_json
+from detector.text import json_line
 
 SIGNATURE_HEADER = "X-MIA-Signature"
 TIMESTAMP_HEADER = "X-MIA-Timestamp"
@@ -78,7 +82,7 @@ class WebhookSink:
 
     def deliver(self, notification: Notification) -> None:
         """POST `notification`; raise `DeliveryError` unless the receiver answered 2xx."""
-        body = notification.model_dump_json().encode()
+        body = json_line(bounded(notification.model_dump(mode="json"))).encode()
         post_json(self._client, self._url, body, sink=self.name, headers=self.headers(notification, body))
 
     def headers(self, notification: Notification, body: bytes) -> dict[str, str]:

@@ -143,7 +143,8 @@ def test_the_header_says_what_happened(
 ) -> None:
     message = posted(sink, receiver, notification)
     assert header(message).startswith(expected)
-    assert message["text"].startswith(expected)
+    # The fallback shows the model and client as inline code.
+    assert message["text"].replace("`", "").startswith(expected)
 
 
 def test_the_message_carries_the_facts_reasons_triage_and_a_link(
@@ -156,8 +157,8 @@ def test_the_message_carries_the_facts_reasons_triage_and_a_link(
     alert = notification.alert.model_copy(update={"reasons": many_reasons})
     message = posted(sink, receiver, notification.model_copy(update={"alert": alert}))
     shown = fields(message)
-    assert shown["Model"] == "credit-risk"
-    assert shown["Clients"] == "client-17"
+    assert shown["Model"] == "`credit-risk`"
+    assert shown["Clients"] == "`client-17`"
     assert shown["Kind"] == "training set targeting"
     assert shown["Severity"] == "medium → high"
     assert shown["Rule"] == "MIA-003 (AML.T0024)"
@@ -167,9 +168,9 @@ def test_the_message_carries_the_facts_reasons_triage_and_a_link(
     [reasons, triage] = sections(message)
     assert reasons.splitlines() == [
         "*Top reasons*",
-        "• feature_0 = 0 (p90 of baseline)",
-        "• feature_1 = 1 (p90 of baseline)",
-        "• feature_2 = 2 (p90 of baseline)",
+        "• `feature_0` = 0 (p90 of baseline)",
+        "• `feature_1` = 1 (p90 of baseline)",
+        "• `feature_2` = 2 (p90 of baseline)",
     ]
     assert triage == "*Triage*\nclient queried 57 distinct training records"
     [actions] = [block for block in message["blocks"] if block["type"] == "actions"]
@@ -189,11 +190,39 @@ def test_attacker_chosen_names_cannot_mention_or_link(sink: SlackSink, receiver:
     message = posted(sink, receiver, notification.model_copy(update={"alert": alert}))
     # The validator found no raw markup; the names are still there, escaped.
     shown = fields(message)
-    assert shown["Model"] == "&lt;!here&gt; model"
-    assert "&lt;!channel&gt;" in shown["Clients"]
-    assert "a&amp;b &lt;@U024BE7LH&gt;" in shown["Clients"]
-    assert "&lt;!here&gt; model" in message["text"]
+    assert shown["Model"] == "`&lt;!here&gt; model`"
+    assert "`&lt;!channel&gt;`" in shown["Clients"]
+    assert "`a&amp;b &lt;@U024BE7LH&gt;`" in shown["Clients"]
+    assert "`&lt;!here&gt; model`" in message["text"]
     assert sections(message)[-1] == "*Triage*\nsee &lt;http://x|y&gt;"
+
+
+def test_attacker_chosen_names_cannot_format_or_break_lines(
+    sink: SlackSink, receiver: RecordingReceiver
+) -> None:
+    name = "*bold* _it_ ~s~ `tick` :skull: https://evil.example #general\nFORGED"
+    notification = make_notification(client_ids=(name,))
+    alert = notification.alert.model_copy(update={"model": name})
+    message = posted(sink, receiver, notification.model_copy(update={"alert": alert}))
+    # Inline code, where Slack formats nothing; backticks and the newline shown as escapes.
+    shown = "`*bold* _it_ ~s~ \\x60tick\\x60 :skull: https://evil.example #general\\nFORGED`"
+    assert fields(message)["Model"] == shown and fields(message)["Clients"] == shown
+    assert f"on {shown} by {shown}" in message["text"]
+    assert header(message).startswith("[HIGH] training set targeting on *bold* _it_ ~s~ `tick`")
+    # Slack links neither the URL nor the channel name by itself.
+    mrkdwn = [field for block in message["blocks"] for field in block.get("fields", [])]
+    assert mrkdwn and all(field["verbatim"] is True for field in mrkdwn)
+
+
+def test_a_cut_never_leaves_inline_code_open() -> None:
+    from detector.alerts.sinks.slack import MAX_FIELD_CHARS
+
+    clients = tuple(f"client-{i:02d}-" + "&" * 250 for i in range(10))
+    message = SlackSink("http://127.0.0.1:9/unused").message(make_notification(client_ids=clients))
+    value = fields(message)["Clients"]
+    assert value.endswith("`…") and value.count("`") % 2 == 0
+    assert len("*Clients*\n" + value) <= MAX_FIELD_CHARS
+    assert not unescaped(value)
 
 
 def test_huge_groups_and_texts_fit_slacks_limits(sink: SlackSink, receiver: RecordingReceiver) -> None:
@@ -207,7 +236,7 @@ def test_huge_groups_and_texts_fit_slacks_limits(sink: SlackSink, receiver: Reco
     assert sections(message)[-1].endswith("…")
 
     few = posted(sink, receiver, make_notification(client_ids=tuple(f"c{i:02d}" for i in range(25))))
-    assert fields(few)["Clients"] == ", ".join(f"c{i:02d}" for i in range(10)) + " and 15 more"
+    assert fields(few)["Clients"] == ", ".join(f"`c{i:02d}`" for i in range(10)) + " and 15 more"
 
 
 @pytest.mark.parametrize(
