@@ -219,6 +219,7 @@ def evaluate(
                 update={"max_clients": max(settings.detection.max_clients, NO_EVICTION)}
             ),
             "kafka": settings.kafka.model_copy(update={"max_poll_records": BATCH_RECORDS}),
+            "ingest": settings.ingest.for_datasets(),
         }
     )
     model = load_scoring_model(run_settings)

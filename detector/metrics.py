@@ -194,6 +194,28 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=self.registry,
         )
+        self.storage_available = Gauge(
+            f"{PREFIX}_storage_available",
+            "1 while the database answers the pipeline, 0 while it is unreachable or locked (consumption "
+            "is then held and the work retried with backoff)",
+            registry=self.registry,
+        )
+        self.storage_available.set(1)
+        self.storage_errors = Counter(
+            f"{PREFIX}_storage_errors_total",
+            "Database reads or writes of the pipeline that failed: unavailable (retried) or failed (the "
+            "process stops)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("unavailable", "failed"):
+            self.storage_errors.labels(outcome=outcome)
+        self.offset_commit_failures = Counter(
+            f"{PREFIX}_offset_commit_failures_total",
+            "Offset commits the broker did not take (the database's checkpoints stay authoritative: "
+            "records after the broker's offset are de-duplicated when read again)",
+            registry=self.registry,
+        )
         self.active_sessions = Gauge(
             f"{PREFIX}_active_sessions",
             "Sessions held in memory",

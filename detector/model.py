@@ -12,22 +12,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 # -- wire format ---------------------------------------------------------------------------------------------
 
 _OPEN = ConfigDict(extra="allow", allow_inf_nan=True)
+
+StoredText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+"""Text the detector stores (ids, names, addresses): PostgreSQL cannot store a NUL character, so a record
+carrying one is rejected like any other contract violation instead of failing the database write."""
 
 
 class ModelRef(BaseModel):
     """Which model served the request."""
 
     model_config = _OPEN
-    name: str = Field(min_length=1, max_length=256)
-    version: str | None = Field(default=None, max_length=128)
+    name: StoredText = Field(min_length=1, max_length=256)
+    version: StoredText | None = Field(default=None, max_length=128)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -40,9 +44,9 @@ class ClientRef(BaseModel):
     """Who sent the request: the API key / account / principal, and where from."""
 
     model_config = _OPEN
-    id: str = Field(min_length=1, max_length=256)
-    ip: str | None = Field(default=None, max_length=64)
-    user_agent: str | None = Field(default=None, max_length=1024)
+    id: StoredText = Field(min_length=1, max_length=256)
+    ip: StoredText | None = Field(default=None, max_length=64)
+    user_agent: StoredText | None = Field(default=None, max_length=1024)
 
 
 class InferTensor(BaseModel):
@@ -163,7 +167,7 @@ class QueryLogRecord(BaseModel):
     model_config = ConfigDict(
         extra="allow", allow_inf_nan=True, json_schema_extra={"examples": list(EXAMPLE_RECORDS)}
     )
-    event_id: str = Field(min_length=1, max_length=256)
+    event_id: StoredText = Field(min_length=1, max_length=256)
     timestamp: datetime = Field(description="RFC 3339 string (UTC when it has no offset), or epoch seconds")
     model: ModelRef
     client: ClientRef

@@ -7,13 +7,15 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
 import numpy as np
 import orjson
+from kafka.errors import KafkaError
 from sqlalchemy import Engine
 
 from detector.alerts.dispatcher import Dispatcher, RetryPolicy
@@ -37,6 +39,7 @@ from detector.scoring.rules import load_rules
 from detector.sessions import SessionTracker
 from detector.settings import Settings
 from detector.storage import AlertStore, OutboxStore, Store, create_engine_for, upgrade
+from detector.storage.errors import StorageError, StorageFailed, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,9 @@ def tune_garbage_collector() -> None:
 
 def open_engine(settings: Settings, migrate: bool | None = None) -> Engine:
     """An engine on the configured database, migrated to the latest schema unless told otherwise."""
-    engine = create_engine_for(settings.database.url.get_secret_value())
+    engine = create_engine_for(
+        settings.database.url.get_secret_value(), busy_timeout_seconds=settings.database.busy_timeout_seconds
+    )
     if settings.database.migrate_on_start if migrate is None else migrate:
         upgrade(engine)
     return engine
@@ -226,6 +231,7 @@ def build_pipeline(
         group_id=group_id,
         keep_raw_bytes=settings.ingest.dead_letter_raw_bytes,
         seen_events_retention_seconds=settings.database.seen_events_retention_hours * 3600.0,
+        max_clock_skew_seconds=settings.ingest.max_clock_skew_seconds,
     )
 
 
@@ -245,16 +251,93 @@ def replay(
         pipeline = build_pipeline(
             settings, store, metrics, on_alerts=on_alerts, dispatcher=dispatcher, detect=detect
         )
+        outage = StorageOutage(_storage_retry(settings), metrics)
         for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records):
             while dispatcher is not None and dispatcher.backlogged:
                 # A file can wait: no group membership to keep alive, unlike the daemon's consumer.
                 time.sleep(BACKPRESSURE_POLL_SECONDS)
                 metrics.backpressure_seconds.inc(BACKPRESSURE_POLL_SECONDS)
-            pipeline.submit(batch)
+            outage.until_stored(partial(pipeline.submit, batch), pipeline, then=pipeline.resume)
             if progress is not None:
                 progress(batch)
-        pipeline.commit()
+        outage.until_stored(pipeline.flush, pipeline)
     return pipeline.stats
+
+
+def _storage_retry(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(settings.database.retry_initial_seconds, settings.database.retry_max_seconds)
+
+
+class StorageOutage:
+    """The pipeline's view of a database outage: when to try again (backoff), and what operators see (one
+    log line when it starts, one when it ends, the `storage_available` gauge and error counters)."""
+
+    def __init__(
+        self, retry: RetryPolicy, metrics: Metrics, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._retry = retry
+        self._metrics = metrics
+        self._clock = clock
+        self._attempts = 0
+        self._since = 0.0
+        self._next_attempt = 0.0
+
+    @property
+    def active(self) -> bool:
+        """True from a failure until the next success."""
+        return self._attempts > 0
+
+    def due(self) -> bool:
+        """True when the backoff after the last failure has passed (always, outside an outage)."""
+        return self._clock() >= self._next_attempt
+
+    def failed(self, error: StorageUnavailable, pipeline: Pipeline) -> None:
+        """Count a failed attempt and schedule the next one."""
+        now = self._clock()
+        if not self.active:
+            self._since = now
+            log.warning(
+                "database unavailable (%s): consumption held, %d records not yet stored are kept and "
+                "retried with backoff; offsets are not committed meanwhile",
+                error,
+                pipeline.uncommitted_records,
+            )
+        self._attempts += 1
+        self._next_attempt = now + self._retry.delay(self._attempts)
+        self._metrics.storage_available.set(0)
+        self._metrics.storage_errors.labels(outcome="unavailable").inc()
+
+    def succeeded(self) -> None:
+        """End the outage, if there was one."""
+        if self.active:
+            log.info(
+                "database available again after %.1f s and %d attempts: consumption resumed",
+                self._clock() - self._since,
+                self._attempts,
+            )
+            self._attempts = 0
+            self._next_attempt = 0.0
+            self._metrics.storage_available.set(1)
+
+    def until_stored(
+        self, attempt: Callable[[], None], pipeline: Pipeline, then: Callable[[], None] | None = None
+    ) -> None:
+        """Call `attempt`, then `then` (by default `attempt` again) until neither raises
+        `StorageUnavailable`, sleeping the backoff in between: for a source that can simply wait, such as
+        a file."""
+        while True:
+            try:
+                attempt()
+            except StorageUnavailable as error:
+                self.failed(error, pipeline)
+                attempt = then or attempt
+                time.sleep(max(self._next_attempt - self._clock(), 0.0))
+            except StorageFailed:
+                self._metrics.storage_errors.labels(outcome="failed").inc()
+                raise
+            else:
+                self.succeeded()
+                return
 
 
 class StopFlag:
@@ -319,24 +402,65 @@ def run_daemon(
         pipeline: Pipeline | None = None
 
         def release() -> None:
-            if pipeline is not None:
+            # Runs inside `poll` (on kafka-python 3, on its network thread): must not raise.
+            if pipeline is None:
+                return
+            try:
                 pipeline.release_all()
+            except StorageError as error:
+                dropped = pipeline.discard()
+                log.warning(
+                    "partitions revoked while the database is unavailable (%s): %d records not stored "
+                    "are left to be read again from the last committed offsets",
+                    error,
+                    dropped,
+                )
 
-        source = KafkaSource(settings.kafka, on_revoke=release, topics=topics, group_id=group)
+        def stored_positions() -> dict[tuple[str, int], int]:
+            try:
+                return store.checkpoints(group)
+            except StorageError as error:
+                log.warning("stored positions unreadable (%s): resuming from committed offsets", error)
+                return {}
+
+        source = KafkaSource(
+            settings.kafka,
+            on_revoke=release,
+            topics=topics,
+            group_id=group,
+            stored_positions=stored_positions,
+        )
         resources.callback(source.close)
+
+        def commit_positions(positions: Mapping[tuple[str, int], int]) -> None:
+            try:
+                source.commit(positions)
+            except KafkaError as error:
+                # Already stored: the next owner of these partitions resumes from the stored positions.
+                log.warning("offsets not committed to the broker: %s", error)
+                metrics.offset_commit_failures.inc()
+
         pipeline = build_pipeline(
             settings,
             store,
             metrics,
-            commit_positions=source.commit,
+            commit_positions=commit_positions,
             publish_dead_letters=_dead_letter_publisher(publisher, settings) if publisher else None,
             on_alerts=on_alerts,
             dispatcher=dispatcher,
             group_id=group,
         )
         log.info("consuming %s as group %s from %s", source.topics, group, settings.kafka.bootstrap_servers)
-        _consume(source, pipeline, stop, dispatcher, idle_exit_seconds, progress)
-        pipeline.commit()
+        outage = StorageOutage(_storage_retry(settings), metrics)
+        _consume(source, pipeline, stop, dispatcher, outage, idle_exit_seconds, progress)
+        try:
+            pipeline.flush()
+        except StorageError:
+            log.error(
+                "stopping with %d records not stored: they are read again at the next start",
+                pipeline.uncommitted_records,
+            )
+            raise
     return pipeline.stats
 
 
@@ -345,36 +469,49 @@ def _consume(
     pipeline: Pipeline,
     stop: StopFlag,
     dispatcher: Dispatcher | None,
+    outage: StorageOutage,
     idle_exit_seconds: float | None,
     progress: Progress | None,
 ) -> None:
-    """The consumer loop: poll, process, commit when due; hold consumption while the outbox is full."""
+    """The consumer loop: poll, process, commit when due; hold consumption while the outbox is full or the
+    database unavailable (polling on, to stay in the group, and retrying the database with backoff)."""
     metrics = pipeline.metrics
     last_record = time.monotonic()
     held = False
     lag_observed = float("-inf")
     while not stop:
         backlogged = dispatcher is not None and dispatcher.backlogged
-        if backlogged != held:
-            held = backlogged
-            source.hold(held)
-            metrics.outbox_backpressure.set(1 if held else 0)
-            if held:
+        if backlogged != held and not outage.active:
+            if backlogged:
                 log.warning("more undelivered notifications than the outbox limit: consumption held")
             else:
                 log.info("outbox back under its limit: consumption resumed")
+        metrics.outbox_backpressure.set(1 if backlogged else 0)
+        if (backlogged or outage.active) != held:
+            held = not held
+            source.hold(held)
         polled_at = time.monotonic()
         records = source.poll()
         if held:
             source.hold(True)  # partitions assigned by a rebalance meanwhile start unpaused
             metrics.backpressure_seconds.inc(time.monotonic() - polled_at)
-        pipeline.submit(records)
+        try:
+            if outage.due():
+                pipeline.submit(records)
+                outage.succeeded()
+            elif records:
+                pipeline.hold(records)
+        except StorageUnavailable as error:
+            outage.failed(error, pipeline)
+        except StorageFailed:
+            metrics.storage_errors.labels(outcome="failed").inc()
+            raise
         if polled_at - lag_observed >= LAG_INTERVAL_SECONDS:
             lag_observed = polled_at
             metrics.observe_lag(source.lag())
         if records or not source.assigned or held:
             # Joining the group (a restarted member waits out its predecessor's session) is not idleness,
-            # and neither is waiting for the sinks.
+            # and neither is waiting for the sinks or the database.
             last_record = time.monotonic()
             if records and progress is not None:
                 progress(records)
@@ -400,7 +537,7 @@ def _dead_letter_publisher(
 def decoded_batches(settings: Settings, paths: Sequence[str]) -> Iterator[list[Query]]:
     """The queries of JSON Lines files, one list per read batch; undecodable records are skipped (counted
     nowhere: use `replay` to see them as dead letters)."""
-    decoder = RecordDecoder(settings.ingest)
+    decoder = RecordDecoder(settings.ingest.for_datasets())
     for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records):
         queries: list[Query] = []
         for record in batch:

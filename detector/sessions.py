@@ -95,8 +95,9 @@ class SessionState:
 class SessionTracker:
     """Holds the open sessions in memory, at most `max_active` of them, least recently active evicted first.
 
-    The tracker never touches storage: it reports what must be persisted (`drain_changed`) and takes back
-    sessions it does not hold through `restore`, which the pipeline fills from the database once per batch.
+    The tracker never touches storage: it reports what must be persisted (`changed`, then `persisted` once
+    the pipeline stored it) and takes back sessions it does not hold through `restore`, which the pipeline
+    fills from the database once per batch.
     """
 
     def __init__(
@@ -113,7 +114,6 @@ class SessionTracker:
         self._active: OrderedDict[SessionKey, SessionState] = OrderedDict()
         self._evicted: dict[SessionKey, SessionState] = {}
         self._closed: list[SessionState] = []
-        self._watermark = float("-inf")
 
     def __len__(self) -> int:
         return len(self._active)
@@ -121,15 +121,10 @@ class SessionTracker:
     def __iter__(self) -> Iterator[SessionState]:
         return iter(list(self._active.values()))
 
-    @property
-    def watermark(self) -> float:
-        """The latest event time seen so far."""
-        return self._watermark
-
-    @property
-    def idle_horizon(self) -> float:
-        """Sessions whose last query is older than this are idle: no in-order query can continue them."""
-        return self._watermark - self.gap_seconds - self.allowed_lateness_seconds
+    def idle_horizon(self, watermark: float) -> float:
+        """Sessions whose last query is older than this, when the stream's event time is `watermark`, are
+        idle: no in-order query can continue them."""
+        return watermark - self.gap_seconds - self.allowed_lateness_seconds
 
     def get(self, key: SessionKey) -> SessionState | None:
         """The in-memory session of `key`, if any."""
@@ -161,31 +156,35 @@ class SessionTracker:
         self._active[key] = session
         self._active.move_to_end(key)
         session.add(query)
-        if query.timestamp > self._watermark:
-            self._watermark = query.timestamp
         self._evict_over_limit()
         return session
 
-    def close_idle(self) -> int:
-        """End every in-memory session that went idle (see `idle_horizon`); return how many."""
-        horizon = self.idle_horizon
+    def close_idle(self, watermark: float) -> int:
+        """End every in-memory session idle at event time `watermark` (see `idle_horizon`); return how
+        many."""
+        horizon = self.idle_horizon(watermark)
         idle = [session for session in self._active.values() if session.last_seen < horizon]
         for session in idle:
             self._close(session)
         return len(idle)
 
-    def drain_changed(self) -> list[SessionState]:
-        """Sessions changed since the last call, marked clean: persist them all, in this order."""
+    def changed(self) -> list[SessionState]:
+        """Sessions changed since they were last persisted: persist them all, in this order, then call
+        `persisted`. Until then they stay pending, so a failed write loses none of them."""
         changed = self._closed + list(self._evicted.values())
         changed.extend(session for session in self._active.values() if session.dirty)
-        self._closed = []
-        self._evicted = {}
-        for session in changed:
-            session.dirty = False
         return changed
 
+    def persisted(self) -> None:
+        """Mark every session `changed` returned as durably stored (closed and evicted ones are let go)."""
+        for session in self.changed():
+            session.dirty = False
+        self._closed = []
+        self._evicted = {}
+
     def clear(self) -> None:
-        """Forget every in-memory session; call after persisting `drain_changed()`."""
+        """Forget every in-memory session, persisted or not (the records behind the unpersisted ones must be
+        read again)."""
         self._active.clear()
         self._evicted.clear()
         self._closed.clear()

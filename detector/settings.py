@@ -57,7 +57,15 @@ class DatabaseSettings(BaseModel):
     model_config = _GROUP
     url: SecretStr = SecretStr("sqlite:///mia-detector.db")
     migrate_on_start: bool = True
+    # How long (wall time) a processed event id is remembered, so that a re-delivery or a replay of the same
+    # records within that time changes nothing: at least the source's retention of records it may re-deliver.
     seen_events_retention_hours: float = Field(default=72.0, gt=0)
+    # How long a SQLite statement waits for another writer's lock before the commit is retried.
+    busy_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Backoff between attempts while the database is unreachable or locked: from `retry_initial_seconds`,
+    # doubling up to `retry_max_seconds`, for as long as it takes (consumption is held meanwhile).
+    retry_initial_seconds: float = Field(default=0.5, gt=0)
+    retry_max_seconds: float = Field(default=30.0, gt=0)
 
 
 class IngestSettings(BaseModel):
@@ -68,6 +76,24 @@ class IngestSettings(BaseModel):
     max_batch_rows: int = Field(default=4096, ge=1)
     max_features: int = Field(default=65_536, ge=1)
     dead_letter_raw_bytes: int = Field(default=4096, ge=0)
+    # A record stamped further than this ahead of the moment it was received is dead-lettered
+    # (`implausible_timestamp`): a forged or broken clock must not move the stream's event time.
+    max_future_seconds: float | None = Field(default=86_400.0, gt=0)
+    # Of the records within that horizon, a timestamp ahead of its receipt by more than this (clock skew
+    # between the serving fleet and this host) still counts for its client but does not advance the stream's
+    # event time, which closes sessions and resolves alerts.
+    max_clock_skew_seconds: float | None = Field(default=300.0, ge=0)
+    # A record stamped more than this before it was received is dead-lettered; unset (the default) accepts
+    # any age after 1970, as a replay of old logs needs. `train` and `evaluate` unset all three: they read
+    # labelled datasets, whose only clock is their own.
+    max_age_seconds: float | None = Field(default=None, gt=0)
+
+    def for_datasets(self) -> IngestSettings:
+        """These limits for reading a labelled dataset: no check against receipt time, which a dataset
+        read offline does not have (its timestamps may lie anywhere)."""
+        return self.model_copy(
+            update={"max_future_seconds": None, "max_clock_skew_seconds": None, "max_age_seconds": None}
+        )
 
 
 class SessionSettings(BaseModel):

@@ -38,9 +38,8 @@ def make_settings(
     commit = {"min_records": 500, "min_interval_seconds": 0.5} | groups.pop("commit", {})
     # No metrics endpoint unless a test asks for one: tests must not compete for a fixed port.
     metrics = {"addr": ""} | groups.pop("metrics", {})
-    return load_settings(
-        None, database={"url": database_url}, kafka=kafka, commit=commit, metrics=metrics, **groups
-    )
+    database = {"url": database_url} | groups.pop("database", {})
+    return load_settings(None, database=database, kafka=kafka, commit=commit, metrics=metrics, **groups)
 
 
 def make_notification(

@@ -52,9 +52,27 @@ def test_a_query_after_the_gap_closes_the_session_and_starts_another() -> None:
     second = sessions.update(query("a", 101.0))
     assert first.id != second.id
     assert first.status is SessionStatus.CLOSED
-    changed = sessions.drain_changed()
+    changed = sessions.changed()
     assert [s.id for s in changed] == [first.id, second.id]
-    assert sessions.drain_changed() == []
+    assert [s.id for s in sessions.changed()] == [first.id, second.id]  # pending until persisted
+    sessions.persisted()
+    assert sessions.changed() == []
+
+
+def test_changed_sessions_stay_pending_until_persisted() -> None:
+    # A failed write must lose nothing: whatever `changed` reported stays reported, and sessions changed
+    # meanwhile join it, until the pipeline says the write was durable.
+    sessions = tracker(max_active=1)
+    sessions.update(query("a", 0.0))
+    sessions.update(query("a", 101.0))  # closes the first session of "a"
+    sessions.update(query("b", 102.0))  # evicts "a"
+    before = {(s.client_id, s.queries, s.status.value) for s in sessions.changed()}
+    sessions.update(query("b", 103.0))
+    after = {(s.client_id, s.queries, s.status.value) for s in sessions.changed()}
+    assert before == {("a", 1, "closed"), ("a", 1, "open"), ("b", 1, "open")}
+    assert after == {("a", 1, "closed"), ("a", 1, "open"), ("b", 2, "open")}
+    sessions.persisted()
+    assert sessions.changed() == []
 
 
 def test_the_maximum_duration_splits_a_session_that_never_pauses() -> None:
@@ -76,7 +94,7 @@ def test_memory_is_bounded_and_evicted_sessions_are_reported_for_persisting() ->
         sessions.update(query(f"c{index}", float(index)))
     assert len(sessions) == 3
     assert {s.client_id for s in sessions} == {"c2", "c3", "c4"}
-    changed = {s.client_id: s for s in sessions.drain_changed()}
+    changed = {s.client_id: s for s in sessions.changed()}
     assert set(changed) == {"c0", "c1", "c2", "c3", "c4"}
     assert changed["c0"].status is SessionStatus.OPEN  # evicted, not closed
 
@@ -102,9 +120,9 @@ def test_close_idle_uses_the_watermark_and_allowed_lateness() -> None:
     sessions = tracker(gap_seconds=100.0, allowed_lateness_seconds=50.0)
     sessions.update(query("a", 0.0))
     sessions.update(query("b", 140.0))
-    assert sessions.close_idle() == 0
+    assert sessions.close_idle(watermark=140.0) == 0
     sessions.update(query("b", 151.0))
-    assert sessions.close_idle() == 1
+    assert sessions.close_idle(watermark=151.0) == 1
     assert [s.client_id for s in sessions] == ["b"]
 
 
@@ -119,6 +137,7 @@ def test_sessions_do_not_depend_on_how_clients_are_interleaved() -> None:
         # sessions, then persist what changed.
         stored: dict[str, SessionState] = {}
         sessions = tracker(gap_seconds=120.0, max_duration_seconds=900.0, max_active=2)
+        watermark = float("-inf")
         for start in range(0, len(order), 10):
             batch = order[start : start + 10]
             for client in sorted(sessions.missing({("m", client) for client, _ in batch})):
@@ -131,9 +150,11 @@ def test_sessions_do_not_depend_on_how_clients_are_interleaved() -> None:
                     sessions.restore(latest)
             for client, ts in batch:
                 sessions.update(query(client, ts))
+            watermark = max(watermark, max(ts for _, ts in batch))
             if rng.random() < 0.3:
-                sessions.close_idle()
-            stored.update((s.id, s) for s in sessions.drain_changed())
+                sessions.close_idle(watermark)
+            stored.update((s.id, s) for s in sessions.changed())
+            sessions.persisted()
         return {(s.client_id, s.queries, s.first_seen, s.last_seen) for s in stored.values()}
 
     assert sessions_of(in_order) == sessions_of(by_time)

@@ -19,8 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from detector.alerts.sinks.base import DeliveryError, Sink
 from detector.metrics import Metrics
+from detector.storage.errors import describe
 from detector.storage.outbox import OutboxStore, QueuedNotification, SinkBacklog
 
 log = logging.getLogger(__name__)
@@ -106,7 +109,12 @@ class Dispatcher:
         deadline = time.monotonic() + timeout
         while True:
             self.wake()
-            if self._pending_of_sinks(self._outbox.backlog()) == 0:
+            try:
+                pending = self._pending_of_sinks(self._outbox.backlog())
+            except SQLAlchemyError as error:  # unreachable database: the rows wait there for the next start
+                log.warning("outbox unreadable: %s", describe(error))
+                return False
+            if pending == 0:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -179,12 +187,23 @@ class Dispatcher:
 
     def _work(self, sink: Sink) -> None:
         wake = self._wakes[sink.name]
+        unavailable = False
         while not self._stopping.is_set():
             try:
                 wait = self.deliver_due(sink)
-            except Exception:  # the database is unreachable, say: keep trying, the rows are safe there
+            except SQLAlchemyError as error:  # the database is unreachable: keep trying, the rows are safe
+                if not unavailable:
+                    log.warning(
+                        "delivering to %s: outbox unavailable (%s); retrying", sink.name, describe(error)
+                    )
+                unavailable, wait = True, self._poll
+            except Exception:
                 log.exception("delivering to %s", sink.name)
                 wait = self._poll
+            else:
+                if unavailable:
+                    log.info("delivering to %s: outbox available again", sink.name)
+                unavailable = False
             wake.wait(wait)
             wake.clear()
 
@@ -192,6 +211,8 @@ class Dispatcher:
         while not self._stopping.is_set():
             try:
                 self._publish_backlog()
+            except SQLAlchemyError as error:  # reported by the workers and the pipeline
+                log.debug("reading the outbox backlog: %s", describe(error))
             except Exception:
                 log.exception("reading the outbox backlog")
             self._stopping.wait(self._poll)

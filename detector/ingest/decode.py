@@ -114,6 +114,11 @@ class RecordDecoder:
         NaN or infinities.
         """
         envelope = self._parse(record.value)
+        moment = envelope.timestamp
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        timestamp = moment.timestamp()
+        self._check_time(timestamp, record.received_at)
         request = envelope.request
         inputs = (
             self._oip_inputs(request) if isinstance(request, OipRequest) else self._kserve_inputs(request)
@@ -127,10 +132,6 @@ class RecordDecoder:
         else:
             outputs = self._kserve_outputs(response, batch)
 
-        moment = envelope.timestamp
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        timestamp = moment.timestamp()
         model, client = envelope.model, envelope.client
         vectors = inputs.vectors if inputs.vectors is not None else [None] * batch
         texts = inputs.texts if inputs.texts is not None else [None] * batch
@@ -160,6 +161,26 @@ class RecordDecoder:
                 )
             )
         return queries
+
+    def _check_time(self, timestamp: float, received_at: float) -> None:
+        """Reject event times no stream can have: before 1970, further ahead of receipt than
+        `max_future_seconds`, or (when set) older than `max_age_seconds`."""
+        limits = self._limits
+        if timestamp < 0:
+            problem = "is before 1970-01-01"
+        elif limits.max_future_seconds is not None and timestamp - received_at > limits.max_future_seconds:
+            problem = (
+                f"is {timestamp - received_at:.0f} s ahead of its receipt, more than "
+                f"ingest.max_future_seconds ({limits.max_future_seconds:g})"
+            )
+        elif limits.max_age_seconds is not None and received_at - timestamp > limits.max_age_seconds:
+            problem = (
+                f"is {received_at - timestamp:.0f} s before its receipt, more than "
+                f"ingest.max_age_seconds ({limits.max_age_seconds:g})"
+            )
+        else:
+            return
+        raise InvalidRecord(DeadLetterReason.IMPLAUSIBLE_TIMESTAMP, f"timestamp {problem}")
 
     def _parse(self, value: bytes) -> QueryLogRecord:
         limit = self._limits.max_record_bytes
@@ -707,8 +728,15 @@ def _problems(errors: list[Any]) -> list[str]:
         if tuple(loc[:2]) in lacks and loc[0] in neither:
             problems.append(f"{loc[0]}: {_NEITHER[loc[0]]}")
         elif not lacks.get(tuple(loc[:2]), False):
-            problems.append(f"{_path(loc)}: {error['msg']}")
+            problems.append(f"{_path(loc)}: {_message(error)}")
     return list(dict.fromkeys(problems))
+
+
+def _message(error: Any) -> str:
+    # The only pattern of the contract is `StoredText`'s: say what is wrong rather than quote the regex.
+    if error["type"] == "string_pattern_mismatch":
+        return "contains a NUL character, which cannot be stored"
+    return str(error["msg"])
 
 
 _NEITHER = {

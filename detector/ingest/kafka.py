@@ -16,6 +16,7 @@ from detector.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 Positions = dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
+StoredPositions = Callable[[], Positions]
 
 
 def client_options(settings: KafkaSettings) -> dict[str, Any]:
@@ -33,24 +34,40 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
-class _RevocationListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, on_revoke: Callable[[], None]) -> None:
-        self._on_revoke = on_revoke
+def _names(partitions: Iterable[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}/{tp.partition}" for tp in partitions)
+
+
+RebalanceHook = Callable[[list[TopicPartition]], None]
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands rebalances to the source. kafka-python 3 calls it on its network thread (while `poll` waits),
+    where a blocking broker call is refused: nothing the hooks do may block on the broker."""
+
+    def __init__(self, revoked: RebalanceHook, assigned: RebalanceHook) -> None:
+        self._revoked = revoked
+        self._assigned = assigned
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         if revoked:
-            log.info("partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
-            self._on_revoke()
+            log.info("partitions revoked: %s", _names(revoked))
+            self._revoked(list(revoked))
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        log.info("partitions assigned: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        log.info("partitions assigned: %s", _names(assigned))
+        self._assigned(list(assigned))
 
 
 class KafkaSource:
     """Reads raw records from `topics` in a consumer group; offsets move only through `commit`.
 
     `on_revoke` runs inside `poll` before partitions are taken away: the pipeline makes its pending results
-    durable and commits there, so the next owner of a partition starts exactly after what was stored.
+    durable there (with their checkpoints) and commits, so the next owner of a partition starts after what
+    was stored. It must not raise. `stored_positions` reads those checkpoints: a partition assigned to this
+    consumer resumes at its stored position when there is one, since an offset commit made during a
+    rebalance is sent without waiting for the broker and may not have landed; it must not raise either
+    (an empty answer leaves the broker's committed offsets, which are never ahead of the stored ones).
     """
 
     def __init__(
@@ -59,11 +76,15 @@ class KafkaSource:
         on_revoke: Callable[[], None],
         topics: list[str] | None = None,
         group_id: str | None = None,
+        stored_positions: StoredPositions | None = None,
     ) -> None:
         self.topics = topics or settings.topics
         self.group_id = group_id or settings.group_id
         self._max_records = settings.max_poll_records
         self._timeout_ms = settings.poll_timeout_ms
+        self._on_revoke = on_revoke
+        self._stored_positions = stored_positions
+        self._in_rebalance = False
         self._consumer = KafkaConsumer(
             **client_options(settings),
             group_id=self.group_id,
@@ -77,7 +98,7 @@ class KafkaSource:
             fetch_min_bytes=settings.fetch_min_bytes,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
-        self._consumer.subscribe(self.topics, listener=_RevocationListener(on_revoke))
+        self._consumer.subscribe(self.topics, listener=_RebalanceListener(self._revoked, self._assigned))
 
     def poll(self) -> list[RawRecord]:
         """Up to `max_poll_records` records, waiting at most the poll timeout; [] when there are none."""
@@ -127,18 +148,44 @@ class KafkaSource:
         return lag
 
     def commit(self, positions: Mapping[tuple[str, int], int]) -> None:
-        """Commit `positions` (next offsets) synchronously; a no-op when empty."""
-        if positions:
-            self._consumer.commit(
-                {
-                    TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
-                    for (topic, partition), offset in positions.items()
-                }
-            )
+        """Commit `positions` (next offsets); a no-op when empty.
+
+        Synchronous, raising `KafkaError` when the broker does not take them; during a rebalance (from
+        `on_revoke`) the commit is sent without waiting, and a failure is only logged.
+        """
+        if not positions:
+            return
+        offsets = {
+            TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+            for (topic, partition), offset in positions.items()
+        }
+        if self._in_rebalance:
+            self._consumer.commit_async(offsets, callback=_log_failed_commit)
+        else:
+            self._consumer.commit(offsets)
+
+    def _revoked(self, partitions: list[TopicPartition]) -> None:
+        self._in_rebalance = True
+        try:
+            self._on_revoke()
+        finally:
+            self._in_rebalance = False
+
+    def _assigned(self, partitions: list[TopicPartition]) -> None:
+        stored = self._stored_positions() if self._stored_positions is not None else {}
+        for tp in partitions:
+            position = stored.get((tp.topic, tp.partition))
+            if position is not None:
+                self._consumer.seek(tp, position)
 
     def close(self) -> None:
         """Leave the group (without committing anything more)."""
         self._consumer.close(autocommit=False)
+
+
+def _log_failed_commit(offsets: Mapping[TopicPartition, OffsetAndMetadata], response: Any) -> None:
+    if isinstance(response, Exception):
+        log.warning("offsets of %s not committed: %s", _names(offsets), response)
 
 
 class KafkaPublisher:

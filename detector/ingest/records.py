@@ -43,6 +43,8 @@ class DeadLetterReason(StrEnum):
     SHAPE_MISMATCH = "shape_mismatch"
     NON_FINITE = "non_finite"
     BATCH_TOO_LARGE = "batch_too_large"
+    IMPLAUSIBLE_TIMESTAMP = "implausible_timestamp"
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"
 
 
 class InvalidRecord(Exception):

@@ -6,6 +6,7 @@ The migration scripts ship inside the package, so `upgrade` works from an instal
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ from sqlalchemy.engine import URL, Connection, make_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
-_SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Page cache per connection, filled only as used: the seen-event index outgrows the 2 MiB default within
 # minutes, and every batch then re-reads its pages.
 _SQLITE_CACHE_KIB = 64 * 1024
@@ -35,13 +35,14 @@ def normalize_url(url: str) -> URL:
     return parsed
 
 
-def create_engine_for(url: str) -> Engine:
+def create_engine_for(url: str, busy_timeout_seconds: float = 30.0) -> Engine:
     """An engine for `url`, tuned for this workload.
 
     SQLite gets a write-ahead log (readers do not block the writer), `synchronous=FULL` (a commit survives a
     power cut, so Kafka offsets committed after it never run ahead of what is stored; the pipeline commits
-    in batches, so the fsync per commit is cheap), a 64 MiB page cache and a busy timeout; the parent
-    directory of a database file is created when missing. PostgreSQL URLs without a driver use psycopg 3.
+    in batches, so the fsync per commit is cheap), a 64 MiB page cache and a busy timeout (how long a
+    statement waits for another connection's lock before failing); the parent directory of a database file
+    is created when missing. PostgreSQL URLs without a driver use psycopg 3.
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -50,14 +51,16 @@ def create_engine_for(url: str) -> Engine:
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed)
-    event.listen(engine, "connect", _configure_sqlite_connection)
+    event.listen(engine, "connect", functools.partial(_configure_sqlite_connection, busy_timeout_seconds))
     return engine
 
 
-def _configure_sqlite_connection(dbapi_connection: Any, _connection_record: Any) -> None:
+def _configure_sqlite_connection(
+    busy_timeout_seconds: float, dbapi_connection: Any, _connection_record: Any
+) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout = {round(busy_timeout_seconds * 1000)}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute(f"PRAGMA cache_size = -{_SQLITE_CACHE_KIB}")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from sqlalchemy import Engine, delete, func, select, tuple_, update
@@ -24,6 +24,7 @@ from detector.ingest.records import DeadLetter
 from detector.sessions import SessionKey, SessionState, SessionStatus
 from detector.storage.alerts import AlertStore, AlertUpdate, lock_sqlite
 from detector.storage.base import Repository
+from detector.storage.errors import storage_errors
 from detector.storage.tables import Base, CheckpointRow, DeadLetterRow, SeenEventRow, SessionRow
 
 # Bound parameters per IN list: far below every backend's limit, large enough to need few statements.
@@ -44,24 +45,31 @@ class Checkpoint:
     next_offset: int
 
 
+class SeenEvent(NamedTuple):
+    """An event processed: its id, its event time (epoch seconds) and the digest of its record's bytes."""
+
+    event_id: str
+    event_time: float
+    digest: bytes
+
+
 @dataclass
 class DurableBatch:
     """Everything the pipeline derived from one batch of records, to be stored atomically.
 
-    `seen_events` pairs each event id with its event time (epoch seconds). `close_sessions_before` closes
-    stored open sessions whose last query is older (epoch seconds); `prune_seen_before` forgets seen events
-    older than that event time. `detections` open or update alerts, and alerts quiet for long enough
-    before the `watermark` (the stream's event time) are resolved, with their notifications (see
-    `AlertStore.record`).
+    `close_sessions_before` closes stored open sessions whose last query is older (epoch seconds);
+    `forget_seen_after_seconds` forgets seen events processed (wall time) longer ago than that. `detections`
+    open or update alerts, and alerts quiet for long enough before the `watermark` (the stream's event
+    time) are resolved, with their notifications (see `AlertStore.record`).
     """
 
-    seen_events: list[tuple[str, float]] = field(default_factory=list)
+    seen_events: list[SeenEvent] = field(default_factory=list)
     sessions: list[SessionState] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     detections: list[Detection] = field(default_factory=list)
     close_sessions_before: float | None = None
-    prune_seen_before: float | None = None
+    forget_seen_after_seconds: float | None = None
     watermark: float | None = None
 
 
@@ -97,30 +105,32 @@ class Store(Repository):
 
     # -- pipeline ----------------------------------------------------------------------------------------
 
-    def unseen_event_ids(self, event_ids: Collection[str]) -> set[str]:
-        """Those of `event_ids` not yet recorded as seen (or already pruned)."""
-        unseen = set(event_ids)
-        if not unseen:
-            return unseen
+    def seen_digests(self, event_ids: Collection[str]) -> dict[str, bytes | None]:
+        """Those of `event_ids` already processed (and not yet forgotten), with the digest of their record
+        (None for events stored before digests were kept). Raises `StorageError`."""
+        if not event_ids:
+            return {}
         # One statement whatever the batch size: the ids travel as one array (PostgreSQL) or one JSON
         # document (SQLite) instead of thousands of bound parameters.
         if self._engine.dialect.name == "sqlite":
-            sql = "SELECT event_id FROM seen_events WHERE event_id IN (SELECT value FROM json_each(?))"
-            parameters: Any = (orjson.dumps(list(unseen)).decode(),)
+            sql = (
+                "SELECT event_id, digest FROM seen_events WHERE event_id IN (SELECT value FROM json_each(?))"
+            )
+            parameters: Any = (orjson.dumps(list(event_ids)).decode(),)
         else:
-            sql = "SELECT event_id FROM seen_events WHERE event_id = ANY(%(ids)s)"
-            parameters = {"ids": list(unseen)}
-        with self._engine.connect() as connection:
-            unseen.difference_update(row[0] for row in connection.exec_driver_sql(sql, parameters))
-        return unseen
+            sql = "SELECT event_id, digest FROM seen_events WHERE event_id = ANY(%(ids)s)"
+            parameters = {"ids": list(event_ids)}
+        with storage_errors("reading seen events"), self._engine.connect() as connection:
+            return {row[0]: row[1] for row in connection.exec_driver_sql(sql, parameters)}
 
     def latest_sessions(self, keys: Collection[SessionKey]) -> list[SessionState]:
         """For each (model, client) key, its stored session with the latest `last_seen`, open or closed.
 
-        Keys without a stored session are left out; the result is in no particular order.
+        Keys without a stored session are left out; the result is in no particular order. Raises
+        `StorageError`.
         """
         latest: list[SessionState] = []
-        with self._engine.connect() as connection:
+        with storage_errors("reading sessions"), self._engine.connect() as connection:
             for chunk in _chunks(list(set(keys))):
                 ranked = (
                     select(
@@ -145,11 +155,11 @@ class Store(Repository):
 
         Seen events and dead letters already stored are kept as they are; sessions (by id) and checkpoints
         (by group, topic and partition) are overwritten. Stale open sessions are then closed and old seen
-        events pruned. Writing the same batch twice leaves the same rows as writing it once, but for the
-        `updated_at` stamps.
+        events forgotten. Writing the same batch twice leaves the same rows as writing it once, but for the
+        `updated_at` stamps. Raises `StorageUnavailable` (retry the same batch later) or `StorageFailed`.
         """
         now = _utc(self._clock())
-        with self._engine.begin() as connection:
+        with storage_errors("storing a batch"), self._engine.begin() as connection:
             lock_sqlite(connection)
             alerts = self.alerts.record(connection, batch.detections, batch.watermark)
             self._insert_seen_events(connection, batch.seen_events, now)
@@ -165,10 +175,9 @@ class Store(Repository):
                     )
                     .values(status=SessionStatus.CLOSED.value, updated_at=now)
                 )
-            if batch.prune_seen_before is not None:
-                connection.execute(
-                    delete(SeenEventRow).where(SeenEventRow.event_time < _utc(batch.prune_seen_before))
-                )
+            if batch.forget_seen_after_seconds is not None:
+                cutoff = _utc(self._clock() - batch.forget_seen_after_seconds)
+                connection.execute(delete(SeenEventRow).where(SeenEventRow.seen_at < cutoff))
         return alerts
 
     # -- command line ------------------------------------------------------------------------------------
@@ -248,9 +257,7 @@ class Store(Repository):
             return sqlite.insert(table)
         return postgresql.insert(table)
 
-    def _insert_seen_events(
-        self, connection: Connection, events: Sequence[tuple[str, float]], now: datetime
-    ) -> None:
+    def _insert_seen_events(self, connection: Connection, events: Sequence[SeenEvent], now: datetime) -> None:
         # The one per-event write of the pipeline: it goes to the driver directly (one executemany on SQLite,
         # one array statement on PostgreSQL), which costs a fraction of SQLAlchemy's per-row parameter work.
         if not events:
@@ -258,17 +265,25 @@ class Store(Repository):
         if connection.dialect.name == "sqlite":
             now_text = _sqlite_text(now.timestamp())
             connection.exec_driver_sql(
-                "INSERT INTO seen_events (event_id, event_time, seen_at) VALUES (?, ?, ?)"
+                "INSERT INTO seen_events (event_id, event_time, seen_at, digest) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (event_id) DO NOTHING",
-                [(event_id, _sqlite_text(event_time), now_text) for event_id, event_time in events],
+                [
+                    (event.event_id, _sqlite_text(event.event_time), now_text, event.digest)
+                    for event in events
+                ],
             )
             return
         connection.exec_driver_sql(
-            "INSERT INTO seen_events (event_id, event_time, seen_at)"
-            " SELECT id, to_timestamp(t), %(now)s"
-            " FROM unnest(%(ids)s::varchar[], %(times)s::float8[]) AS u(id, t)"
+            "INSERT INTO seen_events (event_id, event_time, seen_at, digest)"
+            " SELECT id, to_timestamp(t), %(now)s, d"
+            " FROM unnest(%(ids)s::varchar[], %(times)s::float8[], %(digests)s::bytea[]) AS u(id, t, d)"
             " ON CONFLICT (event_id) DO NOTHING",
-            {"ids": [event[0] for event in events], "times": [event[1] for event in events], "now": now},
+            {
+                "ids": [event.event_id for event in events],
+                "times": [event.event_time for event in events],
+                "digests": [event.digest for event in events],
+                "now": now,
+            },
         )
 
     def _upsert_sessions(

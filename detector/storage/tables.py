@@ -177,7 +177,10 @@ class SeenEventRow(Base):
 
     event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     event_time: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
-    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # BLAKE2b-128 of the record's bytes: tells a re-delivery (same bytes) from another record reusing the id.
+    # Null for events stored before digests were kept.
+    digest: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class AlertRow(Base):

@@ -51,7 +51,9 @@ def record(request: dict[str, Any], response: dict[str, Any] | None = None, **fi
 def raw(value: dict[str, Any] | bytes) -> RawRecord:
     # json.dumps writes NaN and Infinity literals, as Python producers do.
     data = value if isinstance(value, bytes) else json.dumps(value).encode()
-    return RawRecord(value=data, key=None, origin=Origin("file", "test.jsonl", 0, 1), received_at=0.0)
+    # Received a second after the records' timestamp (T0), as a live stream would be.
+    origin = Origin("file", "test.jsonl", 0, 1)
+    return RawRecord(value=data, key=None, origin=origin, received_at=T0_EPOCH + 1)
 
 
 def decode(value: dict[str, Any] | bytes, **limits: Any) -> list[Query]:
@@ -468,6 +470,33 @@ DEAD_LETTERS = [
     case("no-client", no_field("client"), R.SCHEMA_VIOLATION, "client: Field required"),
     case("no-request", no_field("request"), R.SCHEMA_VIOLATION, "request: Field required"),
     case("bad-timestamp", record(OK_REQUEST, timestamp="yesterday"), R.SCHEMA_VIOLATION, "timestamp"),
+    case(
+        "year-9999",
+        record(OK_REQUEST, timestamp="9999-12-31T23:59:59Z"),
+        R.IMPLAUSIBLE_TIMESTAMP,
+        "ahead of its receipt, more than ingest.max_future_seconds (86400)",
+    ),
+    case(
+        "two-days-ahead",
+        record(OK_REQUEST, timestamp=T0_EPOCH + 2 * 86_400),
+        R.IMPLAUSIBLE_TIMESTAMP,
+        "172799 s ahead of its receipt",
+    ),
+    case("year-0001", record(OK_REQUEST, timestamp="0001-01-01T00:00:00Z"), R.IMPLAUSIBLE_TIMESTAMP, "1970"),
+    case("negative-epoch", record(OK_REQUEST, timestamp=-1.5), R.IMPLAUSIBLE_TIMESTAMP, "before 1970-01-01"),
+    case(
+        "too-old",
+        record(OK_REQUEST, timestamp=T0_EPOCH - 3600),
+        R.IMPLAUSIBLE_TIMESTAMP,
+        "3601 s before its receipt, more than ingest.max_age_seconds (600)",
+        max_age_seconds=600,
+    ),
+    case(
+        "nul-in-client-id",
+        record(OK_REQUEST, client={"id": "key\u0000x"}),
+        R.SCHEMA_VIOLATION,
+        "client.id: contains a NUL character, which cannot be stored",
+    ),
     case("huge-epoch", record(OK_REQUEST, timestamp=1e20), R.SCHEMA_VIOLATION, "epoch seconds out of range"),
     case("client-id-number", record(OK_REQUEST, client={"id": 7}), R.SCHEMA_VIOLATION, "client.id"),
     case(
@@ -612,7 +641,16 @@ def test_dead_letter(
 
 
 def test_every_dead_letter_reason_is_tested() -> None:
-    assert {param.values[2] for param in DEAD_LETTERS} == set(DeadLetterReason)
+    # A conflicting duplicate takes the ledger of processed events: the pipeline's tests cover it.
+    assert {param.values[2] for param in DEAD_LETTERS} == set(DeadLetterReason) - {R.CONFLICTING_DUPLICATE}
+
+
+def test_datasets_have_no_receipt_time_to_check_against() -> None:
+    # `train` and `evaluate` read labelled files whose timestamps may lie anywhere (days ahead, say).
+    ahead = json.dumps(record(OK_REQUEST, timestamp=T0_EPOCH + 30 * 86_400)).encode()
+    with pytest.raises(InvalidRecord):
+        RecordDecoder(IngestSettings()).decode(raw(ahead))
+    assert len(RecordDecoder(IngestSettings().for_datasets()).decode(raw(ahead))) == 1
 
 
 def test_a_record_exactly_at_the_size_limit_passes() -> None:

@@ -61,7 +61,7 @@ class Run:
 
 def decode_file(path: Path) -> tuple[list[list[Query]], list[dict[str, Any]]]:
     """Every record of a JSON Lines file through the detector's decoder (raising on any rejection)."""
-    decoder = RecordDecoder(IngestSettings())
+    decoder = RecordDecoder(IngestSettings().for_datasets())
     decoded, raw = [], []
     with path.open("rb") as lines:
         for number, line in enumerate(lines, start=1):

@@ -41,8 +41,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0003"
-    assert current_revision(engine) == "0003"
+    assert head_revision() == "0004"
+    assert current_revision(engine) == "0004"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 

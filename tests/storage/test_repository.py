@@ -13,6 +13,8 @@ from sqlalchemy.orm import Session
 from detector.ingest.records import DeadLetter, DeadLetterReason, Origin
 from detector.sessions import SessionState, SessionStatus
 from detector.storage import Checkpoint, DurableBatch, Store
+from detector.storage.errors import StorageFailed
+from detector.storage.repository import SeenEvent
 from detector.storage.tables import SeenEventRow
 
 from .conftest import START, FakeClock
@@ -61,9 +63,13 @@ def dead_letter(
     )
 
 
+def seen(event_id: str, event_time: float = START) -> SeenEvent:
+    return SeenEvent(event_id, event_time, event_id.encode().ljust(16, b"#"))
+
+
 def full_batch() -> DurableBatch:
     return DurableBatch(
-        seen_events=[("e1", START), ("e2", START + 1), ("e3", START + 2)],
+        seen_events=[seen("e1", START), seen("e2", START + 1), seen("e3", START + 2)],
         sessions=[session("s1"), session("s2", client_id="client-b", status=SessionStatus.CLOSED)],
         dead_letters=[dead_letter(7), dead_letter(8, DeadLetterReason.SCHEMA_VIOLATION)],
         checkpoints=[Checkpoint("mia", "inference-logs", 0, 100), Checkpoint("mia", "inference-logs", 1, 42)],
@@ -124,15 +130,15 @@ def test_repeated_ids_within_one_batch_keep_the_last_session_state(store: Store)
     assert [s.queries for s in store.list_sessions()] == [2]
 
 
-def test_unseen_event_ids(store: Store) -> None:
-    seen = [(f"event-{i}", START + i) for i in range(0, 1200, 2)]
-    store.write(DurableBatch(seen_events=[("a", START), ("b", START), *seen]))
+def test_seen_digests(store: Store) -> None:
+    events = [seen(f"event-{i}", START + i) for i in range(0, 1200, 2)]
+    store.write(DurableBatch(seen_events=[seen("a"), seen("b"), *events]))
 
-    assert store.unseen_event_ids(["a", "b", "c", "d"]) == {"c", "d"}
-    assert store.unseen_event_ids([]) == set()
+    assert store.seen_digests(["a", "b", "c", "d"]) == {"a": seen("a").digest, "b": seen("b").digest}
+    assert store.seen_digests([]) == {}
     # More ids than one IN list holds.
     asked = [f"event-{i}" for i in range(1200)]
-    assert store.unseen_event_ids(asked) == {f"event-{i}" for i in range(1, 1200, 2)}
+    assert set(store.seen_digests(asked)) == {f"event-{i}" for i in range(0, 1200, 2)}
 
 
 def test_latest_sessions_picks_the_newest_session_of_each_key(store: Store) -> None:
@@ -190,13 +196,21 @@ def test_stale_open_sessions_are_closed(store: Store) -> None:
     }
 
 
-def test_seen_events_older_than_the_horizon_are_pruned(store: Store) -> None:
-    store.write(DurableBatch(seen_events=[("old", START + 100), ("edge", START + 200), ("new", START + 300)]))
+def test_seen_events_are_forgotten_a_retention_after_they_were_processed(
+    store: Store, clock: FakeClock
+) -> None:
+    store.write(DurableBatch(seen_events=[seen("old")]))
+    clock.now += 100
+    store.write(DurableBatch(seen_events=[seen("edge")]))
+    clock.now += 100
+    # Event times do not matter: one far in the future (a forged timestamp) forgets nothing, and one far in
+    # the past (a replay of old records) is remembered like the others.
+    store.write(DurableBatch(seen_events=[seen("future", START + 1e9), seen("ancient", 0.0)]))
 
-    store.write(DurableBatch(prune_seen_before=START + 200))
+    store.write(DurableBatch(forget_seen_after_seconds=100))
 
-    assert store.count_seen_events() == 2
-    assert store.unseen_event_ids(["old", "edge", "new"]) == {"old"}
+    assert store.count_seen_events() == 3
+    assert set(store.seen_digests(["old", "edge", "future", "ancient"])) == {"edge", "future", "ancient"}
 
 
 def test_dead_letters_are_stored_once_per_source(store: Store, clock: FakeClock) -> None:
@@ -289,8 +303,11 @@ def test_a_failed_write_stores_nothing(store: Store) -> None:
     batch = full_batch()
     batch.sessions.append(broken)
 
-    with pytest.raises(IntegrityError):
+    with pytest.raises(StorageFailed) as raised:  # waiting would not make this batch storable
         store.write(batch)
+
+    assert isinstance(raised.value.__cause__, IntegrityError)
+    assert "INSERT" not in str(raised.value)  # no SQL (nor its parameters) in what gets logged
 
     assert snapshot(store) == {"seen": 0, "sessions": [], "dead_letters": [], "checkpoints": {}}
 
