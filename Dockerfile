@@ -4,10 +4,11 @@
 #   docker build -t mia-detector .                       # or: docker compose -f deploy/docker-compose.yml build
 #   docker run --rm -e MIA_KAFKA_BOOTSTRAP_SERVERS=kafka:9092 -e MIA_DATABASE_URL=postgresql://... mia-detector
 #
-# Stage 1 builds the project's wheel and installs it with its dependencies into a virtual environment;
-# stage 2 copies only that environment onto a fresh slim image and runs it as an unprivileged user. Every
-# dependency ships manylinux wheels for CPython 3.11 (numpy, scikit-learn, psycopg[binary], crc32c, ...),
-# so no compiler is needed in either stage.
+# Stage 1 installs the pinned dependency set into a virtual environment, then the project's wheel; stage 2
+# copies only that environment onto a fresh slim image and runs it as an unprivileged user. The versions are
+# the ones CI tests: requirements/runtime.txt and build.txt (`make lock`), every file checked against its
+# hash. Wheels only: every dependency ships manylinux wheels for CPython 3.11 (numpy, scikit-learn,
+# psycopg[binary], crc32c, ...), so no compiler is needed in either stage.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -15,12 +16,21 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
+# The dependencies first, in a layer of their own that is rebuilt only when the lock changes. The locked pip
+# and build backend live in /opt/build, which the image leaves behind: /opt/mia-detector gets no pip (nor
+# the old setuptools a venv brings) and holds exactly runtime.txt and the project.
+COPY requirements/build.txt requirements/runtime.txt requirements/
+RUN python -m venv /opt/build \
+ && /opt/build/bin/pip install --require-hashes --only-binary :all: -r requirements/build.txt \
+ && python -m venv --without-pip /opt/mia-detector \
+ && /opt/build/bin/pip --python /opt/mia-detector/bin/python install --require-hashes --only-binary :all: \
+        -r requirements/runtime.txt
 # Only what the wheel is built from (see .dockerignore): pyproject.toml names README.md as its readme.
 COPY pyproject.toml README.md ./
 COPY detector/ detector/
-RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv /opt/mia-detector \
- && /opt/mia-detector/bin/pip install /wheels/mia_detector-*.whl \
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
+ && /opt/build/bin/pip --python /opt/mia-detector/bin/python install --no-deps /wheels/mia_detector-*.whl \
+ && /opt/build/bin/pip --python /opt/mia-detector/bin/python check \
  && /opt/mia-detector/bin/mia-detector --help >/dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime

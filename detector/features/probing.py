@@ -35,7 +35,8 @@ class NearDuplicateProbing(CounterFeature):
 
     def update(self, observation: Observation) -> None:
         match = observation.match
-        assert match is not None
+        if match is None:
+            raise ValueError("the observation has no cluster match (RecordClusters.assign sets it)")
         self.queries += 1
         if match.kind is not MatchKind.VARIANT:
             return

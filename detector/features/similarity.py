@@ -30,7 +30,8 @@ class QuerySimilarity(CounterFeature):
 
     def update(self, observation: Observation) -> None:
         match = observation.match
-        assert match is not None
+        if match is None:
+            raise ValueError("the observation has no cluster match (RecordClusters.assign sets it)")
         self.queries += 1
         if match.kind is MatchKind.EXACT:
             self.exact += 1

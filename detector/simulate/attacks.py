@@ -177,7 +177,8 @@ class Augmentation:
             copies = np.clip(noisy, model.lower, model.upper) if model.image_side else noisy
             return np.concatenate([row[None], np.round(copies, _SENT_DECIMALS)])
         side = model.image_side
-        assert side is not None  # image strategies are only drawn for image models
+        if side is None:  # image strategies are only drawn for image models
+            raise ValueError(f"the {self.name} augmentation needs an image model")
         image = row.reshape(side, side)
         if self.name == "rotation":
             images = [
