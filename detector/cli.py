@@ -1084,6 +1084,7 @@ def main(argv: list[str] | None = None) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from detector.broker import BrokerError
+    from detector.ingest.kafka_connect import KafkaUnreachable
     from detector.scoring.model import ModelError
     from detector.storage.errors import StorageError, describe
 
@@ -1095,7 +1096,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), 2)
     except (ConfigError, ModelError) as exc:
         _fail(str(exc), 2)
-    except (BrokerError, RuntimeFailure) as exc:
+    except (BrokerError, RuntimeFailure, KafkaUnreachable) as exc:
         _fail(str(exc), 1)
     except KafkaError as exc:
         _fail(f"Kafka: {exc}", 1)

@@ -340,11 +340,16 @@ class StorageOutage:
                 return
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived inside `StopFlag.interruptible()`."""
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT (or by code): the daemon finishes its batch, commits and returns."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._interruptible = False
 
     def set(self) -> None:
         """Ask the loop to stop after the current batch."""
@@ -361,8 +366,13 @@ class StopFlag:
             return
 
         def handle(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s: finishing the batch, committing, exiting", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
             self.set()
+            if self._interruptible:
+                self._interruptible = False
+                log.info("received %s while connecting: exiting", name)
+                raise Interrupted(name)
+            log.info("received %s: finishing the batch, committing, exiting", name)
 
         previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -370,6 +380,19 @@ class StopFlag:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Within the block, SIGTERM and SIGINT (under `on_signals`) also raise `Interrupted` at once, out of
+        whatever blocks: for calls that wait without looking at the flag, such as kafka-python's clients
+        connecting in their constructors. Raises `Interrupted` at the start when the flag is already set."""
+        if self:
+            raise Interrupted("stop requested")
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
 
 def run_daemon(
@@ -396,9 +419,6 @@ def run_daemon(
         listen = settings.metrics.host_port
         if listen is not None:
             resources.callback(metrics.serve(*listen))
-        publisher = KafkaPublisher(settings.kafka) if settings.kafka.dead_letter_topic else None
-        if publisher is not None:
-            resources.callback(publisher.close)
         pipeline: Pipeline | None = None
 
         def release() -> None:
@@ -423,14 +443,23 @@ def run_daemon(
                 log.warning("stored positions unreadable (%s): resuming from committed offsets", error)
                 return {}
 
-        source = KafkaSource(
-            settings.kafka,
-            on_revoke=release,
-            topics=topics,
-            group_id=group,
-            stored_positions=stored_positions,
-        )
-        resources.callback(source.close)
+        try:
+            # Connecting is bounded (`connect_timeout_seconds`), but a stop must not wait for it.
+            with stop.interruptible():
+                publisher = KafkaPublisher(settings.kafka) if settings.kafka.dead_letter_topic else None
+                if publisher is not None:
+                    resources.callback(publisher.close)
+                source = KafkaSource(
+                    settings.kafka,
+                    on_revoke=release,
+                    topics=topics,
+                    group_id=group,
+                    stored_positions=stored_positions,
+                )
+                resources.callback(source.close)
+        except Interrupted:
+            log.info("stopped before consuming anything")
+            return PipelineStats()
 
         def commit_positions(positions: Mapping[tuple[str, int], int]) -> None:
             try:

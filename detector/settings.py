@@ -27,6 +27,11 @@ from pydantic_settings import (
 
 _GROUP = ConfigDict(extra="forbid")
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
+
 
 class KafkaSettings(BaseModel):
     """Where query logs come from, and how the consumer group reads them."""
@@ -45,10 +50,64 @@ class KafkaSettings(BaseModel):
     max_partition_fetch_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     fetch_min_bytes: int = Field(default=256 * 1024, ge=1)
     fetch_max_wait_ms: int = Field(default=100, ge=0)
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    # Bounds each step of reaching a broker at start (TCP connect, TLS handshake, first answer) and the
+    # client's bootstrap: a wrong address, protocol or certificate fails within it instead of hanging.
+    connect_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # TLS (security_protocol SSL or SASL_SSL): the CA bundle that signed the brokers' certificates (the
+    # system's trust store when unset), and a client certificate for brokers that require one.
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None  # when the key is not in ssl_certfile
+    ssl_password: SecretStr | None = None  # of an encrypted key
+    ssl_check_hostname: bool = True
+    # SASL (security_protocol SASL_PLAINTEXT or SASL_SSL): username and password are then required.
+    sasl_mechanism: SaslMechanism = "PLAIN"
+    sasl_username: str | None = Field(default=None, validate_default=True)
+    sasl_password: SecretStr | None = Field(default=None, validate_default=True)
+
+    @field_validator(
+        "ssl_cafile",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+        "sasl_username",
+        "sasl_password",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # An empty variable in a manifest means "not set" (an empty path would be the current directory).
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
+    @classmethod
+    def _only_with_tls(cls, value: Any, info: ValidationInfo) -> Any:
+        protocol = info.data.get("security_protocol")
+        if value is not None and protocol is not None and protocol not in TLS_PROTOCOLS:
+            raise ValueError(
+                f"TLS is not used with security protocol {protocol}: set MIA_KAFKA_SECURITY_PROTOCOL to SSL "
+                "or SASL_SSL, or unset this"
+            )
+        key_part = info.field_name in ("ssl_keyfile", "ssl_password")
+        if key_part and value is not None and info.data.get("ssl_certfile") is None:
+            raise ValueError("belongs to a client certificate: set MIA_KAFKA_SSL_CERTFILE too")
+        return value
+
+    @field_validator("sasl_username", "sasl_password")
+    @classmethod
+    def _with_sasl_only(cls, value: Any, info: ValidationInfo) -> Any:
+        protocol = info.data.get("security_protocol")
+        if protocol is None:
+            return value
+        if protocol in SASL_PROTOCOLS and value is None:
+            raise ValueError(f"required with security protocol {protocol}")
+        if protocol not in SASL_PROTOCOLS and value is not None:
+            raise ValueError(
+                f"SASL is not used with security protocol {protocol}: set MIA_KAFKA_SECURITY_PROTOCOL to "
+                "SASL_SSL or SASL_PLAINTEXT, or unset this"
+            )
+        return value
 
 
 class DatabaseSettings(BaseModel):

@@ -50,6 +50,8 @@ def test_config_show_prints_the_effective_configuration_with_secrets_masked(tmp_
     config.write_text('[sessions]\ngap_seconds = 600\n[kafka]\ntopics = ["from-file"]\n')
     env = cli_env(
         MIA_DATABASE_URL="postgresql://detector:s3cr3t-pw@db.internal/mia",
+        MIA_KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+        MIA_KAFKA_SASL_USERNAME="detector",
         MIA_KAFKA_SASL_PASSWORD="kafka-s3cr3t",
         MIA_KAFKA_TOPICS='["from-env"]',
     )

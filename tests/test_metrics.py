@@ -282,7 +282,9 @@ class FakeConsumer:
 
 
 def test_source_lag_comes_from_the_last_fetch_and_is_never_negative(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kafka_module, "KafkaConsumer", FakeConsumer)
+    monkeypatch.setattr(
+        kafka_module, "open_client", lambda factory, settings, **options: FakeConsumer(**options)
+    )
     source = KafkaSource(KafkaSettings(topics=["logs"]), on_revoke=lambda: None)
     assert source.lag() == {("logs", 0): 60, ("logs", 1): 0}
 

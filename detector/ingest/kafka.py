@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
+from detector.ingest.kafka_connect import KafkaUnreachable, bootstrap_servers, check_connection, ssl_context
 from detector.ingest.records import DeadLetter, Origin, RawRecord
-from detector.settings import KafkaSettings
+from detector.settings import SASL_PROTOCOLS, KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -19,19 +21,115 @@ Positions = dict[tuple[str, int], int]  # (topic, partition) -> next offset to r
 StoredPositions = Callable[[], Positions]
 
 
-def client_options(settings: KafkaSettings) -> dict[str, Any]:
-    """Connection and security options shared by consumers and producers."""
+# The constructors of kafka-python's clients bootstrap (connect, learn the broker's API versions) before
+# they return, bounded by `bootstrap_timeout_ms` in kafka-python 3 and by `api_version_auto_timeout_ms` in
+# 2.x; each refuses the other's name as an unknown option.
+BOOTSTRAP_TIMEOUT_OPTION = (
+    "bootstrap_timeout_ms"
+    if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG
+    else "api_version_auto_timeout_ms"
+)
+
+_Client = TypeVar("_Client", KafkaConsumer, KafkaProducer)
+
+
+def client_options(settings: KafkaSettings, *, timeout_seconds: float | None = None) -> dict[str, Any]:
+    """Connection and security options shared by consumers and producers, under names that kafka-python
+    2.3 and 3.0 both take: the brokers, the security protocol, the TLS context, the SASL mechanism and
+    credentials, and the bound on the bootstrap (`timeout_seconds`, by default `connect_timeout_seconds`).
+
+    TLS goes in as one `ssl_context` built from the `ssl_*` settings: the same verification in either
+    kafka-python version (2.3 builds its own context with a weaker default) and in `check_connection`.
+    """
+    timeout = settings.connect_timeout_seconds if timeout_seconds is None else timeout_seconds
     options: dict[str, Any] = {
-        "bootstrap_servers": [server.strip() for server in settings.bootstrap_servers.split(",")],
+        "bootstrap_servers": bootstrap_servers(settings),
         "client_id": settings.client_id,
         "security_protocol": settings.security_protocol,
+        BOOTSTRAP_TIMEOUT_OPTION: max(int(timeout * 1000), 1),
     }
-    if settings.sasl_mechanism:
+    context = ssl_context(settings)
+    if context is not None:
+        options["ssl_context"] = context
+    if settings.security_protocol in SASL_PROTOCOLS:
+        if settings.sasl_username is None or settings.sasl_password is None:
+            # Settings validation refuses this; settings built without validation must not reach a broker.
+            raise ValueError("SASL needs MIA_KAFKA_SASL_USERNAME and MIA_KAFKA_SASL_PASSWORD")
         options["sasl_mechanism"] = settings.sasl_mechanism
         options["sasl_plain_username"] = settings.sasl_username
-        if settings.sasl_password is not None:
-            options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+        options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
     return options
+
+
+def open_client(
+    factory: type[_Client], settings: KafkaSettings, *, timeout_seconds: float | None = None, **options: Any
+) -> _Client:
+    """`factory` (KafkaConsumer or KafkaProducer) with `client_options` and `options`, once
+    `check_connection` has reached a broker.
+
+    Returns within about twice the connect timeout (`timeout_seconds`, by default
+    `connect_timeout_seconds`), or raises `KafkaUnreachable` with a one-line reason (a client that could not
+    bootstrap is closed first).
+    """
+    check_connection(settings, timeout_seconds)
+    timeout = settings.connect_timeout_seconds if timeout_seconds is None else timeout_seconds
+    clients: list[Any] = []
+
+    def new_client(**config: Any) -> Any:
+        # Kept, so that a client that cannot start does not leave its sockets and IO thread behind.
+        clients.append(factory.DEFAULT_CONFIG["kafka_client"](**config))
+        return clients[-1]
+
+    try:
+        if (
+            BOOTSTRAP_TIMEOUT_OPTION == "api_version_auto_timeout_ms"
+            and settings.security_protocol in SASL_PROTOCOLS
+        ):
+            _log_in(settings, timeout)
+        return factory(
+            **client_options(settings, timeout_seconds=timeout), kafka_client=new_client, **options
+        )
+    except KafkaError as exc:
+        for client in clients:
+            client.close()
+        raise KafkaUnreachable(_bootstrap_failure(settings, exc, timeout)) from None
+
+
+def _log_in(settings: KafkaSettings, timeout: float) -> None:
+    """Authenticate once with a client of kafka-python 2.x's own, within `timeout` seconds, or raise
+    `KafkaError`.
+
+    kafka-python 2.x's consumers and producers return once they know the broker's API versions, which come
+    before SASL authentication: a rejected password would show only when a first request times out (after a
+    minute, for a producer). The client is a throwaway one, driven from this thread alone: a producer's
+    sender thread would read from the same connection.
+    """
+    from kafka.client_async import KafkaClient  # kafka-python 2.x
+
+    client = KafkaClient(
+        **client_options(settings, timeout_seconds=timeout), request_timeout_ms=max(int(timeout * 1000), 1)
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            node = client.least_loaded_node()
+            if node is not None and client.ready(node):
+                return
+            client.poll(timeout_ms=100)
+        raise KafkaTimeoutError(f"not authenticated within {timeout:g} s")
+    finally:
+        client.close()
+
+
+def _bootstrap_failure(settings: KafkaSettings, exc: KafkaError, timeout: float) -> str:
+    servers = ",".join(bootstrap_servers(settings))
+    reason = (str(exc) or type(exc).__name__).splitlines()[0]
+    if settings.security_protocol in SASL_PROTOCOLS:
+        reason += (
+            f" (the broker answered but the client did not get through within {timeout:g} s: are "
+            "MIA_KAFKA_SASL_MECHANISM, MIA_KAFKA_SASL_USERNAME and MIA_KAFKA_SASL_PASSWORD right?)"
+        )
+    return f"cannot connect to Kafka at {servers} over {settings.security_protocol}: {reason}"
 
 
 def _names(partitions: Iterable[TopicPartition]) -> list[str]:
@@ -85,8 +183,9 @@ class KafkaSource:
         self._on_revoke = on_revoke
         self._stored_positions = stored_positions
         self._in_rebalance = False
-        self._consumer = KafkaConsumer(
-            **client_options(settings),
+        self._consumer = open_client(
+            KafkaConsumer,
+            settings,
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset=settings.auto_offset_reset,
@@ -194,8 +293,9 @@ class KafkaPublisher:
     def __init__(self, settings: KafkaSettings) -> None:
         # Idempotence stays off: a producer id does not survive a restart of the embedded broker, and
         # consumers de-duplicate by event_id anyway.
-        self._producer = KafkaProducer(
-            **client_options(settings),
+        self._producer = open_client(
+            KafkaProducer,
+            settings,
             acks="all",
             enable_idempotence=False,
             retries=10,

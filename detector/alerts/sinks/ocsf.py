@@ -36,6 +36,7 @@ from detector.alerts.model import Severity
 from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
 from detector.alerts.sinks.base import DeliveryError, bounded, describe_reason, epoch_ms
 from detector.ingest.kafka import client_options
+from detector.ingest.kafka_connect import KafkaUnreachable, check_connection
 from detector.settings import KafkaSettings
 from detector.text import json_line
 
@@ -361,11 +362,14 @@ class OcsfKafkaSink:
             future = producer.send(self.topic, value=value, key=key)
             producer.flush(timeout=self._timeout)
             future.get(timeout=self._timeout)
-        except KafkaError as exc:
+        except (KafkaError, KafkaUnreachable) as exc:
             raise DeliveryError(self._describe(exc)) from None
 
     def _connect(self) -> Any:
         if self._producer is None:
+            # kafka-python 3.0 waits for a TLS handshake without a time limit: a wrong protocol would hang
+            # the dispatcher for good.
+            check_connection(self._settings, self._timeout)
             timeout_ms = max(1, int(self._timeout * 1000))
             clients: list[Any] = []
 
@@ -376,13 +380,12 @@ class OcsfKafkaSink:
 
             try:
                 self._producer = KafkaProducer(
-                    **client_options(self._settings),
+                    **client_options(self._settings, timeout_seconds=self._timeout),
                     acks="all",
                     # As for the publisher: a producer id does not survive a restart of the embedded
                     # broker, and consumers de-duplicate by metadata.uid anyway.
                     enable_idempotence=False,
                     linger_ms=0,
-                    bootstrap_timeout_ms=timeout_ms,
                     max_block_ms=timeout_ms,
                     request_timeout_ms=timeout_ms,
                     delivery_timeout_ms=timeout_ms,
@@ -397,7 +400,7 @@ class OcsfKafkaSink:
                 raise
         return self._producer
 
-    def _describe(self, exc: KafkaError) -> str:
+    def _describe(self, exc: Exception) -> str:
         """A one-line error naming the sink and topic, with broker addresses left out (as other sinks leave
         out their URLs)."""
         detail = (str(exc) or type(exc).__name__).splitlines()[0]
