@@ -6,8 +6,13 @@ Environment names are the group and the field joined by `_`: `MIA_KAFKA_BOOTSTRA
 
 from __future__ import annotations
 
+import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -18,8 +23,10 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -275,6 +282,17 @@ class GrafanaSettings(_ReceiverGroup):
     postgres_password: SecretStr | None = None
     verify_tls: bool = True
 
+    @field_validator("url")
+    @classmethod
+    def _grafana_base_url(cls, value: str | None) -> str | None:
+        # Checked here, not when a command first uses it: every command then reports a bad URL in one
+        # line (the message never quotes the URL, which may hold a password).
+        if value is not None:
+            from detector.dashboards.grafana import GrafanaAddress
+
+            GrafanaAddress.parse(value)
+        return value
+
 
 class MetricsSettings(BaseModel):
     """The Prometheus endpoint of `mia-detector run` (`MIA_METRICS_ADDR`, host:port; empty turns it off)."""
@@ -340,26 +358,159 @@ class Settings(BaseSettings):
     training_index_key: SecretStr | None = None
 
     def masked(self) -> dict[str, Any]:
-        """The effective configuration as plain data, with every secret (and database password) masked."""
+        """The effective configuration as plain data that holds no secret: every secret setting masked,
+        and in every URL (the database's included) the password and the query and fragment values."""
         data = self.model_dump(mode="json")
-        data["database"]["url"] = _mask_url_password(self.database.url.get_secret_value())
+        # The database URL stays readable (which host, which database) but for its credentials.
+        data["database"]["url"] = self.database.url.get_secret_value()
         # Webhook headers usually carry credentials (Authorization, API keys).
-        data["webhook"]["headers"] = dict.fromkeys(self.webhook.headers, "**********")
-        return data
+        data["webhook"]["headers"] = dict.fromkeys(self.webhook.headers, HIDDEN)
+        masked: dict[str, Any] = _mask_urls(data)
+        return masked
+
+
+HIDDEN = "**********"
+# What replaces a password or a query value in a URL shown to people.
+URL_MASK = "***"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def mask_url(url: str) -> str:
+    """`url` with the password of its user part and the value of every query and fragment parameter
+    replaced by `***`: scheme, user name, host, port, path and parameter names stay readable. A string that
+    cannot be split as a URL is masked whole.
+
+    No list of sensitive parameter names is kept: `?token=`, `?api_key=`, `?sig=` and any name a receiver
+    may invent are all masked. A URL whose path is itself the secret (a Slack webhook) must be a secret
+    setting instead.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return HIDDEN
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:{URL_MASK}@{host}" if has_password else f"{user}@{host}"
+    # Put together by hand: urlunsplit drops the `//` of an empty host (`sqlite:///path`).
+    start = _URL.match(url)
+    masked = (
+        f"{start.group(0)}{netloc}{parts.path}"
+        if start
+        else urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    )
+    if parts.query:
+        masked += f"?{_mask_parameters(parts.query)}"
+    if parts.fragment:
+        masked += f"#{_mask_parameters(parts.fragment)}"
+    return masked
+
+
+def _mask_parameters(text: str) -> str:
+    """`a=1&b=2` as `a=***&b=***`; a part without `=` (a bare token) is masked whole."""
+    masked = []
+    for part in text.split("&"):
+        name, has_value, _ = part.partition("=")
+        masked.append(f"{name}={URL_MASK}" if has_value else URL_MASK if part else part)
+    return "&".join(masked)
+
+
+def _mask_urls(value: Any) -> Any:
+    """`value` (plain data) with `mask_url` applied to every string that starts like a URL."""
+    if isinstance(value, dict):
+        return {key: _mask_urls(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mask_urls(item) for item in value]
+    if isinstance(value, str) and _URL.match(value):
+        return mask_url(value)
+    return value
 
 
 class ConfigError(ValueError):
     """A configuration value or file is invalid; the message is one line meant for the operator."""
 
 
-def _mask_url_password(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+def secret_variables() -> dict[str, tuple[str, ...]]:
+    """Every secret setting (a `SecretStr` field, at the top level or in a group) by environment variable
+    name: `{"MIA_DATABASE_URL": ("database", "url"), ...}`."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name, field in Settings.model_fields.items():
+        group = _model_of(field)
+        if group is None:
+            if _holds_secret(field.annotation):
+                found[f"MIA_{name}".upper()] = (name,)
+            continue
+        for member, member_field in group.model_fields.items():
+            if _holds_secret(member_field.annotation):
+                found[f"MIA_{name}_{member}".upper()] = (name, member)
+    return found
 
+
+def _model_of(field: FieldInfo) -> type[BaseModel] | None:
+    annotation = field.annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _holds_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_holds_secret(member) for member in typing.get_args(annotation))
+    return False
+
+
+class SecretFilesSource(PydanticBaseSettingsSource):
+    """Secret settings read from files: `<VAR>_FILE=/run/secrets/...` for every secret setting `<VAR>`
+    (`MIA_DATABASE_URL_FILE`, `MIA_KAFKA_SASL_PASSWORD_FILE`, ...), as container platforms mount them.
+
+    The value is the file's content without its trailing newline. Raises `ConfigError` (one line naming the
+    variable, never the content) when a file cannot be read, or when `<VAR>` is set as well.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: typing.Mapping[str, str] | None = None):
+        super().__init__(settings_cls)
+        self._environ = {key.upper(): value for key, value in (environ or os.environ).items()}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # Values are gathered in __call__, across groups.
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for variable, path in secret_variables().items():
+            file_variable = f"{variable}_FILE"
+            location = self._environ.get(file_variable)
+            if location is None:
+                continue
+            if self._environ.get(variable, "").strip():
+                raise ConfigError(f"both {variable} and {file_variable} are set: keep one")
+            target = values
+            for part in path[:-1]:
+                target = target.setdefault(part, {})
+            target[path[-1]] = _read_secret_file(file_variable, location)
+        return values
+
+
+def _read_secret_file(variable: str, location: str) -> str:
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "**********"
+        content = Path(location).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {variable} ({location}): {exc.strerror or type(exc).__name__}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {variable} ({location}): not UTF-8 text") from None
+    return content.rstrip("\r\n")
+
+
+def _without_secret_files(source: PydanticBaseSettingsSource) -> PydanticBaseSettingsSource:
+    """The environment source, blind to the `<VAR>_FILE` variables (read by `SecretFilesSource`), which
+    it would otherwise take for unknown fields of their group."""
+    if isinstance(source, EnvSettingsSource):
+        names = {f"{variable}_FILE".lower() for variable in secret_variables()}
+        source.env_vars = {key: value for key, value in source.env_vars.items() if key.lower() not in names}
+    return source
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -381,7 +532,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            # A secret's file and its variable are never both set (an error), so the files' place among
+            # the sources only decides what an empty variable beside a file means: the file.
+            sources: tuple[PydanticBaseSettingsSource, ...] = (
+                init_settings,
+                SecretFilesSource(settings_cls),
+                _without_secret_files(env_settings),
+            )
             if config_file is not None:
                 sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
             return sources
@@ -390,6 +547,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         loaded = _Settings(**_merge_overrides(overrides))
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
+    except ConfigError:
+        raise
     except ValueError as exc:  # malformed TOML or JSON in an environment variable
         raise ConfigError(f"invalid configuration: {exc}".splitlines()[0]) from None
     return loaded
