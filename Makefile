@@ -74,6 +74,7 @@ lint: install
 	$(BIN)/ruff check detector tests benchmarks
 	$(BIN)/ruff format --check detector tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	@if reason=$$($(BIN)/python -c "$$AUDIT_PROBE_PY" '$(AUDIT_PROBE)' 2>&1); then \
 	  $(MAKE) --no-print-directory audit; \
 	else echo "WARNING: pip-audit did not run: $(AUDIT_PROBE): $$reason. The vulnerability service is out" \

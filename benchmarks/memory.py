@@ -17,12 +17,13 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+from detector.domain import Query
 from detector.ingest.jsonl import read_jsonl_batches
 from detector.metrics import Metrics
-from detector.model import Query
-from detector.service import build_pipeline, decoded_batches, open_store
+from detector.service import build_pipeline, decoded_batches
 from detector.settings import Settings, load_settings
 from detector.simulate.sample import write_sample
+from detector.storage import open_store
 
 
 def held_bytes(build: Callable[[], object]) -> tuple[int, object]:

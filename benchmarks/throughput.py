@@ -20,9 +20,9 @@ import orjson
 from kafka import KafkaConsumer
 
 from detector.broker import EmbeddedBroker
-from detector.ingest.kafka import client_options
-from detector.ingest.records import RawRecord
-from detector.pipeline import PendingWork
+from detector.domain import Origin, RawRecord
+from detector.kafka import client_options
+from detector.pipeline import Batch
 from detector.service import StopFlag, build_detection, decoded_batches, produce_file, replay, run_daemon
 from detector.settings import Settings, load_settings
 from detector.simulate.sample import write_sample
@@ -44,15 +44,16 @@ def report(name: str, count: int, wall: float, cpu: float, unit: str = "records"
 
 def bench_detection(events: Path, settings: Settings, replay_seconds_per_query: float) -> None:
     """Time the detection step alone on already decoded queries, in the replay's batches."""
-    batches = list(decoded_batches(settings, [str(events)]))
+    origin = RawRecord(b"", None, Origin("file", str(events), 0, 0), 0.0)  # what detection never reads
+    batches = [[(origin, [query]) for query in batch] for batch in decoded_batches(settings, [str(events)])]
     detect = build_detection(settings)
     queries = sum(len(batch) for batch in batches)
 
     def detection() -> int:
-        pending = PendingWork()
-        for batch in batches:
-            detect.process([[query] for query in batch], pending)
-        detect.at_commit(pending)
+        touched: set[tuple[str, str]] = set()
+        for fresh in batches:
+            touched |= detect.process(Batch([], fresh=fresh)).touched
+        detect.judge(touched, None)
         return queries
 
     print("(c) detection: streaming features + rules (+ coordination), no model loaded")

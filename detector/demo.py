@@ -12,11 +12,11 @@ from pydantic import SecretStr
 from detector.alerts.sinks import configured_sink_names
 from detector.broker import EmbeddedBroker
 from detector.evaluate import Evaluation, evaluate
-from detector.features.training import TrainingSetIndex, load_training_rows
-from detector.pipeline import OnAlerts, PipelineStats
+from detector.pipeline import AlertListener, PipelineStats
 from detector.service import StopFlag, produce_file, run_daemon, train
 from detector.settings import Settings
 from detector.simulate import SimulationSummary, simulate
+from detector.trainingset import TrainingSetIndex, load_training_rows
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def run_demo(
     seed: int,
     idle_exit_seconds: float,
     stop: StopFlag,
-    on_alerts: OnAlerts | None = None,
+    alerts: AlertListener | None = None,
 ) -> DemoResult:
     """Simulate `scenario`, train on its baseline, stream its events through an embedded broker into the
     daemon until idle (or SIGINT/SIGTERM), then evaluate the detector on the same events.
@@ -84,7 +84,7 @@ def run_demo(
         topic = local.kafka.topics[0]
         produced = produce_file(local, simulation.out / "events.jsonl", topic)
         log.info("produced %d records to %s on %s; consuming", produced, topic, broker.bootstrap_servers)
-        stats = run_daemon(local, stop, idle_exit_seconds=idle_exit_seconds, on_alerts=on_alerts)
+        stats = run_daemon(local, stop, idle_exit_seconds=idle_exit_seconds, alerts=alerts)
     evaluation = evaluate(
         trained, simulation.out / "events.jsonl", simulation.out / "truth.jsonl", workdir / "evaluation"
     )

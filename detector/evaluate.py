@@ -31,9 +31,10 @@ from matplotlib.figure import Figure
 from pydantic import SecretStr
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from detector.alerts.model import AlertKind, Detection
+from detector.alerts.lifecycle import AlertChange
+from detector.domain import AllowList, Detection
 from detector.features.client import FeatureTracker
-from detector.scoring.detector import ANOMALY_MIN_QUERIES, Detector
+from detector.scoring.scorer import Scorer
 from detector.service import (
     Progress,
     build_detection,
@@ -42,7 +43,6 @@ from detector.service import (
     replay,
 )
 from detector.settings import Settings
-from detector.storage.alerts import AlertChange
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ SCENARIO_FILE = "scenario.json"  # written by the simulator next to events.jsonl
 # its rule first fired, so the default poll-sized batches (thousands of records, a whole simulated hour at
 # once) would blur "queries to alert"; a live daemon polls what arrived since its last poll.
 BATCH_RECORDS = 100
+# Records per commit of an evaluation run: about a third of a second of a live daemon's traffic.
+COMMIT_RECORDS = 5_000
 # No client's features may be evicted during an evaluation: every client must be scored at the end. The
 # bound only caps memory; what is used is what the clients in the file need.
 NO_EVICTION = 10_000_000
@@ -219,15 +221,20 @@ def evaluate(
                 update={"max_clients": max(settings.detection.max_clients, NO_EVICTION)}
             ),
             "kafka": settings.kafka.model_copy(update={"max_poll_records": BATCH_RECORDS}),
+            # By count, not by the clock: the anomaly model judges at each commit, and where those fall must
+            # not depend on how busy the machine is, or two runs of one evaluation would differ.
+            "commit": settings.commit.model_copy(
+                update={"min_records": COMMIT_RECORDS, "min_interval_seconds": float("inf")}
+            ),
             "ingest": settings.ingest.for_datasets(),
         }
     )
     model = load_scoring_model(run_settings)
     detect = build_detection(run_settings, model, load_training_indexes(run_settings))
     alerts = _AlertLog()
-    stats = replay(run_settings, [str(events)], progress=progress, on_alerts=alerts, detect=detect)
+    stats = replay(run_settings, [str(events)], progress=progress, alerts=alerts, detect=detect)
 
-    scores = suspicion_scores(detect.tracker, detect.detector)
+    scores = suspicion_scores(detect.tracker, detect.detector.scorer, run_settings.detection.allow_list())
     seen = [client for _, client in detect.tracker.items()]
     span = max(c.last_seen for c in seen) - min(c.first_seen for c in seen) if seen else 0.0
     outcomes = [_outcome(client, scores.get(client.client_id, 0.0), alerts) for client in labelled]
@@ -259,7 +266,7 @@ def evaluate(
         unlabelled_clients=len(set(scores) - set(roles)),
         kinds=_kinds(attackers),
         populations=_populations(benign),
-        alert_kinds=_alert_kinds(alerts.opened, roles),
+        alert_kinds=_alert_kinds(alerts.all, roles),
         roc=roc([outcome.role == "attacker" for outcome in outcomes], [o.score for o in outcomes]),
         clients=outcomes,
         seconds=time.perf_counter() - began,
@@ -302,37 +309,21 @@ def read_truth(path: Path) -> list[TruthClient]:
     return clients
 
 
-def suspicion_scores(tracker: FeatureTracker, detector: Detector) -> dict[str, float]:
+def suspicion_scores(tracker: FeatureTracker, scorer: Scorer, allowlist: AllowList) -> dict[str, float]:
     """Per client id, how far its features are towards the nearest threshold (1.0 = at it), now.
 
-    For each of the client's (model, client) keys: the highest `score / threshold` over the rules whose
-    guards hold, and `anomaly score / forest threshold` when the model has a forest and the client has sent
-    enough queries for the forest to judge it; the client's score is the highest over its keys. Kinds the
-    allow-list silences for a client do not count, as they cannot alert.
+    For each of the client's (model, client) keys, the highest verdict ratio (`Scorer.score`: the rules,
+    and the anomaly model when it judges the client) over the kinds the allow-list does not silence for
+    the client, as those cannot alert; the client's score is the highest over its keys, 0 at least.
     """
     keyed = tracker.items()
-    snapshots = [client.snapshot() for _, client in keyed]
+    scored = scorer.score([client.snapshot() for _, client in keyed])
     scores: dict[str, float] = {}
-    for ((_, client_id), _), values in zip(keyed, snapshots, strict=True):
+    for ((_, client_id), _), verdicts in zip(keyed, scored, strict=True):
         ratios = [
-            values.get(rule.score, 0.0) / threshold
-            for rule in detector.rules
-            if (threshold := detector.threshold(rule)) > 0
-            and rule.applies(values)
-            and not detector.allowed(client_id, rule.kind)
+            verdict.ratio for kind, verdict in verdicts.items() if not allowlist.covers(client_id, kind)
         ]
         scores[client_id] = max([scores.get(client_id, 0.0), *ratios])
-    model = detector.model
-    if model is not None and model.forest is not None and model.forest_threshold > 0:
-        eligible = [
-            (key[1], values)
-            for (key, client), values in zip(keyed, snapshots, strict=True)
-            if client.queries >= ANOMALY_MIN_QUERIES
-            and not detector.allowed(key[1], AlertKind.ANOMALOUS_SESSION)
-        ]
-        anomaly = model.anomaly_scores([values for _, values in eligible])
-        for (client_id, _), score in zip(eligible, anomaly, strict=True):
-            scores[client_id] = max(scores[client_id], float(score) / model.forest_threshold)
     return scores
 
 
@@ -354,17 +345,17 @@ def roc(labels: Sequence[bool], scores: Sequence[float]) -> Roc:
 
 
 class _AlertLog:
-    """The `on_alerts` callback: every alert opened, and each client's first alert and kinds alerted."""
+    """The pipeline's `AlertListener`: every alert opened, and each client's first alert and kinds alerted."""
 
     def __init__(self) -> None:
-        self.opened: list[tuple[str, tuple[str, ...]]] = []
+        self.all: list[tuple[str, tuple[str, ...]]] = []
         self.first: dict[str, FirstAlert] = {}
         self.kinds: dict[str, set[str]] = {}
 
-    def __call__(self, opened: list[tuple[AlertChange, Detection]]) -> None:
-        for _, detection in opened:
+    def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
+        for _, detection in alerts:
             kind = detection.kind.value
-            self.opened.append((kind, detection.client_ids))
+            self.all.append((kind, detection.client_ids))
             # A coordination alert names several clients: each of them has been flagged.
             for client_id in detection.client_ids:
                 self.kinds.setdefault(client_id, set()).add(kind)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from detector.alerts.model import AlertKind, Severity
-from detector.ingest.records import DeadLetterReason
+from detector.domain import AlertKind, DeadLetterReason, Severity, Verdict
 
 PREFIX = "mia_detector"
 
@@ -350,11 +349,12 @@ class Metrics:
             self.consumer_lag.labels(topic=topic, partition=str(partition)).set(records)
         self._lag_partitions = set(lag)
 
-    def observe_score_ratio(self, kind: AlertKind, ratio: float) -> None:
-        """One judged client's score over its threshold for `kind`."""
-        child = self._score_ratio.get(kind)
-        if child is not None:
-            child.observe(ratio)
+    def observe_score_ratio(self, verdicts: Iterable[Verdict]) -> None:
+        """Each verdict on a judged client: its score over its threshold, under its alert kind."""
+        for verdict in verdicts:
+            child = self._score_ratio.get(verdict.kind)
+            if child is not None:
+                child.observe(verdict.ratio)
 
     def set_model(self, version: str | None, trained_at: float | None = None) -> None:
         """The scoring model in use (None: none), trained at `trained_at` (epoch seconds); without it, the

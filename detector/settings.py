@@ -32,6 +32,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from detector.domain import AlertKind, AllowEntry, AllowList
+
 _GROUP = ConfigDict(extra="forbid")
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -186,7 +188,7 @@ class AllowlistEntry(BaseModel):
 
     model_config = _GROUP
     client_id: str = Field(min_length=1)
-    kind: str | None = None
+    kind: AlertKind | None = None
     reason: str = Field(min_length=3)
 
 
@@ -197,6 +199,12 @@ class DetectionSettings(BaseModel):
     rules_path: Path | None = None
     max_clients: int = Field(default=20_000, ge=1)
     allowlist: list[AllowlistEntry] = Field(default_factory=list)
+
+    def allow_list(self) -> AllowList:
+        """The operators' allow-list as the detector applies it."""
+        return AllowList(
+            tuple(AllowEntry(entry.client_id, entry.reason, entry.kind) for entry in self.allowlist)
+        )
 
 
 class _ReceiverGroup(BaseModel):
@@ -288,7 +296,7 @@ class GrafanaSettings(_ReceiverGroup):
         # Checked here, not when a command first uses it: every command then reports a bad URL in one
         # line (the message never quotes the URL, which may hold a password).
         if value is not None:
-            from detector.dashboards.grafana import GrafanaAddress
+            from detector.http import GrafanaAddress
 
             GrafanaAddress.parse(value)
         return value

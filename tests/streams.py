@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from detector.domain import Query, Requested
 from detector.features.client import FeatureTracker
 from detector.features.embedding import QueryEmbedder
-from detector.model import Query, Requested
 
 WIDTH = 30
 rng = np.random.default_rng(11)

@@ -11,9 +11,8 @@ from typing import Any, NoReturn
 
 import pytest
 
-from detector.alerts.model import AlertKind, AlertStatus, Severity
-from detector.alerts.notification import AlertReason, AlertSnapshot, Notification, NotificationEvent
 from detector.broker import EmbeddedBroker
+from detector.domain import Alert, AlertKind, AlertStatus, Notification, NotificationEvent, Reason, Severity
 from detector.settings import Settings, load_settings
 from detector.storage import create_engine_for
 
@@ -42,6 +41,27 @@ def make_settings(
     return load_settings(None, database=database, kafka=kafka, commit=commit, metrics=metrics, **groups)
 
 
+def as_written(notification: Notification) -> Notification:
+    """`notification` as its JSON carries it (the outbox, a webhook's body): every time to the millisecond,
+    as RFC 3339 writes them; everything else as it is."""
+    alert = notification.alert
+    times = {
+        name: _millisecond(moment)
+        for name in ("first_seen", "last_seen", "raised_at", "updated_at", "resolved_at", "acknowledged_at")
+        if (moment := getattr(alert, name)) is not None
+    }
+    return notification.model_copy(
+        update={
+            "alert": alert.model_copy(update=times),
+            "created_at": _millisecond(notification.created_at),
+        }
+    )
+
+
+def _millisecond(moment: datetime) -> datetime:
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
 def make_notification(
     event: NotificationEvent = NotificationEvent.OPENED,
     *,
@@ -56,7 +76,7 @@ def make_notification(
     """A realistic notification of one alert (resolved ones carry `resolved_at`)."""
     now = datetime.now(UTC)
     resolved = event is NotificationEvent.RESOLVED
-    alert = AlertSnapshot(
+    alert = Alert(
         id=alert_id,
         dedup_key=f"credit-risk|{','.join(client_ids)}|{kind.value}",
         model="credit-risk",
@@ -68,9 +88,9 @@ def make_notification(
         score=0.42,
         threshold=0.1,
         reasons=[
-            AlertReason(feature="training_hit_rate", value=0.42, baseline_percentile=100.0),
-            AlertReason(feature="distinct_training_hits", value=57.0, baseline_percentile=99.9),
-            AlertReason(feature="queries", value=136.0),
+            Reason(feature="training_hit_rate", value=0.42, baseline_percentile=100.0),
+            Reason(feature="distinct_training_hits", value=57.0, baseline_percentile=99.9),
+            Reason(feature="queries", value=136.0),
         ],
         evidence=[f"evt-{i:04d}" for i in range(5)],
         atlas_technique="AML.T0024",
@@ -78,6 +98,7 @@ def make_notification(
         first_seen=now - timedelta(minutes=20),
         last_seen=now - timedelta(minutes=1),
         raised_at=now - timedelta(minutes=15),
+        updated_at=now - timedelta(minutes=1),
         resolved_at=now if resolved else None,
         queries=136,
     )

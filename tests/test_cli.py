@@ -14,8 +14,9 @@ import orjson
 import pytest
 
 from detector.broker import EmbeddedBroker
-from detector.service import open_store, produce_file, replay
+from detector.service import produce_file, replay
 from detector.simulate.sample import START, oip_record, write_sample
+from detector.storage import open_store
 from tests.support import make_settings, unique
 
 
@@ -93,6 +94,16 @@ def test_an_unreachable_database_gives_one_line_and_exit_code_1() -> None:
     result = mia("sessions", "list", env=env)
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "database" in result.stderr
+
+
+def test_an_unreadable_scoring_model_gives_one_line_and_exit_code_2(sqlite_url: str, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    write_sample(events, clients=2, events=10)
+    env = cli_env(MIA_DATABASE_URL=sqlite_url, MIA_MODEL_PATH=str(tmp_path / "no-model"))
+    result = mia("replay", str(events), env=env)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("mia-detector: error: cannot read scoring model at "), line
 
 
 def test_replay_then_list_sessions_and_dead_letters_as_jsonl(sqlite_url: str, tmp_path: Path) -> None:
@@ -201,7 +212,7 @@ def test_a_daemon_stopped_mid_stream_and_started_again_counts_every_event_exactl
 
 
 def test_the_command_line_offers_every_simulator_scenario() -> None:
-    from detector.cli import SCENARIO_NAMES
+    from detector.cli.models import SCENARIO_NAMES
     from detector.simulate import SCENARIOS
 
     assert sorted(SCENARIO_NAMES) == sorted(SCENARIOS)
@@ -293,3 +304,53 @@ def test_with_json_logs_every_stderr_line_is_one_json_object_even_for_a_hostile_
     assert alert["first_seen"].endswith("Z") and alert["detected_at"] >= alert["first_seen"]
     assert HOSTILE_SHOWN in alert["message"]
     assert any("108 records" in entry["message"] for entry in logged)
+
+
+# -- start-up cost -------------------------------------------------------------------------------------------
+
+# Modules that take about a second to import between them: only training, simulating, evaluating and the
+# pipeline itself need them.
+HEAVY_PACKAGES = {"sklearn", "scipy", "matplotlib"}
+
+
+def imported_packages(*args: str, env: dict[str, str]) -> set[str]:
+    """The top-level packages a Python process run with `args` imports, as `-X importtime` reports them;
+    fails unless the process succeeds."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # Lines such as `import time:       360 |     272903 |   detector.storage`.
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rpartition("|")[2].strip().partition(".")[0] for line in lines}
+
+
+def test_the_import_check_sees_a_heavy_package() -> None:
+    assert "sklearn" in imported_packages("-c", "import sklearn.ensemble", env=cli_env())
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["alerts", "list"],
+        ["alerts", "export"],
+        ["alerts", "silences"],
+        ["alerts", "outbox"],
+        ["sessions", "list"],
+        ["deadletters", "list"],
+        ["config", "show"],
+        ["--help"],
+    ],
+    ids=" ".join,
+)
+def test_read_only_commands_start_without_scikit_learn_scipy_or_matplotlib(
+    command: list[str], sqlite_url: str
+) -> None:
+    packages = imported_packages("-m", "detector", *command, env=cli_env(MIA_DATABASE_URL=sqlite_url))
+    assert "detector" in packages and "click" in packages
+    assert not packages & HEAVY_PACKAGES, f"{' '.join(command)} imports {sorted(packages & HEAVY_PACKAGES)}"

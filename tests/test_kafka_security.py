@@ -16,7 +16,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from detector.broker import EmbeddedBroker, free_port
-from detector.ingest.kafka import BOOTSTRAP_TIMEOUT_OPTION, client_options
+from detector.kafka import BOOTSTRAP_TIMEOUT_OPTION, client_options
 from detector.settings import KafkaSettings
 from detector.simulate.sample import write_sample
 from tests.secured_broker import HOST, BrokerBehindTls, Certificates, make_certificates, start_tansu, stop

@@ -11,10 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from detector.alerts.model import AlertKind, Severity
+from detector.domain import AlertKind, DeadLetterReason, Severity
 from detector.ingest import kafka as kafka_module
 from detector.ingest.kafka import KafkaSource
-from detector.ingest.records import DeadLetterReason
 from detector.metrics import (
     EVENT_LATENCY_BUCKETS,
     PREFIX,
@@ -230,7 +229,9 @@ def test_the_detector_reports_each_kinds_ratio_and_a_ratio_of_one_or_more_where_
     observed: list[tuple[AlertKind, float]] = []
     detector = Detector(RULES)
     client = client_after(augmentation_probe(Stream("prober")))
-    detections = detector.evaluate(("m", "prober"), client, observe=lambda k, r: observed.append((k, r)))
+    detections = detector.evaluate(
+        ("m", "prober"), client, observe=lambda verdicts: observed.extend((v.kind, v.ratio) for v in verdicts)
+    )
     ratios = dict(observed)
     assert len(observed) == len(ratios) == len({rule.kind for rule in RULES})  # one per kind
     assert detections
@@ -248,7 +249,7 @@ def test_the_anomaly_model_reports_a_ratio_for_every_client_it_scores() -> None:
     clients[("m", "prober")] = client_after(augmentation_probe(Stream("prober")))
     observed: list[tuple[AlertKind, float]] = []
     detections = Detector(RULES, model).evaluate_anomalies(
-        clients, observe=lambda kind, ratio: observed.append((kind, ratio))
+        clients, observe=lambda verdicts: observed.extend((v.kind, v.ratio) for v in verdicts)
     )
     scored = [key for key, client in clients.items() if client.queries >= 20]
     assert len(observed) == len(scored) > 0

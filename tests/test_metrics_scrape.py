@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from detector.broker import EmbeddedBroker
-from detector.ingest.records import DeadLetterReason
+from detector.domain import DeadLetterReason
 from detector.metrics import PREFIX, package_version
 from detector.scoring.model import ScoringModel
 from detector.service import produce_file

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from detector.broker import EmbeddedBroker
-from detector.service import open_store, produce_file, replay
+from detector.service import produce_file, replay
 from detector.simulate.sample import write_sample
+from detector.storage import open_store
 from tests.support import make_settings
 from tests.test_cli import cli_env, start, wait_for
 

@@ -10,9 +10,10 @@ import pytest
 from kafka import KafkaConsumer
 
 from detector.broker import EmbeddedBroker
-from detector.service import StopFlag, open_store, produce_file, replay, run_daemon
+from detector.service import StopFlag, produce_file, replay, run_daemon
 from detector.settings import Settings
 from detector.simulate.sample import oip_record, write_sample
+from detector.storage import open_store
 from tests.support import make_settings, unique
 
 pytestmark = pytest.mark.kafka

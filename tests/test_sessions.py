@@ -6,8 +6,8 @@ import random
 
 import numpy as np
 
-from detector.model import Query, Requested
-from detector.sessions import SessionState, SessionStatus, SessionTracker
+from detector.domain import Query, Requested, SessionState, SessionStatus
+from detector.sessions import SessionTracker
 
 
 def query(

@@ -1,26 +1,69 @@
-"""Which state changes of an alert become notifications, and what a notification says.
+"""The alert lifecycle, a step of the chain: which detection opens or updates which alert, which alerts
+resolve, and which of those changes notify.
 
 An alert is opened by its first detection, updated by later ones and resolved once quiet for the configured
 period. Every change that matters to a responder is one notification: opened, escalated (severity raised),
 updated (new evidence, at most once per renotify interval, so that a running attack does not page on every
-commit), acknowledged and resolved. Silences keep matching alerts from notifying; a resolution is still
-sent for an alert whose opening was, so that no receiver keeps an incident open forever.
+commit), acknowledged and resolved. The operators' allow-list drops the detections it covers; silences keep
+matching alerts from notifying, but a resolution is still sent for an alert whose opening was, so that no
+receiver keeps an incident open forever.
+
+The lifecycle works on values: it reads and writes through an `AlertRecords` inside the transaction the
+caller owns (the pipeline's commit point, or an operator's command), so alerts, notifications and the
+results they were derived from are stored together or not at all.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Protocol
 
-from detector.alerts.model import DEFAULT_ATLAS_TECHNIQUE, AlertKind, AlertStatus, Severity
-from detector.alerts.notification import (
-    AlertReason,
-    AlertSnapshot,
+from detector.alerts.sinks import configured_sink_names
+from detector.domain import (
+    DEFAULT_ATLAS_TECHNIQUE,
+    Alert,
+    AlertKind,
+    AlertStatus,
+    AllowList,
+    Detection,
     Notification,
     NotificationEvent,
+    NotificationState,
+    Reason,
+    Severity,
+    Silence,
+    TrackedAlert,
     dashboard_link,
+    utc,
 )
+from detector.settings import Settings
+
+# Lookup-and-insert rounds per commit: a conflict means a concurrent writer opened the alert, which the second
+# round updates; a third covers that alert being resolved in between. More means the schema is wrong.
+_ROUNDS = 3
+
+
+class AlertRecords(Protocol):
+    """What the lifecycle needs of storage, within one transaction (`detector.storage.AlertRepository`)."""
+
+    def lock_open(self, keys: Sequence[str]) -> dict[str, TrackedAlert]: ...
+
+    def lock_open_by_id(self, alert_id: int) -> TrackedAlert | None: ...
+
+    def lock_quiet(self, changed_before: datetime, seen_before: datetime | None) -> list[TrackedAlert]: ...
+
+    def insert(self, alerts: Sequence[Alert]) -> dict[str, Alert]: ...
+
+    def save(self, alerts: Sequence[Alert]) -> None: ...
+
+    def silences(self, now: datetime) -> list[Silence]: ...
+
+    def enqueue(self, notifications: Sequence[Notification], sinks: Sequence[str], now: datetime) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -32,46 +75,237 @@ class NotificationPolicy:
     resolve_after_seconds: float = 1800.0
     dashboard_url: str | None = None
 
-
-@dataclass(frozen=True)
-class Silence:
-    """An operator's silence: each field that is set must match the alert; it ends at `expires_at`."""
-
-    id: int
-    client_id: str | None
-    model: str | None
-    kind: str | None
-    rule_id: str | None
-    reason: str
-    created_by: str
-    created_at: datetime
-    expires_at: datetime
-
-    def matches(self, alert: AlertSnapshot) -> bool:
-        """True when every criterion set matches `alert` (a client matches any of a group's clients)."""
-        return (
-            (self.client_id is None or self.client_id in alert.client_ids)
-            and (self.model is None or self.model == alert.model)
-            and (self.kind is None or self.kind == alert.kind.value)
-            and (self.rule_id is None or self.rule_id == alert.rule_id)
+    @classmethod
+    def from_settings(cls, settings: Settings, sinks: Sequence[str]) -> NotificationPolicy:
+        """The policy of `settings`, notifying `sinks`."""
+        return cls(
+            sinks=tuple(sinks),
+            renotify_seconds=settings.alerts.renotify_seconds,
+            resolve_after_seconds=settings.alerts.resolve_after_seconds,
+            dashboard_url=settings.dashboard.url,
         )
 
-    def describe(self) -> str:
-        """The criteria as `client=a rule=MIA-003`."""
-        criteria = {"client": self.client_id, "model": self.model, "kind": self.kind, "rule": self.rule_id}
-        return " ".join(f"{name}={value}" for name, value in criteria.items() if value is not None)
+
+class Change(StrEnum):
+    """What a detection did to its alert."""
+
+    OPENED = "opened"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
 
 
 @dataclass(frozen=True)
-class NotificationState:
-    """What was last notified about an alert: when (wall time) and at which severity; None if never."""
+class AlertChange:
+    """The alert a detection went to, as it is now, what happened to it, and what had been notified of it
+    before."""
 
-    notified_at: datetime | None
-    notified_severity: Severity | None
+    alert: Alert
+    change: Change
+    notified: NotificationState = field(default_factory=NotificationState)
+
+
+@dataclass
+class AlertOutcome:
+    """What one transaction did to the alerts: per detection (allow-listed ones left out), the change of its
+    alert; the alerts resolved; the notifications queued."""
+
+    changes: list[tuple[Detection, AlertChange]] = field(default_factory=list)
+    resolved: list[Alert] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
+
+    @property
+    def opened(self) -> list[tuple[Detection, AlertChange]]:
+        """The detections that opened an alert, with it."""
+        return [(detection, change) for detection, change in self.changes if change.change is Change.OPENED]
+
+
+class AlertLifecycle:
+    """Applies detections, quiet periods and responders' actions to alerts (see the module docstring).
+
+    `clock` returns the wall time in epoch seconds; it stamps `raised_at`, `updated_at` and `resolved_at`.
+    """
+
+    def __init__(
+        self,
+        policy: NotificationPolicy | None = None,
+        allowlist: AllowList | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.policy = policy or NotificationPolicy()
+        self.allowlist = allowlist or AllowList()
+        self._clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings, sinks: Sequence[str] | None = None) -> AlertLifecycle:
+        """The lifecycle of `settings` (allow-list, quiet period, renotify interval, dashboard link),
+        notifying `sinks` (by default every configured sink)."""
+        names = configured_sink_names(settings) if sinks is None else sinks
+        return cls(NotificationPolicy.from_settings(settings, names), settings.detection.allow_list())
+
+    def apply(
+        self, records: AlertRecords, detections: Sequence[Detection], watermark: float | None = None
+    ) -> AlertOutcome:
+        """Open or update the alert of every detection, resolve the quiet ones, queue the notifications.
+
+        Detections sharing a dedup key are combined first (`Detection.combined`). An alert is "unchanged"
+        when combining changed none of its values: it is then not written at all; otherwise `updates` counts
+        one more. An alert is quiet when its last detection is the quiet period older than the `watermark`
+        (event time, epoch seconds), or when it has not changed for the quiet period of wall time.
+        """
+        now = utc(self._clock())
+        kept = [detection for detection in detections if not self._allowed(detection)]
+        outcome = AlertOutcome()
+        changes = self._upsert(records, kept, now)
+        outcome.changes = [(detection, changes[detection.dedup_key]) for detection in kept]
+        if self.policy.sinks:
+            silences = records.silences(now) if changes else []
+            for change in changes.values():
+                if change.change is Change.UNCHANGED:
+                    continue
+                alert, previous = change.alert, change.notified
+                event = change_event(alert, previous, now, self.policy)
+                if event is not None and silenced_by(alert, silences) is None:
+                    outcome.notifications.append(
+                        build_notification(event, alert, now, self.policy, previous.notified_severity)
+                    )
+        # Queued before the quiet alerts are looked up: an alert opened and gone quiet within this one
+        # transaction (a backlog read in one batch) is then known as notified, and its resolution is sent.
+        records.enqueue(outcome.notifications, self.policy.sinks, now)
+        outcome.resolved, resolutions = self._resolve_quiet(records, now, watermark)
+        records.enqueue(resolutions, self.policy.sinks, now)
+        outcome.notifications += resolutions
+        return outcome
+
+    def acknowledge(self, records: AlertRecords, alert_id: int) -> AlertOutcome:
+        """Mark open alert `alert_id` acknowledged and notify it (if its opening was notified); raises
+        `LookupError` when there is no such open alert."""
+        return self._operate(records, alert_id, NotificationEvent.ACKNOWLEDGED)
+
+    def resolve(self, records: AlertRecords, alert_id: int) -> AlertOutcome:
+        """Resolve open alert `alert_id` now and notify it (if its opening was notified); raises
+        `LookupError` when there is no such open alert."""
+        return self._operate(records, alert_id, NotificationEvent.RESOLVED)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _allowed(self, detection: Detection) -> bool:
+        return all(self.allowlist.covers(client, detection.kind) for client in detection.client_ids)
+
+    def _upsert(
+        self, records: AlertRecords, detections: Sequence[Detection], now: datetime
+    ) -> dict[str, AlertChange]:
+        pending: dict[str, Detection] = {}
+        for detection in detections:
+            key = detection.dedup_key
+            pending[key] = pending[key].combined(detection) if key in pending else detection
+        changes: dict[str, AlertChange] = {}
+        for _ in range(_ROUNDS):
+            if not pending:
+                return changes
+            open_alerts = records.lock_open(list(pending))
+            updated: list[Alert] = []
+            for key, tracked in open_alerts.items():
+                alert = _updated(tracked.alert, pending[key], now)
+                if alert is None:
+                    changes[key] = AlertChange(tracked.alert, Change.UNCHANGED, tracked.notified)
+                else:
+                    changes[key] = AlertChange(alert, Change.UPDATED, tracked.notified)
+                    updated.append(alert)
+            records.save(updated)
+            new = {key: detection for key, detection in pending.items() if key not in open_alerts}
+            opened = records.insert([_opened(detection, now) for detection in new.values()])
+            changes.update((key, AlertChange(alert, Change.OPENED)) for key, alert in opened.items())
+            # An insert that conflicted lost the race to a concurrent writer that opened the alert after the
+            # lookup: the next round finds that alert and updates it.
+            pending = {key: detection for key, detection in new.items() if key not in opened}
+        if pending:
+            raise RuntimeError(
+                f"alerts: neither an open alert nor room for one for {len(pending)} dedup keys,"
+                f" such as {next(iter(pending))!r}; is uq_alerts_open_dedup_key a partial index?"
+            )
+        return changes
+
+    def _resolve_quiet(
+        self, records: AlertRecords, now: datetime, watermark: float | None
+    ) -> tuple[list[Alert], list[Notification]]:
+        quiet = timedelta(seconds=self.policy.resolve_after_seconds)
+        seen_before = utc(watermark) - quiet if watermark is not None else None
+        tracked = records.lock_quiet(now - quiet, seen_before)
+        resolved = [_resolved(entry.alert, now) for entry in tracked]
+        records.save(resolved)
+        notifications = [
+            build_notification(NotificationEvent.RESOLVED, alert, now, self.policy)
+            for alert, entry in zip(resolved, tracked, strict=True)
+            if self.policy.sinks and entry.notified.notified_at is not None
+        ]
+        return resolved, notifications
+
+    def _operate(self, records: AlertRecords, alert_id: int, event: NotificationEvent) -> AlertOutcome:
+        now = utc(self._clock())
+        tracked = records.lock_open_by_id(alert_id)
+        if tracked is None:
+            raise LookupError(f"no open alert with id {alert_id}")
+        if event is NotificationEvent.RESOLVED:
+            alert = _resolved(tracked.alert, now)
+            outcome = AlertOutcome(resolved=[alert])
+        else:
+            alert = tracked.alert.model_copy(update={"acknowledged_at": now, "updated_at": now})
+            outcome = AlertOutcome()
+        records.save([alert])
+        if self.policy.sinks and tracked.notified.notified_at is not None:
+            outcome.notifications.append(build_notification(event, alert, now, self.policy))
+            records.enqueue(outcome.notifications, self.policy.sinks, now)
+        return outcome
+
+
+def _opened(detection: Detection, now: datetime) -> Alert:
+    """A new alert for `detection` (its id is given by storage)."""
+    return Alert(
+        id=0,
+        dedup_key=detection.dedup_key,
+        model=detection.model,
+        client_ids=list(detection.client_ids),
+        kind=detection.kind,
+        status=AlertStatus.OPEN,
+        raised_at=now,
+        updated_at=now,
+        **_evidence_values(detection),
+    )
+
+
+def _updated(alert: Alert, detection: Detection, now: datetime) -> Alert | None:
+    """`alert` with `detection` combined into it, or None when that changes none of its values."""
+    values = _evidence_values(alert.as_detection().combined(detection))
+    if all(getattr(alert, name) == value for name, value in values.items()):
+        return None
+    return alert.model_copy(update={**values, "updates": alert.updates + 1, "updated_at": now})
+
+
+def _resolved(alert: Alert, now: datetime) -> Alert:
+    return alert.model_copy(update={"status": AlertStatus.RESOLVED, "resolved_at": now, "updated_at": now})
+
+
+def _evidence_values(detection: Detection) -> dict[str, object]:
+    """The alert values a detection sets: what combining detections can change."""
+    return {
+        "severity": detection.severity,
+        "rule_id": detection.rule_id,
+        "score": detection.score,
+        "threshold": detection.threshold,
+        "reasons": list(detection.reasons),
+        "evidence": list(detection.evidence),
+        "atlas_technique": detection.atlas_technique,
+        "triage": detection.triage,
+        # Compared as stored (microsecond datetimes): a detection sent again comes out unchanged although
+        # its epoch seconds do not survive the round trip exactly.
+        "first_seen": utc(detection.first_seen),
+        "last_seen": utc(detection.last_seen),
+        "queries": detection.queries,
+    }
 
 
 def change_event(
-    alert: AlertSnapshot, state: NotificationState, now: datetime, policy: NotificationPolicy
+    alert: Alert, state: NotificationState, now: datetime, policy: NotificationPolicy
 ) -> NotificationEvent | None:
     """The notification an opened or updated `alert` calls for now, or None.
 
@@ -88,14 +322,14 @@ def change_event(
     return None
 
 
-def silenced_by(alert: AlertSnapshot, silences: list[Silence]) -> Silence | None:
+def silenced_by(alert: Alert, silences: list[Silence]) -> Silence | None:
     """The first of the active `silences` that matches `alert`, or None."""
     return next((silence for silence in silences if silence.matches(alert)), None)
 
 
 def build_notification(
     event: NotificationEvent,
-    alert: AlertSnapshot,
+    alert: Alert,
     now: datetime,
     policy: NotificationPolicy,
     previous_severity: Severity | None = None,
@@ -113,7 +347,7 @@ def build_notification(
 
 def connectivity_check(now: datetime, dashboard_url: str | None = None) -> Notification:
     """A notification that reports no attack: proves that a sink is configured and reachable."""
-    alert = AlertSnapshot(
+    alert = Alert(
         id=0,
         dedup_key="mia-detector|test|test",
         model="mia-detector-test",
@@ -124,13 +358,14 @@ def connectivity_check(now: datetime, dashboard_url: str | None = None) -> Notif
         rule_id="TEST",
         score=0.0,
         threshold=1.0,
-        reasons=[AlertReason(feature="test", value=1.0)],
+        reasons=[Reason(feature="test", value=1.0)],
         evidence=[],
         atlas_technique=DEFAULT_ATLAS_TECHNIQUE,
         triage="A test notification sent by `mia-detector alerts test`: no action needed.",
         first_seen=now,
         last_seen=now,
         raised_at=now,
+        updated_at=now,
         queries=0,
     )
     return Notification(

@@ -123,12 +123,10 @@ def session_overlaps_range(alias: str = "") -> str:
 
 
 def top_reasons(alias: str = "", count: int = 3) -> str:
-    """The first `count` reasons of an alert (most telling first) as `feature = value (pNN)` text."""
+    """The first `count` reasons of an alert (most telling first), each as the detector wrote it
+    (`Reason.text`: `feature = value (pNN of baseline)`)."""
     return f"""(
-    SELECT string_agg(
-        (r.reason ->> 'feature') || ' = ' || (r.reason ->> 'value')
-            || coalesce(' (p' || (r.reason ->> 'baseline_percentile') || ')', ''),
-        '; ' ORDER BY r.position)
+    SELECT string_agg(r.reason ->> 'text', '; ' ORDER BY r.position)
     FROM json_array_elements({alias}reasons) WITH ORDINALITY AS r(reason, position)
     WHERE r.position <= {count}
   )"""

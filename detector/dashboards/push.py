@@ -12,7 +12,7 @@ What already matches is left alone, so a second push reports everything `unchang
 the one exception is a data source given a secret (a PostgreSQL password): Grafana never returns secrets,
 so it cannot be compared and is written again (`updated`, one version more) on every push.
 
-Targets the HTTP API of Grafana 10.x and 11.x (see `detector.dashboards.grafana`). Managing data sources
+Targets the HTTP API of Grafana 10.x and 11.x (see `detector.grafana`). Managing data sources
 takes a token of a service account with the Admin role.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from detector.dashboards import POSTGRES_VARIABLE, PROMETHEUS_VARIABLE
-from detector.dashboards.grafana import GrafanaClient, GrafanaError
+from detector.grafana import GrafanaClient, GrafanaError
 
 DEFAULT_FOLDER_UID = "mia-detector"
 PROMETHEUS_UID = "mia-prometheus"

@@ -1,14 +1,18 @@
 """What every streaming feature is: a small stateful object with a one-observation update and a snapshot.
 
-Features keep counters only (bounded memory), so their state is a flat dict of numbers: `state()` and
-`from_state()` move it between processes when Kafka moves a partition.
+A feature is updated with each observation and the cluster match the client's `RecordClusters` gave it, and
+reads nothing else. Features keep counters only (bounded memory), so their state is a flat dict of finite
+numbers (and lists of them): `state()` and `from_state()` move it between processes when Kafka moves a
+partition, and the restored feature goes on exactly as the original would have.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, ClassVar, Self
 
+from detector.features.clusters import ClusterMatch
 from detector.features.embedding import Observation
 
 
@@ -17,27 +21,46 @@ class CounterFeature:
     """Base of the counter-based features: subclasses declare their counters as dataclass fields."""
 
     name: ClassVar[str]
+    # `<name>.<value>` of each value name, made once per class: snapshots are taken for every judged client.
+    _qualified: ClassVar[_QualifiedNames]
 
-    def update(self, observation: Observation) -> None:
-        """Fold one observation into the counters."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._qualified = _QualifiedNames(cls.name)
+
+    def update(self, observation: Observation, match: ClusterMatch) -> None:
+        """Fold one observation, and how it matched the client's clusters, into the counters."""
         raise NotImplementedError
 
     def snapshot(self) -> dict[str, float]:
         """The feature's current values, named `<feature name>.<value>`."""
-        return {f"{self.name}.{key}": float(value) for key, value in self.values().items()}
+        qualified = self._qualified
+        return {qualified[key]: float(value) for key, value in self.values().items()}
 
     def values(self) -> dict[str, float]:
         """The current values, unprefixed."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
-        """The counters, JSON-serialisable."""
+        """The counters, JSON-serialisable (finite numbers only), independent of the feature."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Self:
-        """A feature continuing from `state`."""
-        return cls(**state)
+        """A feature continuing from `state`, independent of it."""
+        return cls(**copy.deepcopy(state))
+
+
+class _QualifiedNames(dict[str, str]):
+    """`<prefix>.<key>` for each key asked, made on first use."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def __missing__(self, key: str) -> str:
+        name = self[key] = f"{self.prefix}.{key}"
+        return name
 
 
 def ratio(part: float, whole: float) -> float:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from detector.domain import Query
 from detector.features.base import CounterFeature
 from detector.features.clusters import MatchKind, RecordClusters
 from detector.features.confidence import ConfidenceHarvesting
@@ -21,7 +22,6 @@ from detector.features.probing import NearDuplicateProbing
 from detector.features.proximity import TrainingSetProximity
 from detector.features.similarity import QuerySimilarity
 from detector.features.volume import VolumeTiming
-from detector.model import Query
 
 ClientKey = tuple[str, str]  # (model, client id)
 FEATURE_TYPES: tuple[type[CounterFeature], ...] = (
@@ -59,7 +59,11 @@ class TrainingIndexes:
 
 
 class ClientFeatures:
-    """The clusters, features and a little evidence (event ids) of one (model, client) key."""
+    """The clusters, features and a little evidence (event ids) of one (model, client) key.
+
+    `state()` holds everything the client's future depends on, `from_state()` continues from it: a client
+    moved to another process (or restored after a restart) goes on exactly as it would have.
+    """
 
     def __init__(
         self,
@@ -70,21 +74,24 @@ class ClientFeatures:
         self.clusters = clusters or RecordClusters()
         self.features = features or [feature_type() for feature_type in FEATURE_TYPES]
         self.evidence: dict[str, list[str]] = evidence or {}
-        self.first_seen = float("inf")
-        self.last_seen = float("-inf")
+        self.first_seen = 0.0  # event time of the earliest and latest query; meaningless before the first
+        self.last_seen = 0.0
         self.queries = 0
         self.evaluated_at = 0  # `queries` when the rules last judged this client (kept by the pipeline)
         self.client_ip: str | None = None
 
     def update(self, observation: Observation) -> None:
-        """Match the observation to the client's clusters, then update every feature with it."""
+        """Match the observation to the client's clusters, then update every feature with it and its match."""
         match = self.clusters.assign(observation)
         for feature in self.features:
-            feature.update(observation)
+            feature.update(observation, match)
         query = observation.query
+        if self.queries == 0:
+            self.first_seen = self.last_seen = query.timestamp
+        else:
+            self.first_seen = min(self.first_seen, query.timestamp)
+            self.last_seen = max(self.last_seen, query.timestamp)
         self.queries += 1
-        self.first_seen = min(self.first_seen, query.timestamp)
-        self.last_seen = max(self.last_seen, query.timestamp)
         self.client_ip = query.client_ip or self.client_ip
         if match.in_burst:
             self._keep("flip" if match.label_flip else "variant", query.event_id)
@@ -111,28 +118,32 @@ class ClientFeatures:
             del kept[:-EVIDENCE_PER_KIND]
 
     def state(self) -> dict[str, Any]:
-        """JSON-serialisable state: clusters (projections, no raw rows), counters, evidence ids."""
+        """The client's state as JSON-serialisable values (finite numbers, strings, lists, dicts), sharing
+        nothing with the client: clusters (see `RecordClusters.state`), counters, evidence ids."""
         return {
             "clusters": self.clusters.state(),
             "features": {feature.name: feature.state() for feature in self.features},
-            "evidence": self.evidence,
+            "evidence": {kind: list(events) for kind, events in self.evidence.items()},
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
             "queries": self.queries,
+            "evaluated_at": self.evaluated_at,
             "client_ip": self.client_ip,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ClientFeatures:
-        """Continue from `state` (see `state`)."""
+        """A client continuing from `state` (see `state`), sharing nothing with it."""
         features = [
             feature_type.from_state(state["features"][feature_type.name]) for feature_type in FEATURE_TYPES
         ]
-        restored = cls(RecordClusters.from_state(state["clusters"]), features, state["evidence"])
-        restored.first_seen = state["first_seen"]
-        restored.last_seen = state["last_seen"]
-        restored.queries = state["queries"]
-        restored.client_ip = state.get("client_ip")
+        evidence = {str(kind): [str(event) for event in events] for kind, events in state["evidence"].items()}
+        restored = cls(RecordClusters.from_state(state["clusters"]), features, evidence)
+        restored.first_seen = float(state["first_seen"])
+        restored.last_seen = float(state["last_seen"])
+        restored.queries = int(state["queries"])
+        restored.evaluated_at = int(state["evaluated_at"])
+        restored.client_ip = state["client_ip"]
         return restored
 
 

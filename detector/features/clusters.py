@@ -11,6 +11,7 @@ Search is exact over the bounded set of cluster representatives: O(MAX_CLUSTERS)
 
 from __future__ import annotations
 
+import base64
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -82,10 +83,9 @@ class RecordClusters:
         return len(self._slots)
 
     def assign(self, observation: Observation) -> ClusterMatch:
-        """Match `observation` to a cluster (creating one if needed); also stored on `observation.match`."""
+        """Match `observation` to a cluster (creating one if needed) and remember it; return the match."""
         self._sequence += 1
         match = self._match(observation)
-        observation.match = match
         self._last_raw = observation.raw
         return match
 
@@ -204,35 +204,50 @@ class RecordClusters:
     # -- state ---------------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """JSON-serialisable state (projections, labels, sizes, fingerprints; no raw rows)."""
+        """JSON-serialisable state, sharing nothing with the clusters: representatives' points (float32,
+        base64), labels, sizes, recency, fingerprints, and the previous query's row, which the next query's
+        dense-change test compares against: the one raw input the state holds."""
         used = len(self._ids)
         return {
-            "ids": self._ids,
-            "points": self._points[:used].round(5).tolist(),
-            "invariants": None if self._invariants is None else self._invariants[:used].round(5).tolist(),
-            "labels": self._labels,
-            "sizes": self._sizes,
-            "touched_at": self._touched_at,
+            "ids": list(self._ids),
+            "points": _pack(self._points[:used]),
+            "invariants": None if self._invariants is None else _pack(self._invariants[:used]),
+            "labels": list(self._labels),
+            "sizes": list(self._sizes),
+            "touched_at": list(self._touched_at),
             "sequence": self._sequence,
-            "recency": list(self._slots.items()),
-            "fingerprints": list(self._fingerprints.items()),
+            "recency": [[cluster, slot] for cluster, slot in self._slots.items()],
+            "fingerprints": [[fingerprint, cluster] for fingerprint, cluster in self._fingerprints.items()],
             "next_id": self._next_id,
+            "last_row": None if self._last_raw is None else _pack(self._last_raw),
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> RecordClusters:
-        """Rebuild clusters saved by `state`."""
+        """Clusters continuing from `state` (see `state`), sharing nothing with it."""
         clusters = cls()
-        clusters._ids = list(state["ids"])
-        clusters._labels = list(state["labels"])
-        clusters._sizes = list(state["sizes"])
-        clusters._touched_at = list(state["touched_at"])
-        clusters._sequence = state["sequence"]
-        if clusters._ids:
-            clusters._points = np.array(state["points"], dtype=np.float32)
-        if state["invariants"]:
-            clusters._invariants = np.array(state["invariants"], dtype=np.float32)
+        clusters._ids = [int(cluster) for cluster in state["ids"]]
+        used = len(clusters._ids)
+        clusters._labels = [None if label is None else str(label) for label in state["labels"]]
+        clusters._sizes = [int(size) for size in state["sizes"]]
+        clusters._touched_at = [int(sequence) for sequence in state["touched_at"]]
+        clusters._sequence = int(state["sequence"])
+        if used:
+            clusters._points = _unpack(state["points"]).reshape(used, PROJECTION_DIM)
+        if state["invariants"] is not None:
+            clusters._invariants = _unpack(state["invariants"]).reshape(used, -1)
         clusters._slots = OrderedDict((int(cluster), int(slot)) for cluster, slot in state["recency"])
         clusters._fingerprints = OrderedDict((int(fp), int(cluster)) for fp, cluster in state["fingerprints"])
-        clusters._next_id = state["next_id"]
+        clusters._next_id = int(state["next_id"])
+        clusters._last_raw = None if state["last_row"] is None else _unpack(state["last_row"])
         return clusters
+
+
+def _pack(values: np.ndarray) -> str:
+    """float32 `values` as base64 text: exact, and a third of the size of decimal numbers."""
+    return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> np.ndarray:
+    """The float32 values `_pack` wrote, as a new (writable) flat array."""
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)

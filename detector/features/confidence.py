@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from detector.domain import Requested
 from detector.features.base import CounterFeature, ratio
-from detector.features.clusters import MatchKind
+from detector.features.clusters import ClusterMatch, MatchKind
 from detector.features.embedding import Observation
-from detector.model import Requested
 
 
 @dataclasses.dataclass
@@ -30,15 +30,14 @@ class ConfidenceHarvesting(CounterFeature):
     margin_sum: float = 0.0
     entropy_sum: float = 0.0
 
-    def update(self, observation: Observation) -> None:
+    def update(self, observation: Observation, match: ClusterMatch) -> None:
         query = observation.query
         self.queries += 1
         if query.requested.is_confidence:
             self.asked += 1
             if query.requested in (Requested.TOP_K, Requested.LOGPROBS):
                 self.asked_rich += 1
-            match = observation.match
-            if match is not None and match.kind is MatchKind.NEW:
+            if match.kind is MatchKind.NEW:
                 self.distinct_asked += 1
         probabilities = query.probabilities
         if probabilities is not None and probabilities.size > 1:

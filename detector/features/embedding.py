@@ -13,14 +13,10 @@ import hashlib
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from detector.model import Query
-
-if TYPE_CHECKING:
-    from detector.features.clusters import ClusterMatch
+from detector.domain import Query
 
 PROJECTION_DIM = 32
 TEXT_BUCKETS = 512
@@ -36,9 +32,8 @@ class Observation:
     point: np.ndarray
     invariant: np.ndarray | None
     fingerprint: int
-    raw: np.ndarray | None  # the row itself (for which coordinates changed); never persisted
+    raw: np.ndarray | None  # the row itself, to tell which coordinates a variant changed
     training_hit: int = 0  # 0 none, 1 near, 2 exact
-    match: ClusterMatch | None = None  # set by `RecordClusters.assign`, read by the features
 
 
 def fingerprint_of(values: bytes) -> int:

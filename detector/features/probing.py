@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from detector.features.base import CounterFeature, ratio
-from detector.features.clusters import MatchKind
+from detector.features.clusters import ClusterMatch, MatchKind
 from detector.features.embedding import Observation
 
 BURST_SIZE = 3  # the record itself and two variants: the smallest augmentation probe (2r+1 with r=1)
@@ -33,10 +33,7 @@ class NearDuplicateProbing(CounterFeature):
     walk_clusters: int = 0
     max_cluster_size: int = 1
 
-    def update(self, observation: Observation) -> None:
-        match = observation.match
-        if match is None:
-            raise ValueError("the observation has no cluster match (RecordClusters.assign sets it)")
+    def update(self, observation: Observation, match: ClusterMatch) -> None:
         self.queries += 1
         if match.kind is not MatchKind.VARIANT:
             return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from detector.features.base import CounterFeature, ratio
-from detector.features.clusters import MatchKind
+from detector.features.clusters import ClusterMatch, MatchKind
 from detector.features.embedding import Observation
 
 
@@ -24,7 +24,7 @@ class TrainingSetProximity(CounterFeature):
     distinct_hits: int = 0
     distinct_exact_hits: int = 0
 
-    def update(self, observation: Observation) -> None:
+    def update(self, observation: Observation, match: ClusterMatch) -> None:
         self.queries += 1
         if observation.training_hit == 0:
             return
@@ -32,8 +32,7 @@ class TrainingSetProximity(CounterFeature):
             self.exact_hits += 1
         else:
             self.near_hits += 1
-        match = observation.match
-        if match is not None and match.kind is MatchKind.NEW:
+        if match.kind is MatchKind.NEW:
             self.distinct_hits += 1
             if observation.training_hit == 2:
                 self.distinct_exact_hits += 1

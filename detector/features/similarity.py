@@ -6,7 +6,7 @@ import bisect
 import dataclasses
 
 from detector.features.base import CounterFeature, ratio
-from detector.features.clusters import MatchKind
+from detector.features.clusters import ClusterMatch, MatchKind
 from detector.features.embedding import Observation
 
 # Upper edges of the nearest-distance histogram, in units of the typical distance between unrelated records.
@@ -28,10 +28,7 @@ class QuerySimilarity(CounterFeature):
     new: int = 0
     histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(DISTANCE_EDGES) + 1))
 
-    def update(self, observation: Observation) -> None:
-        match = observation.match
-        if match is None:
-            raise ValueError("the observation has no cluster match (RecordClusters.assign sets it)")
+    def update(self, observation: Observation, match: ClusterMatch) -> None:
         self.queries += 1
         if match.kind is MatchKind.EXACT:
             self.exact += 1

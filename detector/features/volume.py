@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from detector.features.base import CounterFeature, ratio
+from detector.features.clusters import ClusterMatch
 from detector.features.embedding import Observation
 
 
@@ -20,19 +21,22 @@ class VolumeTiming(CounterFeature):
     name = "volume"
     queries: int = 0
     requests: int = 0
-    first: float = math.inf
-    last: float = -math.inf
+    first: float = 0.0  # event time of the earliest and latest request; meaningless until one is counted
+    last: float = 0.0
     gaps: int = 0
     gap_mean: float = 0.0
     gap_m2: float = 0.0
 
-    def update(self, observation: Observation) -> None:
+    def update(self, observation: Observation, match: ClusterMatch) -> None:
         query = observation.query
         self.queries += 1
         if not query.is_first_row:
             return
         self.requests += 1
-        if self.last != -math.inf and query.timestamp >= self.last:
+        if self.requests == 1:
+            self.first = self.last = query.timestamp
+            return
+        if query.timestamp >= self.last:
             gap = query.timestamp - self.last
             self.gaps += 1
             delta = gap - self.gap_mean

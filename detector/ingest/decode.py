@@ -19,16 +19,14 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
-from detector.ingest.records import DeadLetterReason, InvalidRecord, RawRecord
-from detector.model import (
+from detector.domain import DeadLetterReason, InvalidRecord, Query, RawRecord, Requested
+from detector.schemas import (
     InferTensor,
     KServeV1Request,
     KServeV1Response,
     OipRequest,
     OipResponse,
-    Query,
     QueryLogRecord,
-    Requested,
 )
 from detector.settings import IngestSettings
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from detector.ingest.records import Origin, RawRecord
+from detector.domain import Origin, RawRecord
 
 STDIN = "-"
 
@@ -17,7 +17,7 @@ def _open(path: str) -> BinaryIO:
     return sys.stdin.buffer if path == STDIN else Path(path).open("rb")
 
 
-def read_jsonl_batches(paths: Sequence[str], batch_size: int) -> Iterator[list[RawRecord]]:
+def read_jsonl_batches(paths: Sequence[str], batch_size: int) -> Generator[list[RawRecord], None, None]:
     """Yield the non-blank lines of `paths`, in order, as batches of at most `batch_size` raw records.
 
     Lines are kept as bytes: decoding (and rejecting what is not UTF-8 JSON) is the decoder's job.
@@ -46,3 +46,43 @@ def total_bytes(paths: Sequence[str]) -> int | None:
     if STDIN in paths:
         return None
     return sum(Path(path).stat().st_size for path in paths)
+
+
+class FileSource:
+    """JSON Lines files as a source (`detector.ingest.source.Source`): each `poll` reads the next batch of at
+    most `batch_size` records; `exhausted` once every file has been read. While held, `poll` waits
+    `hold_seconds` and reads nothing: a file can wait, it has no group membership to keep alive."""
+
+    def __init__(self, paths: Sequence[str], batch_size: int, hold_seconds: float = 0.5) -> None:
+        self._batches = read_jsonl_batches(paths, batch_size)
+        self._hold_seconds = hold_seconds
+        self._held = False
+        self.exhausted = False
+
+    @property
+    def assigned(self) -> bool:
+        """Always: a file has no group to join."""
+        return True
+
+    def poll(self) -> list[RawRecord]:
+        """The next batch; [] while held or once exhausted."""
+        if self._held:
+            time.sleep(self._hold_seconds)
+            return []
+        batch = next(self._batches, None)
+        if batch is None:
+            self.exhausted = True
+            return []
+        return batch
+
+    def hold(self, held: bool) -> None:
+        """Stop (True) or resume (False) reading."""
+        self._held = held
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Nothing to report: a file has no partitions."""
+        return {}
+
+    def close(self) -> None:
+        """Stop reading (the open file closes with its generator)."""
+        self._batches.close()

@@ -1,135 +1,23 @@
-"""Kafka source (a consumer group with manual commits) and publisher (dead-letter topic, `produce`)."""
+"""The Kafka source (a consumer group with manual commits) and the dead-letter topic."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from detector.ingest.kafka_connect import KafkaUnreachable, bootstrap_servers, check_connection, ssl_context
-from detector.ingest.records import DeadLetter, Origin, RawRecord
-from detector.settings import SASL_PROTOCOLS, KafkaSettings
+from detector.domain import DeadLetter, Origin, RawRecord
+from detector.kafka import KafkaPublisher, open_client
+from detector.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 Positions = dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
 StoredPositions = Callable[[], Positions]
-
-
-# The constructors of kafka-python's clients bootstrap (connect, learn the broker's API versions) before
-# they return, bounded by `bootstrap_timeout_ms` in kafka-python 3 and by `api_version_auto_timeout_ms` in
-# 2.x; each refuses the other's name as an unknown option.
-BOOTSTRAP_TIMEOUT_OPTION = (
-    "bootstrap_timeout_ms"
-    if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG
-    else "api_version_auto_timeout_ms"
-)
-
-_Client = TypeVar("_Client", KafkaConsumer, KafkaProducer)
-
-
-def client_options(settings: KafkaSettings, *, timeout_seconds: float | None = None) -> dict[str, Any]:
-    """Connection and security options shared by consumers and producers, under names that kafka-python
-    2.3 and 3.0 both take: the brokers, the security protocol, the TLS context, the SASL mechanism and
-    credentials, and the bound on the bootstrap (`timeout_seconds`, by default `connect_timeout_seconds`).
-
-    TLS goes in as one `ssl_context` built from the `ssl_*` settings: the same verification in either
-    kafka-python version (2.3 builds its own context with a weaker default) and in `check_connection`.
-    """
-    timeout = settings.connect_timeout_seconds if timeout_seconds is None else timeout_seconds
-    options: dict[str, Any] = {
-        "bootstrap_servers": bootstrap_servers(settings),
-        "client_id": settings.client_id,
-        "security_protocol": settings.security_protocol,
-        BOOTSTRAP_TIMEOUT_OPTION: max(int(timeout * 1000), 1),
-    }
-    context = ssl_context(settings)
-    if context is not None:
-        options["ssl_context"] = context
-    if settings.security_protocol in SASL_PROTOCOLS:
-        if settings.sasl_username is None or settings.sasl_password is None:
-            # Settings validation refuses this; settings built without validation must not reach a broker.
-            raise ValueError("SASL needs MIA_KAFKA_SASL_USERNAME and MIA_KAFKA_SASL_PASSWORD")
-        options["sasl_mechanism"] = settings.sasl_mechanism
-        options["sasl_plain_username"] = settings.sasl_username
-        options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
-    return options
-
-
-def open_client(
-    factory: type[_Client], settings: KafkaSettings, *, timeout_seconds: float | None = None, **options: Any
-) -> _Client:
-    """`factory` (KafkaConsumer or KafkaProducer) with `client_options` and `options`, once
-    `check_connection` has reached a broker.
-
-    Returns within about twice the connect timeout (`timeout_seconds`, by default
-    `connect_timeout_seconds`), or raises `KafkaUnreachable` with a one-line reason (a client that could not
-    bootstrap is closed first).
-    """
-    check_connection(settings, timeout_seconds)
-    timeout = settings.connect_timeout_seconds if timeout_seconds is None else timeout_seconds
-    clients: list[Any] = []
-
-    def new_client(**config: Any) -> Any:
-        # Kept, so that a client that cannot start does not leave its sockets and IO thread behind.
-        clients.append(factory.DEFAULT_CONFIG["kafka_client"](**config))
-        return clients[-1]
-
-    try:
-        if (
-            BOOTSTRAP_TIMEOUT_OPTION == "api_version_auto_timeout_ms"
-            and settings.security_protocol in SASL_PROTOCOLS
-        ):
-            _log_in(settings, timeout)
-        return factory(
-            **client_options(settings, timeout_seconds=timeout), kafka_client=new_client, **options
-        )
-    except KafkaError as exc:
-        for client in clients:
-            client.close()
-        raise KafkaUnreachable(_bootstrap_failure(settings, exc, timeout)) from None
-
-
-def _log_in(settings: KafkaSettings, timeout: float) -> None:
-    """Authenticate once with a client of kafka-python 2.x's own, within `timeout` seconds, or raise
-    `KafkaError`.
-
-    kafka-python 2.x's consumers and producers return once they know the broker's API versions, which come
-    before SASL authentication: a rejected password would show only when a first request times out (after a
-    minute, for a producer). The client is a throwaway one, driven from this thread alone: a producer's
-    sender thread would read from the same connection.
-    """
-    from kafka.client_async import KafkaClient  # kafka-python 2.x
-
-    client = KafkaClient(
-        **client_options(settings, timeout_seconds=timeout), request_timeout_ms=max(int(timeout * 1000), 1)
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            node = client.least_loaded_node()
-            if node is not None and client.ready(node):
-                return
-            client.poll(timeout_ms=100)
-        raise KafkaTimeoutError(f"not authenticated within {timeout:g} s")
-    finally:
-        client.close()
-
-
-def _bootstrap_failure(settings: KafkaSettings, exc: KafkaError, timeout: float) -> str:
-    servers = ",".join(bootstrap_servers(settings))
-    reason = (str(exc) or type(exc).__name__).splitlines()[0]
-    if settings.security_protocol in SASL_PROTOCOLS:
-        reason += (
-            f" (the broker answered but the client did not get through within {timeout:g} s: are "
-            "MIA_KAFKA_SASL_MECHANISM, MIA_KAFKA_SASL_USERNAME and MIA_KAFKA_SASL_PASSWORD right?)"
-        )
-    return f"cannot connect to Kafka at {servers} over {settings.security_protocol}: {reason}"
 
 
 def _names(partitions: Iterable[TopicPartition]) -> list[str]:
@@ -198,6 +86,11 @@ class KafkaSource:
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
         self._consumer.subscribe(self.topics, listener=_RebalanceListener(self._revoked, self._assigned))
+
+    @property
+    def exhausted(self) -> bool:
+        """Never: a topic may always receive more records."""
+        return False
 
     def poll(self) -> list[RawRecord]:
         """Up to `max_poll_records` records, waiting at most the poll timeout; [] when there are none."""
@@ -287,49 +180,15 @@ def _log_failed_commit(offsets: Mapping[TopicPartition, OffsetAndMetadata], resp
         log.warning("offsets of %s not committed: %s", _names(offsets), response)
 
 
-class KafkaPublisher:
-    """A producer for whole JSON records keyed by client id, and for dead letters."""
+class DeadLetterTopic:
+    """Publishes dead letters to `topic` through `publisher` (the pipeline's `DeadLetterPublisher`)."""
 
-    def __init__(self, settings: KafkaSettings) -> None:
-        # Idempotence stays off: a producer id does not survive a restart of the embedded broker, and
-        # consumers de-duplicate by event_id anyway.
-        self._producer = open_client(
-            KafkaProducer,
-            settings,
-            acks="all",
-            enable_idempotence=False,
-            retries=10,
-            linger_ms=20,
-            batch_size=256 * 1024,
-            compression_type=None,
-        )
-        self._pending: list[Any] = []
+    def __init__(self, publisher: KafkaPublisher, topic: str) -> None:
+        self._publisher = publisher
+        self._topic = topic
 
-    def send(self, topic: str, value: bytes, key: bytes | None) -> None:
-        """Queue one message; `flush` makes it durable."""
-        self._pending.append(self._producer.send(topic, value=value, key=key))
-
-    def send_dead_letter(self, topic: str, letter: DeadLetter) -> None:
-        """Queue a dead letter: the raw (truncated) bytes, with reason and origin as headers."""
-        future = self._producer.send(
-            topic,
-            value=letter.raw,
-            headers=[
-                ("mia-reason", letter.reason.value.encode()),
-                ("mia-detail", letter.detail.encode()[:1000]),
-                ("mia-source", letter.origin.describe().encode()),
-                ("mia-size", str(letter.raw_size).encode()),
-            ],
-        )
-        self._pending.append(future)
-
-    def flush(self, timeout: float | None = 30.0) -> None:
-        """Block until every queued message is acknowledged; raise the first delivery error, if any."""
-        self._producer.flush(timeout=timeout)
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.get(timeout=timeout)
-
-    def close(self) -> None:
-        """Flush and close."""
-        self._producer.close()
+    def publish(self, letters: Sequence[DeadLetter]) -> None:
+        """Send `letters` and wait until the broker has them all; raises `KafkaError` otherwise."""
+        for letter in letters:
+            self._publisher.send_dead_letter(self._topic, letter)
+        self._publisher.flush()

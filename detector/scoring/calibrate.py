@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from detector.domain import Query
 from detector.features.client import ClientKey, FeatureTracker
-from detector.model import Query
 from detector.scoring.model import ScoringModel
 from detector.scoring.rules import Rule
 
@@ -19,12 +19,15 @@ def collect_trajectories(
 
     Snapshots are taken at log-spaced query counts (and at the end), because the detector scores clients
     incrementally: thresholds must hold at every stage of a client's traffic, not only at its end. Clients
-    for which `excluded(client_id)` holds (the allow-list) are left out.
+    for which `excluded(client_id)` holds (the allow-list) are left out. The same batches give the same
+    trajectories in the same order, in any process.
     """
     trajectories: dict[ClientKey, list[dict[str, float]]] = {}
     snapshot_at: dict[ClientKey, int] = {}
     for batch in batches:
-        for key in tracker.update(batch):
+        # In key order, not the set's: its order changes with the process's string hashing, and the forest
+        # fitted on the trajectories depends on their order.
+        for key in sorted(tracker.update(batch)):
             client = tracker.get(key)
             if client is None or excluded(key[1]):
                 continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from detector.alerts.model import AlertKind, Detection, Reason, Severity
+from detector.domain import AlertKind, Detection, Reason, Severity
 from detector.features.client import ClientFeatures, ClientKey
 from detector.scoring.rules import ATLAS_EXFILTRATION_VIA_INFERENCE_API
 
@@ -96,10 +96,11 @@ class CoordinationTracker:
                     score=float(hits),
                     threshold=float(self.threshold),
                     reasons=[
-                        Reason(f"coordination.clients_from_{network}", float(len(pool))),
-                        Reason("coordination.distinct_training_hits", float(hits)),
+                        Reason(feature=f"coordination.clients_from_{network}", value=float(len(pool))),
+                        Reason(feature="coordination.distinct_training_hits", value=float(hits)),
                         Reason(
-                            "coordination.max_client_hits", float(max(p.distinct_hits for p in pool.values()))
+                            feature="coordination.max_client_hits",
+                            value=float(max(p.distinct_hits for p in pool.values())),
                         ),
                     ],
                     evidence=[event for p in pool.values() for event in p.evidence],

@@ -1,7 +1,9 @@
 """The scoring model fitted on baseline traffic: feature percentiles, rule thresholds, an IsolationForest.
 
 Thresholds are set in operational units: each is the (1 - target FPR) quantile of the per-client maximum of
-its score on the baseline, so that about that share of baseline clients would ever have been alerted.
+its score on the baseline, so that about that share of baseline clients would ever have been alerted. A
+rule's threshold is never below the rule's floor, and the forest's is positive (its anomaly scores lie in
+(0, 1]), so every score/threshold ratio is defined; a model file saying otherwise is refused.
 
 On disk a model is a directory: `manifest.json` (everything but the forest, plus the forest file's SHA-256)
 and `forest.skops` (skops' safe format, never pickle). Loading checks the hash before reading the forest,
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,12 +77,10 @@ def _forest_threshold(client_maxima: list[float], target_fpr: float) -> float:
 
 def _rule_maximum(rule: Rule, trajectory: list[dict[str, float]]) -> float:
     """The highest score `rule` reached over one client's snapshots (0 if its guards never held)."""
-    return max(
-        (snapshot.get(rule.score, 0.0) for snapshot in trajectory if rule.applies(snapshot)), default=0.0
-    )
+    return max((rule.score_one(snapshot) for snapshot in trajectory), default=0.0)
 
 
-def anomaly_matrix(snapshots: list[dict[str, float]], names: list[str]) -> np.ndarray:
+def anomaly_matrix(snapshots: Sequence[Mapping[str, float]], names: list[str]) -> np.ndarray:
     """Snapshots as a matrix for the forest: counts are log-compressed so that volume does not dominate."""
     matrix = np.array(
         [[snapshot.get(name, 0.0) for name in names] for snapshot in snapshots], dtype=np.float64
@@ -99,6 +101,14 @@ class ScoringModel:
     scales: dict[str, dict[str, list[float]]]
     baseline_clients: int
     forest: IsolationForest | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (self.forest_threshold > 0.0 and math.isfinite(self.forest_threshold)):
+            raise ModelError(f"the forest threshold must be positive and finite, not {self.forest_threshold}")
+        # 0 is what an older model wrote for a rule its baseline never triggered: the rule's floor applies.
+        wrong = {rule: value for rule, value in self.rule_thresholds.items() if not 0.0 <= value < math.inf}
+        if wrong:
+            raise ModelError(f"rule thresholds must be finite and not negative: {wrong}")
 
     @classmethod
     def fit(
@@ -126,7 +136,10 @@ class ScoringModel:
         ends = np.cumsum([len(trajectory) for trajectory in trajectories])
         forest_maxima = [float(part.max()) for part in np.split(scores, ends[:-1]) if part.size]
         thresholds = {
-            rule.id: _threshold([_rule_maximum(rule, trajectory) for trajectory in trajectories], target_fpr)
+            rule.id: max(
+                rule.floor,
+                _threshold([_rule_maximum(rule, trajectory) for trajectory in trajectories], target_fpr),
+            )
             for rule in rules
         }
         stamp = datetime.now(UTC).strftime(_VERSION_STAMP)
@@ -152,7 +165,7 @@ class ScoringModel:
             return None
         return stamp.replace(tzinfo=UTC).timestamp()
 
-    def anomaly_scores(self, snapshots: list[dict[str, float]]) -> np.ndarray:
+    def anomaly_scores(self, snapshots: Sequence[Mapping[str, float]]) -> np.ndarray:
         """Higher is more anomalous; one micro-batch call (a one-row call costs as much as thousands)."""
         if self.forest is None or not snapshots:
             return np.zeros(len(snapshots))
@@ -196,7 +209,8 @@ class ScoringModel:
 
     @classmethod
     def load(cls, directory: Path) -> ScoringModel:
-        """Read a model written by `save`; raise `ModelError` if anything is missing or altered."""
+        """Read a model written by `save`; raise `ModelError` if anything is missing or altered, or if a
+        threshold is out of range (see the module docstring)."""
         import skops.io
 
         try:
@@ -215,14 +229,17 @@ class ScoringModel:
             forest = skops.io.loads(forest_bytes, trusted=TRUSTED_TYPES)
         except Exception as exc:  # skops raises several types for untrusted or malformed content
             raise ModelError(f"scoring model at {directory}: unsafe or unreadable forest: {exc}") from None
-        return cls(
-            version=manifest["version"],
-            target_fpr=manifest["target_fpr"],
-            feature_names=manifest["feature_names"],
-            quantiles=manifest["quantiles"],
-            rule_thresholds=manifest["rule_thresholds"],
-            forest_threshold=manifest["forest_threshold"],
-            scales=manifest["scales"],
-            baseline_clients=manifest["baseline_clients"],
-            forest=forest,
-        )
+        try:
+            return cls(
+                version=manifest["version"],
+                target_fpr=manifest["target_fpr"],
+                feature_names=manifest["feature_names"],
+                quantiles=manifest["quantiles"],
+                rule_thresholds=manifest["rule_thresholds"],
+                forest_threshold=manifest["forest_threshold"],
+                scales=manifest["scales"],
+                baseline_clients=manifest["baseline_clients"],
+                forest=forest,
+            )
+        except ModelError as exc:
+            raise ModelError(f"scoring model at {directory}: {exc}") from None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from detector.model import rfc3339
+from detector.domain import rfc3339
 
 START = datetime(2026, 11, 29, 8, 0, tzinfo=UTC).timestamp()
 

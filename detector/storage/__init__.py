@@ -1,29 +1,43 @@
 """Durable state (sessions, dead letters, checkpoints, seen events, alerts, silences, the notification
-outbox) on SQLite or PostgreSQL."""
+outbox) on SQLite or PostgreSQL: persistence only, no decisions."""
 
-from detector.storage.alerts import AlertChange, AlertStore, AlertUpdate, Change, StoredAlert
-from detector.storage.database import create_engine_for, current_revision, head_revision, upgrade
+from detector.storage.alerts import AlertRepository, AlertStore, open_alert_store
+from detector.storage.database import create_engine_for, current_revision, head_revision, open_engine, upgrade
+from detector.storage.errors import StorageError, StorageFailed, StorageUnavailable
 from detector.storage.outbox import DeliveryStatus, OutboxStore, QueuedNotification, SinkBacklog
-from detector.storage.repository import Checkpoint, DurableBatch, Store, StoredDeadLetter
+from detector.storage.repository import (
+    Checkpoint,
+    DurableBatch,
+    SeenEvent,
+    Store,
+    StoredDeadLetter,
+    Transaction,
+    open_store,
+)
 from detector.storage.silences import SilenceStore
 
 __all__ = [
-    "AlertChange",
+    "AlertRepository",
     "AlertStore",
-    "AlertUpdate",
-    "Change",
     "Checkpoint",
     "DeliveryStatus",
     "DurableBatch",
     "OutboxStore",
     "QueuedNotification",
+    "SeenEvent",
     "SilenceStore",
     "SinkBacklog",
+    "StorageError",
+    "StorageFailed",
+    "StorageUnavailable",
     "Store",
-    "StoredAlert",
     "StoredDeadLetter",
+    "Transaction",
     "create_engine_for",
     "current_revision",
     "head_revision",
+    "open_alert_store",
+    "open_engine",
+    "open_store",
     "upgrade",
 ]

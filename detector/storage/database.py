@@ -17,6 +17,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, Connection, make_url
 
+from detector.settings import Settings
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 # Page cache per connection, filled only as used: the seen-event index outgrows the 2 MiB default within
@@ -66,6 +68,17 @@ def _configure_sqlite_connection(
         cursor.execute(f"PRAGMA cache_size = -{_SQLITE_CACHE_KIB}")
     finally:
         cursor.close()
+
+
+def open_engine(settings: Settings, migrate: bool | None = None) -> Engine:
+    """An engine on the configured database, migrated to the latest schema unless told otherwise (by
+    default, as `database.migrate_on_start` says)."""
+    engine = create_engine_for(
+        settings.database.url.get_secret_value(), busy_timeout_seconds=settings.database.busy_timeout_seconds
+    )
+    if settings.database.migrate_on_start if migrate is None else migrate:
+        upgrade(engine)
+    return engine
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

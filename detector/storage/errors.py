@@ -18,6 +18,8 @@ from contextlib import contextmanager
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from detector.domain import Backpressure
+
 # PostgreSQL SQLSTATEs of a server that will answer again: connection exceptions (class 08), a shutdown or
 # restart (57P01-57P03), too many connections (53300), serialisation failures and deadlocks (40001, 40P01),
 # a lock timeout (55P03), a standby that is being promoted (25006 read-only transaction).
@@ -31,8 +33,9 @@ class StorageError(Exception):
     """A database failure, with a one-line description fit for a log line (no SQL, no parameters)."""
 
 
-class StorageUnavailable(StorageError):
-    """The database is unreachable or busy: nothing was stored; retry the same work later."""
+class StorageUnavailable(StorageError, Backpressure):
+    """The database is unreachable or busy: nothing was stored; retry the same work later (back-pressure on
+    the source, with the caller's backoff)."""
 
 
 class StorageFailed(StorageError):

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Row
 
-from detector.alerts.notification import Notification
+from detector.domain import Notification
 from detector.storage.base import Repository
 from detector.storage.tables import NotificationRow
 

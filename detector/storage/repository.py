@@ -1,14 +1,15 @@
-"""The one gateway to the database: what the pipeline makes durable in a batch, and what the CLI reads.
+"""The one gateway to the database: what the pipeline reads and makes durable, and what the CLI reads.
 
-`Store.write` is the pipeline's commit point: seen events, sessions, dead letters and consumer checkpoints go
-in one transaction, so offsets are never stored ahead of what was derived from them, and writing the same
-batch again changes nothing.
+`Store.transaction` is the pipeline's commit point: alerts (through `Transaction.alerts`), seen events,
+sessions, dead letters and consumer checkpoints (`Transaction.write`) go in one transaction, so offsets are
+never stored ahead of what was derived from them, and writing the same batch again changes nothing.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
@@ -18,12 +19,11 @@ from sqlalchemy import Engine, delete, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
-from detector.alerts.lifecycle import NotificationPolicy
-from detector.alerts.model import Detection
-from detector.ingest.records import DeadLetter
-from detector.sessions import SessionKey, SessionState, SessionStatus
-from detector.storage.alerts import AlertStore, AlertUpdate, lock_sqlite
+from detector.domain import DeadLetter, SessionKey, SessionState, SessionStatus
+from detector.settings import Settings
+from detector.storage.alerts import AlertRepository, AlertStore, lock_sqlite
 from detector.storage.base import Repository
+from detector.storage.database import open_engine
 from detector.storage.errors import storage_errors
 from detector.storage.tables import Base, CheckpointRow, DeadLetterRow, SeenEventRow, SessionRow
 
@@ -55,22 +55,18 @@ class SeenEvent(NamedTuple):
 
 @dataclass
 class DurableBatch:
-    """Everything the pipeline derived from one batch of records, to be stored atomically.
+    """What the pipeline derived from records, besides alerts, to be stored atomically with them.
 
     `close_sessions_before` closes stored open sessions whose last query is older (epoch seconds);
-    `forget_seen_after_seconds` forgets seen events processed (wall time) longer ago than that. `detections`
-    open or update alerts, and alerts quiet for long enough before the `watermark` (the stream's event
-    time) are resolved, with their notifications (see `AlertStore.record`).
+    `forget_seen_after_seconds` forgets seen events processed (wall time) longer ago than that.
     """
 
     seen_events: list[SeenEvent] = field(default_factory=list)
     sessions: list[SessionState] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
-    detections: list[Detection] = field(default_factory=list)
     close_sessions_before: float | None = None
     forget_seen_after_seconds: float | None = None
-    watermark: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,21 +83,21 @@ class StoredDeadLetter:
     created_at: datetime
 
 
+def open_store(settings: Settings, migrate: bool | None = None) -> Store:
+    """The store at the configured database URL, migrated to the latest schema unless told otherwise (see
+    `open_engine`)."""
+    return Store(open_engine(settings, migrate))
+
+
 class Store(Repository):
     """Reads and writes the detector's tables on SQLite or PostgreSQL (migrated to head beforehand).
 
     `clock` returns the current time in epoch seconds; it stamps `updated_at`, `created_at` and `seen_at`.
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        clock: Callable[[], float] = time.time,
-        policy: NotificationPolicy | None = None,
-    ) -> None:
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(engine, clock=clock)
-        self.alerts = AlertStore(engine, clock=clock, policy=policy)
+        self.alerts = AlertStore(engine, clock=clock)
 
     # -- pipeline ----------------------------------------------------------------------------------------
 
@@ -149,36 +145,16 @@ class Store(Repository):
                 latest.extend(_session_state(row) for row in rows)
         return latest
 
-    def write(self, batch: DurableBatch) -> AlertUpdate:
-        """Store `batch` in one transaction: all of it or, on error, none of it; return what happened to
-        the alerts.
+    @contextmanager
+    def transaction(self, action: str = "storing a batch") -> Iterator[Transaction]:
+        """One transaction for the block: all of what is written through it or, on error, none of it.
 
-        Seen events and dead letters already stored are kept as they are; sessions (by id) and checkpoints
-        (by group, topic and partition) are overwritten. Stale open sessions are then closed and old seen
-        events forgotten. Writing the same batch twice leaves the same rows as writing it once, but for the
-        `updated_at` stamps. Raises `StorageUnavailable` (retry the same batch later) or `StorageFailed`.
+        Raises `StorageUnavailable` (retry the same work later) or `StorageFailed`, naming `action`; an
+        exception of the block's own passes through, rolling back.
         """
-        now = _utc(self._clock())
-        with storage_errors("storing a batch"), self._engine.begin() as connection:
+        with storage_errors(action), self._engine.begin() as connection:
             lock_sqlite(connection)
-            alerts = self.alerts.record(connection, batch.detections, batch.watermark)
-            self._insert_seen_events(connection, batch.seen_events, now)
-            self._upsert_sessions(connection, batch.sessions, now)
-            self._insert_dead_letters(connection, batch.dead_letters, now)
-            self._upsert_checkpoints(connection, batch.checkpoints, now)
-            if batch.close_sessions_before is not None:
-                connection.execute(
-                    update(SessionRow)
-                    .where(
-                        SessionRow.status == SessionStatus.OPEN.value,
-                        SessionRow.last_seen < _utc(batch.close_sessions_before),
-                    )
-                    .values(status=SessionStatus.CLOSED.value, updated_at=now)
-                )
-            if batch.forget_seen_after_seconds is not None:
-                cutoff = _utc(self._clock() - batch.forget_seen_after_seconds)
-                connection.execute(delete(SeenEventRow).where(SeenEventRow.seen_at < cutoff))
-        return alerts
+            yield Transaction(connection, self._clock)
 
     # -- command line ------------------------------------------------------------------------------------
 
@@ -252,19 +228,52 @@ class Store(Repository):
         with self._engine.connect() as connection:
             return connection.execute(select(func.count()).select_from(table)).scalar_one()
 
+
+class Transaction:
+    """Writes inside one of `Store.transaction`'s transactions: the alerts (`alerts`) and the rest of what
+    the pipeline derived from its records (`write`). `clock` (epoch seconds) stamps what is written."""
+
+    def __init__(self, connection: Connection, clock: Callable[[], float]) -> None:
+        self._connection = connection
+        self._clock = clock
+        self.alerts = AlertRepository(connection)
+
+    def write(self, batch: DurableBatch) -> None:
+        """Store `batch`: seen events and dead letters already stored are kept as they are; sessions (by id)
+        and checkpoints (by group, topic and partition) are overwritten. Stale open sessions are then closed
+        and old seen events forgotten. Writing the same batch twice leaves the same rows as writing it once,
+        but for the `updated_at` stamps."""
+        now = _utc(self._clock())
+        self._insert_seen_events(batch.seen_events, now)
+        self._upsert_sessions(batch.sessions, now)
+        self._insert_dead_letters(batch.dead_letters, now)
+        self._upsert_checkpoints(batch.checkpoints, now)
+        if batch.close_sessions_before is not None:
+            self._connection.execute(
+                update(SessionRow)
+                .where(
+                    SessionRow.status == SessionStatus.OPEN.value,
+                    SessionRow.last_seen < _utc(batch.close_sessions_before),
+                )
+                .values(status=SessionStatus.CLOSED.value, updated_at=now)
+            )
+        if batch.forget_seen_after_seconds is not None:
+            cutoff = _utc(self._clock() - batch.forget_seen_after_seconds)
+            self._connection.execute(delete(SeenEventRow).where(SeenEventRow.seen_at < cutoff))
+
     def _insert(self, table: type[Base]) -> sqlite.Insert | postgresql.Insert:
-        if self._engine.dialect.name == "sqlite":
+        if self._connection.dialect.name == "sqlite":
             return sqlite.insert(table)
         return postgresql.insert(table)
 
-    def _insert_seen_events(self, connection: Connection, events: Sequence[SeenEvent], now: datetime) -> None:
+    def _insert_seen_events(self, events: Sequence[SeenEvent], now: datetime) -> None:
         # The one per-event write of the pipeline: it goes to the driver directly (one executemany on SQLite,
         # one array statement on PostgreSQL), which costs a fraction of SQLAlchemy's per-row parameter work.
         if not events:
             return
-        if connection.dialect.name == "sqlite":
+        if self._connection.dialect.name == "sqlite":
             now_text = _sqlite_text(now.timestamp())
-            connection.exec_driver_sql(
+            self._connection.exec_driver_sql(
                 "INSERT INTO seen_events (event_id, event_time, seen_at, digest) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (event_id) DO NOTHING",
                 [
@@ -273,7 +282,7 @@ class Store(Repository):
                 ],
             )
             return
-        connection.exec_driver_sql(
+        self._connection.exec_driver_sql(
             "INSERT INTO seen_events (event_id, event_time, seen_at, digest)"
             " SELECT id, to_timestamp(t), %(now)s, d"
             " FROM unnest(%(ids)s::varchar[], %(times)s::float8[], %(digests)s::bytea[]) AS u(id, t, d)"
@@ -286,9 +295,7 @@ class Store(Repository):
             },
         )
 
-    def _upsert_sessions(
-        self, connection: Connection, sessions: Sequence[SessionState], now: datetime
-    ) -> None:
+    def _upsert_sessions(self, sessions: Sequence[SessionState], now: datetime) -> None:
         if not sessions:
             return
         # One row per id, the last state winning: PostgreSQL refuses to update a row twice in one statement.
@@ -298,11 +305,9 @@ class Store(Repository):
             index_elements=["id"],
             set_={name: statement.excluded[name] for name in _SESSION_COLUMNS if name != "id"},
         )
-        connection.execute(statement, list(rows.values()))
+        self._connection.execute(statement, list(rows.values()))
 
-    def _insert_dead_letters(
-        self, connection: Connection, dead_letters: Sequence[DeadLetter], now: datetime
-    ) -> None:
+    def _insert_dead_letters(self, dead_letters: Sequence[DeadLetter], now: datetime) -> None:
         if not dead_letters:
             return
         rows: dict[str, dict[str, Any]] = {}
@@ -325,11 +330,9 @@ class Store(Repository):
                 },
             )
         statement = self._insert(DeadLetterRow).on_conflict_do_nothing(index_elements=["source_key"])
-        connection.execute(statement, list(rows.values()))
+        self._connection.execute(statement, list(rows.values()))
 
-    def _upsert_checkpoints(
-        self, connection: Connection, checkpoints: Sequence[Checkpoint], now: datetime
-    ) -> None:
+    def _upsert_checkpoints(self, checkpoints: Sequence[Checkpoint], now: datetime) -> None:
         if not checkpoints:
             return
         rows = {
@@ -347,7 +350,7 @@ class Store(Repository):
             index_elements=["group_id", "topic", "partition"],
             set_={"next_offset": statement.excluded.next_offset, "updated_at": statement.excluded.updated_at},
         )
-        connection.execute(statement, list(rows.values()))
+        self._connection.execute(statement, list(rows.values()))
 
 
 def _session_row(session: SessionState, now: datetime) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Row
 
-from detector.alerts.lifecycle import Silence
+from detector.domain import Silence
 from detector.storage.base import Repository
 from detector.storage.tables import SilenceRow
 

@@ -1,8 +1,9 @@
 """The database schema: sessions, dead letters, checkpoints, the seen-event ledger, alerts, silences and
 the notification outbox.
 
-Column lengths follow the input contract in `detector.model` (model and client ids up to 256 characters, ...)
-so that a record the decoder accepted can always be stored, also on PostgreSQL where lengths are enforced.
+Column lengths follow the input contract in `detector.schemas` (model and client ids up to 256
+characters, ...) so that a record the decoder accepted can always be stored, also on PostgreSQL where
+lengths are enforced.
 Every timestamp is a `UTCDateTime`: stored in UTC, read back as a timezone-aware UTC `datetime`.
 """
 

@@ -8,8 +8,9 @@ import orjson
 import pytest
 
 from detector.alerts.lifecycle import NotificationPolicy
-from detector.storage import AlertStore, create_engine_for, upgrade
+from detector.storage import Store, create_engine_for, upgrade
 from tests.receivers import RecordingReceiver
+from tests.storage.conftest import Alerts
 from tests.storage.test_alerts import detection
 from tests.test_cli import cli_env, mia
 
@@ -27,10 +28,11 @@ def jsonl(text: str) -> list[dict[str, object]]:
 
 def open_alert(url: str, client: str = "client-a") -> int:
     """Open an alert that notified the webhook; return its id."""
-    store = AlertStore(create_engine_for(url), policy=NotificationPolicy(sinks=("webhook",)))
-    with store.engine.begin() as connection:
-        [change] = store.record(connection, [detection(client)]).changes
-    return change.alert_id
+    with Store(create_engine_for(url)) as store:
+        outcome = Alerts(store, NotificationPolicy(sinks=("webhook",))).record([detection(client)])
+    [(_, change)] = outcome.changes
+    assert [notification.event.value for notification in outcome.notifications] == ["opened"]
+    return change.alert.id
 
 
 def test_silence_list_and_unsilence(database: str) -> None:

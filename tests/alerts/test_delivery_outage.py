@@ -14,13 +14,13 @@ import orjson
 import pytest
 
 from detector.broker import EmbeddedBroker
+from detector.domain import RawRecord
 from detector.ingest.jsonl import read_jsonl_batches
-from detector.ingest.kafka import KafkaPublisher
-from detector.ingest.records import RawRecord
-from detector.service import StopFlag, client_key, open_engine, run_daemon
+from detector.kafka import KafkaPublisher
+from detector.service import StopFlag, client_key, run_daemon
 from detector.settings import Settings
 from detector.simulate import simulate
-from detector.storage import DeliveryStatus, OutboxStore
+from detector.storage import DeliveryStatus, OutboxStore, open_engine
 from tests.receivers import RecordedRequest, RecordingReceiver
 from tests.support import make_settings
 

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from detector.alerts import AlertKind
 from detector.alerts.dispatcher import Dispatcher, RetryPolicy
 from detector.alerts.lifecycle import NotificationPolicy
-from detector.alerts.notification import Notification
 from detector.alerts.sinks.base import DeliveryError
+from detector.domain import AlertKind, Notification
 from detector.metrics import Metrics
-from detector.storage import AlertStore, DeliveryStatus, OutboxStore, create_engine_for, upgrade
+from detector.storage import DeliveryStatus, OutboxStore, Store, create_engine_for, upgrade
+from tests.storage.conftest import Alerts
 from tests.storage.test_alerts import detection
+from tests.support import as_written
 
 
 class ScriptedSink:
@@ -55,10 +56,8 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 def queue_alerts(engine: Engine, count: int, sinks: tuple[str, ...] = ("webhook",)) -> list[Notification]:
     """Open `count` alerts (one notification each, queued for `sinks`)."""
-    store = AlertStore(engine, policy=NotificationPolicy(sinks=sinks))
-    with engine.begin() as connection:
-        update = store.record(connection, [detection(f"client-{i:03d}") for i in range(count)])
-    return update.notifications
+    alerts = Alerts(Store(engine), NotificationPolicy(sinks=sinks))
+    return alerts.record([detection(f"client-{i:03d}") for i in range(count)]).notifications
 
 
 def dispatcher_for(engine: Engine, *sinks: ScriptedSink, **options: object) -> Dispatcher:
@@ -120,7 +119,7 @@ def test_a_rejected_notification_is_marked_failed_and_does_not_block_the_rest(en
 
     assert keys(sink.received) == keys(queued)[1:]
     [failed] = OutboxStore(engine).list(status="failed")
-    assert failed.notification == queued[0] and failed.last_error == "webhook: HTTP 400 bad"
+    assert failed.notification == as_written(queued[0]) and failed.last_error == "webhook: HTTP 400 bad"
 
 
 def test_a_bug_in_a_sink_is_retried_like_a_transient_failure(engine: Engine) -> None:
@@ -198,8 +197,7 @@ def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> No
 
 
 def test_detections_of_a_coordinated_group_queue_one_notification(engine: Engine) -> None:
-    store = AlertStore(engine, policy=NotificationPolicy(sinks=("webhook",)))
+    alerts = Alerts(Store(engine), NotificationPolicy(sinks=("webhook",)))
     group = detection("b", "a", kind=AlertKind.COORDINATED_CLIENTS)
-    with engine.begin() as connection:
-        [notification] = store.record(connection, [group, group]).notifications
+    [notification] = alerts.record([group, group]).notifications
     assert notification.alert.client_ids == ["a", "b"]

@@ -1,23 +1,44 @@
-"""What the lifecycle decides without a database: which change notifies, silences, the notification."""
+"""What the lifecycle decides: which change notifies, silences, the notification (no database needed); and,
+on SQLite and PostgreSQL, how detections open and update alerts, when alerts resolve, and what the
+allow-list drops. Storing alerts is tested in `tests/storage/test_alerts.py`, the outbox in
+`tests/storage/test_outbox.py`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from detector.alerts import AlertKind, Severity
 from detector.alerts.lifecycle import (
+    AlertChange,
+    Change,
     NotificationPolicy,
-    NotificationState,
-    Silence,
     build_notification,
     change_event,
     connectivity_check,
     silenced_by,
 )
-from detector.alerts.notification import Notification, NotificationEvent, dashboard_link
-from tests.support import make_notification
+from detector.domain import (
+    AlertKind,
+    AlertStatus,
+    AllowEntry,
+    AllowList,
+    Notification,
+    NotificationEvent,
+    NotificationState,
+    Reason,
+    Severity,
+    Silence,
+    dashboard_link,
+)
+from detector.scoring.detector import Detector
+from detector.storage import Store, create_engine_for, upgrade
+from tests.scoring.test_scoring import RULES, client_after
+from tests.storage.conftest import START, Alerts, FakeClock
+from tests.storage.test_alerts import QUIET, detection, utc
+from tests.streams import Stream, augmentation_probe
+from tests.support import as_written, make_notification
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 POLICY = NotificationPolicy(sinks=("webhook",), renotify_seconds=600, dashboard_url="https://g.example/d/x")
@@ -99,5 +120,205 @@ def test_titles_and_summaries_say_what_happened() -> None:
 
 def test_a_notification_survives_its_json_round_trip() -> None:
     notification = make_notification(NotificationEvent.RESOLVED)
+    between = NOW.replace(microsecond=123_456)  # between two milliseconds
+    times = ("first_seen", "last_seen", "raised_at", "updated_at", "resolved_at", "acknowledged_at")
+    alert = notification.alert.model_copy(update=dict.fromkeys(times, between))
+    notification = notification.model_copy(update={"alert": alert})
 
-    assert Notification.model_validate_json(notification.model_dump_json()) == notification
+    restored = Notification.model_validate_json(notification.model_dump_json())
+
+    # An alert's times are written to the millisecond (RFC 3339, `Z`): that is all the round trip loses.
+    assert {getattr(restored.alert, name) for name in times} == {NOW.replace(microsecond=123_000)}
+    assert restored == as_written(notification) != notification
+    assert restored.model_dump_json() == notification.model_dump_json()
+
+
+# -- on a database: opening, updating and resolving alerts ---------------------------------------------------
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(database_url: str, clock: FakeClock) -> Iterator[Store]:
+    """A store on an empty database migrated to head."""
+    engine = create_engine_for(database_url)
+    try:
+        upgrade(engine)
+        yield Store(engine, clock=clock)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def alerts(store: Store, clock: FakeClock) -> Alerts:
+    """The lifecycle without sinks or allow-list, each call in a transaction of its own."""
+    return Alerts(store, clock=clock)
+
+
+def test_a_later_detection_updates_the_open_alert(alerts: Alerts, clock: FakeClock) -> None:
+    [opened] = alerts.upsert([detection(severity=Severity.MEDIUM, score=0.8, queries=100)])
+    newer_reasons = [Reason(feature="augmentation_share", value=0.4, baseline_percentile=97.0)]
+    clock.now += 30
+
+    [updated] = alerts.upsert(
+        [
+            detection(
+                severity=Severity.CRITICAL,
+                score=0.95,
+                evidence=["e2", "e3"],
+                first_seen=START - 10,
+                last_seen=START + 120,
+                queries=250,
+                reasons=newer_reasons,
+                rule_id="MIA-002",
+            )
+        ]
+    )
+
+    [alert] = alerts.list_alerts()
+    assert (updated.alert.id, updated.alert.dedup_key) == (opened.alert.id, opened.alert.dedup_key)
+    assert updated == AlertChange(alert, Change.UPDATED)  # the alert as updated is the alert as stored
+    assert (alert.severity, alert.score, alert.queries, alert.rule_id) == (
+        Severity.CRITICAL,
+        0.95,
+        250,
+        "MIA-002",
+    )
+    assert (alert.first_seen, alert.last_seen) == (utc(START - 10), utc(START + 120))
+    assert alert.reasons == newer_reasons
+    assert alert.evidence == ["e1", "e2", "e3"]
+    assert (alert.updates, alert.raised_at, alert.updated_at) == (1, utc(START), utc(START + 30))
+
+
+def test_an_update_keeps_the_higher_severity_and_the_peak_score(alerts: Alerts) -> None:
+    alerts.upsert([detection(severity=Severity.HIGH, score=0.9, queries=300)])
+
+    [change] = alerts.upsert(
+        [detection(severity=Severity.LOW, score=0.6, queries=20, last_seen=START + 90, reasons=[])]
+    )
+
+    [alert] = alerts.list_alerts()
+    assert change.change is Change.UPDATED
+    assert (alert.severity, alert.score, alert.queries) == (Severity.HIGH, 0.9, 300)
+    assert alert.reasons == [] and alert.last_seen == utc(START + 90)  # the newest explanation wins
+
+
+def test_an_older_detection_arriving_late_keeps_the_newer_explanation(alerts: Alerts) -> None:
+    alerts.upsert([detection(last_seen=START + 100, evidence=["new"], rule_id="MIA-NEW")])
+
+    alerts.upsert([detection(last_seen=START + 50, evidence=["old"], rule_id="MIA-OLD")])
+
+    [alert] = alerts.list_alerts()
+    assert (alert.rule_id, alert.evidence, alert.last_seen) == ("MIA-NEW", ["old", "new"], utc(START + 100))
+
+
+def test_evidence_keeps_the_newest_distinct_event_ids_up_to_the_cap(alerts: Alerts) -> None:
+    for round_ in range(6):
+        # Overlapping windows: every id but the first is sent twice.
+        ids = [f"e{i}" for i in range(round_ * 5, round_ * 5 + 10)]
+        alerts.upsert([detection(evidence=ids, last_seen=START + 60 + round_)])
+
+    [alert] = alerts.list_alerts()
+    assert alert.evidence == [f"e{i}" for i in range(15, 35)]
+    assert alert.updates == 5
+
+
+def test_detections_sharing_a_key_in_one_call_become_one_alert(alerts: Alerts) -> None:
+    first = detection(score=0.7, evidence=["e1"], last_seen=START + 60)
+    second = detection(score=0.9, severity=Severity.HIGH, evidence=["e2"], last_seen=START + 70)
+    other = detection("client-b")
+
+    changes = alerts.upsert([first, other, second])
+
+    assert [change.change for change in changes] == [Change.OPENED] * 3
+    assert changes[0] == changes[2] != changes[1]
+    alert = alerts.list_alerts(client_id="client-a")[0]
+    assert (alert.score, alert.severity, alert.evidence, alert.updates) == (
+        0.9,
+        Severity.HIGH,
+        ["e1", "e2"],
+        0,
+    )
+    assert alerts.upsert([]) == []
+
+
+def test_a_detection_after_the_alert_was_resolved_opens_a_new_alert(alerts: Alerts, clock: FakeClock) -> None:
+    [first] = alerts.upsert([detection(last_seen=START + 60)])
+    clock.now += 3600
+    [quiet] = alerts.resolve_quiet().resolved  # an hour without change: quiet in wall time
+
+    [second] = alerts.upsert([detection(first_seen=START + 7200, last_seen=START + 7260)])
+
+    assert second.change is Change.OPENED and second.alert.id != first.alert.id
+    assert second.alert.dedup_key == first.alert.dedup_key
+    latest, resolved = alerts.list_alerts()
+    assert (latest.id, latest.status) == (second.alert.id, AlertStatus.OPEN)
+    assert (resolved.id, resolved.status, resolved.resolved_at) == (
+        first.alert.id,
+        AlertStatus.RESOLVED,
+        utc(START + 3600),
+    )
+    assert resolved.updated_at == utc(START + 3600) and resolved.last_seen == utc(START + 60)
+    assert quiet == resolved  # the alert as resolved is the alert as stored
+
+
+def test_resolve_quiet_resolves_open_alerts_last_seen_a_quiet_period_before_the_watermark(
+    alerts: Alerts, clock: FakeClock
+) -> None:
+    alerts.upsert([detection("idle", last_seen=START + 100), detection("edge", last_seen=START + 200)])
+    alerts.upsert([detection("busy", last_seen=START + 300)])
+    clock.now += 10
+
+    assert [a.client_id for a in alerts.resolve_quiet(watermark=START + 200 + QUIET).resolved] == ["idle"]
+    assert alerts.resolve_quiet(watermark=START + 200 + QUIET).resolved == []
+
+    statuses = {alert.client_id: alert.status for alert in alerts.list_alerts()}
+    assert statuses == {"idle": AlertStatus.RESOLVED, "edge": AlertStatus.OPEN, "busy": AlertStatus.OPEN}
+    assert [a.resolved_at for a in alerts.list_alerts(status="resolved")] == [utc(START + 10)]
+    assert alerts.open_alert_count() == 2
+
+
+# -- the allow-list ------------------------------------------------------------------------------------------
+
+
+def test_the_allow_list_drops_a_clients_detections_for_one_kind_or_all(
+    store: Store, clock: FakeClock
+) -> None:
+    queries = augmentation_probe(Stream("tta-client"))
+    detections = Detector(RULES).evaluate(("m", "tta-client"), client_after(queries))
+    assert detections  # the detector reports them: the allow-list is the lifecycle's
+    policy = NotificationPolicy(sinks=("webhook",))
+    for entry in (
+        AllowEntry("tta-client", "test-time augmentation"),
+        AllowEntry("tta-client", "test-time augmentation", AlertKind.AUGMENTATION_PROBING),
+    ):
+        outcome = Alerts(store, policy, AllowList((entry,)), clock).record(detections)
+        assert (outcome.changes, outcome.notifications) == ([], [])
+    assert store.alerts.list_alerts() == []
+
+    other_kind = AllowEntry("tta-client", "nightly job", AlertKind.TRAINING_SET_TARGETING)
+    outcome = Alerts(store, policy, AllowList((other_kind,)), clock).record(detections)
+    assert [(found, change.change) for found, change in outcome.changes] == [
+        (detection, Change.OPENED) for detection in detections
+    ]
+    assert len(outcome.notifications) == len(detections)
+    assert {alert.client_id for alert in store.alerts.list_alerts()} == {"tta-client"}
+
+
+def test_a_group_is_dropped_only_when_the_allow_list_covers_every_client(
+    store: Store, clock: FakeClock
+) -> None:
+    allowlist = AllowList((AllowEntry("a", "load test"), AllowEntry("b", "load test")))
+    alerts = Alerts(store, allowlist=allowlist, clock=clock)
+    listed = detection("a", "b", kind=AlertKind.COORDINATED_CLIENTS)
+    mixed = detection("a", "c", kind=AlertKind.COORDINATED_CLIENTS)
+
+    outcome = alerts.record([listed, detection("a"), mixed])
+
+    assert [(found.client_ids, change.change) for found, change in outcome.changes] == [
+        (("a", "c"), Change.OPENED)
+    ]
+    assert [alert.client_ids for alert in alerts.list_alerts()] == [["a", "c"]]

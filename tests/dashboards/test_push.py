@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from detector.dashboards import FOLDER_TITLE, build_dashboards
-from detector.dashboards.grafana import GrafanaAddress, GrafanaClient, GrafanaError
 from detector.dashboards.push import (
     DEFAULT_FOLDER_UID,
     POSTGRES_UID,
@@ -22,6 +21,8 @@ from detector.dashboards.push import (
     prometheus_datasource,
     push,
 )
+from detector.grafana import GrafanaClient, GrafanaError
+from detector.http import GrafanaAddress
 from tests.grafana_server import FakeGrafana
 from tests.receivers import RecordingReceiver
 from tests.test_cli import cli_env, mia

@@ -27,10 +27,10 @@ from detector.broker import EmbeddedBroker, free_port
 from detector.dashboards import build_dashboards
 from detector.demo import index_training_sets
 from detector.metrics import PREFIX
-from detector.service import StopFlag, open_engine, produce_file, run_daemon, train
+from detector.service import StopFlag, produce_file, run_daemon, train
 from detector.simulate import simulate
 from detector.simulate.sample import MALFORMED
-from detector.storage import SilenceStore
+from detector.storage import SilenceStore, open_engine
 from tests.dashboards.templates import VARIABLE, variable_name
 from tests.dashboards.test_build import Query, queries
 from tests.prometheus import JOB, prometheus_binary, query, running_prometheus, wait_for

@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from detector.alerts.model import AlertKind
 from detector.alerts.sinks.alertmanager import alert_name
 from detector.broker import free_port
+from detector.domain import AlertKind
 from detector.metrics import Metrics
 from detector.settings import Settings, load_settings
 from tests.deploy import stack

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from detector.features.client import FEATURE_TYPES, FeatureTracker, TrainingIndexes
-from detector.model import Requested
+from detector.domain import Requested
+from detector.features.client import FeatureTracker, TrainingIndexes
 from tests.streams import (
     SCALE,
-    WIDTH,
     SetIndex,
     Stream,
     augmentation_probe,
     boundary_walk,
     harvest,
     record,
-    rng,
     snapshot_after,
     warmed_tracker,
 )
@@ -98,37 +94,6 @@ def test_text_prompts_that_share_most_trigrams_are_variants() -> None:
     values = client.snapshot()
     assert values["similarity.variant_share"] >= 0.8
     assert values["confidence.rich_share"] == 1.0
-
-
-def test_state_round_trip_continues_exactly_where_it_left_off() -> None:
-    stream = Stream()
-    queries = []
-    for _ in range(30):
-        base = record()
-        queries += [
-            stream.query(base + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.01, label=str(i % 2))
-            for i in range(5)
-        ]
-    first, second = queries[:70], queries[70:]
-
-    uninterrupted = warmed_tracker()
-    uninterrupted.update(first)
-    uninterrupted.update(second)
-
-    moved = warmed_tracker()
-    moved.update(first)
-    client = moved.get(("m", "c"))
-    assert client is not None
-    state = json.loads(json.dumps(client.state()))  # as it would travel between processes
-    fresh = warmed_tracker()
-    fresh._clients[("m", "c")] = type(client).from_state(state)
-    fresh.update(second)
-
-    expected = uninterrupted.get(("m", "c"))
-    restored = fresh.get(("m", "c"))
-    assert expected is not None and restored is not None
-    assert restored.snapshot() == expected.snapshot()
-    assert all(name in state["features"] for name in (feature.name for feature in FEATURE_TYPES))
 
 
 def test_memory_is_bounded_per_client_and_in_clients() -> None:

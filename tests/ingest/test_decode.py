@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from detector.ingest import DeadLetterReason, InvalidRecord, Origin, RawRecord, RecordDecoder
-from detector.model import EXAMPLE_RECORDS, Query, Requested
+from detector.domain import DeadLetterReason, InvalidRecord, Origin, Query, RawRecord, Requested
+from detector.ingest import RecordDecoder
+from detector.schemas import EXAMPLE_RECORDS
 from detector.settings import IngestSettings
 
 T0 = "2026-11-29T08:00:00.123Z"

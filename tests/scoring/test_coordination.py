@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from detector.alerts.model import AlertKind
+from detector.domain import AlertKind
 from detector.features.client import TrainingIndexes
 from detector.scoring.coordination import CoordinationTracker
 from tests.streams import SetIndex, Stream, record, warmed_tracker

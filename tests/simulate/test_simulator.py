@@ -19,8 +19,8 @@ import orjson
 import pytest
 from sklearn.datasets import load_breast_cancer, load_digits
 
-from detector.ingest import Origin, RawRecord, RecordDecoder
-from detector.model import Query
+from detector.domain import Origin, Query, RawRecord
+from detector.ingest import RecordDecoder
 from detector.settings import IngestSettings
 from detector.simulate import SCENARIOS, AttackKind, Evasion, simulate
 from detector.simulate.attacks import Augmentation, BoundaryWalk, Candidates

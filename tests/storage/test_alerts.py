@@ -1,4 +1,6 @@
-"""Alerts on SQLite and PostgreSQL: one open alert per dedup key, updated in place; the `alerts` commands."""
+"""Alerts on SQLite and PostgreSQL: one open alert per dedup key, updated in place, stored with the rest of
+the batch or not at all; the `alerts` commands. (How detections combine into an alert and when it resolves:
+`tests/alerts/test_lifecycle.py`.)"""
 
 from __future__ import annotations
 
@@ -14,17 +16,18 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from detector.alerts import MAX_EVIDENCE, AlertKind, AlertStatus, Detection, Reason, Severity
-from detector.alerts.lifecycle import NotificationPolicy
-from detector.storage import AlertChange, AlertStore, Change, create_engine_for, upgrade
+from detector.alerts.lifecycle import AlertChange, Change, NotificationPolicy
+from detector.domain import MAX_EVIDENCE, AlertKind, AlertStatus, Detection, Reason, Severity
+from detector.storage import DurableBatch, SeenEvent, Store, create_engine_for, upgrade
 from detector.storage.tables import AlertRow
 
-from .conftest import START, FakeClock
+from .conftest import START, Alerts, FakeClock
 
 MODEL = "fraud-v1"
+REASON = Reason(feature="confidence_share", value=0.97, baseline_percentile=99.5)
 
 
 def detection(
@@ -47,7 +50,7 @@ def detection(
         rule_id=rule_id,
         score=score,
         threshold=0.5,
-        reasons=reasons if reasons is not None else [Reason("confidence_share", 0.97, 99.5)],
+        reasons=reasons if reasons is not None else [REASON],
         evidence=evidence if evidence is not None else ["e1", "e2"],
         first_seen=first_seen,
         last_seen=last_seen,
@@ -61,10 +64,9 @@ QUIET = NotificationPolicy().resolve_after_seconds
 
 
 @pytest.fixture
-def alerts(engine: Engine, clock: FakeClock) -> AlertStore:
-    """An alert store on a database migrated to head."""
-    upgrade(engine)
-    return AlertStore(engine, clock=clock)
+def alerts(store: Store, clock: FakeClock) -> Alerts:
+    """The alert lifecycle, without sinks, on a database migrated to head."""
+    return Alerts(store, clock=clock)
 
 
 def rows(engine: Engine) -> list[dict[str, Any]]:
@@ -119,9 +121,9 @@ def test_a_detection_refuses_values_an_alert_cannot_hold(change: dict[str, Any],
 
 def test_a_reason_refuses_values_json_cannot_hold_and_percentiles_out_of_range() -> None:
     with pytest.raises(ValueError, match="finite"):
-        Reason("entropy", float("nan"))
+        Reason(feature="entropy", value=float("nan"))
     with pytest.raises(ValueError, match="percentile"):
-        Reason("entropy", 0.1, 100.5)
+        Reason(feature="entropy", value=0.1, baseline_percentile=100.5)
 
 
 def test_severities_rank_from_low_to_critical() -> None:
@@ -134,11 +136,11 @@ def test_detections_of_different_alerts_cannot_be_combined() -> None:
         detection("a").combined(detection("b"))
 
 
-# -- opening and updating ------------------------------------------------------------------------------------
+# -- opening and storing -------------------------------------------------------------------------------------
 
 
-def test_a_first_detection_opens_an_alert_holding_every_value(alerts: AlertStore) -> None:
-    reasons = [Reason("confidence_share", 0.97, 99.5), Reason("distinct_inputs", 1234.0, None)]
+def test_a_first_detection_opens_an_alert_holding_every_value(alerts: Alerts) -> None:
+    reasons = [REASON, Reason(feature="distinct_inputs", value=1234.0, baseline_percentile=None)]
     group = detection(
         "client-b", "client-a", kind=AlertKind.COORDINATED_CLIENTS, severity=Severity.HIGH, reasons=reasons
     )
@@ -146,86 +148,23 @@ def test_a_first_detection_opens_an_alert_holding_every_value(alerts: AlertStore
     changes = alerts.upsert([group])
 
     [alert] = alerts.list_alerts()
-    assert changes == [AlertChange(alert.id, "fraud-v1|client-a,client-b|coordinated_clients", Change.OPENED)]
+    assert changes == [AlertChange(alert, Change.OPENED)]  # the alert as opened is the alert as stored
+    assert alert.dedup_key == "fraud-v1|client-a,client-b|coordinated_clients"
     assert alert.as_detection() == group
-    assert (alert.client_id, alert.client_ids) == ("client-a", ("client-a", "client-b"))
+    assert (alert.client_id, alert.client_ids) == ("client-a", ["client-a", "client-b"])
     assert alert.reasons == reasons and alert.reasons[1].baseline_percentile is None
-    assert (alert.status, alert.updates, alert.resolved_at) == (AlertStatus.OPEN, 0, None)
+    assert (alert.status, alert.updates, alert.resolved_at, alert.acknowledged_at) == (
+        AlertStatus.OPEN,
+        0,
+        None,
+        None,
+    )
     assert alert.raised_at == alert.updated_at == utc(START)
     assert alert.first_seen == utc(START) and alert.last_seen.tzinfo is UTC
     assert alerts.open_alert_count() == 1
 
 
-def test_a_later_detection_updates_the_open_alert(alerts: AlertStore, clock: FakeClock) -> None:
-    [opened] = alerts.upsert([detection(severity=Severity.MEDIUM, score=0.8, queries=100)])
-    newer_reasons = [Reason("augmentation_share", 0.4, 97.0)]
-    clock.now += 30
-
-    [updated] = alerts.upsert(
-        [
-            detection(
-                severity=Severity.CRITICAL,
-                score=0.95,
-                evidence=["e2", "e3"],
-                first_seen=START - 10,
-                last_seen=START + 120,
-                queries=250,
-                reasons=newer_reasons,
-                rule_id="MIA-002",
-            )
-        ]
-    )
-
-    [alert] = alerts.list_alerts()
-    assert updated == dataclasses.replace(opened, change=Change.UPDATED)
-    assert (alert.severity, alert.score, alert.queries, alert.rule_id) == (
-        Severity.CRITICAL,
-        0.95,
-        250,
-        "MIA-002",
-    )
-    assert (alert.first_seen, alert.last_seen) == (utc(START - 10), utc(START + 120))
-    assert alert.reasons == newer_reasons
-    assert alert.evidence == ["e1", "e2", "e3"]
-    assert (alert.updates, alert.raised_at, alert.updated_at) == (1, utc(START), utc(START + 30))
-
-
-def test_an_update_keeps_the_higher_severity_and_the_peak_score(alerts: AlertStore) -> None:
-    alerts.upsert([detection(severity=Severity.HIGH, score=0.9, queries=300)])
-
-    [change] = alerts.upsert(
-        [detection(severity=Severity.LOW, score=0.6, queries=20, last_seen=START + 90, reasons=[])]
-    )
-
-    [alert] = alerts.list_alerts()
-    assert change.change is Change.UPDATED
-    assert (alert.severity, alert.score, alert.queries) == (Severity.HIGH, 0.9, 300)
-    assert alert.reasons == [] and alert.last_seen == utc(START + 90)  # the newest explanation wins
-
-
-def test_an_older_detection_arriving_late_keeps_the_newer_explanation(alerts: AlertStore) -> None:
-    alerts.upsert([detection(last_seen=START + 100, evidence=["new"], rule_id="MIA-NEW")])
-
-    alerts.upsert([detection(last_seen=START + 50, evidence=["old"], rule_id="MIA-OLD")])
-
-    [alert] = alerts.list_alerts()
-    assert (alert.rule_id, alert.evidence, alert.last_seen) == ("MIA-NEW", ["old", "new"], utc(START + 100))
-
-
-def test_evidence_keeps_the_newest_distinct_event_ids_up_to_the_cap(alerts: AlertStore) -> None:
-    for round_ in range(6):
-        # Overlapping windows: every id but the first is sent twice.
-        ids = [f"e{i}" for i in range(round_ * 5, round_ * 5 + 10)]
-        alerts.upsert([detection(evidence=ids, last_seen=START + 60 + round_)])
-
-    [alert] = alerts.list_alerts()
-    assert alert.evidence == [f"e{i}" for i in range(15, 35)]
-    assert alert.updates == 5
-
-
-def test_the_same_detection_again_changes_nothing(
-    alerts: AlertStore, engine: Engine, clock: FakeClock
-) -> None:
+def test_the_same_detection_again_changes_nothing(alerts: Alerts, engine: Engine, clock: FakeClock) -> None:
     # Event times finer than the microseconds stored: the comparison must not see a change.
     again = detection(first_seen=START + 0.1234567, last_seen=START + 60.7654321)
     [opened] = alerts.upsert([again])
@@ -238,7 +177,7 @@ def test_the_same_detection_again_changes_nothing(
     assert rows(engine) == before
 
 
-def test_many_upserts_never_open_a_second_alert_for_one_key(alerts: AlertStore, engine: Engine) -> None:
+def test_many_upserts_never_open_a_second_alert_for_one_key(alerts: Alerts, engine: Engine) -> None:
     for round_ in range(30):
         batch = [
             detection(score=round_ / 30, evidence=[f"r{round_}"], last_seen=START + 60 + round_),
@@ -257,49 +196,7 @@ def test_many_upserts_never_open_a_second_alert_for_one_key(alerts: AlertStore, 
     assert alerts.open_alert_count() == 3
 
 
-def test_detections_sharing_a_key_in_one_call_become_one_alert(alerts: AlertStore) -> None:
-    first = detection(score=0.7, evidence=["e1"], last_seen=START + 60)
-    second = detection(score=0.9, severity=Severity.HIGH, evidence=["e2"], last_seen=START + 70)
-    other = detection("client-b")
-
-    changes = alerts.upsert([first, other, second])
-
-    assert [change.change for change in changes] == [Change.OPENED] * 3
-    assert changes[0] == changes[2] != changes[1]
-    alert = alerts.list_alerts(client_id="client-a")[0]
-    assert (alert.score, alert.severity, alert.evidence, alert.updates) == (
-        0.9,
-        Severity.HIGH,
-        ["e1", "e2"],
-        0,
-    )
-    assert alerts.upsert([]) == []
-
-
-def test_a_detection_after_the_alert_was_resolved_opens_a_new_alert(
-    alerts: AlertStore, clock: FakeClock
-) -> None:
-    [first] = alerts.upsert([detection(last_seen=START + 60)])
-    clock.now += 3600
-    assert len(alerts.resolve_quiet().resolved) == 1  # an hour without change: quiet in wall time
-
-    [second] = alerts.upsert([detection(first_seen=START + 7200, last_seen=START + 7260)])
-
-    assert second.change is Change.OPENED and second.alert_id != first.alert_id
-    assert second.dedup_key == first.dedup_key
-    latest, resolved = alerts.list_alerts()
-    assert (latest.id, latest.status) == (second.alert_id, AlertStatus.OPEN)
-    assert (resolved.id, resolved.status, resolved.resolved_at) == (
-        first.alert_id,
-        AlertStatus.RESOLVED,
-        utc(START + 3600),
-    )
-    assert resolved.updated_at == utc(START + 3600) and resolved.last_seen == utc(START + 60)
-
-
-def test_the_database_itself_refuses_a_second_open_alert_for_a_key(
-    alerts: AlertStore, engine: Engine
-) -> None:
+def test_the_database_itself_refuses_a_second_open_alert_for_a_key(alerts: Alerts, engine: Engine) -> None:
     alerts.upsert([detection()])
     [row] = rows(engine)
     del row["id"]
@@ -313,7 +210,7 @@ def test_the_database_itself_refuses_a_second_open_alert_for_a_key(
 
 
 def test_a_schema_refusing_new_alerts_fails_loudly_instead_of_retrying_forever(
-    alerts: AlertStore, engine: Engine
+    alerts: Alerts, engine: Engine
 ) -> None:
     with engine.begin() as connection:  # the unique index as it must not be: over resolved alerts too
         connection.exec_driver_sql("DROP INDEX uq_alerts_open_dedup_key")
@@ -325,23 +222,7 @@ def test_a_schema_refusing_new_alerts_fails_loudly_instead_of_retrying_forever(
         alerts.upsert([detection(last_seen=START + 120)])
 
 
-def test_resolve_quiet_resolves_open_alerts_last_seen_a_quiet_period_before_the_watermark(
-    alerts: AlertStore, clock: FakeClock
-) -> None:
-    alerts.upsert([detection("idle", last_seen=START + 100), detection("edge", last_seen=START + 200)])
-    alerts.upsert([detection("busy", last_seen=START + 300)])
-    clock.now += 10
-
-    assert [a.client_id for a in alerts.resolve_quiet(watermark=START + 200 + QUIET).resolved] == ["idle"]
-    assert alerts.resolve_quiet(watermark=START + 200 + QUIET).resolved == []
-
-    statuses = {alert.client_id: alert.status for alert in alerts.list_alerts()}
-    assert statuses == {"idle": AlertStatus.RESOLVED, "edge": AlertStatus.OPEN, "busy": AlertStatus.OPEN}
-    assert [a.resolved_at for a in alerts.list_alerts(status="resolved")] == [utc(START + 10)]
-    assert alerts.open_alert_count() == 2
-
-
-def test_list_alerts_filters_and_puts_the_newest_raised_first(alerts: AlertStore, clock: FakeClock) -> None:
+def test_list_alerts_filters_and_puts_the_newest_raised_first(alerts: Alerts, clock: FakeClock) -> None:
     for client, kind in [
         ("a", AlertKind.BOUNDARY_PROBING),
         ("b", AlertKind.CONFIDENCE_HARVESTING),
@@ -364,28 +245,35 @@ def test_list_alerts_filters_and_puts_the_newest_raised_first(alerts: AlertStore
 # -- transactions and concurrency ----------------------------------------------------------------------------
 
 
-def test_upsert_joins_the_callers_transaction(alerts: AlertStore, engine: Engine) -> None:
-    with engine.connect() as connection:
-        with connection.begin():
-            connection.execute(
-                delete(AlertRow)
-            )  # the caller has written before: its transaction is under way
-            alerts.upsert([detection("kept")], connection=connection)
-        with pytest.raises(RuntimeError), connection.begin():
-            alerts.upsert([detection("rolled-back")], connection=connection)
-            raise RuntimeError("the rest of the batch failed")
+def seen(event_id: str) -> SeenEvent:
+    return SeenEvent(event_id, START, event_id.encode().ljust(16, b"#"))
+
+
+def test_alerts_are_stored_with_the_rest_of_the_batch_or_not_at_all(alerts: Alerts, store: Store) -> None:
+    with store.transaction() as transaction:
+        # The batch is written first: the transaction is under way when the alerts join it.
+        transaction.write(DurableBatch(seen_events=[seen("kept")]))
+        alerts.lifecycle.apply(transaction.alerts, [detection("kept")])
+    with (
+        pytest.raises(RuntimeError, match="the rest of the batch failed"),
+        store.transaction() as transaction,
+    ):
+        alerts.lifecycle.apply(transaction.alerts, [detection("rolled-back")])
+        transaction.write(DurableBatch(seen_events=[seen("rolled-back")]))
+        raise RuntimeError("the rest of the batch failed")
 
     assert [alert.client_id for alert in alerts.list_alerts()] == ["kept"]
+    assert set(store.seen_digests(["kept", "rolled-back"])) == {"kept"}
 
 
 def test_a_concurrent_writer_updates_the_alert_instead_of_opening_another(
-    alerts: AlertStore, engine: Engine
+    alerts: Alerts, engine: Engine
 ) -> None:
     results: list[AlertChange] = []
-    with engine.connect() as first:
-        first.begin()
-        [opened] = alerts.upsert([detection(evidence=["first"])], connection=first)
-        # The second writer runs while the first has opened the alert but not yet committed it.
+    with alerts.store.transaction() as first:
+        [(_, opened)] = alerts.lifecycle.apply(first.alerts, [detection(evidence=["first"])]).changes
+        # The second writer runs in a transaction of its own while the first has opened the alert but not
+        # yet committed it.
         second = threading.Thread(
             target=lambda: results.extend(
                 alerts.upsert([detection(evidence=["second"], last_seen=START + 61)])
@@ -393,11 +281,11 @@ def test_a_concurrent_writer_updates_the_alert_instead_of_opening_another(
         )
         second.start()
         wait_until_blocked(engine)
-        first.commit()
-        second.join(timeout=60)
+    second.join(timeout=60)
 
-    assert results == [dataclasses.replace(opened, change=Change.UPDATED)]
     [alert] = alerts.list_alerts()
+    assert [(change.alert.id, change.change) for change in results] == [(opened.alert.id, Change.UPDATED)]
+    assert results == [AlertChange(alert, Change.UPDATED)]
     assert (alert.evidence, alert.updates) == (["first", "second"], 1)
 
 
@@ -433,6 +321,8 @@ def mia(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+# The first reason of the coordination alert of `populated`, as every output writes it (`Reason.text`).
+TOP_REASON = "shared_inputs = 0.625 (p99.9 of baseline)"
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -443,11 +333,11 @@ def populated(sqlite_url: str) -> str:
     clock = FakeClock()
     try:
         upgrade(engine)
-        store = AlertStore(engine, clock=clock)
-        store.upsert([detection("client-z", severity=Severity.LOW, last_seen=START + 60)])
+        alerts = Alerts(Store(engine, clock=clock), clock=clock)
+        alerts.upsert([detection("client-z", severity=Severity.LOW, last_seen=START + 60)])
         clock.now += 120
-        store.resolve_quiet(watermark=START + 61 + QUIET)
-        store.upsert(
+        alerts.resolve_quiet(watermark=START + 61 + QUIET)
+        alerts.upsert(
             [
                 detection(
                     "client-b",
@@ -455,7 +345,10 @@ def populated(sqlite_url: str) -> str:
                     kind=AlertKind.COORDINATED_CLIENTS,
                     severity=Severity.CRITICAL,
                     score=0.9375,
-                    reasons=[Reason("shared_inputs", 0.625, 99.9), Reason("clients", 2.0)],
+                    reasons=[
+                        Reason(feature="shared_inputs", value=0.625, baseline_percentile=99.9),
+                        Reason(feature="clients", value=2.0),
+                    ],
                 )
             ]
         )
@@ -487,8 +380,13 @@ def test_alerts_export_prints_every_alert_as_json_lines(populated: str) -> None:
         "queries": 100,
     }
     assert group["reasons"] == [
-        {"feature": "shared_inputs", "value": 0.625, "baseline_percentile": 99.9},
-        {"feature": "clients", "value": 2.0, "baseline_percentile": None},
+        {
+            "feature": "shared_inputs",
+            "value": 0.625,
+            "baseline_percentile": 99.9,
+            "text": TOP_REASON,
+        },
+        {"feature": "clients", "value": 2.0, "baseline_percentile": None, "text": "clients = 2"},
     ]
     assert group["evidence"] == ["e1", "e2"] and group["atlas_technique"] == "AML.T0024" and group["triage"]
     assert (group["first_seen"], group["raised_at"]) == (
@@ -523,11 +421,14 @@ def test_alerts_list_prints_a_table_with_the_top_reason(populated: str) -> None:
         "raised_at",
         "top_reason",
     ]
-    assert "shared_inputs=0.625 (p99.9)" in result.stdout
+    assert TOP_REASON in result.stdout
     assert "coordinated_clients" in result.stdout and "client-z" in result.stdout
 
     filtered = mia(
         populated, "alerts", "list", "--status", "open", "--kind", "coordinated_clients", "--format", "jsonl"
     )
     [alert] = [orjson.loads(line) for line in filtered.stdout.splitlines()]
-    assert (alert["client_id"], alert["top_reason"]) == ("client-a", "shared_inputs=0.625 (p99.9)")
+    assert (alert["client_id"], alert["top_reason"]) == (
+        "client-a",
+        "shared_inputs = 0.625 (p99.9 of baseline)",
+    )

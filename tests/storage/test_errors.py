@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from detector.storage import DurableBatch, Store, create_engine_for, upgrade
+from detector.storage import DurableBatch, SeenEvent, Store, create_engine_for, upgrade
 from detector.storage.errors import StorageFailed, StorageUnavailable
-from detector.storage.repository import SeenEvent
 
-from .conftest import START
+from .conftest import START, write
 
 BATCH = DurableBatch(seen_events=[SeenEvent("e1", START, b"0123456789abcdef")])
 
@@ -29,10 +28,10 @@ def test_a_sqlite_file_locked_by_another_writer_is_unavailable_then_writable(tmp
     other.execute("BEGIN IMMEDIATE")  # another process holding the write lock
 
     with pytest.raises(StorageUnavailable, match="locked"):
-        store.write(BATCH)
+        write(store, BATCH)
 
     other.execute("ROLLBACK")
-    store.write(BATCH)
+    write(store, BATCH)
     assert store.count_seen_events() == 1
     other.close()
     store.close()
@@ -45,7 +44,7 @@ def test_a_read_only_sqlite_file_fails_for_good(tmp_path: Path) -> None:
     store = Store(create_engine_for(f"sqlite:///file:{path}?mode=ro&uri=true"))
 
     with pytest.raises(StorageFailed, match="readonly"):
-        store.write(BATCH)
+        write(store, BATCH)
     store.close()
 
 
@@ -58,4 +57,4 @@ def test_an_unreachable_postgresql_server_is_unavailable() -> None:
     with pytest.raises(StorageUnavailable, match="OperationalError"):
         store.seen_digests(["e1"])
     with pytest.raises(StorageUnavailable):
-        store.write(BATCH)
+        write(store, BATCH)

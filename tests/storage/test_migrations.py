@@ -8,15 +8,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, Engine, Integer, MetaData, inspect
+from sqlalchemy import Column, Engine, Integer, MetaData, inspect, text
 from sqlalchemy.exc import DBAPIError
 
 import detector
-from detector.storage import create_engine_for, current_revision, database, head_revision, upgrade
+from detector.storage import (
+    OutboxStore,
+    create_engine_for,
+    current_revision,
+    database,
+    head_revision,
+    upgrade,
+)
 from detector.storage.database import MIGRATIONS_DIR, alembic_config
 from detector.storage.tables import Base
 
@@ -41,8 +49,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0004"
-    assert current_revision(engine) == "0004"
+    assert head_revision() == "0005"
+    assert current_revision(engine) == "0005"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 
@@ -83,6 +91,86 @@ def test_downgrade_to_base_then_upgrade_again(engine: Engine) -> None:
 
     upgrade(engine)
     assert schema_differences(engine, Base.metadata) == []
+
+
+def test_alerts_stored_before_reasons_had_their_text_get_it(engine: Engine) -> None:
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0004")
+        connection.execute(
+            text(
+                "INSERT INTO alerts (dedup_key, model, client_id, client_ids, kind, severity, status,"
+                " rule_id, score, threshold, reasons, evidence, atlas_technique, triage, first_seen,"
+                " last_seen, raised_at, updated_at, queries, updates)"
+                " VALUES ('m|c|k', 'm', 'c', '[\"c\"]', 'boundary_probing', 'high', 'open', 'MIA-002',"
+                " 5, 4, :reasons, '[]', 'AML.T0024', '', :t, :t, :t, :t, 10, 0)"
+            ),
+            {
+                "reasons": '[{"feature": "probing.flips", "value": 12.0, "baseline_percentile": 99.5}]',
+                "t": "2026-11-29 08:00:00.000000",
+            },
+        )
+
+    upgrade(engine)
+
+    with engine.connect() as connection:
+        stored = connection.execute(text("SELECT reasons FROM alerts")).scalar_one()
+    reasons = orjson.loads(stored) if isinstance(stored, str) else stored
+    assert reasons == [
+        {
+            "feature": "probing.flips",
+            "value": 12.0,
+            "baseline_percentile": 99.5,
+            "text": "probing.flips = 12 (p99.5 of baseline)",
+        }
+    ]
+
+
+def test_notifications_queued_before_the_one_alert_shape_are_still_delivered(engine: Engine) -> None:
+    # The alert inside a notification queued by an older version has no `updated_at` and reasons without
+    # their `text`: after the upgrade the dispatcher must read it, not stall the sink's queue on it.
+    payload = {
+        "idempotency_key": "k-1",
+        "event": "opened",
+        "created_at": "2026-11-29T08:00:00.000Z",
+        "alert": {
+            "id": 1,
+            "dedup_key": "m|c|boundary_probing",
+            "model": "m",
+            "client_ids": ["c"],
+            "kind": "boundary_probing",
+            "severity": "high",
+            "status": "open",
+            "rule_id": "MIA-001",
+            "score": 5.0,
+            "threshold": 4.0,
+            "reasons": [{"feature": "probing.flips", "value": 5.0, "baseline_percentile": None}],
+            "evidence": ["e1"],
+            "atlas_technique": "AML.T0024",
+            "triage": "",
+            "first_seen": "2026-11-29T07:50:00.000Z",
+            "last_seen": "2026-11-29T07:59:00.000Z",
+            "raised_at": "2026-11-29T08:00:00.000Z",
+            "resolved_at": None,
+            "acknowledged_at": None,
+            "queries": 40,
+        },
+    }
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0004")
+        connection.execute(
+            text(
+                "INSERT INTO notifications (alert_id, sink, idempotency_key, event, payload, status,"
+                " attempts, next_attempt_at, created_at)"
+                " VALUES (1, 'webhook', 'k-1', 'opened', :payload, 'pending', 0, :t, :t)"
+            ),
+            {"payload": orjson.dumps(payload).decode(), "t": "2026-11-29 08:00:00.000000"},
+        )
+
+    upgrade(engine)
+
+    [queued] = OutboxStore(engine).head("webhook", 10)
+    assert queued.notification.alert.updated_at == queued.notification.alert.raised_at
+    assert [reason.text for reason in queued.notification.alert.reasons] == ["probing.flips = 5"]
 
 
 def test_alembic_command_without_connection_uses_environment(

@@ -8,21 +8,12 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import Engine, func, select
 
-from detector.alerts import AlertKind, AlertStatus, Severity
 from detector.alerts.lifecycle import NotificationPolicy
-from detector.alerts.notification import NotificationEvent
-from detector.storage import (
-    AlertStore,
-    DeliveryStatus,
-    DurableBatch,
-    OutboxStore,
-    SilenceStore,
-    Store,
-    upgrade,
-)
+from detector.domain import AlertKind, AlertStatus, Detection, Notification, NotificationEvent, Severity
+from detector.storage import DeliveryStatus, OutboxStore, SilenceStore, Store, upgrade
 from detector.storage.tables import NotificationRow
 
-from .conftest import START, FakeClock
+from .conftest import START, Alerts, FakeClock
 from .test_alerts import detection
 
 SINKS = ("webhook", "slack")
@@ -30,9 +21,9 @@ POLICY = NotificationPolicy(sinks=SINKS, renotify_seconds=600, resolve_after_sec
 
 
 @pytest.fixture
-def alerts(engine: Engine, clock: FakeClock) -> AlertStore:
-    upgrade(engine)
-    return AlertStore(engine, clock=clock, policy=POLICY)
+def alerts(store: Store, clock: FakeClock) -> Alerts:
+    """The lifecycle notifying `SINKS`, on a database migrated to head."""
+    return Alerts(store, POLICY, clock=clock)
 
 
 @pytest.fixture
@@ -45,9 +36,9 @@ def silences(engine: Engine, clock: FakeClock) -> SilenceStore:
     return SilenceStore(engine, clock=clock)
 
 
-def record(alerts: AlertStore, engine: Engine, *detections: object, watermark: float | None = None) -> list:
-    with engine.begin() as connection:
-        return alerts.record(connection, list(detections), watermark).notifications  # type: ignore[arg-type]
+def record(alerts: Alerts, *detections: Detection, watermark: float | None = None) -> list[Notification]:
+    """The notifications queued by applying `detections`, in a transaction of their own."""
+    return alerts.record(detections, watermark).notifications
 
 
 def queued_events(outbox: OutboxStore, sink: str = "webhook") -> list[tuple[int, str]]:
@@ -55,10 +46,8 @@ def queued_events(outbox: OutboxStore, sink: str = "webhook") -> list[tuple[int,
     return [(q.notification.alert.id, q.notification.event.value) for q in reversed(outbox.list(sink=sink))]
 
 
-def test_an_opened_alert_queues_one_notification_per_sink(
-    alerts: AlertStore, outbox: OutboxStore, engine: Engine
-) -> None:
-    [notification] = record(alerts, engine, detection("client-a"))
+def test_an_opened_alert_queues_one_notification_per_sink(alerts: Alerts, outbox: OutboxStore) -> None:
+    [notification] = record(alerts, detection("client-a"))
 
     assert notification.event is NotificationEvent.OPENED
     for sink in SINKS:
@@ -69,44 +58,43 @@ def test_an_opened_alert_queues_one_notification_per_sink(
 
 
 def test_updates_notify_once_per_renotify_interval_and_escalations_at_once(
-    alerts: AlertStore, outbox: OutboxStore, engine: Engine, clock: FakeClock
+    alerts: Alerts, outbox: OutboxStore, clock: FakeClock
 ) -> None:
-    record(alerts, engine, detection(last_seen=START + 60))
+    record(alerts, detection(last_seen=START + 60))
     clock.now += 60
-    assert record(alerts, engine, detection(last_seen=START + 120)) == []  # within the interval: quiet
+    assert record(alerts, detection(last_seen=START + 120)) == []  # within the interval: quiet
 
     clock.now += 60
-    [escalated] = record(alerts, engine, detection(severity=Severity.HIGH, last_seen=START + 180))
+    [escalated] = record(alerts, detection(severity=Severity.HIGH, last_seen=START + 180))
     assert escalated.event is NotificationEvent.ESCALATED
     assert (escalated.previous_severity, escalated.alert.severity) == (Severity.MEDIUM, Severity.HIGH)
 
     clock.now += 599
-    assert record(alerts, engine, detection(last_seen=START + 240)) == []
+    assert record(alerts, detection(last_seen=START + 240)) == []
     clock.now += 1
-    [updated] = record(alerts, engine, detection(last_seen=START + 300))
+    [updated] = record(alerts, detection(last_seen=START + 300))
     assert updated.event is NotificationEvent.UPDATED and updated.alert.severity is Severity.HIGH
     alert_id = updated.alert.id
     assert queued_events(outbox) == [(alert_id, "opened"), (alert_id, "escalated"), (alert_id, "updated")]
 
 
 def test_nothing_is_queued_when_the_alert_transaction_rolls_back(
-    alerts: AlertStore, outbox: OutboxStore, engine: Engine
+    alerts: Alerts, outbox: OutboxStore, store: Store
 ) -> None:
-    with pytest.raises(RuntimeError, match="boom"), engine.begin() as connection:
-        alerts.record(connection, [detection()])
+    with pytest.raises(RuntimeError, match="boom"), store.transaction() as transaction:
+        assert alerts.lifecycle.apply(transaction.alerts, [detection()]).notifications
         raise RuntimeError("boom")
 
     assert outbox.list() == [] and alerts.list_alerts() == []
 
 
 def test_a_quiet_alert_resolves_and_notifies_its_resolution(
-    alerts: AlertStore, outbox: OutboxStore, engine: Engine, clock: FakeClock
+    alerts: Alerts, outbox: OutboxStore, clock: FakeClock
 ) -> None:
-    record(alerts, engine, detection("idle", last_seen=START + 60), detection("busy", last_seen=START + 1000))
+    record(alerts, detection("idle", last_seen=START + 60), detection("busy", last_seen=START + 1000))
 
     clock.now += 10
-    with engine.begin() as connection:
-        update = alerts.record(connection, [], watermark=START + 60 + 1800 + 1)  # event time: idle is quiet
+    update = alerts.record([], watermark=START + 60 + 1800 + 1)  # event time: idle is quiet
 
     assert [alert.client_id for alert in update.resolved] == ["idle"]
     [resolution] = update.notifications
@@ -118,17 +106,28 @@ def test_a_quiet_alert_resolves_and_notifies_its_resolution(
     assert [event for _, event in queued_events(outbox)] == ["opened", "opened", "resolved", "resolved"]
 
 
-def test_a_silence_holds_notifications_of_matching_alerts_but_not_their_resolution(
-    alerts: AlertStore, outbox: OutboxStore, silences: SilenceStore, engine: Engine, clock: FakeClock
+def test_an_alert_opened_and_resolved_in_one_transaction_notifies_both(
+    alerts: Alerts, outbox: OutboxStore
 ) -> None:
-    record(alerts, engine, detection("noisy", last_seen=START + 60))
+    # A backlog caught up in one commit: the watermark ends a quiet period past the detection's last query.
+    update = alerts.record([detection(last_seen=START + 60)], watermark=START + 60 + 1800 + 1)
+
+    assert [alert.status for alert in update.resolved] == [AlertStatus.RESOLVED]
+    # Its receivers heard it open: they must hear it resolve, or their incident stays open for good.
+    assert [event for _, event in queued_events(outbox)] == ["opened", "resolved"]
+
+
+def test_a_silence_holds_notifications_of_matching_alerts_but_not_their_resolution(
+    alerts: Alerts, outbox: OutboxStore, silences: SilenceStore, clock: FakeClock
+) -> None:
+    record(alerts, detection("noisy", last_seen=START + 60))
     silences.add(duration_seconds=3600, reason="pen test", created_by="alice", client_id="noisy")
     silences.add(duration_seconds=3600, reason="known job", created_by="bob", rule_id="MIA-004")
 
     clock.now += 700
-    assert record(alerts, engine, detection("noisy", severity=Severity.HIGH, last_seen=START + 700)) == []
-    assert record(alerts, engine, detection("other", rule_id="MIA-004")) == []
-    [notified] = record(alerts, engine, detection("third", kind=AlertKind.BOUNDARY_PROBING))
+    assert record(alerts, detection("noisy", severity=Severity.HIGH, last_seen=START + 700)) == []
+    assert record(alerts, detection("other", rule_id="MIA-004")) == []
+    [notified] = record(alerts, detection("third", kind=AlertKind.BOUNDARY_PROBING))
     assert notified.alert.client_ids == ["third"]
 
     clock.now += 1801
@@ -138,15 +137,15 @@ def test_a_silence_holds_notifications_of_matching_alerts_but_not_their_resoluti
 
 
 def test_an_alert_opened_under_an_expired_silence_notifies_as_opened(
-    alerts: AlertStore, silences: SilenceStore, engine: Engine, clock: FakeClock
+    alerts: Alerts, silences: SilenceStore, clock: FakeClock
 ) -> None:
     silence = silences.add(duration_seconds=60, reason="maintenance", created_by="ops", model="fraud-v1")
-    assert record(alerts, engine, detection()) == []
+    assert record(alerts, detection()) == []
     assert [s.id for s in silences.list()] == [silence.id]
 
     clock.now += 61
     assert silences.list() == [] and [s.id for s in silences.list(include_expired=True)] == [silence.id]
-    [late] = record(alerts, engine, detection(last_seen=START + 120))
+    [late] = record(alerts, detection(last_seen=START + 120))
     assert late.event is NotificationEvent.OPENED
 
 
@@ -166,9 +165,9 @@ def test_silences_need_a_criterion_and_a_positive_duration_and_can_end_early(
 
 
 def test_acknowledge_and_resolve_by_hand_notify_and_refuse_unknown_alerts(
-    alerts: AlertStore, outbox: OutboxStore, engine: Engine
+    alerts: Alerts, outbox: OutboxStore
 ) -> None:
-    [opened] = record(alerts, engine, detection())
+    [opened] = record(alerts, detection())
     alert_id = opened.alert.id
 
     [acknowledged] = alerts.acknowledge(alert_id).notifications
@@ -181,21 +180,18 @@ def test_acknowledge_and_resolve_by_hand_notify_and_refuse_unknown_alerts(
     assert [event for _, event in queued_events(outbox)] == ["opened", "acknowledged", "resolved"]
 
 
-def test_without_sinks_nothing_is_queued(engine: Engine, clock: FakeClock) -> None:
-    upgrade(engine)
-    store = Store(engine, clock=clock)
+def test_without_sinks_nothing_is_queued(store: Store, engine: Engine, clock: FakeClock) -> None:
+    update = Alerts(store, clock=clock).record([detection()], watermark=START + 60)
 
-    update = store.write(DurableBatch(detections=[detection()], watermark=START + 60))
-
-    assert update.notifications == [] and [c.change.value for c in update.changes] == ["opened"]
+    assert update.notifications == [] and [c.change.value for _, c in update.changes] == ["opened"]
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(NotificationRow)).scalar_one() == 0
 
 
 def test_the_outbox_tracks_attempts_and_backlog_and_requeues_failures(
-    alerts: AlertStore, outbox: OutboxStore, engine: Engine, clock: FakeClock
+    alerts: Alerts, outbox: OutboxStore, clock: FakeClock
 ) -> None:
-    record(alerts, engine, detection("a"), detection("b"), detection("c"))
+    record(alerts, detection("a"), detection("b"), detection("c"))
     first, second, third = outbox.head("webhook", limit=10)
     assert first.id < second.id < third.id
 

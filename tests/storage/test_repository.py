@@ -10,14 +10,12 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from detector.ingest.records import DeadLetter, DeadLetterReason, Origin
-from detector.sessions import SessionState, SessionStatus
-from detector.storage import Checkpoint, DurableBatch, Store
+from detector.domain import DeadLetter, DeadLetterReason, Origin, SessionState, SessionStatus
+from detector.storage import Checkpoint, DurableBatch, SeenEvent, Store
 from detector.storage.errors import StorageFailed
-from detector.storage.repository import SeenEvent
 from detector.storage.tables import SeenEventRow
 
-from .conftest import START, FakeClock
+from .conftest import START, FakeClock, write
 
 
 def session(
@@ -88,7 +86,7 @@ def snapshot(store: Store) -> dict[str, object]:
 def test_write_stores_every_part_of_the_batch(store: Store) -> None:
     batch = full_batch()
 
-    store.write(batch)
+    write(store, batch)
 
     assert store.count_seen_events() == 3
     assert store.count_sessions() == 2
@@ -98,11 +96,11 @@ def test_write_stores_every_part_of_the_batch(store: Store) -> None:
 
 
 def test_writing_the_same_batch_twice_changes_nothing(store: Store, clock: FakeClock) -> None:
-    store.write(full_batch())
+    write(store, full_batch())
     first = snapshot(store)
 
     clock.now += 3600
-    store.write(full_batch())
+    write(store, full_batch())
 
     assert snapshot(store) == first
     assert first["seen"] == 3
@@ -110,7 +108,7 @@ def test_writing_the_same_batch_twice_changes_nothing(store: Store, clock: FakeC
 
 
 def test_session_upsert_overwrites_every_column(store: Store) -> None:
-    store.write(DurableBatch(sessions=[session("s1")]))
+    write(store, DurableBatch(sessions=[session("s1")]))
     later = dataclasses.replace(
         session("s1", last_seen=START + 900, status=SessionStatus.CLOSED, queries=99),
         model_version=None,
@@ -119,20 +117,20 @@ def test_session_upsert_overwrites_every_column(store: Store) -> None:
         max_batch_size=64,
     )
 
-    store.write(DurableBatch(sessions=[later]))
+    write(store, DurableBatch(sessions=[later]))
 
     assert store.list_sessions() == [later]
 
 
 def test_repeated_ids_within_one_batch_keep_the_last_session_state(store: Store) -> None:
-    store.write(DurableBatch(sessions=[session("s1", queries=1), session("s1", queries=2)]))
+    write(store, DurableBatch(sessions=[session("s1", queries=1), session("s1", queries=2)]))
 
     assert [s.queries for s in store.list_sessions()] == [2]
 
 
 def test_seen_digests(store: Store) -> None:
     events = [seen(f"event-{i}", START + i) for i in range(0, 1200, 2)]
-    store.write(DurableBatch(seen_events=[seen("a"), seen("b"), *events]))
+    write(store, DurableBatch(seen_events=[seen("a"), seen("b"), *events]))
 
     assert store.seen_digests(["a", "b", "c", "d"]) == {"a": seen("a").digest, "b": seen("b").digest}
     assert store.seen_digests([]) == {}
@@ -147,7 +145,7 @@ def test_latest_sessions_picks_the_newest_session_of_each_key(store: Store) -> N
     a_mid = session("a-mid", first_seen=START + 3000, last_seen=START + 3500, status=SessionStatus.CLOSED)
     b = session("b", client_id="client-b", last_seen=START + 20)
     other_model = session("a-other-model", model="spam-v2", last_seen=START + 9000)
-    store.write(DurableBatch(sessions=[a_old, a_new, a_mid, b, other_model]))
+    write(store, DurableBatch(sessions=[a_old, a_new, a_mid, b, other_model]))
 
     latest = store.latest_sessions(
         [("fraud-v1", "client-a"), ("fraud-v1", "client-b"), ("fraud-v1", "nobody")]
@@ -161,7 +159,7 @@ def test_latest_sessions_picks_the_newest_session_of_each_key(store: Store) -> N
 
 def test_latest_sessions_over_many_keys(store: Store) -> None:
     sessions = [session(f"s{i}", client_id=f"client-{i}", last_seen=START + i) for i in range(1100)]
-    store.write(DurableBatch(sessions=sessions))
+    write(store, DurableBatch(sessions=sessions))
 
     latest = store.latest_sessions([("fraud-v1", f"client-{i}") for i in range(0, 1100, 2)])
 
@@ -169,22 +167,24 @@ def test_latest_sessions_over_many_keys(store: Store) -> None:
 
 
 def test_stale_open_sessions_are_closed(store: Store) -> None:
-    store.write(
+    write(
+        store,
         DurableBatch(
             sessions=[
                 session("stale", last_seen=START + 100),
                 session("fresh", last_seen=START + 200),
                 session("done", last_seen=START + 50, status=SessionStatus.CLOSED),
             ]
-        )
+        ),
     )
 
-    store.write(
+    write(
+        store,
         DurableBatch(
             # Written and closed in the same transaction: closing applies to the stored state.
             sessions=[session("stale-in-batch", client_id="client-b", last_seen=START + 149)],
             close_sessions_before=START + 150,
-        )
+        ),
     )
 
     statuses = {s.id: s.status for s in store.list_sessions()}
@@ -199,31 +199,32 @@ def test_stale_open_sessions_are_closed(store: Store) -> None:
 def test_seen_events_are_forgotten_a_retention_after_they_were_processed(
     store: Store, clock: FakeClock
 ) -> None:
-    store.write(DurableBatch(seen_events=[seen("old")]))
+    write(store, DurableBatch(seen_events=[seen("old")]))
     clock.now += 100
-    store.write(DurableBatch(seen_events=[seen("edge")]))
+    write(store, DurableBatch(seen_events=[seen("edge")]))
     clock.now += 100
     # Event times do not matter: one far in the future (a forged timestamp) forgets nothing, and one far in
     # the past (a replay of old records) is remembered like the others.
-    store.write(DurableBatch(seen_events=[seen("future", START + 1e9), seen("ancient", 0.0)]))
+    write(store, DurableBatch(seen_events=[seen("future", START + 1e9), seen("ancient", 0.0)]))
 
-    store.write(DurableBatch(forget_seen_after_seconds=100))
+    write(store, DurableBatch(forget_seen_after_seconds=100))
 
     assert store.count_seen_events() == 3
     assert set(store.seen_digests(["old", "edge", "future", "ancient"])) == {"edge", "future", "ancient"}
 
 
 def test_dead_letters_are_stored_once_per_source(store: Store, clock: FakeClock) -> None:
-    store.write(DurableBatch(dead_letters=[dead_letter(7, detail="first"), dead_letter(7, detail="again")]))
+    write(store, DurableBatch(dead_letters=[dead_letter(7, detail="first"), dead_letter(7, detail="again")]))
     clock.now += 10
-    store.write(
+    write(
+        store,
         DurableBatch(
             dead_letters=[
                 dead_letter(7, DeadLetterReason.NON_FINITE, detail="re-delivered"),
                 dead_letter(7, kind="file"),  # same name and position, other kind of source
                 dead_letter(9, DeadLetterReason.NON_FINITE),
             ]
-        )
+        ),
     )
 
     stored = store.list_dead_letters()
@@ -238,7 +239,7 @@ def test_dead_letters_are_stored_once_per_source(store: Store, clock: FakeClock)
 
 
 def test_dead_letter_fields_and_times_round_trip_in_utc(store: Store, clock: FakeClock) -> None:
-    store.write(DurableBatch(dead_letters=[dead_letter(7)]))
+    write(store, DurableBatch(dead_letters=[dead_letter(7)]))
 
     [stored] = store.list_dead_letters()
 
@@ -273,7 +274,7 @@ def test_utc_datetime_converts_offsets_and_refuses_naive_values(store: Store, en
 
 def test_session_times_round_trip_as_epoch_seconds(store: Store) -> None:
     written = session("s1", first_seen=START + 0.000001, last_seen=START + 1234.5)
-    store.write(DurableBatch(sessions=[written]))
+    write(store, DurableBatch(sessions=[written]))
 
     [read] = store.latest_sessions([written.key])
 
@@ -281,17 +282,18 @@ def test_session_times_round_trip_as_epoch_seconds(store: Store) -> None:
 
 
 def test_checkpoints_are_upserted_per_group_topic_and_partition(store: Store) -> None:
-    store.write(
+    write(
+        store,
         DurableBatch(
             checkpoints=[
                 Checkpoint("mia", "inference-logs", 0, 10),
                 Checkpoint("mia", "inference-logs", 1, 5),
                 Checkpoint("other", "inference-logs", 0, 7),
             ]
-        )
+        ),
     )
 
-    store.write(DurableBatch(checkpoints=[Checkpoint("mia", "inference-logs", 0, 20)]))
+    write(store, DurableBatch(checkpoints=[Checkpoint("mia", "inference-logs", 0, 20)]))
 
     assert store.checkpoints("mia") == {("inference-logs", 0): 20, ("inference-logs", 1): 5}
     assert store.checkpoints("other") == {("inference-logs", 0): 7}
@@ -304,7 +306,7 @@ def test_a_failed_write_stores_nothing(store: Store) -> None:
     batch.sessions.append(broken)
 
     with pytest.raises(StorageFailed) as raised:  # waiting would not make this batch storable
-        store.write(batch)
+        write(store, batch)
 
     assert isinstance(raised.value.__cause__, IntegrityError)
     assert "INSERT" not in str(raised.value)  # no SQL (nor its parameters) in what gets logged
@@ -313,7 +315,8 @@ def test_a_failed_write_stores_nothing(store: Store) -> None:
 
 
 def test_list_sessions_filters_and_orders_newest_first(store: Store) -> None:
-    store.write(
+    write(
+        store,
         DurableBatch(
             sessions=[
                 session("a1", last_seen=START + 10),
@@ -321,7 +324,7 @@ def test_list_sessions_filters_and_orders_newest_first(store: Store) -> None:
                 session("a3", model="spam-v2", last_seen=START + 20),
                 session("b1", client_id="client-b", last_seen=START + 40),
             ]
-        )
+        ),
     )
 
     assert [s.id for s in store.list_sessions()] == ["b1", "a2", "a3", "a1"]

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from detector.alerts.sinks.base import DeliveryError, Sink
-from detector.settings import Settings
+from detector.settings import ConfigError, Settings
+
+_T = TypeVar("_T")
+
+
+def _required(value: _T | None, variable: str) -> _T:
+    """`value`, which building a sink needs; `ConfigError` naming `variable` when it is not set (a builder
+    called for a sink the settings do not configure)."""
+    if value is None:
+        raise ConfigError(f"{variable} is not set")
+    return value
 
 
 def _alertmanager(settings: Settings) -> Sink:
     from detector.alerts.sinks.alertmanager import AlertmanagerSink
 
-    assert settings.alertmanager.url is not None
+    url = _required(settings.alertmanager.url, "MIA_ALERTMANAGER_URL")
     # An open alert stays active in Alertmanager until it is notified again (at most a renotify interval
     # later, while detections go on) or resolved (a quiet period after the last detection); should the
     # detector stop, it expires by itself.
     hold = settings.alerts.renotify_seconds + settings.alerts.resolve_after_seconds
     return AlertmanagerSink(
-        settings.alertmanager.url.get_secret_value(),
+        url.get_secret_value(),
         hold_seconds=hold,
         timeout=settings.alerts.timeout_seconds,
     )
@@ -26,9 +37,9 @@ def _alertmanager(settings: Settings) -> Sink:
 def _pagerduty(settings: Settings) -> Sink:
     from detector.alerts.sinks.pagerduty import PagerDutySink
 
-    assert settings.pagerduty.routing_key is not None
+    routing_key = _required(settings.pagerduty.routing_key, "MIA_PAGERDUTY_ROUTING_KEY")
     return PagerDutySink(
-        settings.pagerduty.routing_key.get_secret_value(),
+        routing_key.get_secret_value(),
         url=settings.pagerduty.url,
         timeout=settings.alerts.timeout_seconds,
     )
@@ -37,17 +48,17 @@ def _pagerduty(settings: Settings) -> Sink:
 def _slack(settings: Settings) -> Sink:
     from detector.alerts.sinks.slack import SlackSink
 
-    assert settings.slack.webhook_url is not None
-    return SlackSink(settings.slack.webhook_url.get_secret_value(), timeout=settings.alerts.timeout_seconds)
+    webhook_url = _required(settings.slack.webhook_url, "MIA_SLACK_WEBHOOK_URL")
+    return SlackSink(webhook_url.get_secret_value(), timeout=settings.alerts.timeout_seconds)
 
 
 def _webhook(settings: Settings) -> Sink:
     from detector.alerts.sinks.webhook import WebhookSink
 
-    assert settings.webhook.url is not None
+    url = _required(settings.webhook.url, "MIA_WEBHOOK_URL")
     secret = settings.webhook.secret
     return WebhookSink(
-        settings.webhook.url.get_secret_value(),
+        url.get_secret_value(),
         secret=secret.get_secret_value() if secret is not None else None,
         headers=settings.webhook.headers,
         timeout=settings.alerts.timeout_seconds,
@@ -57,24 +68,24 @@ def _webhook(settings: Settings) -> Sink:
 def _ocsf_file(settings: Settings) -> Sink:
     from detector.alerts.sinks.ocsf import OcsfFileSink
 
-    assert settings.ocsf.file is not None
-    return OcsfFileSink(settings.ocsf.file)
+    return OcsfFileSink(_required(settings.ocsf.file, "MIA_OCSF_FILE"))
 
 
 def _ocsf_kafka(settings: Settings) -> Sink:
     from detector.alerts.sinks.ocsf import OcsfKafkaSink
 
-    assert settings.ocsf.topic is not None
-    return OcsfKafkaSink(settings.kafka, settings.ocsf.topic, timeout=settings.alerts.timeout_seconds)
+    topic = _required(settings.ocsf.topic, "MIA_OCSF_TOPIC")
+    return OcsfKafkaSink(settings.kafka, topic, timeout=settings.alerts.timeout_seconds)
 
 
 def _grafana(settings: Settings) -> Sink:
     from detector.alerts.sinks.grafana import GrafanaAnnotationSink
 
-    assert settings.grafana.url is not None and settings.grafana.token is not None
+    url = _required(settings.grafana.url, "MIA_GRAFANA_URL")
+    token = _required(settings.grafana.token, "MIA_GRAFANA_TOKEN")
     return GrafanaAnnotationSink(
-        settings.grafana.url,
-        settings.grafana.token.get_secret_value(),
+        url,
+        token.get_secret_value(),
         timeout=settings.alerts.timeout_seconds,
         verify=settings.grafana.verify_tls,
     )

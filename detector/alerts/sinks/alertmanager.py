@@ -24,9 +24,8 @@ from typing import Any
 
 import httpx
 
-from detector.alerts.notification import PRODUCT, Notification, NotificationEvent, display_name
-from detector.alerts.sinks.base import MAX_STRING_CHARS, describe_reason, post_json
-from detector.model import rfc3339
+from detector.alerts.sinks.base import MAX_STRING_CHARS, post_json
+from detector.domain import PRODUCT, Notification, NotificationEvent, display_name, rfc3339
 from detector.text import shorten
 
 # How long a test alert stays active: long enough to see it in the Alertmanager UI and its receivers.
@@ -109,7 +108,7 @@ class AlertmanagerSink:
             clients += f" and {len(alert.client_ids) - MAX_CLIENTS} more"
         annotations = {
             "summary": notification.summary,
-            "description": "\n".join(describe_reason(reason) for reason in notification.top_reasons()),
+            "description": "\n".join(reason.text for reason in notification.top_reasons()),
             "rule": alert.rule_id,
             "evidence": ",".join(map(display_name, alert.evidence)),
             "triage": alert.triage,

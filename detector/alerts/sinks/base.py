@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import email.utils
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
 
-from detector.alerts.notification import AlertReason, Notification, display_name
+from detector.domain import Notification
+from detector.http import retry_after_seconds
 from detector.text import json_line, shorten
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -78,19 +76,6 @@ def post_json(
     )
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def epoch_ms(moment: datetime) -> int:
     """Milliseconds since the Unix epoch, exactly (no float rounding); naive times are UTC."""
     if moment.tzinfo is None:
@@ -103,15 +88,6 @@ def readable_time(moment: datetime) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def describe_reason(reason: AlertReason, name: Callable[[str], str] = display_name) -> str:
-    """One reason as a responder reads it: `distinct_training_hits = 57 (p99.9 of baseline)`, the feature
-    shown by `name`. Everything but the feature is letters, digits, spaces and `=().+-`."""
-    text = f"{name(reason.feature)} = {reason.value:.4g}"
-    if reason.baseline_percentile is not None:
-        text += f" (p{reason.baseline_percentile:g} of baseline)"
-    return text
 
 
 def bounded(value: Any, limit: int = MAX_STRING_CHARS) -> Any:

@@ -29,9 +29,9 @@ import html
 from datetime import timedelta
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from detector.alerts.notification import PRODUCT, Notification, NotificationEvent, display_name
-from detector.alerts.sinks.base import DeliveryError, describe_reason, epoch_ms, readable_time
-from detector.dashboards.grafana import GrafanaClient, GrafanaError
+from detector.alerts.sinks.base import DeliveryError, epoch_ms, readable_time
+from detector.domain import PRODUCT, Notification, NotificationEvent, display_name
+from detector.grafana import GrafanaClient, GrafanaError
 
 TAG = PRODUCT  # on every annotation of ours: what dashboards filter on
 # Grafana keeps a tag (or each side of a `key:value` tag) in 100 characters.
@@ -87,7 +87,7 @@ def annotation_text(notification: Notification) -> str:
     if len(alert.client_ids) > MAX_CLIENTS:
         clients += f" and {len(alert.client_ids) - MAX_CLIENTS} more"
     lines.append(f"Clients: {escape(clients)}")
-    lines.extend(f"• {escape(describe_reason(reason))}" for reason in notification.top_reasons(REASONS))
+    lines.extend(f"• {escape(reason.text)}" for reason in notification.top_reasons(REASONS))
     link = dashboard_link(notification)
     if link is not None:
         lines.append(f'<a href="{escape(link, quote=True)}">Investigate</a>')

@@ -32,11 +32,10 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from detector import __version__
-from detector.alerts.model import Severity
-from detector.alerts.notification import PRODUCT, Notification, NotificationEvent
-from detector.alerts.sinks.base import DeliveryError, bounded, describe_reason, epoch_ms
-from detector.ingest.kafka import client_options
-from detector.ingest.kafka_connect import KafkaUnreachable, check_connection
+from detector.alerts.sinks.base import DeliveryError, bounded, epoch_ms
+from detector.domain import PRODUCT, Notification, NotificationEvent, Severity
+from detector.kafka import client_options
+from detector.kafka.connect import KafkaUnreachable, check_connection
 from detector.settings import KafkaSettings
 from detector.text import json_line
 
@@ -113,7 +112,7 @@ def detection_finding(notification: Notification, *, product_version: str) -> di
     finding_info: dict[str, Any] = {
         "uid": finding_uid(notification),
         "title": notification.title,
-        "desc": "; ".join([notification.summary, *map(describe_reason, notification.top_reasons())]),
+        "desc": "; ".join([notification.summary, *(reason.text for reason in notification.top_reasons())]),
         "types": [alert.kind.value],
         "created_time": epoch_ms(alert.raised_at),
         "modified_time": epoch_ms(notification.created_at),

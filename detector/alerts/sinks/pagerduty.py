@@ -17,10 +17,8 @@ from typing import Any
 
 import httpx
 
-from detector.alerts.model import Severity
-from detector.alerts.notification import PRODUCT, Notification, NotificationEvent, display_name
-from detector.alerts.sinks.base import bounded, describe_reason, post_json
-from detector.model import rfc3339
+from detector.alerts.sinks.base import bounded, post_json
+from detector.domain import PRODUCT, Notification, NotificationEvent, Severity, display_name, rfc3339
 from detector.text import shorten
 
 EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
@@ -120,7 +118,7 @@ def _details(notification: Notification) -> dict[str, Any]:
         "score": alert.score,
         "threshold": alert.threshold,
         "queries": alert.queries,
-        "reasons": [describe_reason(reason) for reason in alert.reasons],
+        "reasons": [reason.text for reason in alert.reasons],
         "evidence": alert.evidence,
         "triage": alert.triage,
         "first_seen": rfc3339(alert.first_seen.timestamp()),

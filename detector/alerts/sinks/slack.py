@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from detector.alerts.notification import PRODUCT, Notification, NotificationEvent, display_name
-from detector.alerts.sinks.base import describe_reason, post_json, readable_time
+from detector.alerts.sinks.base import post_json, readable_time
+from detector.domain import PRODUCT, Notification, NotificationEvent, display_name
 from detector.text import ELLIPSIS, shorten
 
 # Block Kit limits (https://api.slack.com/reference/block-kit/blocks).
@@ -123,7 +123,7 @@ class SlackSink:
             {"type": "header", "text": {"type": "plain_text", "text": title}},
             {"type": "section", "fields": [_field(label, value) for label, value in fields]},
         ]
-        reasons = [f"• {describe_reason(reason, code)}" for reason in notification.top_reasons(REASONS)]
+        reasons = [f"• {reason.describe(code)}" for reason in notification.top_reasons(REASONS)]
         if reasons:
             blocks.append(_section("Top reasons", "\n".join(reasons)))
         if alert.triage:

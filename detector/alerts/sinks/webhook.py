@@ -34,8 +34,8 @@ from collections.abc import Callable
 
 import httpx
 
-from detector.alerts.notification import Notification
 from detector.alerts.sinks.base import bounded, post_json
+from detector.domain import Notification
 from detector.text import json_line
 
 SIGNATURE_HEADER = "X-MIA-Signature"

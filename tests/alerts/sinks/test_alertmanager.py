@@ -12,9 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from detector.alerts.model import AlertKind, Severity
-from detector.alerts.notification import Notification, NotificationEvent
 from detector.alerts.sinks.alertmanager import AlertmanagerSink, alert_name
+from detector.domain import AlertKind, Notification, NotificationEvent, Severity
 from tests.alertmanager import alertmanager_binary, running_alertmanager
 from tests.receivers import RecordedRequest, RecordingReceiver
 from tests.support import make_notification, missing_tool

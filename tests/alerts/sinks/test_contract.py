@@ -18,8 +18,6 @@ from typing import Any, Protocol
 
 import pytest
 
-from detector.alerts.model import Severity
-from detector.alerts.notification import AlertReason, Notification, NotificationEvent
 from detector.alerts.sinks.alertmanager import AlertmanagerSink
 from detector.alerts.sinks.base import DeliveryError, Sink
 from detector.alerts.sinks.grafana import GrafanaAnnotationSink
@@ -27,6 +25,7 @@ from detector.alerts.sinks.ocsf import OcsfFileSink
 from detector.alerts.sinks.pagerduty import PagerDutySink
 from detector.alerts.sinks.slack import SlackSink
 from detector.alerts.sinks.webhook import WebhookSink
+from detector.domain import Notification, NotificationEvent, Reason, Severity
 from tests.alerts.sinks import test_alertmanager, test_grafana, test_pagerduty, test_slack, test_webhook
 from tests.grafana_server import FakeGrafana
 from tests.receivers import RecordedRequest, RecordingReceiver, Validator
@@ -381,7 +380,7 @@ def hostile_notification() -> Notification:
     alert = notification.alert.model_copy(
         update={
             "model": HOSTILE,
-            "reasons": [AlertReason(feature=HOSTILE, value=1.0, baseline_percentile=99.0)],
+            "reasons": [Reason(feature=HOSTILE, value=1.0, baseline_percentile=99.0)],
             "evidence": [HOSTILE],
         }
     )

@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
-from detector.alerts.model import Severity
-from detector.alerts.notification import Notification, NotificationEvent
 from detector.alerts.sinks import SINK_NAMES, build_sinks, configured_sink_names
 from detector.alerts.sinks.base import DeliveryError
 from detector.alerts.sinks.grafana import GrafanaAnnotationSink, annotation_text
+from detector.domain import Notification, NotificationEvent, Severity
 from detector.settings import load_settings
 from tests.grafana_server import FakeGrafana
 from tests.support import make_notification

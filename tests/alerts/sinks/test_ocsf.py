@@ -27,12 +27,11 @@ from kafka.admin import NewTopic
 from ocsf.v1_6_0.events import DetectionFinding
 from pydantic import BaseModel
 
-from detector.alerts.model import Severity
-from detector.alerts.notification import Notification, NotificationEvent
 from detector.alerts.sinks import ocsf
 from detector.alerts.sinks.base import DeliveryError
 from detector.alerts.sinks.ocsf import OcsfFileSink, OcsfKafkaSink, detection_finding, finding_uid
 from detector.broker import EmbeddedBroker, free_port
+from detector.domain import Notification, NotificationEvent, Severity
 from detector.settings import KafkaSettings
 from tests.support import make_notification, unique
 
@@ -251,6 +250,7 @@ def test_the_finding_carries_the_alert() -> None:
         "feature": "distinct_training_hits",
         "value": 57.0,
         "baseline_percentile": 99.9,
+        "text": "distinct_training_hits = 57 (p99.9 of baseline)",
     }
     assert unmapped["previous_severity"] == "medium"
     assert (unmapped["alert_id"], unmapped["dedup_key"], unmapped["client_count"]) == (7, alert.dedup_key, 2)

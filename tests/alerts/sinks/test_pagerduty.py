@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from detector.alerts.model import Severity
-from detector.alerts.notification import Notification, NotificationEvent
 from detector.alerts.sinks.base import DeliveryError
 from detector.alerts.sinks.pagerduty import PagerDutySink
+from detector.domain import Notification, NotificationEvent, Severity
 from tests.receivers import RecordedRequest, RecordingReceiver
 from tests.support import make_notification
 

@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from detector.alerts.model import Severity
-from detector.alerts.notification import AlertReason, Notification, NotificationEvent
 from detector.alerts.sinks.base import DeliveryError
 from detector.alerts.sinks.slack import SlackSink
+from detector.domain import Notification, NotificationEvent, Reason, Severity
 from tests.receivers import RecordedRequest, RecordingReceiver
 from tests.support import make_notification
 
@@ -153,7 +152,7 @@ def test_the_message_carries_the_facts_reasons_triage_and_a_link(
     notification = make_notification(
         NotificationEvent.ESCALATED, severity=Severity.HIGH, previous_severity=Severity.MEDIUM
     )
-    many_reasons = [AlertReason(feature=f"feature_{i}", value=i, baseline_percentile=90.0) for i in range(6)]
+    many_reasons = [Reason(feature=f"feature_{i}", value=i, baseline_percentile=90.0) for i in range(6)]
     alert = notification.alert.model_copy(update={"reasons": many_reasons})
     message = posted(sink, receiver, notification.model_copy(update={"alert": alert}))
     shown = fields(message)

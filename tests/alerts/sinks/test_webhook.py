@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from detector.alerts.notification import Notification, NotificationEvent
 from detector.alerts.sinks.base import DeliveryError
 from detector.alerts.sinks.webhook import WebhookSink
+from detector.domain import Notification, NotificationEvent
 from tests.receivers import RecordedRequest, RecordingReceiver
-from tests.support import make_notification
+from tests.support import as_written, make_notification
 
 SECRET = "whsec-4f1e2d"
 PATH = "/hooks/s3cr3t"
@@ -73,7 +73,7 @@ def test_the_body_is_the_notification_signed(
     sink.deliver(notification)
     [request] = receiver.accepted
     assert request.body == notification.model_dump_json().encode()
-    assert Notification.model_validate_json(request.body) == notification
+    assert Notification.model_validate_json(request.body) == as_written(notification)
     assert request.headers["x-mia-event"] == event.value
 
 

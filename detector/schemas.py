@@ -1,21 +1,21 @@
-"""The input contract (query-log envelope, Open Inference Protocol v2 and KServe v1 bodies) and `Query`.
+"""The published contracts: the input (query-log envelope, Open Inference Protocol v2 and KServe v1 bodies)
+and the notification webhook consumers receive, exported as JSON Schema into `schemas/`.
 
-The pydantic models describe the wire format and are exported as JSON Schema into `schemas/`.
-`Query` is the decoded unit the rest of the pipeline works on: one input row of one request.
+The input models describe the wire format the decoder validates; what it decodes them into is
+`detector.domain.Query`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from detector.domain.notifications import Notification
 
 # -- wire format ---------------------------------------------------------------------------------------------
 
@@ -195,12 +195,9 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "oip-v2-response": OipResponse,
     "kserve-v1-request": KServeV1Request,
     "kserve-v1-response": KServeV1Response,
+    "notification": Notification,
 }
-
-
-def rfc3339(epoch: float) -> str:
-    """`epoch` seconds as an RFC 3339 UTC timestamp with milliseconds (`2026-11-29T08:00:00.123Z`)."""
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+"""Every model whose JSON Schema is published in `schemas/`, by file stem."""
 
 
 def json_schemas(models: Mapping[str, type[BaseModel]] = SCHEMA_MODELS) -> dict[str, str]:
@@ -220,50 +217,3 @@ def export_json_schemas(directory: Path, models: Mapping[str, type[BaseModel]] =
         path.write_text(text, encoding="utf-8")
         written.append(path)
     return written
-
-
-# -- decoded unit ------------------------------------------------------------------------------------------
-
-
-class Requested(StrEnum):
-    """What a client asked the model to return for a query."""
-
-    LABEL = "label"
-    PROBABILITIES = "probabilities"
-    TOP_K = "top_k"
-    LOGPROBS = "logprobs"
-
-    @property
-    def is_confidence(self) -> bool:
-        """True when the answer reveals more than the label (the raw material of most MIAs)."""
-        return self is not Requested.LABEL
-
-
-@dataclass(slots=True)
-class Query:
-    """One input row of one prediction request, with what the client asked for and what it got back.
-
-    `vector` is the row's numeric features (float32) and `text` its BYTES inputs joined; at least one is set.
-    `timestamp` is epoch seconds (event time). `row` is the row's index in the request's batch and
-    `batch_size` the number of rows in that request.
-    """
-
-    event_id: str
-    row: int
-    batch_size: int
-    timestamp: float
-    model: str
-    model_version: str | None
-    client_id: str
-    client_ip: str | None
-    user_agent: str | None
-    vector: np.ndarray | None
-    text: str | None
-    requested: Requested
-    label: str | None
-    probabilities: np.ndarray | None
-
-    @property
-    def is_first_row(self) -> bool:
-        """True for one row per request, so that request counts need no separate bookkeeping."""
-        return self.row == 0

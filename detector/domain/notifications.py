@@ -10,23 +10,14 @@ from datetime import datetime
 from enum import StrEnum
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-from detector.alerts.model import AlertKind, AlertStatus, Severity
+from detector.domain.alerts import Alert, Reason, Severity, display_name
+from detector.domain.times import rfc3339
 from detector.text import shorten, visible
 
 PRODUCT = "mia-detector"
-# The input contract's limit on client ids, model names and event ids (`detector.model`): a name that has to
-# be cut to this never came from a valid record.
-NAME_CHARS = 256
 MAX_SUMMARY_CHARS = 1024
-
-
-def display_name(name: str) -> str:
-    """A client id, model name, event id or feature name as people are shown it: on one line with every
-    control and format character shown as an escape (`detector.text.visible`), at most `NAME_CHARS`
-    characters. Such names come from the prediction API's callers; an ordinary one is returned as it is."""
-    return shorten(visible(name), NAME_CHARS)
 
 
 class NotificationEvent(StrEnum):
@@ -40,46 +31,6 @@ class NotificationEvent(StrEnum):
     TEST = "test"  # `mia-detector alerts test`: proves the sink works, reports no attack
 
 
-class AlertReason(BaseModel):
-    """One line of the explanation: a feature's value and its percentile among baseline clients."""
-
-    model_config = ConfigDict(frozen=True)
-    feature: str
-    value: float
-    baseline_percentile: float | None = None
-
-
-class AlertSnapshot(BaseModel):
-    """An alert as it stood when the notification was written. Times are aware UTC datetimes."""
-
-    model_config = ConfigDict(frozen=True)
-    id: int
-    dedup_key: str
-    model: str
-    client_ids: list[str] = Field(min_length=1)
-    kind: AlertKind
-    severity: Severity
-    status: AlertStatus
-    rule_id: str
-    score: float
-    threshold: float
-    reasons: list[AlertReason]
-    evidence: list[str] = Field(description="event ids of the newest queries behind the alert")
-    atlas_technique: str
-    triage: str = ""
-    first_seen: datetime = Field(description="event time of the first query of the behaviour")
-    last_seen: datetime = Field(description="event time of the latest query of the behaviour")
-    raised_at: datetime
-    resolved_at: datetime | None = None
-    acknowledged_at: datetime | None = None
-    queries: int = Field(ge=0)
-
-    @property
-    def client_id(self) -> str:
-        """The primary client (the first of the sorted ids)."""
-        return self.client_ids[0]
-
-
 class Notification(BaseModel):
     """One state change of one alert, to be delivered to every configured sink exactly once.
 
@@ -91,11 +42,15 @@ class Notification(BaseModel):
     idempotency_key: str
     event: NotificationEvent
     created_at: datetime
-    alert: AlertSnapshot
+    alert: Alert
     previous_severity: Severity | None = Field(
         default=None, description="the severity before an escalation, else null"
     )
     dashboard_url: str | None = Field(default=None, description="where to investigate this alert")
+
+    @field_serializer("created_at")
+    def _rfc3339(self, moment: datetime) -> str:
+        return rfc3339(moment.timestamp())  # as the alert's times: one form for every time written
 
     @property
     def title(self) -> str:
@@ -119,7 +74,7 @@ class Notification(BaseModel):
         text = f"{self.title}: {self.event.value}; {why}; {alert.queries} queries"
         return shorten(text, MAX_SUMMARY_CHARS)
 
-    def top_reasons(self, count: int = 3) -> list[AlertReason]:
+    def top_reasons(self, count: int = 3) -> list[Reason]:
         """The first `count` reasons, as detection ordered them (most telling first)."""
         return list(self.alert.reasons[:count])
 

@@ -10,17 +10,16 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from detector.cli import exported_models
-from detector.model import EXAMPLE_RECORDS, KServeV1Request, OipRequest, QueryLogRecord, json_schemas
+from detector.schemas import EXAMPLE_RECORDS, KServeV1Request, OipRequest, QueryLogRecord, json_schemas
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 REGENERATE = (
     'regenerate with `mia-detector schemas export`, or `python -c "from pathlib import Path; '
-    "from detector.model import export_json_schemas; export_json_schemas(Path('schemas'))\"`"
+    "from detector.schemas import export_json_schemas; export_json_schemas(Path('schemas'))\"`"
 )
 
 
-EXPORTED = json_schemas(exported_models())
+EXPORTED = json_schemas()
 
 
 @pytest.mark.parametrize("file_name", sorted(EXPORTED))

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 from grafana_api.grafana_api import GrafanaException
 from grafana_api.grafana_face import GrafanaFace
 
-from detector.alerts.sinks.base import retry_after_seconds
+from detector.http import GrafanaAddress, retry_after_seconds
 
 # Statuses that say "try again later"; every other 4xx says the request itself (or the token) is wrong.
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
@@ -82,55 +81,6 @@ def _refuse_errors(response: Any, *args: Any, **kwargs: Any) -> None:
     except ValueError:
         body = response.text
     raise _Refused(status, _detail(body), retry_after_seconds(response.headers.get("Retry-After")))
-
-
-@dataclass(frozen=True)
-class GrafanaAddress:
-    """Where Grafana listens, split as `GrafanaFace` takes it: `url_path_prefix` is empty or ends in `/`
-    (`https://example.com/grafana` → host `example.com`, port None, prefix `grafana/`)."""
-
-    protocol: str
-    host: str
-    port: int | None
-    url_path_prefix: str
-
-    @classmethod
-    def parse(cls, url: str) -> GrafanaAddress:
-        """Split a base URL such as `http://127.0.0.1:3000` or `https://ops.example/grafana/`; raise
-        `ValueError` (one line) for anything else: another scheme, credentials, a query or a fragment."""
-        try:
-            parts = urlsplit(url.strip())
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"invalid Grafana URL: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("the Grafana URL must look like http(s)://host[:port][/path]")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("the Grafana URL must not hold credentials: the token authenticates")
-        if parts.query or parts.fragment:
-            raise ValueError("the Grafana URL must not have a query or a fragment")
-        host = parts.hostname
-        if ":" in host:  # IPv6: GrafanaFace joins host and port as they are
-            host = f"[{host}]"
-        path = parts.path.strip("/")
-        return cls(parts.scheme, host, port, f"{path}/" if path else "")
-
-    @property
-    def base_url(self) -> str:
-        """The URL Grafana's pages are under, without a trailing slash."""
-        return f"{self._origin}/{self.url_path_prefix}".rstrip("/")
-
-    def link(self, path: str) -> str:
-        """An absolute URL for a `url` Grafana answered (`/d/uid/slug`, which already holds the sub-path
-        when Grafana serves from one)."""
-        if self.url_path_prefix and path.startswith(f"/{self.url_path_prefix}"):
-            return f"{self._origin}{path}"
-        return f"{self.base_url}{path}"
-
-    @property
-    def _origin(self) -> str:
-        port = f":{self.port}" if self.port is not None else ""
-        return f"{self.protocol}://{self.host}{port}"
 
 
 class GrafanaClient:

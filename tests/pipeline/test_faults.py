@@ -15,13 +15,13 @@ import orjson
 import pytest
 from sqlalchemy.engine import make_url
 
-from detector.ingest.records import Origin, RawRecord
+from detector.domain import Origin, RawRecord
 from detector.metrics import Metrics
 from detector.pipeline import Pipeline
-from detector.service import build_pipeline, open_store, replay
+from detector.service import build_pipeline, replay
 from detector.settings import Settings
 from detector.simulate.sample import START, oip_record, sample_records, write_sample
-from detector.storage import Store
+from detector.storage import Store, open_store
 from detector.storage.errors import StorageUnavailable
 from tests.support import fresh_postgres_database, make_settings
 from tests.tcpproxy import TcpProxy

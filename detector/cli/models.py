@@ -1,0 +1,150 @@
+"""Commands that make and measure models: `simulate`, `train`, `index-training` and `evaluate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from detector.cli.context import settings_of
+from detector.cli.evaluation import print_evaluation
+from detector.cli.output import progress, stderr
+
+# The simulator's scenarios, named here so that `--help` does not have to import scikit-learn.
+SCENARIO_NAMES = ["smoke", "standard", "evasive"]
+
+
+@click.command("simulate")
+@click.option(
+    "--scenario",
+    type=click.Choice(SCENARIO_NAMES),
+    default="smoke",
+    show_default=True,
+    help="smoke: seconds; standard: a simulated day; evasive: a day of hiding attackers.",
+)
+@click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same bytes.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory."
+)
+def simulate(scenario: str, seed: int, out: Path) -> None:
+    """Write simulated traffic (benign populations and attacks on real models) with its ground truth."""
+    from detector.simulate import simulate as run_simulation
+
+    summary = run_simulation(scenario, seed, out)
+    stderr.print(
+        f"{summary.scenario} (seed {summary.seed}): {summary.records} records, {summary.queries} queries"
+        f" from {summary.clients} clients ({summary.attackers} attacking) in {out}/events.jsonl; baseline "
+        f"{summary.baseline_records} records in {out}/baseline.jsonl; truth in {out}/truth.jsonl "
+        f"({summary.seconds:.1f} s)"
+    )
+
+
+@click.command("train")
+@click.option(
+    "--events",
+    "events",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Baseline (benign) traffic, JSON Lines; repeatable.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Model directory."
+)
+@click.option(
+    "--target-fpr",
+    type=click.FloatRange(min=1e-6, max=0.5),
+    default=0.001,
+    show_default=True,
+    help="Share of baseline clients the thresholds may alert on.",
+)
+@click.pass_context
+def train(ctx: click.Context, events: tuple[str, ...], out: Path, target_fpr: float) -> None:
+    """Fit the anomaly model and calibrate every rule's threshold on baseline traffic."""
+    from detector.service.training import train as train_model
+
+    model = train_model(settings_of(ctx), events, target_fpr, out)
+    thresholds = ", ".join(f"{rule} {value:g}" for rule, value in sorted(model.rule_thresholds.items()))
+    stderr.print(
+        f"model {model.version} from {model.baseline_clients} baseline clients written to {out}; "
+        f"thresholds at FPR {target_fpr:g}: {thresholds}; anomaly {model.forest_threshold:.4f}"
+    )
+
+
+@click.command("index-training")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Index file to write (a .npz archive of hashes and sketches, no training rows).",
+)
+@click.pass_context
+def index_training(ctx: click.Context, file: Path, out: Path) -> None:
+    """Index a model's training rows (.npy, .csv with a header, or .jsonl) for training-set look-ups.
+
+    With MIA_TRAINING_INDEX_KEY set (hex), the index is keyed with it and the key stays out of the file;
+    otherwise a random key is generated and stored in the file.
+    """
+    from detector.trainingset import KEY_ENVIRONMENT_VARIABLE, TrainingSetIndex, load_training_rows
+
+    secret = settings_of(ctx).training_index_key
+    hex_key = secret.get_secret_value() if secret is not None else ""
+    try:
+        key = bytes.fromhex(hex_key) if hex_key else None
+    except ValueError:
+        raise click.ClickException(f"{KEY_ENVIRONMENT_VARIABLE} is not a hexadecimal key") from None
+    try:
+        rows = load_training_rows(file)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="FILE") from None
+    try:
+        index = TrainingSetIndex.build(rows, key=key)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    index.save(out, include_key=key is None)
+    where = "stored in the file" if key is None else f"not stored (taken from {KEY_ENVIRONMENT_VARIABLE})"
+    stderr.print(
+        f"indexed {index.size} rows of width {index.width} into {out}; key {where}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@click.command("evaluate")
+@click.option(
+    "--events",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Query logs to replay, JSON Lines (a simulator's events.jsonl).",
+)
+@click.option(
+    "--truth",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ground truth, one JSON line per client (a simulator's truth.jsonl).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("var/evaluation"),
+    show_default=True,
+    help="Where report.md, roc.png, scores.png, summary.json (and the run's own database) go.",
+)
+@click.pass_context
+def evaluate(ctx: click.Context, events: Path, truth: Path, out: Path) -> None:
+    """Measure detection quality: replay labelled traffic through the detector and score its alerts."""
+    from detector.evaluate import TruthError
+    from detector.evaluate import evaluate as evaluate_files
+    from detector.ingest.jsonl import total_bytes
+
+    settings = settings_of(ctx)
+    with progress("evaluating", total_bytes([str(events)]), unit_bytes=True) as advance:
+        try:
+            result = evaluate_files(settings, events, truth, out, progress=advance)
+        except TruthError as exc:
+            raise click.BadParameter(str(exc), param_hint="--truth") from None
+    print_evaluation(result)
+
+
+COMMANDS = [simulate, train, index_training, evaluate]

@@ -1,0 +1,92 @@
+"""`mia-detector sessions list` and `mia-detector deadletters list`: what the detector stored per client, and
+what it could not process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from detector.cli.context import open_store, settings_of
+from detector.cli.output import FORMAT_OPTION, LIMIT_OPTION, print_rows
+from detector.domain import rfc3339
+
+if TYPE_CHECKING:
+    from detector.domain import SessionState
+
+SESSION_COLUMNS = [
+    "model",
+    "client_id",
+    "status",
+    "queries",
+    "requests",
+    "confidence_share",
+    "first_seen",
+    "last_seen",
+]
+
+
+def _session_row(session: SessionState) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "model": session.model,
+        "client_id": session.client_id,
+        "status": session.status.value,
+        "queries": session.queries,
+        "requests": session.requests,
+        "confidence_share": round(session.confidence_share, 4),
+        "text_queries": session.text_queries,
+        "max_batch_size": session.max_batch_size,
+        "first_seen": rfc3339(session.first_seen),
+        "last_seen": rfc3339(session.last_seen),
+    }
+
+
+@click.group("sessions")
+def sessions_group() -> None:
+    """Per-client sessions."""
+
+
+@sessions_group.command("list")
+@click.option("--client", help="Only this client id.")
+@click.option("--model", help="Only this model.")
+@LIMIT_OPTION
+@FORMAT_OPTION
+@click.pass_context
+def sessions_list(ctx: click.Context, client: str | None, model: str | None, limit: int, fmt: str) -> None:
+    """List sessions, newest first."""
+    with open_store(settings_of(ctx)) as store:
+        sessions = store.list_sessions(client_id=client, model=model, limit=limit)
+    print_rows(map(_session_row, sessions), fmt, SESSION_COLUMNS, "sessions")
+
+
+@click.group("deadletters")
+def deadletters_group() -> None:
+    """Records that could not be processed."""
+
+
+@deadletters_group.command("list")
+@click.option("--reason", help="Only this reason.")
+@LIMIT_OPTION
+@FORMAT_OPTION
+@click.pass_context
+def deadletters_list(ctx: click.Context, reason: str | None, limit: int, fmt: str) -> None:
+    """List dead letters (rejected records) with their reason and source, newest first."""
+    with open_store(settings_of(ctx)) as store:
+        letters = store.list_dead_letters(reason=reason, limit=limit)
+    rows = (
+        {
+            "id": letter.id,
+            "reason": letter.reason,
+            "detail": letter.detail,
+            "source": letter.source,
+            "raw_size": letter.raw_size,
+            "raw": letter.raw.decode("utf-8", errors="replace"),
+            "received_at": letter.received_at.isoformat(timespec="milliseconds"),
+        }
+        for letter in letters
+    )
+    print_rows(rows, fmt, ["reason", "source", "detail", "raw_size", "received_at"], "dead letters")
+
+
+COMMANDS = [sessions_group, deadletters_group]

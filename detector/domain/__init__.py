@@ -1,0 +1,74 @@
+"""The detector's value types, shared by every package: what flows between the steps (raw records and
+dead letters, queries, sessions, detections and alerts, notifications). They import nothing of the detector
+but `detector.text`, so no package imports another one for a type."""
+
+from detector.domain.alerts import (
+    DEFAULT_ATLAS_TECHNIQUE,
+    MAX_DEDUP_KEY_LENGTH,
+    MAX_EVIDENCE,
+    NAME_CHARS,
+    Alert,
+    AlertKind,
+    AlertStatus,
+    AllowEntry,
+    AllowList,
+    Detection,
+    NotificationState,
+    Reason,
+    Severity,
+    Silence,
+    TrackedAlert,
+    display_name,
+)
+from detector.domain.errors import Backpressure
+from detector.domain.notifications import (
+    MAX_SUMMARY_CHARS,
+    PRODUCT,
+    Notification,
+    NotificationEvent,
+    dashboard_link,
+)
+from detector.domain.queries import Query, Requested
+from detector.domain.records import DeadLetter, DeadLetterReason, InvalidRecord, Origin, RawRecord
+from detector.domain.sessions import SessionKey, SessionState, SessionStatus
+from detector.domain.times import rfc3339, utc
+from detector.domain.verdicts import Verdict, Verdicts
+
+__all__ = [
+    "DEFAULT_ATLAS_TECHNIQUE",
+    "MAX_DEDUP_KEY_LENGTH",
+    "MAX_EVIDENCE",
+    "MAX_SUMMARY_CHARS",
+    "NAME_CHARS",
+    "PRODUCT",
+    "Alert",
+    "AlertKind",
+    "AlertStatus",
+    "AllowEntry",
+    "AllowList",
+    "Backpressure",
+    "DeadLetter",
+    "DeadLetterReason",
+    "Detection",
+    "InvalidRecord",
+    "Notification",
+    "NotificationEvent",
+    "NotificationState",
+    "Origin",
+    "Query",
+    "RawRecord",
+    "Reason",
+    "Requested",
+    "SessionKey",
+    "SessionState",
+    "SessionStatus",
+    "Severity",
+    "Silence",
+    "TrackedAlert",
+    "Verdict",
+    "Verdicts",
+    "dashboard_link",
+    "display_name",
+    "rfc3339",
+    "utc",
+]

@@ -1,0 +1,42 @@
+"""The processing chain (`steps`: Decode, Deduplicate, Sessionize, Detect) and its commit point (`chain`):
+the only package that knows every step."""
+
+from detector.pipeline.chain import (
+    AlertListener,
+    CommitPolicy,
+    DeadLetterPublisher,
+    Outbox,
+    OutboxFull,
+    Outputs,
+    Pipeline,
+    PipelineStats,
+    PositionCommitter,
+)
+from detector.pipeline.steps import (
+    Batch,
+    DecodeStep,
+    DeduplicateStep,
+    DetectStep,
+    SessionizeStep,
+    Step,
+    record_digest,
+)
+
+__all__ = [
+    "AlertListener",
+    "Batch",
+    "CommitPolicy",
+    "DeadLetterPublisher",
+    "DecodeStep",
+    "DeduplicateStep",
+    "DetectStep",
+    "Outbox",
+    "OutboxFull",
+    "Outputs",
+    "Pipeline",
+    "PipelineStats",
+    "PositionCommitter",
+    "SessionizeStep",
+    "Step",
+    "record_digest",
+]

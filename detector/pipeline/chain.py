@@ -1,0 +1,371 @@
+"""The pipeline: the chain of steps run on each polled batch, and the commit point.
+
+    raw records ─> Decode ─> Deduplicate ─> Sessionize ─> Detect ─┐ pending until the commit point:
+         (bad records ─> dead letters)                            └─> Judge ─> Alert lifecycle ─┐
+                                                                      Commit positions <─ Persist <─┘
+
+Each batch's results stay pending until the commit policy says the commit is due. Then, in order: dead
+letters are published (if a dead-letter topic is configured); the anomaly model judges the clients touched
+since the last commit and training-set hits are pooled across clients; in one database transaction the alert
+lifecycle opens, updates and resolves alerts (queueing their notifications) and everything else pending
+(sessions, dead letters, seen events, checkpoints) is written; only then are the source's positions
+committed. A crash at any point re-delivers at most what was not yet committed, and event-id de-duplication
+makes re-delivered events change nothing: at-least-once delivery, exactly-once effect.
+
+Nothing leaves the pending state before the transaction is durable. When the database is unreachable a
+batch's reads fail before any step changed its state, and the batch is held; a failed write leaves everything
+pending. Both raise `StorageUnavailable`, a `Backpressure`: the source holds its records, and `resume` carries
+on where the pipeline stopped. Too many undelivered notifications raise `OutboxFull`, another `Backpressure`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from detector.alerts.lifecycle import AlertChange, AlertLifecycle, AlertOutcome
+from detector.domain import Backpressure, DeadLetter, Detection, RawRecord
+from detector.eventtime import Watermark
+from detector.features.client import ClientKey
+from detector.metrics import Metrics
+from detector.pipeline.steps import Batch, DetectStep, Step
+from detector.sessions import SessionTracker
+from detector.storage import Checkpoint, DurableBatch, SeenEvent, Store
+
+log = logging.getLogger(__name__)
+
+Positions = dict[tuple[str, int], int]
+
+# How often a pipeline with nothing to commit still resolves the alerts that have gone quiet.
+RESOLVE_INTERVAL_SECONDS = 10.0
+
+
+class OutboxFull(Backpressure):
+    """More notifications wait for their sinks than the outbox may hold: hold the source until they drain."""
+
+
+# -- what the pipeline reports to and commits through (the source, the sinks, the terminal) -----------------
+
+
+class PositionCommitter(Protocol):
+    """Commits source positions (next offsets) once what came before them is durable."""
+
+    def commit(self, positions: Mapping[tuple[str, int], int]) -> None: ...
+
+
+class DeadLetterPublisher(Protocol):
+    """Publishes dead letters (a dead-letter topic); called before the commit that stores them."""
+
+    def publish(self, letters: Sequence[DeadLetter]) -> None: ...
+
+
+class AlertListener(Protocol):
+    """Told of every alert opened, with the detection that opened it (the terminal, an evaluation)."""
+
+    def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None: ...
+
+
+class Outbox(Protocol):
+    """The notifications' way out: the sinks it delivers to, whether it is over its limit, and a nudge when
+    a commit queued more."""
+
+    @property
+    def sink_names(self) -> list[str]: ...
+
+    @property
+    def backlogged(self) -> bool: ...
+
+    def wake(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the pipeline's results go besides the database; any of them may be absent."""
+
+    positions: PositionCommitter | None = None
+    dead_letters: DeadLetterPublisher | None = None
+    alerts: AlertListener | None = None
+    outbox: Outbox | None = None
+
+
+@dataclass(frozen=True)
+class CommitPolicy:
+    """Commit when at least `min_records` records or `min_interval_seconds` seconds have gone by."""
+
+    min_interval_seconds: float
+    min_records: int
+
+    def due(self, records: int, seconds: float) -> bool:
+        """True when pending work of `records` records, `seconds` old, must be committed now."""
+        return records >= self.min_records or (records > 0 and seconds >= self.min_interval_seconds)
+
+
+@dataclass
+class PipelineStats:
+    """Running totals since the pipeline started, for summaries at the end of a replay or a run."""
+
+    records: int = 0
+    events: int = 0
+    queries: int = 0
+    duplicates: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    commits: int = 0
+    alerts_opened: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        """One line on what was processed: records, events, queries, duplicates, dead letters (by reason)
+        and alerts opened."""
+        dead = sum(self.dead_letters.values())
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.dead_letters.items()))
+        return (
+            f"{self.records} records: {self.events} events, {self.queries} queries, "
+            f"{self.duplicates} duplicates skipped, {dead} dead letters"
+            + (f" ({reasons})" if reasons else "")
+            + f", {sum(self.alerts_opened.values())} alerts opened"
+        )
+
+
+@dataclass
+class PendingWork:
+    """What has been processed since the last commit and must become durable with it."""
+
+    seen_events: dict[str, SeenEvent] = field(default_factory=dict)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    dead_letters_published: int = 0  # how many of `dead_letters` the dead-letter topic already has
+    positions: Positions = field(default_factory=dict)
+    detections: dict[str, Detection] = field(default_factory=dict)  # the latest per alert key: stored
+    first_detections: dict[str, Detection] = field(default_factory=dict)  # the first: when it fired
+    touched: set[ClientKey] = field(default_factory=set)
+    sessions_closed: int = 0
+    records: int = 0
+    since: float = 0.0
+
+    def record(self, detection: Detection) -> None:
+        """Keep `detection` as the latest of its alert key, and as the first if it is."""
+        self.detections[detection.dedup_key] = detection
+        self.first_detections.setdefault(detection.dedup_key, detection)
+
+
+class Pipeline:
+    """Runs `steps` on each batch and owns the commit point (see the module docstring).
+
+    `detect` (the last of the steps) also judges at the commit; `sessions` is the Sessionize step's tracker,
+    closed for idleness and persisted at the commit. Checkpoints are stored under `group_id`; seen event ids
+    are remembered `seen_retention_seconds` after they were processed.
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[Step],
+        *,
+        detect: DetectStep,
+        sessions: SessionTracker,
+        lifecycle: AlertLifecycle,
+        store: Store,
+        policy: CommitPolicy,
+        metrics: Metrics,
+        outputs: Outputs | None = None,
+        watermark: Watermark | None = None,
+        group_id: str = "",
+        seen_retention_seconds: float = 72 * 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.steps = list(steps)
+        self.detect = detect
+        self.sessions = sessions
+        self.lifecycle = lifecycle
+        self.store = store
+        self.policy = policy
+        self.metrics = metrics
+        self.outputs = outputs or Outputs()
+        self.stats = PipelineStats()
+        self._watermark = watermark or Watermark(max_skew_seconds=None)
+        self._group_id = group_id
+        self._retention = seen_retention_seconds
+        self._clock = clock
+        self._held: deque[list[RawRecord]] = deque()
+        self._pending = PendingWork(since=clock())
+        self._resolved_at = clock()
+
+    @property
+    def uncommitted_records(self) -> int:
+        """Records handed to the pipeline whose results are not durable yet (held or pending)."""
+        return self._pending.records + sum(len(batch) for batch in self._held)
+
+    def submit(self, records: list[RawRecord]) -> None:
+        """Accept one polled batch, then `resume`: process it (after any batch still held) and commit if the
+        policy says it is due.
+
+        Raises `Backpressure` when the pipeline cannot go on now: `StorageUnavailable` (the records are held,
+        or their results stay pending) or `OutboxFull` (the records are held, unprocessed); `resume` later
+        carries on where this stopped.
+        """
+        self.hold(records)
+        self.resume()
+
+    def hold(self, records: list[RawRecord]) -> None:
+        """Keep one polled batch to process at the next `resume`, touching nothing now (while the pipeline is
+        known to be under back-pressure)."""
+        if records:
+            self._held.append(records)
+
+    def resume(self) -> None:
+        """Process every held batch, in order, then commit if due (see `submit`)."""
+        outbox = self.outputs.outbox
+        if self._held and outbox is not None and outbox.backlogged:
+            raise OutboxFull("more undelivered notifications than the outbox limit", retry_after=0.5)
+        self._process_held()
+        self.maybe_commit()
+
+    def flush(self) -> None:
+        """Process every held batch and commit, due or not (at the end of a stream; repeat after a
+        `StorageUnavailable`)."""
+        self._process_held()
+        self.commit()
+
+    def maybe_commit(self) -> bool:
+        """Commit when due (call on idle polls too, so a quiet stream still commits); True if it did."""
+        now = self._clock()
+        if self.policy.due(self._pending.records, now - self._pending.since):
+            self.commit()
+            return True
+        if now - self._resolved_at >= RESOLVE_INTERVAL_SECONDS:
+            # A quiet stream commits nothing, yet its alerts must still resolve once quiet long enough.
+            with self.store.transaction("resolving quiet alerts") as transaction:
+                outcome = self.lifecycle.apply(transaction.alerts, [], self._watermark.value)
+            self._report(outcome, {})
+            self._resolved_at = now
+        return False
+
+    def commit(self) -> None:
+        """The commit point: publish dead letters, judge, run the alert lifecycle and persist everything
+        pending in one transaction, then commit positions.
+
+        Raises `StorageError` when the transaction fails; everything then stays pending for the next attempt.
+        """
+        started = time.perf_counter()
+        pending = self._pending
+        watermark = self._watermark.value
+        if watermark is not None:
+            pending.sessions_closed += self.sessions.close_idle(watermark)
+        unpublished = pending.dead_letters[pending.dead_letters_published :]
+        if unpublished and self.outputs.dead_letters is not None:
+            self.outputs.dead_letters.publish(unpublished)
+            pending.dead_letters_published = len(pending.dead_letters)
+        for detection in self.detect.judge(pending.touched, watermark):
+            pending.record(detection)
+        batch = DurableBatch(
+            seen_events=list(pending.seen_events.values()),
+            sessions=self.sessions.changed(),
+            dead_letters=pending.dead_letters,
+            checkpoints=[
+                Checkpoint(self._group_id, topic, partition, offset)
+                for (topic, partition), offset in pending.positions.items()
+            ],
+            close_sessions_before=self.sessions.idle_horizon(watermark) if watermark is not None else None,
+            forget_seen_after_seconds=self._retention,
+        )
+        with self.store.transaction() as transaction:
+            outcome = self.lifecycle.apply(transaction.alerts, list(pending.detections.values()), watermark)
+            transaction.write(batch)
+        # Durable from here on: only now may anything leave the pending state.
+        self.sessions.persisted()
+        self._pending = PendingWork(since=self._clock())
+        self._resolved_at = self._pending.since
+        if self.outputs.positions is not None:
+            self.outputs.positions.commit(pending.positions)
+        self._report(outcome, pending.first_detections)
+        self.stats.commits += 1
+        self.metrics.commits.inc()
+        self.metrics.sessions_closed.inc(pending.sessions_closed)
+        self.metrics.active_sessions.set(len(self.sessions))
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+
+    def release_all(self) -> None:
+        """Process what is held and commit (`flush`), then forget in-memory sessions: partitions are being
+        revoked and may move elsewhere.
+
+        Raises `StorageError` when that fails: call `discard` then.
+        """
+        self.flush()
+        self.sessions.clear()
+        self.metrics.active_sessions.set(0)
+
+    def discard(self) -> int:
+        """Drop every held batch and all pending work, and forget in-memory sessions; return how many
+        records that was. For a source that will deliver those records again from the last committed
+        positions (partitions revoked while the database was unreachable)."""
+        dropped = self.uncommitted_records
+        self._held.clear()
+        self._pending = PendingWork(since=self._clock())
+        self.sessions.clear()
+        self.metrics.active_sessions.set(0)
+        return dropped
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _process_held(self) -> None:
+        while self._held:
+            self._process(self._held[0])
+            self._held.popleft()
+
+    def _process(self, records: list[RawRecord]) -> None:
+        pending = self._pending
+        batch = Batch(records, already_seen=pending.seen_events)
+        for step in self.steps:
+            batch = step.process(batch)
+        # Every step succeeded: the batch's results join the pending work.
+        for seen in batch.seen:
+            pending.seen_events[seen.event_id] = seen
+        pending.dead_letters += batch.dead_letters
+        for detection in batch.detections:
+            pending.record(detection)
+        pending.touched |= batch.touched
+        for record, queries in batch.fresh:
+            self._watermark.observe(queries[0].timestamp, record.received_at)
+        for record in records:
+            origin = record.origin
+            if origin.kind == "kafka":
+                pending.positions[(origin.name, origin.partition)] = origin.position + 1
+        pending.records += len(records)
+        self._count(batch)
+
+    def _count(self, batch: Batch) -> None:
+        stats, metrics = self.stats, self.metrics
+        stats.records += len(batch.records)
+        stats.events += len(batch.fresh)
+        stats.queries += batch.queries
+        stats.duplicates += batch.duplicates
+        stats.dead_letters.update(letter.reason.value for letter in batch.dead_letters)
+        for letter in batch.dead_letters:
+            metrics.dead_letters.labels(reason=letter.reason.value).inc()
+        metrics.events_consumed.labels(source=batch.records[0].origin.kind).inc(len(batch.records))
+        metrics.queries.inc(batch.queries)
+        metrics.duplicate_events.inc(batch.duplicates)
+        metrics.observe_processed(
+            [queries[0].timestamp for _, queries in batch.fresh],
+            [record.received_at for record in batch.records],
+        )
+
+    def _report(self, outcome: AlertOutcome, first_detections: Mapping[str, Detection]) -> None:
+        # An opened alert is reported with the first detection of its key since the last commit: the query
+        # count and event time at which its rule fired, not those of the commit.
+        opened = [
+            (change, first_detections.get(detection.dedup_key, detection))
+            for detection, change in outcome.opened
+        ]
+        for alert in outcome.resolved:
+            self.metrics.alerts_resolved.labels(kind=alert.kind.value, severity=alert.severity.value).inc()
+        if outcome.notifications and self.outputs.outbox is not None:
+            self.outputs.outbox.wake()
+        for _, detection in opened:
+            self.stats.alerts_opened[detection.kind.value] += 1
+            self.metrics.alerts_opened.labels(
+                kind=detection.kind.value, severity=detection.severity.value
+            ).inc()
+        if opened and self.outputs.alerts is not None:
+            self.outputs.alerts.opened(opened)

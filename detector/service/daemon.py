@@ -1,0 +1,145 @@
+"""`run`: the daemon. Consumes a Kafka topic in a consumer group until stopped, serving metrics and
+delivering alert notifications meanwhile."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from contextlib import ExitStack
+
+from kafka.errors import KafkaError
+
+from detector.alerts.dispatcher import RetryPolicy
+from detector.ingest.kafka import DeadLetterTopic, KafkaSource
+from detector.kafka import KafkaPublisher
+from detector.metrics import Metrics
+from detector.pipeline import AlertListener, Outputs, Pipeline, PipelineStats
+from detector.service.consume import Pressure, Progress, consume
+from detector.service.process import prepare_process
+from detector.service.stop import Interrupted, StopFlag
+from detector.service.wiring import build_pipeline, persisting
+from detector.settings import Settings
+from detector.storage import StorageError, Store
+
+log = logging.getLogger(__name__)
+
+
+class BrokerPositions:
+    """Commits positions to the broker after the database has them: a failure is logged and counted, not
+    raised, since the stored checkpoints are authoritative (`KafkaSource` resumes from them)."""
+
+    def __init__(self, source: KafkaSource, metrics: Metrics) -> None:
+        self._source = source
+        self._metrics = metrics
+
+    def commit(self, positions: Mapping[tuple[str, int], int]) -> None:
+        """Commit `positions` to the broker, or say why it did not take them."""
+        try:
+            self._source.commit(positions)
+        except KafkaError as error:
+            log.warning("offsets not committed to the broker: %s", error)
+            self._metrics.offset_commit_failures.inc()
+
+
+class Rebalances:
+    """What the daemon does when the group moves partitions: make pending work durable before they go (or,
+    with the database down, drop it: it is read again from the last committed positions), and resume
+    assigned partitions where the database says. Called inside `poll`; never raises."""
+
+    def __init__(self, store: Store, group_id: str) -> None:
+        self._store = store
+        self._group_id = group_id
+        self.pipeline: Pipeline | None = None  # set once built: the source exists before the pipeline
+
+    def revoked(self) -> None:
+        """Partitions are about to be taken away."""
+        if self.pipeline is None:
+            return
+        try:
+            self.pipeline.release_all()
+        except StorageError as error:
+            dropped = self.pipeline.discard()
+            log.warning(
+                "partitions revoked while the database is unavailable (%s): %d records not stored are left "
+                "to be read again from the last committed offsets",
+                error,
+                dropped,
+            )
+
+    def stored_positions(self) -> dict[tuple[str, int], int]:
+        """The positions stored with the results, by (topic, partition); {} when unreadable."""
+        try:
+            return self._store.checkpoints(self._group_id)
+        except StorageError as error:
+            log.warning("stored positions unreadable (%s): resuming from committed offsets", error)
+            return {}
+
+
+def run_daemon(
+    settings: Settings,
+    stop: StopFlag,
+    *,
+    topics: list[str] | None = None,
+    group_id: str | None = None,
+    idle_exit_seconds: float | None = None,
+    metrics: Metrics | None = None,
+    progress: Progress | None = None,
+    alerts: AlertListener | None = None,
+) -> PipelineStats:
+    """Consume, process and commit until `stop` is set (or, with `idle_exit_seconds`, the stream is idle).
+
+    Serves metrics and delivers alert notifications meanwhile. On the way out the current batch is
+    finished, everything pending is persisted and offsets committed; when the database cannot take it,
+    raises `StorageError` with nothing committed (the records are read again at the next start).
+    """
+    prepare_process()
+    metrics = metrics or Metrics()
+    group = group_id or settings.kafka.group_id
+    with ExitStack() as resources:
+        store, dispatcher = resources.enter_context(persisting(settings, metrics))
+        listen = settings.metrics.host_port
+        if listen is not None:
+            resources.callback(metrics.serve(*listen))
+        rebalances = Rebalances(store, group)
+        try:
+            # Connecting is bounded (`connect_timeout_seconds`), but a stop must not wait for it.
+            with stop.interruptible():
+                dead_letters = None
+                if settings.kafka.dead_letter_topic:
+                    publisher = KafkaPublisher(settings.kafka)
+                    resources.callback(publisher.close)
+                    dead_letters = DeadLetterTopic(publisher, settings.kafka.dead_letter_topic)
+                source = KafkaSource(
+                    settings.kafka,
+                    on_revoke=rebalances.revoked,
+                    topics=topics,
+                    group_id=group,
+                    stored_positions=rebalances.stored_positions,
+                )
+                resources.callback(source.close)
+        except Interrupted:
+            log.info("stopped before consuming anything")
+            return PipelineStats()
+        outputs = Outputs(BrokerPositions(source, metrics), dead_letters, alerts, dispatcher)
+        pipeline = rebalances.pipeline = build_pipeline(
+            settings, store, metrics, outputs=outputs, group_id=group
+        )
+        log.info("consuming %s as group %s from %s", source.topics, group, settings.kafka.bootstrap_servers)
+        retry = RetryPolicy(settings.database.retry_initial_seconds, settings.database.retry_max_seconds)
+        consume(
+            source,
+            pipeline,
+            Pressure(retry, metrics),
+            stop,
+            idle_exit_seconds=idle_exit_seconds,
+            progress=progress,
+        )
+        try:
+            pipeline.flush()
+        except StorageError:
+            log.error(
+                "stopping with %d records not stored: they are read again at the next start",
+                pipeline.uncommitted_records,
+            )
+            raise
+    return pipeline.stats

@@ -1,0 +1,161 @@
+"""Wiring: the store, the alert lifecycle, the detection step and the pipeline, built from the settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+from detector.alerts.dispatcher import Dispatcher, RetryPolicy
+from detector.alerts.lifecycle import AlertLifecycle
+from detector.alerts.sinks import build_sinks
+from detector.domain import AlertKind
+from detector.eventtime import Watermark
+from detector.features.client import FeatureTracker, TrainingIndexes, TrainingLookup
+from detector.features.embedding import ModelScale, QueryEmbedder
+from detector.ingest.decode import RecordDecoder
+from detector.metrics import Metrics
+from detector.pipeline import (
+    CommitPolicy,
+    DecodeStep,
+    DeduplicateStep,
+    DetectStep,
+    Outputs,
+    Pipeline,
+    SessionizeStep,
+)
+from detector.scoring.coordination import CoordinationTracker
+from detector.scoring.detector import Detector
+from detector.scoring.model import ScoringModel
+from detector.scoring.rules import load_rules
+from detector.sessions import SessionTracker
+from detector.settings import Settings
+from detector.storage import OutboxStore, Store, open_store
+
+log = logging.getLogger(__name__)
+
+# How long a stopping daemon (or a finished replay) waits for due notifications to be delivered.
+DRAIN_SECONDS = 10.0
+
+
+@contextmanager
+def persisting(settings: Settings, metrics: Metrics) -> Iterator[tuple[Store, Dispatcher | None]]:
+    """For the block: the store, its alert changes notifying every configured sink, and a started
+    dispatcher delivering them from the outbox (None without sinks).
+
+    On the way out the dispatcher is given `DRAIN_SECONDS` to deliver what is due; anything left stays in
+    the outbox for the next start.
+    """
+    sinks = build_sinks(settings)
+    with open_store(settings) as store:
+        if not sinks:
+            yield store, None
+            return
+        dispatcher = Dispatcher(
+            OutboxStore(store.engine),
+            sinks,
+            metrics,
+            retry=RetryPolicy(settings.alerts.retry_initial_seconds, settings.alerts.retry_max_seconds),
+            max_pending=settings.alerts.outbox_max_pending,
+        )
+        dispatcher.start()
+        log.info("delivering alerts to %s", ", ".join(dispatcher.sink_names))
+        try:
+            yield store, dispatcher
+        finally:
+            if not dispatcher.drain(DRAIN_SECONDS):
+                log.warning("notifications still pending: they are delivered at the next start")
+            dispatcher.close()
+
+
+def load_scoring_model(settings: Settings) -> ScoringModel | None:
+    """The scoring model at `MIA_MODEL_PATH`, if configured (hash-checked, never unpickled)."""
+    if settings.model_path is None:
+        return None
+    model = ScoringModel.load(settings.model_path)
+    log.info("scoring model %s (target FPR %g)", model.version, model.target_fpr)
+    return model
+
+
+def load_training_indexes(settings: Settings) -> TrainingIndexes:
+    """The training-set indexes at `MIA_TRAINING_INDEX`: one file (for every model of its width), or a
+    directory of `<model name>.npz` files. Keys come from `MIA_TRAINING_INDEX_KEY` when not in the files."""
+    path = settings.training_index
+    if path is None:
+        return TrainingIndexes()
+    from detector.trainingset import TrainingSetIndex
+
+    secret = settings.training_index_key
+    key = bytes.fromhex(secret.get_secret_value()) if secret is not None else None
+    if path.is_dir():
+        by_model: dict[str, TrainingLookup] = {
+            file.stem: TrainingSetIndex.load(file, key=key) for file in sorted(path.glob("*.npz"))
+        }
+        log.info("training-set indexes for models %s", sorted(by_model))
+        return TrainingIndexes(by_model)
+    index = TrainingSetIndex.load(path, key=key)
+    log.info("training-set index of %d rows of width %d", index.size, index.width)
+    return TrainingIndexes(default=index)
+
+
+def build_detection(
+    settings: Settings, model: ScoringModel | None = None, indexes: TrainingIndexes | None = None
+) -> DetectStep:
+    """The detection step: features (scaled as the model was trained, if any), rules, model, allow-list."""
+    scales = {
+        name: ModelScale.fixed(np.asarray(scale["mean"]), np.asarray(scale["std"]))
+        for name, scale in (model.scales.items() if model else ())
+    }
+    tracker = FeatureTracker(QueryEmbedder(scales), indexes, settings.detection.max_clients)
+    detector = Detector(load_rules(settings.detection.rules_path), model)
+    scorer = detector.scorer
+    training_rule = next(rule for rule in scorer.rules if rule.kind is AlertKind.TRAINING_SET_TARGETING)
+    coordination = CoordinationTracker(scorer.threshold(training_rule))
+    return DetectStep(tracker, detector, coordination, allowed=settings.detection.allow_list().clients)
+
+
+def build_pipeline(
+    settings: Settings,
+    store: Store,
+    metrics: Metrics,
+    *,
+    outputs: Outputs | None = None,
+    group_id: str = "",
+    detect: DetectStep | None = None,
+) -> Pipeline:
+    """A pipeline configured from `settings`, writing to `store` and reporting to `outputs` (detection from
+    the settings by default). Its alert lifecycle notifies the sinks `outputs.outbox` delivers to."""
+    if detect is None:
+        detect = build_detection(settings, load_scoring_model(settings), load_training_indexes(settings))
+    detect.observe_ratio = metrics.observe_score_ratio
+    model = detect.detector.model
+    metrics.set_model(model.version if model else None, model.trained_at if model else None)
+    sessions = SessionTracker(
+        gap_seconds=settings.sessions.gap_seconds,
+        max_duration_seconds=settings.sessions.max_duration_seconds,
+        max_active=settings.sessions.max_active,
+        allowed_lateness_seconds=settings.sessions.allowed_lateness_seconds,
+    )
+    keep_raw_bytes = settings.ingest.dead_letter_raw_bytes
+    outputs = outputs or Outputs()
+    sinks = outputs.outbox.sink_names if outputs.outbox is not None else []
+    return Pipeline(
+        [
+            DecodeStep(RecordDecoder(settings.ingest), keep_raw_bytes),
+            DeduplicateStep(store, keep_raw_bytes),
+            SessionizeStep(sessions, store),
+            detect,
+        ],
+        detect=detect,
+        sessions=sessions,
+        lifecycle=AlertLifecycle.from_settings(settings, sinks),
+        store=store,
+        policy=CommitPolicy(settings.commit.min_interval_seconds, settings.commit.min_records),
+        metrics=metrics,
+        outputs=outputs,
+        watermark=Watermark(settings.ingest.max_clock_skew_seconds),
+        group_id=group_id,
+        seen_retention_seconds=settings.database.seen_events_retention_hours * 3600.0,
+    )
