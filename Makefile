@@ -101,6 +101,7 @@ audit: install
 bench: install
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/hostile.py
 
 schemas: install  ## regenerate schemas/*.schema.json from the pydantic models
 	$(BIN)/mia-detector schemas export --out schemas

@@ -226,6 +226,27 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Client-id churn: a stream of fresh keys (one per request) would otherwise go unnoticed, each key
+        # too new to alert, while the clients it evicts lose their features.
+        self.tracked_clients = Gauge(
+            f"{PREFIX}_tracked_clients",
+            "(model, client) keys whose streaming features are held in memory (at most "
+            "MIA_DETECTION_MAX_CLIENTS)",
+            registry=self.registry,
+        )
+        self.new_clients = Counter(
+            f"{PREFIX}_new_clients_total",
+            "(model, client) keys the detector started tracking: a first query, or the first since the key "
+            "was evicted",
+            registry=self.registry,
+        )
+        self.client_evictions = Counter(
+            f"{PREFIX}_client_evictions_total",
+            "Keys whose features were dropped, least recently active first, to stay within "
+            "MIA_DETECTION_MAX_CLIENTS: what they showed so far is forgotten",
+            registry=self.registry,
+        )
+
         # -- detection and alerts -------------------------------------------------------------------------
         self.score_ratio = Histogram(
             f"{PREFIX}_score_ratio",

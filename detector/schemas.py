@@ -25,6 +25,18 @@ StoredText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 """Text the detector stores (ids, names, addresses): PostgreSQL cannot store a NUL character, so a record
 carrying one is rejected like any other contract violation instead of failing the database write."""
 
+# Bounds on the structure of a body, fixed in the contract: generous for any real model, and small enough
+# that a record cannot make validation do unbounded work. A list beyond its bound is rejected by its length
+# alone, before its items are looked at, and every list of models stops at its first invalid item
+# (`fail_fast`): otherwise a 1 MiB record of 300,000 invalid items costs seconds and hundreds of MiB in
+# error reports.
+MAX_TENSORS = 1024
+"""Input tensors of a request, output tensors of a response, outputs a request asks for."""
+MAX_TENSOR_DIMS = 32
+"""Dimensions of a tensor's shape (numpy itself allows 64)."""
+MAX_NAME_CHARS = 256
+"""Characters of a tensor's or a requested output's name."""
+
 
 class ModelRef(BaseModel):
     """Which model served the request."""
@@ -53,8 +65,8 @@ class InferTensor(BaseModel):
     """One named tensor of an Open Inference Protocol v2 body; `data` may be flat or nested."""
 
     model_config = _OPEN
-    name: str
-    shape: list[int] = Field(min_length=1)
+    name: str = Field(max_length=MAX_NAME_CHARS)
+    shape: list[int] = Field(min_length=1, max_length=MAX_TENSOR_DIMS, fail_fast=True)
     datatype: str
     data: list[Any]
     parameters: dict[str, Any] | None = None
@@ -64,7 +76,7 @@ class RequestedOutput(BaseModel):
     """An output the client asked for (`predict`, `predict_proba`, ...)."""
 
     model_config = _OPEN
-    name: str
+    name: str = Field(max_length=MAX_NAME_CHARS)
     parameters: dict[str, Any] | None = None
 
 
@@ -74,8 +86,8 @@ class OipRequest(BaseModel):
     model_config = _OPEN
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[InferTensor] = Field(min_length=1)
-    outputs: list[RequestedOutput] | None = None
+    inputs: list[InferTensor] = Field(min_length=1, max_length=MAX_TENSORS, fail_fast=True)
+    outputs: list[RequestedOutput] | None = Field(default=None, max_length=MAX_TENSORS, fail_fast=True)
 
 
 class OipResponse(BaseModel):
@@ -86,7 +98,7 @@ class OipResponse(BaseModel):
     model_version: str | None = None
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    outputs: list[InferTensor]
+    outputs: list[InferTensor] = Field(max_length=MAX_TENSORS, fail_fast=True)
 
 
 _TENSOR_KEYS = frozenset({"datatype", "shape", "data"})

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from detector.broker import EmbeddedBroker
 from tests.support import fresh_postgres_database
+
+# Property tests: a bounded run by default (CI), `HYPOTHESIS_PROFILE=long` for a long local search. No example
+# database: CI's clone is fresh anyway, and the work tree stays clean.
+_HYPOTHESIS = {"database": None, "deadline": None, "print_blob": True}
+settings.register_profile(
+    "ci",
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    **_HYPOTHESIS,
+)
+settings.register_profile("long", max_examples=20_000, suppress_health_check=list(HealthCheck), **_HYPOTHESIS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

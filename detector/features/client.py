@@ -148,7 +148,12 @@ class ClientFeatures:
 
 
 class FeatureTracker:
-    """Features of the active clients, at most `max_clients` of them (least recently active evicted)."""
+    """Features of the active clients, at most `max_clients` of them (least recently active evicted).
+
+    `admitted` and `evicted` count, since the tracker was made, the keys it started tracking (a first query,
+    or the first since the key was evicted) and the keys it evicted: a stream of fresh client ids shows as
+    both growing with the queries, and every eviction forgets a client's features.
+    """
 
     def __init__(
         self,
@@ -159,6 +164,8 @@ class FeatureTracker:
         self.embedder = embedder or QueryEmbedder()
         self.training_indexes = training_indexes or TrainingIndexes()
         self.max_clients = max_clients
+        self.admitted = 0
+        self.evicted = 0
         self._clients: OrderedDict[ClientKey, ClientFeatures] = OrderedDict()
 
     def __len__(self) -> int:
@@ -182,8 +189,10 @@ class FeatureTracker:
             client = self._clients.get(key)
             if client is None:
                 client = self._clients[key] = ClientFeatures()
+                self.admitted += 1
                 if len(self._clients) > self.max_clients:
                     self._clients.popitem(last=False)
+                    self.evicted += 1
             else:
                 self._clients.move_to_end(key)
             client.update(observation)

@@ -51,6 +51,13 @@ _UNION_MEMBERS = frozenset(
     cls.__name__ for cls in (OipRequest, KServeV1Request, OipResponse, KServeV1Response)
 )
 _F32_MAX = float(np.finfo(np.float32).max)
+# A label is a class index or a class name. Clusters keep one per record they remember, so a response that
+# sent a megabyte as its label would multiply into every client's state.
+MAX_LABEL_CHARS = 256
+# pydantic's JSON parser (jiter) stops at about this depth (counting the record's own levels) with a clean
+# error, "recursion limit exceeded", so a deeply nested `data` or `parameters` costs nothing and cannot
+# exhaust the stack. The decoder relies on that (tests/ingest/test_hostile.py pins it) and names it.
+JSON_MAX_DEPTH = 200
 
 Vector = npt.NDArray[np.float32]
 
@@ -206,7 +213,7 @@ class RecordDecoder:
             raise problem.at("request.inputs") from None
         for index, tensor in enumerate(tensors):
             try:
-                per_row = _layout(tensor, batch)
+                per_row = _layout(tensor, batch, self._limits.max_features)
                 if tensor.datatype == "BYTES":
                     texts_per_input.append(_texts(tensor, batch, per_row))
                 else:
@@ -266,13 +273,14 @@ class RecordDecoder:
             # A known name decides; an unknown one is judged by datatype and shape.
             name = tensor.name.lower()
             shape, datatype = tensor.shape, tensor.datatype
+            per_row = _values_per_row(shape, 2) if min(shape) >= 0 else 0
             if name in _CONFIDENCE_NAMES:
                 is_confidence = True
             elif name in _LABEL_NAMES:
                 is_confidence = False
-            elif datatype in _FLOAT_TYPES and len(shape) > 1 and math.prod(shape[1:]) > 1:
+            elif datatype in _FLOAT_TYPES and len(shape) > 1 and per_row > 1:
                 is_confidence = True
-            elif datatype in _LABEL_TYPES and len(shape) <= 2 and math.prod(shape[1:]) == 1:
+            elif datatype in _LABEL_TYPES and len(shape) <= 2 and per_row == 1:
                 is_confidence = False
             else:
                 continue
@@ -286,7 +294,7 @@ class RecordDecoder:
         if confidence is not None:
             index, tensor = confidence
             try:
-                per_row = _layout(tensor, batch)
+                per_row = _layout(tensor, batch, self._limits.max_features)
                 if tensor.datatype == "BYTES":
                     raise _Problem(
                         DeadLetterReason.SCHEMA_VIOLATION, "BYTES where class confidences are expected"
@@ -301,7 +309,7 @@ class RecordDecoder:
         if label is not None:
             index, tensor = label
             try:
-                labels = _label_tensor(tensor, batch)
+                labels = _label_tensor(tensor, batch, self._limits.max_features)
             except _Problem as problem:
                 raise problem.at(_tensor_where("response.outputs", index, tensor)) from None
         return _Outputs([None] * batch if labels is None else labels, probabilities)
@@ -399,7 +407,7 @@ class RecordDecoder:
         if batch > limit:
             raise _Problem(
                 DeadLetterReason.BATCH_TOO_LARGE,
-                f"batch of {batch} rows, more than ingest.max_batch_rows ({limit})",
+                f"batch of {_count(batch)} rows, more than ingest.max_batch_rows ({limit})",
             )
 
     def _check_width(self, width: int) -> None:
@@ -414,8 +422,9 @@ class RecordDecoder:
 # -- tensors -----------------------------------------------------------------------------------------------
 
 
-def _layout(tensor: InferTensor, batch: int) -> int:
-    """The number of values per row of `tensor`, after checking its datatype and that it has `batch` rows."""
+def _layout(tensor: InferTensor, batch: int, max_per_row: int) -> int:
+    """The number of values per row of `tensor` (at least 1, at most `max_per_row`), after checking its
+    datatype and that it has `batch` rows. Works from the declared shape alone: nothing is allocated."""
     if tensor.datatype not in _DATATYPES:
         raise _Problem(
             DeadLetterReason.UNSUPPORTED_DATATYPE,
@@ -423,12 +432,40 @@ def _layout(tensor: InferTensor, batch: int) -> int:
         )
     shape = tensor.shape
     if min(shape) < 0:
-        raise _Problem(DeadLetterReason.SCHEMA_VIOLATION, f"negative dimension in shape {shape}")
+        raise _Problem(DeadLetterReason.SCHEMA_VIOLATION, f"negative dimension in shape {_shape(shape)}")
     if shape[0] != batch:
         raise _Problem(
-            DeadLetterReason.SHAPE_MISMATCH, f"batch of {shape[0]} (shape {shape}) where {batch} is expected"
+            DeadLetterReason.SHAPE_MISMATCH,
+            f"batch of {_count(shape[0])} (shape {_shape(shape)}) where {batch} is expected",
         )
-    return math.prod(shape[1:])
+    per_row = _values_per_row(shape, max_per_row)
+    if per_row > max_per_row:
+        raise _Problem(
+            DeadLetterReason.SHAPE_MISMATCH,
+            f"shape {_shape(shape)} declares more values per row than ingest.max_features ({max_per_row})",
+        )
+    if per_row == 0:
+        # Rows of nothing: a few bytes of shape would otherwise stand for thousands of empty queries.
+        raise _Problem(DeadLetterReason.SCHEMA_VIOLATION, f"the rows hold no values (shape {_shape(shape)})")
+    return per_row
+
+
+def _values_per_row(shape: list[int], cap: int) -> int:
+    """The product of `shape`'s dimensions after the first (all non-negative), or `cap + 1` when it is
+    larger than `cap`.
+
+    Python's integers never overflow, but the product of a few dimensions of thousands of digits each is a
+    number Python refuses to print (more than 4,300 digits) and slow to compute: stop once it passes `cap`.
+    """
+    dims = shape[1:]
+    if 0 in dims:
+        return 0
+    count = 1
+    for dim in dims:
+        count *= dim
+        if count > cap:
+            return cap + 1
+    return count
 
 
 def _tensor_values(tensor: InferTensor, expected: int) -> Vector:
@@ -437,7 +474,7 @@ def _tensor_values(tensor: InferTensor, expected: int) -> Vector:
     if values.size != expected:
         raise _Problem(
             DeadLetterReason.SHAPE_MISMATCH,
-            f"{values.size} data elements for shape {tensor.shape} ({expected} expected)",
+            f"{values.size} data elements for shape {_shape(tensor.shape)} ({expected} expected)",
         )
     return values
 
@@ -518,7 +555,7 @@ def _texts(tensor: InferTensor, batch: int, per_row: int) -> list[str]:
     if len(leaves) != expected:
         raise _Problem(
             DeadLetterReason.SHAPE_MISMATCH,
-            f"{len(leaves)} data elements for shape {tensor.shape} ({expected} expected)",
+            f"{len(leaves)} data elements for shape {_shape(tensor.shape)} ({expected} expected)",
         )
     texts = _strings(leaves)
     if per_row == 1:
@@ -578,17 +615,19 @@ def _named_rows(instances: list[Any]) -> list[list[Any]]:
 # -- labels ------------------------------------------------------------------------------------------------
 
 
-def _label_tensor(tensor: InferTensor, batch: int) -> list[str]:
+def _label_tensor(tensor: InferTensor, batch: int, max_per_row: int) -> list[str]:
     """One label per row from an output tensor (class indices, class names or booleans)."""
-    if _layout(tensor, batch) != 1:
-        raise _Problem(DeadLetterReason.SHAPE_MISMATCH, f"shape {tensor.shape} is not one label per row")
+    if _layout(tensor, batch, max_per_row) != 1:
+        raise _Problem(
+            DeadLetterReason.SHAPE_MISMATCH, f"shape {_shape(tensor.shape)} is not one label per row"
+        )
     leaves = _leaves(tensor.data)
     if leaves is None:
         raise _Problem(DeadLetterReason.SHAPE_MISMATCH, "ragged nested data")
     if len(leaves) != batch:
         raise _Problem(
             DeadLetterReason.SHAPE_MISMATCH,
-            f"{len(leaves)} data elements for shape {tensor.shape} ({batch} expected)",
+            f"{len(leaves)} data elements for shape {_shape(tensor.shape)} ({batch} expected)",
         )
     numeric = tensor.datatype != "BYTES"
     labels = []
@@ -607,9 +646,10 @@ def _argmax_labels(values: Vector, batch: int) -> list[str | None]:
 
 
 def _scalar_label(value: Any, *, numeric: bool) -> str:
-    """A number (or, unless `numeric`, a string) as a label, written like an argmax index (`1`, not `1.0`)."""
+    """A number (or, unless `numeric`, a string) as a label, written like an argmax index (`1`, not `1.0`),
+    of at most `MAX_LABEL_CHARS` characters."""
     if isinstance(value, str) and not numeric:
-        return value
+        return _short_label(value)
     if not isinstance(value, int | float):
         expected = "a number" if numeric else "a string or a number"
         raise _Problem(DeadLetterReason.SCHEMA_VIOLATION, f"{_json_type(value)} where {expected} is expected")
@@ -619,8 +659,17 @@ def _scalar_label(value: Any, *, numeric: bool) -> str:
         if not math.isfinite(value):
             raise _Problem(DeadLetterReason.NON_FINITE, f"{_non_finite_name(value)} as a label")
         if value.is_integer():
-            return str(int(value))
-    return str(value)
+            return _short_label(str(int(value)))
+    return _short_label(str(value))
+
+
+def _short_label(label: str) -> str:
+    if len(label) > MAX_LABEL_CHARS:
+        raise _Problem(
+            DeadLetterReason.SCHEMA_VIOLATION,
+            f"a label of {len(label)} characters, more than {MAX_LABEL_CHARS}",
+        )
+    return label
 
 
 # -- what the client asked for -----------------------------------------------------------------------------
@@ -664,6 +713,19 @@ def _tensor_where(array: str, index: int, tensor: InferTensor) -> str:
     return f"{array}[{index}] ({_quote(tensor.name)})"
 
 
+def _shape(shape: list[int]) -> str:
+    # A shape holds at most 32 dimensions, but each may have thousands of digits.
+    return _clip(str(shape), 80)
+
+
+def _count(number: int) -> str:
+    return _clip(str(number), 24)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _quote(text: str, limit: int = 64) -> str:
     # repr() escapes newlines and control characters, which keeps every detail on one line.
     return repr(text if len(text) <= limit else text[:limit] + "...")
@@ -694,7 +756,10 @@ def _rejection(value: bytes, exc: ValidationError) -> InvalidRecord:
             return InvalidRecord(
                 DeadLetterReason.INVALID_ENCODING, f"not UTF-8: {bad.reason} at byte {bad.start}"
             )
-        return InvalidRecord(DeadLetterReason.INVALID_JSON, _one_line(first["msg"]))
+        message = _one_line(first["msg"])
+        if "recursion limit exceeded" in message:
+            message = f"nested too deeply: the JSON parser stops at about {JSON_MAX_DEPTH} levels ({message})"
+        return InvalidRecord(DeadLetterReason.INVALID_JSON, message)
     if first["type"] == "model_type" and not first["loc"]:
         return InvalidRecord(
             DeadLetterReason.INVALID_JSON, f"the record is {_json_type(first['input'])}, not a JSON object"

@@ -190,6 +190,7 @@ class Pipeline:
         self._held: deque[list[RawRecord]] = deque()
         self._pending = PendingWork(since=clock())
         self._resolved_at = clock()
+        self._clients_admitted = self._clients_evicted = 0  # the feature tracker's totals, as last reported
 
     @property
     def uncommitted_records(self) -> int:
@@ -350,6 +351,11 @@ class Pipeline:
             [queries[0].timestamp for _, queries in batch.fresh],
             [record.received_at for record in batch.records],
         )
+        tracker = self.detect.tracker
+        metrics.tracked_clients.set(len(tracker))
+        metrics.new_clients.inc(tracker.admitted - self._clients_admitted)
+        metrics.client_evictions.inc(tracker.evicted - self._clients_evicted)
+        self._clients_admitted, self._clients_evicted = tracker.admitted, tracker.evicted
 
     def _report(self, outcome: AlertOutcome, first_detections: Mapping[str, Detection]) -> None:
         # An opened alert is reported with the first detection of its key since the last commit: the query

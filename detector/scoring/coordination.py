@@ -6,11 +6,16 @@ Over a sliding window of event time, the keys of one model and one network (IPv4
 exact training records are pooled; when together they reach the training-set rule's threshold, one alert
 names all of them. Keys already pooled into an alert are not pooled again, so a campaign that grows raises
 one alert per wave, never one per key. Keys without a known address are not pooled.
+
+Memory is bounded whatever the keys do: a key leaves the pool once its last hit is older than the window,
+the keys already reported are forgotten after the window too, and at most `max_participants` keys are
+pooled at once (least recently seen let go first), like the feature tracker's `max_clients`.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from detector.domain import AlertKind, Detection, Reason, Severity
@@ -52,10 +57,17 @@ def network_of(address: str | None) -> str | None:
 class CoordinationTracker:
     """Pools training-set hits across the keys of each model (see the module docstring)."""
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, max_participants: int = 20_000) -> None:
         self.threshold = threshold
-        self._participants: dict[tuple[str, str], dict[str, _Participant]] = {}
-        self._reported: dict[str, set[str]] = {}
+        self.max_participants = max_participants
+        # (model, network, client id) -> what the key pooled, least recently observed first.
+        self._participants: OrderedDict[tuple[str, str, str], _Participant] = OrderedDict()
+        # (model, client id) -> event time of the key's latest query seen since it was reported.
+        self._reported: dict[tuple[str, str], float] = {}
+
+    def __len__(self) -> int:
+        """How many keys are pooled or remembered as reported: what the tracker holds in memory."""
+        return len(self._participants) + len(self._reported)
 
     def observe(self, key: ClientKey, client: ClientFeatures, values: dict[str, float]) -> None:
         """Take note of a client's training-set hits, from its snapshot `values` (if they count)."""
@@ -64,10 +76,15 @@ class CoordinationTracker:
         model, client_id = key
         if hits < 1 or rate < MIN_HIT_RATE or hits >= self.threshold:
             return  # nothing to pool, or alerted on its own by the training-set rule
-        network = network_of(client.client_ip)
-        if network is None or client_id in self._reported.get(model, ()):
+        if (model, client_id) in self._reported:
+            # Already named in an alert: not pooled again while it goes on (one alert per wave).
+            self._reported[(model, client_id)] = max(self._reported[(model, client_id)], client.last_seen)
             return
-        self._participants.setdefault((model, network), {})[client_id] = _Participant(
+        network = network_of(client.client_ip)
+        if network is None:
+            return
+        entry = (model, network, client_id)
+        self._participants[entry] = _Participant(
             hits,
             rate,
             client.queries,
@@ -75,13 +92,22 @@ class CoordinationTracker:
             client.last_seen,
             client.evidence_for(("training",)),
         )
+        self._participants.move_to_end(entry)
+        while len(self._participants) > self.max_participants:
+            self._participants.popitem(last=False)
 
     def detections(self, watermark: float, allowed: set[str]) -> list[Detection]:
         """Coordinated-clients detections whose pooled hits reached the threshold (pool windows pruned)."""
+        horizon = watermark - WINDOW_SECONDS
+        for entry in [entry for entry, p in self._participants.items() if p.last_seen < horizon]:
+            del self._participants[entry]
+        for key in [key for key, last_seen in self._reported.items() if last_seen < horizon]:
+            del self._reported[key]
+        pools: dict[tuple[str, str], dict[str, _Participant]] = {}
+        for (model, network, client_id), participant in self._participants.items():
+            pools.setdefault((model, network), {})[client_id] = participant
         detections = []
-        for (model, network), participants in self._participants.items():
-            for client_id in [c for c, p in participants.items() if p.last_seen < watermark - WINDOW_SECONDS]:
-                del participants[client_id]
+        for (model, network), participants in pools.items():
             pool = {c: p for c, p in participants.items() if c not in allowed}
             hits = sum(p.distinct_hits for p in pool.values())
             if len(pool) < MIN_CLIENTS or hits < self.threshold:
@@ -111,7 +137,7 @@ class CoordinationTracker:
                     triage=TRIAGE,
                 )
             )
-            self._reported.setdefault(model, set()).update(pool)
-            for client_id in pool:
-                del participants[client_id]
+            for client_id, participant in pool.items():
+                self._reported[(model, client_id)] = participant.last_seen
+                del self._participants[(model, network, client_id)]
         return detections

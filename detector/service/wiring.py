@@ -112,7 +112,7 @@ def build_detection(
     detector = Detector(load_rules(settings.detection.rules_path), model)
     scorer = detector.scorer
     training_rule = next(rule for rule in scorer.rules if rule.kind is AlertKind.TRAINING_SET_TARGETING)
-    coordination = CoordinationTracker(scorer.threshold(training_rule))
+    coordination = CoordinationTracker(scorer.threshold(training_rule), settings.detection.max_clients)
     return DetectStep(tracker, detector, coordination, allowed=settings.detection.allow_list().clients)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from detector.domain import AlertKind
-from detector.features.client import TrainingIndexes
-from detector.scoring.coordination import CoordinationTracker
+from detector.features.client import ClientFeatures, TrainingIndexes
+from detector.scoring.coordination import WINDOW_SECONDS, CoordinationTracker
 from tests.streams import SetIndex, Stream, record, warmed_tracker
 
 
@@ -48,3 +48,40 @@ def test_one_key_alone_or_allow_listed_keys_do_not_make_a_campaign() -> None:
         assert client is not None
         coordination.observe(("m", client_id), client, client.snapshot())
     assert coordination.detections(watermark=1_764_000_100.0, allowed={"nightly-job"}) == []
+
+
+def participant(client_id: str, last_seen: float, ip: str = "198.51.100.7") -> ClientFeatures:
+    client = ClientFeatures()
+    client.client_ip, client.first_seen, client.last_seen, client.queries = ip, last_seen, last_seen, 10
+    return client
+
+
+HITS = {"training.distinct_hits": 1.0, "training.exact_hit_rate": 0.1}
+
+
+def test_a_flood_of_keys_with_a_hit_each_is_held_within_its_bound() -> None:
+    coordination = CoordinationTracker(threshold=1_000_000, max_participants=100)
+    for index in range(10_000):
+        # Every key from its own /24: no pool ever forms, yet each would be kept without the bound.
+        ip = f"10.{index // 256 % 256}.{index % 256}.1"
+        coordination.observe(("m", f"k{index}"), participant(f"k{index}", 1000.0 + index, ip), HITS)
+    assert len(coordination) == 100
+    assert coordination.detections(watermark=11_000.0, allowed=set()) == []
+    # The most recent keys are the ones kept; a window later none is.
+    assert len(coordination) == 100
+    coordination.detections(watermark=11_000.0 + WINDOW_SECONDS, allowed=set())
+    assert len(coordination) == 0
+
+
+def test_reported_keys_are_forgotten_a_window_after_they_went_quiet() -> None:
+    coordination = CoordinationTracker(threshold=2)
+    for client_id in ("a", "b"):
+        coordination.observe(("m", client_id), participant(client_id, 1000.0), HITS)
+    [detection] = coordination.detections(watermark=1000.0, allowed=set())
+    assert detection.client_ids == ("a", "b") and len(coordination) == 2  # remembered as reported
+    # Still active: not pooled again, and remembered as long as it goes on.
+    coordination.observe(("m", "a"), participant("a", 1000.0 + WINDOW_SECONDS), HITS)
+    assert coordination.detections(watermark=1001.0 + WINDOW_SECONDS, allowed=set()) == []
+    assert len(coordination) == 1  # "b" went quiet a window ago
+    coordination.detections(watermark=1001.0 + 2 * WINDOW_SECONDS, allowed=set())
+    assert len(coordination) == 0
