@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,11 @@ PROJECTION_DIM = 32
 TEXT_BUCKETS = 512
 MIN_IMAGE_SIDE = 8
 WARMUP_QUERIES = 256
+# Input widths and model names come from the records, so an attacker can send a new one with each: the
+# projections (width x 32 floats each, 8 MiB at 65,536 features) and the scales learned online are kept for
+# the most recently used few. A projection dropped is made again, identical, when its width comes back.
+MAX_PROJECTIONS = 64
+MAX_LEARNED_SCALES = 256
 
 
 @dataclass(slots=True)
@@ -97,9 +103,10 @@ class QueryEmbedder:
     """Turns queries into observations, one micro-batch at a time (one matrix product per input width)."""
 
     def __init__(self, scales: dict[str, ModelScale] | None = None, seed: int = 20261129) -> None:
-        self._scales: dict[str, ModelScale] = scales or {}
+        self._scales: OrderedDict[str, ModelScale] = OrderedDict(scales or {})
+        self._given = frozenset(self._scales)  # from the trained model: never dropped
         self._seed = seed
-        self._projections: dict[int, np.ndarray] = {}
+        self._projections: OrderedDict[int, np.ndarray] = OrderedDict()
 
     @property
     def scales(self) -> dict[str, ModelScale]:
@@ -137,17 +144,25 @@ class QueryEmbedder:
         scale = self._scales.get(model)
         if scale is None or scale.width != width:
             scale = self._scales[model] = ModelScale(width)
+        self._scales.move_to_end(model)
+        if len(self._scales) - len(self._given) > MAX_LEARNED_SCALES:
+            oldest = next(name for name in self._scales if name not in self._given)
+            del self._scales[oldest]
         return scale
 
     def _projection(self, width: int) -> np.ndarray:
         """A fixed Gaussian projection [width, PROJECTION_DIM], scaled so unrelated records are ~1 apart."""
         projection = self._projections.get(width)
-        if projection is None:
+        if projection is not None:
+            self._projections.move_to_end(width)
+        else:
             rng = np.random.default_rng([self._seed, width])
             # E|P(a-b)|^2 = |a-b|^2 for N(0, 1/k) entries, and |a-b|^2 ~ 2*width for unrelated scaled rows.
             projection = rng.normal(0.0, 1.0 / math.sqrt(PROJECTION_DIM), (width, PROJECTION_DIM))
             projection = (projection / math.sqrt(2.0 * width)).astype(np.float32)
             self._projections[width] = projection
+            if len(self._projections) > MAX_PROJECTIONS:
+                self._projections.popitem(last=False)
         return projection
 
     def _text_observation(self, query: Query) -> Observation:
