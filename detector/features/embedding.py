@@ -129,7 +129,10 @@ class QueryEmbedder:
             scaled = (rows - scale.mean) / scale.std
             points = (scaled @ self._projection(width)).astype(np.float32)
             invariants = _image_invariants(rows, self._projection(width)) if _image_side(width) else None
-            quantised = np.round(rows, 5)
+            # Rounding scales by 1e5 first: float32 values beyond ~3e33 overflow, and have no decimals anyway.
+            with np.errstate(over="ignore", invalid="ignore"):
+                rounded = np.round(rows, 5)
+            quantised = np.where(np.isfinite(rounded), rounded, rows)
             for position, index in enumerate(indices):
                 observations[index] = Observation(
                     query=queries[index],

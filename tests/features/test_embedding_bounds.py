@@ -3,6 +3,8 @@ model name (both come from the records), without changing a single point."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from detector.domain import Query, Requested
@@ -32,3 +34,17 @@ def test_a_new_model_per_record_keeps_the_given_scales_and_a_bounded_number_lear
     assert len(embedder.scales) == MAX_LEARNED_SCALES + 1
     assert embedder.scales["trained"] is given
     assert f"model-{3 * MAX_LEARNED_SCALES - 1}" in embedder.scales and "model-0" not in embedder.scales
+
+
+def test_values_at_the_edge_of_float32_give_finite_points_without_warnings() -> None:
+    # The decoder accepts any finite float32; rounding for the fingerprint used to overflow (a warning, and
+    # one fingerprint for every such row).
+    embedder = QueryEmbedder(scales={"m": ModelScale.fixed(np.zeros(3), np.ones(3))})
+    edge = query("m", 3)
+    edge.vector = np.array([3.4e38, -3.4e38, 1e-45], dtype=np.float32)
+    other = query("m", 3)
+    other.vector = np.array([3.3e38, -3.4e38, 1e-45], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first, second = embedder.observe([edge, other])
+    assert first.fingerprint != second.fingerprint
