@@ -64,10 +64,12 @@ WORKDIR /var/lib/mia-detector
 USER 10001:10001
 EXPOSE 9108
 
-# /metrics answers once the database is migrated and the consumer is being set up. No curl in the slim
-# image: python's urllib does the request (an HTTP error or a refused connection exits non-zero).
+# /healthz answers once the database is migrated and the consumer is being set up, without the credentials
+# /metrics may require (MIA_METRICS_USERNAME); over TLS when MIA_METRICS_TLS_CERTFILE is set (the certificate
+# is not checked: this is the container asking itself). No curl in the slim image: python's urllib does the
+# request (an HTTP error or a refused connection exits non-zero).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('MIA_METRICS_ADDR', ':9108').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=4).close()"]
+    CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('MIA_METRICS_TLS_CERTFILE', '').strip()); port = os.environ.get('MIA_METRICS_ADDR', ':9108').rpartition(':')[2]; urllib.request.urlopen(f\"{'https' if tls else 'http'}://127.0.0.1:{port}/healthz\", timeout=4, context=ssl._create_unverified_context() if tls else None).close()"]
 
 # SIGTERM (docker stop, Kubernetes) finishes the current batch, commits and exits 0: give it time
 # (docker stop -t 60; terminationGracePeriodSeconds in Kubernetes).

@@ -1,4 +1,5 @@
-"""Every Prometheus metric of the detector, defined once, on a registry that tests can inject.
+"""Every Prometheus metric of the detector, defined once, on a registry that tests can inject, and the
+HTTP endpoint that serves them.
 
 Client ids never become label values (they would explode the series count): they go to the database.
 Label sets are closed (source, reason, kind, severity, sink, topic/partition) and initialised up front
@@ -8,21 +9,36 @@ partitions it is assigned.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
 import platform
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from detector.domain import AlertKind, DeadLetterReason, Severity, Verdict
 
+log = logging.getLogger(__name__)
+
 PREFIX = "mia_detector"
 
 SOURCES = ("kafka", "file")  # `Origin.kind`
+# What `detector.storage.retention` deletes past its retention, one table each.
+RETENTION_TABLES = ("sessions", "dead_letters", "seen_events", "alerts", "notifications")
+RETENTION_OUTCOMES = ("completed", "failed")
 # Kinds judged per client with a score and a threshold (coordination judges groups of clients).
 SCORED_KINDS = tuple(kind for kind in AlertKind if kind is not AlertKind.COORDINATED_CLIENTS)
 NOTIFICATION_OUTCOMES = ("delivered", "retried", "failed")
@@ -337,6 +353,30 @@ class Metrics:
         )
         self.build_info.info({"version": package_version(), "python": platform.python_version()})
 
+        # -- housekeeping -----------------------------------------------------------------------------------
+        self.retention_deleted = Counter(
+            f"{PREFIX}_retention_deleted_rows_total",
+            "Rows deleted because they were older than their retention, by table",
+            ["table"],
+            registry=self.registry,
+        )
+        for table in RETENTION_TABLES:
+            self.retention_deleted.labels(table=table)
+        self.retention_runs = Counter(
+            f"{PREFIX}_retention_runs_total",
+            "Scheduled retention runs of the daemon, by outcome (failed: the database refused or was "
+            "unreachable; the next run tries again)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in RETENTION_OUTCOMES:
+            self.retention_runs.labels(outcome=outcome)
+        self.metrics_unauthorized = Counter(
+            f"{PREFIX}_metrics_unauthorized_requests_total",
+            "Requests for /metrics refused for missing or wrong basic-auth credentials",
+            registry=self.registry,
+        )
+
     # -- one-line call sites ------------------------------------------------------------------------------
 
     def observe_processed(self, event_times: Sequence[float], received_times: Sequence[float]) -> None:
@@ -391,12 +431,28 @@ class Metrics:
         trained_at = self._model_trained_at
         return None if trained_at is None else max(0.0, self._clock() - trained_at)
 
-    def serve(self, host: str, port: int) -> Callable[[], None]:
+    def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        auth: BasicAuth | None = None,
+        tls: ssl.SSLContext | None = None,
+        limits: ServerLimits | None = None,
+    ) -> Callable[[], None]:
         """Serve `/metrics` on `host:port` from a background thread; return the function that stops it.
+
+        With `auth`, `/metrics` answers 401 to a request without those credentials; with `tls` (a server
+        context), every connection is TLS, and plain HTTP gets no answer. `/healthz` answers `ok` to anyone,
+        for liveness probes that hold no credentials. Each connection has its own thread, bounded in number
+        and in time (`limits`), so a client sending garbage or holding a connection never stalls a scrape.
 
         Raises `OSError` when the address cannot be bound (in use, not local).
         """
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        app = metrics_app(self.registry, auth, on_unauthorized=self.metrics_unauthorized.inc)
+        server = MetricsServer((host, port), app, tls=tls, limits=limits or ServerLimits())
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
 
         def stop() -> None:
             server.shutdown()
@@ -404,3 +460,237 @@ class Metrics:
             thread.join(timeout=5)
 
         return stop
+
+
+# -- the endpoint --------------------------------------------------------------------------------------------
+
+_StartResponse = Callable[..., Any]
+_App = Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]
+_SERVER_NAME = "mia-detector"  # in the Server header: no Python or library version for a scanner to read
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    """The one username and password `/metrics` accepts (HTTP basic authentication, UTF-8)."""
+
+    username: str
+    password: str = field(repr=False)
+
+    def allows(self, authorization: str | None) -> bool:
+        """Whether the `Authorization` header value `authorization` carries these credentials.
+
+        Compared in constant time: SHA-256 digests of both parts, each compared in full, so that neither
+        the length nor the first differing byte of a guess shows in the time taken.
+        """
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        user, password = b"", b""
+        basic = scheme.lower() == "basic"
+        if basic:
+            try:
+                decoded = base64.b64decode(token.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                basic = False
+            else:
+                user, _, password = decoded.partition(b":")
+        same_user = hmac.compare_digest(_digest(user), _digest(self.username.encode()))
+        same_password = hmac.compare_digest(_digest(password), _digest(self.password.encode()))
+        return basic & same_user & same_password
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds of the metrics endpoint: connections served at once (more are closed at once, not queued),
+    seconds any one read or write (the TLS handshake included) may wait, and seconds a connection may
+    last in all."""
+
+    max_connections: int = 32
+    io_timeout_seconds: float = 10.0
+    connection_seconds: float = 30.0
+
+
+def metrics_app(
+    registry: CollectorRegistry, auth: BasicAuth | None, on_unauthorized: Callable[[], None]
+) -> _App:
+    """The WSGI application of the endpoint: `GET /metrics` (behind `auth` when given) and `GET /healthz`.
+
+    A refused request gets a short fixed text: never a metric, a traceback or what was sent.
+    """
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") != "GET":
+            return _answer(start_response, "405 Method Not Allowed", b"GET only\n", [("Allow", "GET")])
+        if path == "/healthz":
+            return _answer(start_response, "200 OK", b"ok\n")
+        if path != "/metrics":
+            return _answer(start_response, "404 Not Found", b"not found: try /metrics\n")
+        if auth is not None and not auth.allows(environ.get("HTTP_AUTHORIZATION")):
+            on_unauthorized()
+            challenge = ("WWW-Authenticate", 'Basic realm="mia-detector", charset="UTF-8"')
+            return _answer(start_response, "401 Unauthorized", b"unauthorized\n", [challenge])
+        try:
+            return list(exposition(environ, start_response))
+        except Exception as error:  # a collector failed: the scrape fails, the endpoint stays up
+            log.warning("metrics not collected: %s: %s", type(error).__name__, error)
+            return _answer(start_response, "500 Internal Server Error", b"metrics not collected\n")
+
+    return app
+
+
+def _answer(
+    start_response: _StartResponse, status: str, body: bytes, headers: Sequence[tuple[str, str]] = ()
+) -> list[bytes]:
+    start_response(
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers],
+    )
+    return [body]
+
+
+class _ServerHandler(ServerHandler):
+    server_software = _SERVER_NAME
+
+    def log_exception(self, exc_info: Any) -> None:
+        # wsgiref prints a traceback on stderr, e.g. when a client stops reading: one debug line instead.
+        log.debug("metrics response not sent: %s", exc_info[1])
+
+
+class _RequestHandler(WSGIRequestHandler):
+    """One request a connection, no access log (a line per scrape would drown the daemon's own), no
+    version in the Server header, errors as a fixed line, and no traceback on stderr for what a client
+    sent."""
+
+    error_message_format = "%(code)d %(message)s\n"
+    error_content_type = "text/plain; charset=utf-8"
+
+    def version_string(self) -> str:
+        return _SERVER_NAME
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # The standard phrase only: the default message quotes what the client sent.
+        super().send_error(code)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def handle(self) -> None:
+        # WSGIRequestHandler.handle, with a ServerHandler that names no Python version.
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():  # an error answer has been sent
+            return
+        handler = _ServerHandler(
+            self.rfile,
+            self.wfile,  # type: ignore[arg-type]  # a socket writer, as wsgiref passes it
+            self.get_stderr(),
+            self.get_environ(),
+            multithread=False,
+        )
+        handler.request_handler = self  # type: ignore[attr-defined]
+        handler.run(self.server.get_app())  # type: ignore[attr-defined]
+
+
+class MetricsServer(WSGIServer):
+    """A thread per connection, at most `limits.max_connections` at once, each bounded in time.
+
+    With `tls`, the handshake happens on the connection's own thread, within the I/O timeout: accepting
+    stays free for the next client whatever this one does (a TLS listening socket would shake hands in the
+    accepting thread, where one silent client stops every scrape). `serve_forever`'s loop shuts down
+    connections older than `limits.connection_seconds`.
+    """
+
+    request_queue_size = 64
+
+    def __init__(
+        self, address: tuple[str, int], app: _App, *, tls: ssl.SSLContext | None, limits: ServerLimits
+    ) -> None:
+        host, port = address
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        self.address_family = family  # IPv6 for [::1]:9108
+        self._tls = tls
+        self._limits = limits
+        self._lock = threading.Lock()
+        # Open connections by file descriptor, with their deadline (monotonic). An entry is removed before
+        # its socket is closed, under the lock, so a descriptor listed here is never another socket's.
+        self._open: dict[int, float] = {}
+        super().__init__((str(sockaddr[0]), int(sockaddr[1])), _RequestHandler)
+        self.set_app(app)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        fileno = request.fileno()
+        deadline = time.monotonic() + self._limits.connection_seconds
+        with self._lock:
+            admitted = len(self._open) < self._limits.max_connections
+            if admitted:
+                self._open[fileno] = deadline
+        if not admitted:
+            self.shutdown_request(request)
+            return
+        try:
+            threading.Thread(
+                target=self._serve_connection, args=(request, client_address), daemon=True
+            ).start()
+        except RuntimeError:  # no thread to be had: this client fails, the next scrape tries again
+            self._release(fileno, request)
+
+    def _serve_connection(self, request: socket.socket, client_address: Any) -> None:
+        fileno = request.fileno()
+        connection: socket.socket | None = None
+        try:
+            request.settimeout(self._limits.io_timeout_seconds)
+            # TLS on a duplicate descriptor: whatever the handshake does with its socket, the tracked
+            # descriptor stays open until `_release`.
+            connection = (
+                self._tls.wrap_socket(request.dup(), server_side=True) if self._tls is not None else request
+            )
+            self.finish_request(connection, client_address)
+        except Exception as error:  # a failed handshake, a client gone or too slow: its connection only
+            log.debug("metrics connection from %s dropped: %s", client_address[0], error)
+        finally:
+            if connection is not None and connection is not request:
+                self.shutdown_request(connection)
+            self._release(fileno, request)
+
+    def _release(self, fileno: int, request: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(fileno, None)
+        self.shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Shut down connections past their deadline (their threads then see the connection closed)."""
+        now = time.monotonic()
+        with self._lock:
+            for fileno in [fileno for fileno, deadline in self._open.items() if deadline < now]:
+                _shutdown(fileno)
+                self._open[fileno] = float("inf")  # once; its thread removes it
+
+    def server_close(self) -> None:
+        with self._lock:
+            for fileno in self._open:
+                _shutdown(fileno)
+        super().server_close()
+
+
+def _shutdown(fileno: int) -> None:
+    """Shut down the socket of descriptor `fileno` for both directions, leaving it open (its owner closes
+    it): a thread blocked reading or writing it returns at once."""
+    try:
+        sock = socket.socket(fileno=fileno)
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()

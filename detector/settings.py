@@ -143,7 +143,12 @@ class IngestSettings(BaseModel):
     max_record_bytes: int = Field(default=1024 * 1024, ge=64)
     max_batch_rows: int = Field(default=4096, ge=1)
     max_features: int = Field(default=65_536, ge=1)
-    dead_letter_raw_bytes: int = Field(default=4096, ge=0)
+    # How many leading bytes of a rejected record its dead letter keeps (in the database and the dead-letter
+    # topic). A record is a model's raw input (features, text, possibly personal data): none by default, so
+    # that the detector holds no copy of it; the reason, the detail, the size and the source address
+    # (topic/partition@offset, file:line) find the record where it came from. Opt in while debugging a
+    # producer.
+    dead_letter_raw_bytes: int = Field(default=0, ge=0)
     # A record stamped further than this ahead of the moment it was received is dead-lettered
     # (`implausible_timestamp`): a forged or broken clock must not move the stream's event time.
     max_future_seconds: float | None = Field(default=86_400.0, gt=0)
@@ -303,10 +308,47 @@ class GrafanaSettings(_ReceiverGroup):
 
 
 class MetricsSettings(BaseModel):
-    """The Prometheus endpoint of `mia-detector run` (`MIA_METRICS_ADDR`, host:port; empty turns it off)."""
+    """The Prometheus endpoint of `mia-detector run` (`MIA_METRICS_ADDR`, host:port; empty turns it off),
+    optionally behind HTTP basic authentication (`MIA_METRICS_USERNAME` and `MIA_METRICS_PASSWORD`, both or
+    neither) and TLS (`MIA_METRICS_TLS_CERTFILE`, PEM, with `MIA_METRICS_TLS_KEYFILE` when the key is not in
+    it)."""
 
     model_config = _GROUP
     addr: str = "127.0.0.1:9108"
+    username: str | None = None
+    password: SecretStr | None = Field(default=None, validate_default=True)
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = Field(default=None, validate_default=True)
+
+    @field_validator("username", "password", "tls_certfile", "tls_keyfile", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # An empty variable in a manifest means "not set" (an empty path would be the current directory).
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("username")
+    @classmethod
+    def _no_colon(cls, value: str | None) -> str | None:
+        # Basic authentication sends "username:password": a colon in the name could never match.
+        if value is not None and ":" in value:
+            raise ValueError("a basic-auth username cannot contain ':'")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _with_username(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if "username" not in info.data:  # the username itself was invalid
+            return value
+        if (value is None) != (info.data["username"] is None):
+            raise ValueError("basic authentication needs both MIA_METRICS_USERNAME and MIA_METRICS_PASSWORD")
+        return value
+
+    @field_validator("tls_keyfile")
+    @classmethod
+    def _with_certificate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("tls_certfile") is None:
+            raise ValueError("belongs to a certificate: set MIA_METRICS_TLS_CERTFILE too")
+        return value
 
     @field_validator("addr")
     @classmethod
@@ -324,6 +366,34 @@ class MetricsSettings(BaseModel):
             return None
         host, _, port = self.addr.rpartition(":")
         return host.strip("[]"), int(port)
+
+
+class RetentionSettings(BaseModel):
+    """How long stored data is kept (`mia-detector retention run`, and the daemon every
+    `MIA_RETENTION_INTERVAL_SECONDS`). Each period is in days; unset (blank) keeps that data for good. The
+    seen-event ledger follows `MIA_DATABASE_SEEN_EVENTS_RETENTION_HOURS`."""
+
+    model_config = _GROUP
+    # Sessions not written for this long (a closed session is written a last time when it closes).
+    sessions_days: float | None = Field(default=30.0, gt=0)
+    # Dead letters, by when they were stored: they hold the reason and where the record came from (and its
+    # first bytes when MIA_INGEST_DEAD_LETTER_RAW_BYTES is set).
+    dead_letters_days: float | None = Field(default=7.0, gt=0)
+    # Resolved alerts, by when they were resolved, with their evidence; open and acknowledged alerts stay.
+    alerts_days: float | None = Field(default=365.0, gt=0)
+    # Notifications the sink accepted, by when it did; pending and failed ones stay.
+    notifications_days: float | None = Field(default=30.0, gt=0)
+    # How often the daemon deletes what is past retention, from its own thread and connection; unset turns
+    # the scheduled run off (then run `mia-detector retention run` from cron).
+    interval_seconds: float | None = Field(default=3600.0, gt=0)
+
+    @field_validator(
+        "sessions_days", "dead_letters_days", "alerts_days", "notifications_days", "interval_seconds",
+        mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 class LogSettings(BaseModel):
@@ -360,6 +430,7 @@ class Settings(BaseSettings):
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     grafana: GrafanaSettings = Field(default_factory=GrafanaSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     # Fixed names operators' manifests rely on: MIA_MODEL_PATH, MIA_TRAINING_INDEX, MIA_TRAINING_INDEX_KEY.
     model_path: Path | None = None
     training_index: Path | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,23 +32,35 @@ def promtool_binary() -> str | None:
     return shutil.which("promtool")
 
 
-def config_text(scrape_targets: Sequence[str], rule_files: Sequence[Path] = ()) -> str:
-    """A Prometheus configuration scraping `scrape_targets` (host:port) as job `JOB` every second."""
+def config_text(
+    scrape_targets: Sequence[str],
+    rule_files: Sequence[Path] = (),
+    scrape: Mapping[str, Any] | None = None,
+    jobs: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """A Prometheus configuration scraping `scrape_targets` (host:port) as job `JOB` every second, with the
+    scrape options `scrape` (`scheme`, `basic_auth`, `tls_config`, ...), and the further scrape configs
+    `jobs` as given."""
+    job = {"job_name": JOB, "static_configs": [{"targets": list(scrape_targets)}], **(scrape or {})}
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(path.resolve()) for path in rule_files],
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": list(scrape_targets)}]}],
+        "scrape_configs": [job, *jobs],
     }
     return json.dumps(config, indent=1)  # JSON is YAML
 
 
 @contextmanager
 def running_prometheus(
-    tmp_path: Path, scrape_targets: Sequence[str], rule_files: Sequence[Path] = ()
+    tmp_path: Path,
+    scrape_targets: Sequence[str],
+    rule_files: Sequence[Path] = (),
+    scrape: Mapping[str, Any] | None = None,
+    jobs: Sequence[Mapping[str, Any]] = (),
 ) -> Iterator[str]:
-    """Start Prometheus on a free 127.0.0.1 port, scraping `scrape_targets` every second with its config,
-    storage and log under `tmp_path`; yield its URL (`http://127.0.0.1:<port>`) once `/-/ready` answers;
-    stop it on exit.
+    """Start Prometheus on a free 127.0.0.1 port, scraping `scrape_targets` every second (see
+    `config_text` for `scrape` and `jobs`) with its config, storage and log under `tmp_path`; yield its URL
+    (`http://127.0.0.1:<port>`) once `/-/ready` answers; stop it on exit.
 
     Raises `FileNotFoundError` when it is not installed and `RuntimeError` (with the end of its log) when
     it exits or does not get ready in time.
@@ -59,7 +71,7 @@ def running_prometheus(
     directory = tmp_path / "prometheus"
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "prometheus.yml"
-    config.write_text(config_text(scrape_targets, rule_files))
+    config.write_text(config_text(scrape_targets, rule_files, scrape, jobs))
     log_path = directory / "prometheus.log"
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -84,6 +84,9 @@ EXPECTED = {
     "model_info": "gauge",
     "model_age_seconds": "gauge",
     "build": "info",
+    "retention_deleted_rows": "counter",
+    "retention_runs": "counter",
+    "metrics_unauthorized_requests": "counter",
 }
 
 

@@ -104,9 +104,13 @@ def test_every_secret_setting_is_masked(clean_env: pytest.MonkeyPatch, tmp_path:
     clean_env.setenv("MIA_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     clean_env.setenv("MIA_KAFKA_SASL_USERNAME", "detector")
     clean_env.setenv("MIA_KAFKA_SSL_CERTFILE", str(tmp_path / "client.pem"))
+    clean_env.setenv("MIA_METRICS_USERNAME", "prometheus")
     passwords = {variable: f"pw-{variable.lower()}-v4lue" for variable in secret_variables()}
     for variable, password in passwords.items():
         clean_env.setenv(variable, f"https://user:{password}@host/path?key={password}")
+    # A key has a form of its own: hexadecimal.
+    passwords["MIA_TRAINING_INDEX_KEY"] = "5ec2e7" * 8
+    clean_env.setenv("MIA_TRAINING_INDEX_KEY", passwords["MIA_TRAINING_INDEX_KEY"])
 
     shown = orjson.dumps(load_settings().masked()).decode()
 
@@ -129,6 +133,7 @@ def test_the_secret_settings_are_every_secret_field() -> None:
         "MIA_ALERTMANAGER_URL",
         "MIA_GRAFANA_TOKEN",
         "MIA_GRAFANA_POSTGRES_PASSWORD",
+        "MIA_METRICS_PASSWORD",
         "MIA_TRAINING_INDEX_KEY",
     } == set(secret_variables())
 
@@ -143,8 +148,11 @@ def test_every_secret_can_be_read_from_a_file(
         clean_env.setenv("MIA_KAFKA_SASL_PASSWORD", "set-directly")
         clean_env.delenv(variable, raising=False)
         clean_env.setenv("MIA_KAFKA_SSL_CERTFILE", str(tmp_path / "client.pem"))
+    if variable == "MIA_METRICS_PASSWORD":
+        clean_env.setenv("MIA_METRICS_USERNAME", "prometheus")
+    value = "5ec2e7" * 8 if variable == "MIA_TRAINING_INDEX_KEY" else "s3cret value from a file"
     secret = tmp_path / "secret"
-    secret.write_text("s3cret value from a file\n")  # as `echo ... > file` writes it
+    secret.write_text(f"{value}\n")  # as `echo ... > file` writes it
     clean_env.setenv(f"{variable}_FILE", str(secret))
 
     settings = load_settings()
@@ -153,7 +161,7 @@ def test_every_secret_can_be_read_from_a_file(
     for part in secret_variables()[variable]:
         target = getattr(target, part)
     assert isinstance(target, SecretStr)
-    assert target.get_secret_value() == "s3cret value from a file"
+    assert target.get_secret_value() == value
 
 
 def test_a_secret_file_beats_an_empty_variable(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Administration: `config show`, `db upgrade` and `schemas export`."""
+"""Administration: `config show`, `db upgrade`, `retention run` and `schemas export`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import click
 import orjson
 
 from detector.cli.context import settings_of
-from detector.cli.output import stderr, stdout
+from detector.cli.output import FORMAT_OPTION, print_rows, stderr, stdout
+from detector.domain import rfc3339
 
 
 @click.group("config")
@@ -41,6 +42,33 @@ def db_upgrade(ctx: click.Context) -> None:
     stderr.print(f"database at revision {current_revision(engine)}")
 
 
+@click.group("retention")
+def retention_group() -> None:
+    """Deleting stored data past its retention (MIA_RETENTION_*)."""
+
+
+@retention_group.command("run")
+@FORMAT_OPTION
+@click.pass_context
+def retention_run(ctx: click.Context, fmt: str) -> None:
+    """Delete sessions, dead letters, seen event ids, resolved alerts and delivered notifications older than
+    their retention, in small chunks; print what was deleted from each table."""
+    from detector.storage import RetentionPolicy, open_retention
+
+    settings = settings_of(ctx)
+    with open_retention(settings, migrate=True) as retention:
+        purges = retention.apply(RetentionPolicy.from_settings(settings))
+    rows = (
+        {
+            "table": purge.table,
+            "older_than": rfc3339(purge.before.timestamp()) if purge.before is not None else "kept for good",
+            "deleted": purge.deleted,
+        }
+        for purge in purges
+    )
+    print_rows(rows, fmt, ["table", "older_than", "deleted"], "deleted past retention")
+
+
 @click.group("schemas")
 def schemas_group() -> None:
     """JSON Schemas of the input contract and of the notifications sent to webhooks."""
@@ -62,4 +90,4 @@ def schemas_export(out: Path) -> None:
         stderr.print(f"wrote {path}")
 
 
-COMMANDS = [config_group, db_group, schemas_group]
+COMMANDS = [config_group, db_group, retention_group, schemas_group]

@@ -1,5 +1,5 @@
-"""`run`: the daemon. Consumes a Kafka topic in a consumer group until stopped, serving metrics and
-delivering alert notifications meanwhile."""
+"""`run`: the daemon. Consumes a Kafka topic in a consumer group until stopped, serving metrics,
+delivering alert notifications and deleting what is past retention meanwhile."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from detector.metrics import Metrics
 from detector.pipeline import AlertListener, Outputs, Pipeline, PipelineStats
 from detector.service.consume import Pressure, Progress, consume
 from detector.service.process import prepare_process
+from detector.service.retention import ScheduledRetention
 from detector.service.stop import Interrupted, StopFlag
-from detector.service.wiring import build_pipeline, persisting
+from detector.service.wiring import build_pipeline, persisting, serve_metrics
 from detector.settings import Settings
-from detector.storage import StorageError, Store
+from detector.storage import Retention, RetentionPolicy, StorageError, Store
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ def run_daemon(
 ) -> PipelineStats:
     """Consume, process and commit until `stop` is set (or, with `idle_exit_seconds`, the stream is idle).
 
-    Serves metrics and delivers alert notifications meanwhile. On the way out the current batch is
+    Serves metrics, delivers alert notifications and deletes what is past retention (every
+    `retention.interval_seconds`) meanwhile. On the way out the current batch is
     finished, everything pending is persisted and offsets committed; when the database cannot take it,
     raises `StorageError` with nothing committed (the records are read again at the next start).
     """
@@ -97,9 +99,17 @@ def run_daemon(
     group = group_id or settings.kafka.group_id
     with ExitStack() as resources:
         store, dispatcher = resources.enter_context(persisting(settings, metrics))
-        listen = settings.metrics.host_port
-        if listen is not None:
-            resources.callback(metrics.serve(*listen))
+        if settings.metrics.host_port is not None:
+            resources.callback(serve_metrics(metrics, settings.metrics))
+        if settings.retention.interval_seconds is not None:
+            retention = ScheduledRetention(
+                Retention(store.engine),
+                RetentionPolicy.from_settings(settings),
+                settings.retention.interval_seconds,
+                metrics,
+            )
+            retention.start()
+            resources.callback(retention.close)
         rebalances = Rebalances(store, group)
         try:
             # Connecting is bounded (`connect_timeout_seconds`), but a stop must not wait for it.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -16,7 +19,7 @@ from detector.eventtime import Watermark
 from detector.features.client import FeatureTracker, TrainingIndexes, TrainingLookup
 from detector.features.embedding import ModelScale, QueryEmbedder
 from detector.ingest.decode import RecordDecoder
-from detector.metrics import Metrics
+from detector.metrics import BasicAuth, Metrics
 from detector.pipeline import (
     CommitPolicy,
     DecodeStep,
@@ -31,7 +34,7 @@ from detector.scoring.detector import Detector
 from detector.scoring.model import ScoringModel
 from detector.scoring.rules import load_rules
 from detector.sessions import SessionTracker
-from detector.settings import Settings
+from detector.settings import MetricsSettings, Settings
 from detector.storage import OutboxStore, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,58 @@ def persisting(settings: Settings, metrics: Metrics) -> Iterator[tuple[Store, Di
             if not dispatcher.drain(DRAIN_SECONDS):
                 log.warning("notifications still pending: they are delivered at the next start")
             dispatcher.close()
+
+
+def serve_metrics(metrics: Metrics, settings: MetricsSettings) -> Callable[[], None]:
+    """Serve `metrics` as `settings` say (address, basic authentication, TLS); return the function that
+    stops serving. Raises `OSError` with a one-line message naming the setting when the address cannot be
+    bound or the certificate cannot be loaded (and `ValueError` when metrics are turned off)."""
+    if settings.host_port is None:
+        raise ValueError("metrics are turned off (MIA_METRICS_ADDR is empty)")
+    host, port = settings.host_port
+    auth = None
+    if settings.username is not None and settings.password is not None:
+        auth = BasicAuth(settings.username, settings.password.get_secret_value())
+    tls = None
+    if settings.tls_certfile is not None:
+        tls = server_tls_context(settings.tls_certfile, settings.tls_keyfile)
+    elif auth is not None and not _loopback(host):
+        log.warning(
+            "metrics credentials cross the network in the clear: set MIA_METRICS_TLS_CERTFILE to serve "
+            "/metrics over TLS"
+        )
+    try:
+        stop = metrics.serve(host, port, auth=auth, tls=tls)
+    except OSError as error:
+        raise OSError(
+            f"cannot serve metrics on {settings.addr} (MIA_METRICS_ADDR): {error.strerror or error}"
+        ) from None
+    scheme = "https" if tls is not None else "http"
+    log.info("metrics at %s://%s/metrics%s", scheme, settings.addr, " (basic authentication)" if auth else "")
+    return stop
+
+
+def server_tls_context(certfile: Path, keyfile: Path | None) -> ssl.SSLContext:
+    """A TLS server context (TLS 1.2 or later) with the certificate chain of `certfile` and the key of
+    `keyfile` (or of `certfile`). Raises `OSError` naming the setting when they cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except OSError as error:  # ssl.SSLError is an OSError too
+        reason = getattr(error, "reason", None) or error.strerror or type(error).__name__
+        with_key = f" with MIA_METRICS_TLS_KEYFILE ({keyfile})" if keyfile is not None else ""
+        raise OSError(f"cannot load MIA_METRICS_TLS_CERTFILE ({certfile}){with_key}: {reason}") from None
+    return context
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def load_scoring_model(settings: Settings) -> ScoringModel | None:

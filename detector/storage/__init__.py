@@ -14,6 +14,7 @@ from detector.storage.repository import (
     Transaction,
     open_store,
 )
+from detector.storage.retention import Purge, Retention, RetentionPolicy, open_retention
 from detector.storage.silences import SilenceStore
 
 __all__ = [
@@ -23,7 +24,10 @@ __all__ = [
     "DeliveryStatus",
     "DurableBatch",
     "OutboxStore",
+    "Purge",
     "QueuedNotification",
+    "Retention",
+    "RetentionPolicy",
     "SeenEvent",
     "SilenceStore",
     "SinkBacklog",
@@ -38,6 +42,7 @@ __all__ = [
     "head_revision",
     "open_alert_store",
     "open_engine",
+    "open_retention",
     "open_store",
     "upgrade",
 ]

@@ -133,6 +133,8 @@ class SessionRow(Base):
         Index(None, "status", "last_seen"),
         # Listing a client's sessions across models.
         Index(None, "client_id"),
+        # Retention: sessions not written for a while.
+        Index(None, "updated_at"),
     )
 
 
@@ -238,6 +240,8 @@ class AlertRow(Base):
         Index(None, "status", "raised_at"),
         Index(None, "client_id"),
         Index(None, "kind"),
+        # Retention: alerts resolved long ago.
+        Index(None, "status", "resolved_at"),
     )
 
 
@@ -291,4 +295,6 @@ class NotificationRow(Base):
         Index(None, "idempotency_key", "sink", unique=True),
         # A sink's queue, in order.
         Index(None, "sink", "status", "id"),
+        # Retention: notifications delivered long ago.
+        Index(None, "status", "delivered_at"),
     )

@@ -58,6 +58,8 @@ from tests.deploy.stack import (
 
 DAEMON = "mia-detector"  # the compose service, the Kubernetes Deployment and Service, the Prometheus job
 PLACEHOLDER = "example-value"  # for the optional settings an example leaves empty
+# ... but for those whose value has a form of its own.
+PLACEHOLDERS = {"MIA_TRAINING_INDEX_KEY": "00" * 32}
 
 
 def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -86,7 +88,7 @@ def settings_from(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def with_placeholders(env: Mapping[str, str]) -> dict[str, str]:
-    return {name: value or PLACEHOLDER for name, value in env.items()}
+    return {name: value or PLACEHOLDERS.get(name, PLACEHOLDER) for name, value in env.items()}
 
 
 def port_of(address: str) -> int:
@@ -211,6 +213,33 @@ def test_the_healthcheck_passes_while_metrics_are_served_and_fails_when_they_are
     assert healthy.returncode == 0, healthy.stderr
     assert unhealthy.returncode != 0
     assert "Connection refused" in unhealthy.stderr
+
+
+def test_the_healthcheck_needs_no_credentials_and_speaks_tls_when_metrics_do(
+    dockerfile: list[Any], tmp_path: Path
+) -> None:
+    from detector.metrics import BasicAuth
+    from detector.service.wiring import server_tls_context
+    from tests.secured_broker import make_certificates
+
+    certificates = make_certificates(tmp_path / "certificates")
+    command = healthcheck_command(dockerfile)
+    port = free_port()
+    env = {
+        **os.environ,
+        **image_environment(dockerfile),
+        "MIA_METRICS_ADDR": f"0.0.0.0:{port}",
+        "MIA_METRICS_TLS_CERTFILE": str(certificates.server_cert),
+    }
+    tls = server_tls_context(certificates.server_cert, certificates.server_key)
+    stop = Metrics().serve("127.0.0.1", port, auth=BasicAuth("prometheus", "pw"), tls=tls)
+    try:
+        healthy = run(command, env=env)
+        plain = run(command, env={**env, "MIA_METRICS_TLS_CERTFILE": ""})  # plain HTTP to the TLS port
+    finally:
+        stop()
+    assert healthy.returncode == 0, healthy.stderr
+    assert plain.returncode != 0
 
 
 def test_the_build_context_holds_what_the_build_copies_and_nothing_secret(dockerfile: list[Any]) -> None:
@@ -910,7 +939,7 @@ def test_probes_service_and_monitor_all_use_the_metrics_port(manifests: list[dic
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/metrics", probe
+        assert get["path"] == "/healthz", probe  # /metrics may need credentials a probe does not have
         assert ports.get(get["port"], get["port"]) == configured, probe
     (service_port,) = service["spec"]["ports"]
     assert ports.get(service_port["targetPort"], service_port["targetPort"]) == configured
@@ -922,6 +951,20 @@ def test_probes_service_and_monitor_all_use_the_metrics_port(manifests: list[dic
     pdb = one(manifests, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
+def test_the_monitor_scrapes_with_the_credentials_the_daemon_checks(
+    manifests: list[dict[str, Any]], settings_from: Any
+) -> None:
+    (endpoint,) = one(manifests, "ServiceMonitor")["spec"]["endpoints"]
+    (secret,) = stack.load_yaml_documents((KUBERNETES / "secret.example.yaml").read_text())
+    references = endpoint["basicAuth"]
+    assert {ref["name"] for ref in references.values()} == {secret["metadata"]["name"]}
+    keys = {part: ref["key"] for part, ref in references.items()}
+    assert keys == {"username": "MIA_METRICS_USERNAME", "password": "MIA_METRICS_PASSWORD"}
+    settings = settings_from({**one(manifests, "ConfigMap")["data"], **secret["stringData"]})
+    assert settings.metrics.username == secret["stringData"]["MIA_METRICS_USERNAME"]
+    assert settings.metrics.password.get_secret_value() == secret["stringData"]["MIA_METRICS_PASSWORD"]
 
 
 def test_the_pod_runs_as_the_images_user_without_privileges_on_a_read_only_root(

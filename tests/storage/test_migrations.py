@@ -49,8 +49,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0005"
-    assert current_revision(engine) == "0005"
+    assert head_revision() == "0006"
+    assert current_revision(engine) == "0006"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 
