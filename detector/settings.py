@@ -436,6 +436,24 @@ class Settings(BaseSettings):
     training_index: Path | None = None
     training_index_key: SecretStr | None = None
 
+    @field_validator("training_index_key", mode="before")
+    @classmethod
+    def _blank_key_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("training_index_key")
+    @classmethod
+    def _hex_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Checked here so that every command reports a bad key in one line (never quoting it).
+        if value is not None:
+            try:
+                key = bytes.fromhex(value.get_secret_value())
+            except ValueError:
+                raise ValueError("not a hexadecimal key") from None
+            if not 16 <= len(key) <= 64:
+                raise ValueError(f"the index key must be 16 to 64 bytes, not {len(key)}")
+        return value
+
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data that holds no secret: every secret setting masked,
         and in every URL (the database's included) the password and the query and fragment values."""

@@ -86,8 +86,11 @@ def _known_failure(exc: Exception) -> tuple[str, int] | None:
     # Importing the scoring model costs a second (scikit-learn): until some command has imported it, none of
     # its errors can have been raised.
     scoring_model = sys.modules.get("detector.scoring.model")
-    if isinstance(exc, ConfigError) or (
-        scoring_model is not None and isinstance(exc, scoring_model.ModelError)
+    index_files = sys.modules.get("detector.trainingset.files")
+    if (
+        isinstance(exc, ConfigError)
+        or (scoring_model is not None and isinstance(exc, scoring_model.ModelError))
+        or (index_files is not None and isinstance(exc, index_files.IndexFileError))
     ):
         return str(exc), 2
     if isinstance(exc, BrokerError | RuntimeFailure | KafkaUnreachable):

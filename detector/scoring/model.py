@@ -5,9 +5,11 @@ its score on the baseline, so that about that share of baseline clients would ev
 rule's threshold is never below the rule's floor, and the forest's is positive (its anomaly scores lie in
 (0, 1]), so every score/threshold ratio is defined; a model file saying otherwise is refused.
 
-On disk a model is a directory: `manifest.json` (everything but the forest, plus the forest file's SHA-256)
-and `forest.skops` (skops' safe format, never pickle). Loading checks the hash before reading the forest,
-and skops refuses any type it was not told to trust.
+On disk a model is a directory: `manifest.json` (everything but the forest, plus the forest file's SHA-256
+and the SHA-256 of the manifest's own content) and `forest.skops` (skops' safe format, never pickle).
+Loading checks both hashes before reading the forest, and skops refuses any type it was not told to trust.
+The hashes find a damaged or edited file, not an editor who recomputes them: the directory must be
+writable by nobody but whoever trains (mounted read-only).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from sklearn.ensemble import IsolationForest
 
 from detector.scoring.rules import Rule
 
-FORMAT_VERSION = 1
+# 2: the manifest carries the hash of its own content.
+FORMAT_VERSION = 2
 FOREST_FILE = "forest.skops"
 MANIFEST_FILE = "manifest.json"
 PERCENTILES = np.linspace(0, 100, 101)
@@ -52,6 +55,12 @@ _VERSION_STAMP_LENGTH = len("20261129T101500Z")
 
 class ModelError(ValueError):
     """A scoring model that cannot be used (missing, tampered with, or of another format version)."""
+
+
+def _manifest_hash(manifest: Mapping[str, object]) -> str:
+    """The SHA-256 of `manifest` but its own hash, as canonical JSON (sorted keys, no spaces)."""
+    content = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _threshold(client_maxima: list[float], target_fpr: float) -> float:
@@ -205,6 +214,7 @@ class ScoringModel:
             "baseline_clients": self.baseline_clients,
             "forest_sha256": hashlib.sha256(forest_path.read_bytes()).hexdigest(),
         }
+        manifest["manifest_sha256"] = _manifest_hash(manifest)
         (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
     @classmethod
@@ -216,13 +226,17 @@ class ScoringModel:
         try:
             manifest = json.loads((directory / MANIFEST_FILE).read_text())
             forest_bytes = (directory / FOREST_FILE).read_bytes()
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
             raise ModelError(f"cannot read scoring model at {directory}: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise ModelError(f"scoring model at {directory}: {MANIFEST_FILE} is not a manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ModelError(
                 f"scoring model at {directory} has format {manifest.get('format_version')},"
-                f" need {FORMAT_VERSION}"
+                f" need {FORMAT_VERSION} (train it again with mia-detector train)"
             )
+        if manifest.get("manifest_sha256") != _manifest_hash(manifest):
+            raise ModelError(f"scoring model at {directory}: {MANIFEST_FILE} does not match its own hash")
         if hashlib.sha256(forest_bytes).hexdigest() != manifest.get("forest_sha256"):
             raise ModelError(f"scoring model at {directory}: {FOREST_FILE} does not match its manifest hash")
         try:

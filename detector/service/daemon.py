@@ -18,7 +18,14 @@ from detector.service.consume import Pressure, Progress, consume
 from detector.service.process import prepare_process
 from detector.service.retention import ScheduledRetention
 from detector.service.stop import Interrupted, StopFlag
-from detector.service.wiring import build_pipeline, persisting, serve_metrics
+from detector.service.wiring import (
+    build_detection,
+    build_pipeline,
+    load_scoring_model,
+    load_training_indexes,
+    persisting,
+    serve_metrics,
+)
 from detector.settings import Settings
 from detector.storage import Retention, RetentionPolicy, StorageError, Store
 
@@ -97,6 +104,9 @@ def run_daemon(
     prepare_process()
     metrics = metrics or Metrics()
     group = group_id or settings.kafka.group_id
+    # The model and the indexes first (each checked against its hashes): a refused file stops the daemon
+    # before it joins the consumer group, where it would cost every member two rebalances.
+    detect = build_detection(settings, load_scoring_model(settings), load_training_indexes(settings))
     with ExitStack() as resources:
         store, dispatcher = resources.enter_context(persisting(settings, metrics))
         if settings.metrics.host_port is not None:
@@ -132,7 +142,7 @@ def run_daemon(
             return PipelineStats()
         outputs = Outputs(BrokerPositions(source, metrics), dead_letters, alerts, dispatcher)
         pipeline = rebalances.pipeline = build_pipeline(
-            settings, store, metrics, outputs=outputs, group_id=group
+            settings, store, metrics, outputs=outputs, group_id=group, detect=detect
         )
         log.info("consuming %s as group %s from %s", source.topics, group, settings.kafka.bootstrap_servers)
         retry = RetryPolicy(settings.database.retry_initial_seconds, settings.database.retry_max_seconds)

@@ -5,11 +5,18 @@ mean and standard deviation (aggregates only), the hyperplanes and offsets (rand
 data), the sorted digests, and optionally the key. Without the key the digests reveal nothing but their
 number. With it, anyone holding the file can test candidate rows for exact or near membership, so
 deployments should keep the key out of the file (see `detector.trainingset.index`).
+
+Two integrity fields cover every other array (name, type, shape and bytes): `sha256`, checked when the file
+is read, finds a damaged, truncated or edited file; `mac`, a BLAKE2b code keyed with the index key, checked
+before the index is used, finds an edit by anyone who does not hold the key (when the key is kept out of the
+file), and a key that is not the one the index was built with.
 """
 
 from __future__ import annotations
 
-import zipfile
+import hashlib
+import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +24,15 @@ import numpy as np
 from numpy.lib.npyio import NpzFile
 
 FORMAT_NAME = "mia-detector/training-set-index"
-FORMAT_VERSION = 1
+# 2: with the integrity fields `sha256` and `mac`.
+FORMAT_VERSION = 2
+INTEGRITY_FIELDS = ("sha256", "mac")
+_DIGEST_BYTES = 32
+
+
+class IndexFileError(ValueError):
+    """A training-set index file that cannot be used: unreadable, not an index, of another format version,
+    damaged or altered, or not made with the key given. The message is one line naming the file."""
 
 
 @dataclass(frozen=True)
@@ -36,10 +51,41 @@ class IndexFile:
     exact: np.ndarray  # uint64, sorted
     bands: np.ndarray  # uint64, sorted
     key: bytes | None
+    # The SHA-256 of the other arrays, as checked by `read_index`, and the keyed code of that digest (see
+    # `integrity_code`); empty in fields about to be written, which `write_index` computes.
+    digest: bytes = b""
+    mac: bytes = b""
 
 
-def write_index(path: Path, fields: IndexFile) -> None:
-    """Write `fields` to `path` (the key only when it is not None).
+def content_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The SHA-256 of `arrays` but the integrity fields: each array's name, type, shape and bytes, in name
+    order, every part length-prefixed (no two different archives give the same input)."""
+    digest = hashlib.sha256(FORMAT_NAME.encode() + b"\0")
+    for name in sorted(arrays):
+        if name in INTEGRITY_FIELDS:
+            continue
+        array = np.ascontiguousarray(arrays[name])
+        header = f"{name}\0{array.dtype.str}\0{array.shape}".encode()
+        digest.update(len(header).to_bytes(8, "little") + header)
+        digest.update(array.nbytes.to_bytes(8, "little"))
+        digest.update(array.data)  # no copy of arrays that may be hundreds of megabytes
+    return digest.digest()
+
+
+def integrity_code(digest: bytes, key: bytes) -> bytes:
+    """The keyed code of an index's content `digest` under the index `key` (BLAKE2b-256, its own
+    personalisation: not a digest the index's look-ups make with the same key)."""
+    return hashlib.blake2b(digest, key=key, digest_size=_DIGEST_BYTES, person=b"mia-index-mac").digest()
+
+
+def matches(fields: IndexFile, key: bytes) -> bool:
+    """Whether `fields` (as `read_index` returns them) carry the integrity code of `key`; constant time."""
+    return hmac.compare_digest(integrity_code(fields.digest, key), fields.mac)
+
+
+def write_index(path: Path, fields: IndexFile, key: bytes) -> None:
+    """Write `fields` to `path` (the key itself only when `fields.key` is not None), with their SHA-256 and
+    its integrity code under `key`, the index key.
 
     The file is replaced atomically and missing parent directories are created.
     """
@@ -59,6 +105,9 @@ def write_index(path: Path, fields: IndexFile) -> None:
     }
     if fields.key is not None:
         arrays["key"] = np.frombuffer(fields.key, dtype=np.uint8)
+    digest = content_digest(arrays)
+    arrays["sha256"] = np.frombuffer(digest, dtype=np.uint8)
+    arrays["mac"] = np.frombuffer(integrity_code(digest, key), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
@@ -70,17 +119,25 @@ def write_index(path: Path, fields: IndexFile) -> None:
 
 
 def read_index(path: Path) -> IndexFile:
-    """The fields of the index file at `path`, never unpickled.
+    """The fields of the index file at `path`, never unpickled, once their SHA-256 matches (the keyed code
+    is the caller's to check, with the key it uses: `matches`).
 
-    Raises `ValueError` when the file is not an index, has another format version or a field of the wrong
-    type or shape; `OSError` when it cannot be read.
+    Raises `IndexFileError` when the file cannot be read, is not an index, has another format version, is
+    damaged or altered (its SHA-256 differs), or has a field of the wrong type or shape.
     """
     arrays = _read_archive(path)
     if str(arrays.get("format", "")) != FORMAT_NAME:
-        raise ValueError(f"{path}: not a training-set index")
+        raise IndexFileError(f"{path}: not a training-set index")
     version = _integer(path, arrays, "version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: training-set index format version {version}, expected {FORMAT_VERSION}")
+        raise IndexFileError(
+            f"{path}: training-set index format version {version}, expected {FORMAT_VERSION} (build it again "
+            "with mia-detector index-training)"
+        )
+    digest = _field(path, arrays, "sha256", np.uint8, 1).tobytes()
+    mac = _field(path, arrays, "mac", np.uint8, 1).tobytes()
+    if not hmac.compare_digest(digest, content_digest(arrays)):
+        raise IndexFileError(f"{path}: training-set index damaged or altered (its SHA-256 does not match)")
     fields = IndexFile(
         width=_integer(path, arrays, "width"),
         size=_integer(path, arrays, "size"),
@@ -93,31 +150,38 @@ def read_index(path: Path) -> IndexFile:
         exact=_field(path, arrays, "exact", np.uint64, 1),
         bands=_field(path, arrays, "bands", np.uint64, 1),
         key=_field(path, arrays, "key", np.uint8, 1).tobytes() if "key" in arrays else None,
+        digest=digest,
+        mac=mac,
     )
     if fields.width != fields.mean.shape[0]:
-        raise ValueError(f"{path}: malformed training-set index (width does not match the statistics)")
+        raise IndexFileError(f"{path}: malformed training-set index (width does not match the statistics)")
     return fields
 
 
 def _read_archive(path: Path) -> dict[str, np.ndarray]:
     """The arrays of the npz archive at `path`, loaded without pickle; `ValueError` if it is not one."""
     # Our own handle: np.load leaks the one it opens when the zip turns out to be broken.
-    with path.open("rb") as handle:
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise IndexFileError(f"cannot read training-set index {path}: {exc.strerror or exc}") from None
+    with handle:
         try:
+            # allow_pickle=False: an object array (a pickle) in the archive is refused, never unpickled.
             loaded = np.load(handle, allow_pickle=False)
             if not isinstance(loaded, NpzFile):
                 raise ValueError("a single array, not an archive")
             with loaded:
                 return {name: loaded[name] for name in loaded.files}
-        except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        except Exception as exc:  # zipfile and numpy raise many kinds of error on damaged archives
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise ValueError(f"{path}: not a training-set index ({reason})") from exc
+            raise IndexFileError(f"{path}: not a training-set index ({reason})") from exc
 
 
 def _field(path: Path, arrays: dict[str, np.ndarray], name: str, dtype: type, ndim: int) -> np.ndarray:
     value = arrays.get(name)
     if value is None or value.dtype != np.dtype(dtype) or value.ndim != ndim:
-        raise ValueError(f"{path}: malformed training-set index (field {name!r})")
+        raise IndexFileError(f"{path}: malformed training-set index (field {name!r})")
     return value
 
 

@@ -19,7 +19,8 @@ float formatting), 1 (near one) or 0 (neither). The index never holds the rows t
 The index is saved as a `numpy.savez` archive (`detector.trainingset.files`), with its key or without. When
 the environment variable `MIA_TRAINING_INDEX_KEY` holds a key (hex, 16 to 64 bytes), `mia-detector
 index-training` indexes with it and does not write it into the file, and the daemon passes the same
-variable to `TrainingSetIndex.load`. A wrong key is not detected: lookups then simply find nothing.
+variable to `TrainingSetIndex.load`. The file's keyed integrity code is checked with the key before the
+index is used: a file altered by anyone without the key, or a wrong key, is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.trainingset.cells import scaled, tokens, training_tokens
-from detector.trainingset.files import IndexFile, read_index, write_index
+from detector.trainingset.files import IndexFile, IndexFileError, matches, read_index, write_index
 from detector.trainingset.hashing import DigestSet, siphash24_words, sorted_unique, strictly_increasing
 
 KEY_ENVIRONMENT_VARIABLE = "MIA_TRAINING_INDEX_KEY"
@@ -201,14 +202,17 @@ class TrainingSetIndex:
                 bands=self._bands.digests,
                 key=self._key if include_key else None,
             ),
+            self._key,
         )
 
     @classmethod
     def load(cls, path: Path, key: bytes | None = None) -> TrainingSetIndex:
-        """Read an index written by `save`, with `key` if given, else the key stored in the file.
+        """Read an index written by `save`, with `key` if given, else the key stored in the file; nothing of
+        it is used before its SHA-256 and its integrity code under that key match.
 
-        Never unpickles. Raises `ValueError` when the file is not an index, has another format version, is
-        malformed, or holds no key and none is given; `OSError` when it cannot be read.
+        Never unpickles. Raises `IndexFileError` when the file cannot be read, is not an index, has another
+        format version, is damaged, altered or malformed, does not match the key, or holds no key and none
+        is given; `ValueError` for a `key` of the wrong length.
         """
         stored = read_index(path)
         if key is not None:
@@ -217,8 +221,13 @@ class TrainingSetIndex:
         elif stored.key is not None:
             chosen = stored.key
         else:
-            raise ValueError(
+            raise IndexFileError(
                 f"{path}: the index was saved without its key; set {KEY_ENVIRONMENT_VARIABLE} (hex)"
+            )
+        if not matches(stored, chosen):
+            raise IndexFileError(
+                f"{path}: training-set index does not match its key: altered, or {KEY_ENVIRONMENT_VARIABLE} "
+                "is not the key it was built with"
             )
         try:
             if not (strictly_increasing(stored.exact) and strictly_increasing(stored.bands)):
@@ -236,7 +245,7 @@ class TrainingSetIndex:
                 bands=stored.bands,
             )
         except ValueError as exc:
-            raise ValueError(f"{path}: malformed training-set index ({exc})") from exc
+            raise IndexFileError(f"{path}: malformed training-set index ({exc})") from exc
 
     def _exact_digests(self, cells: np.ndarray) -> np.ndarray:
         """Keyed BLAKE2b digest (uint64) of each row of an [m, width] int64 token matrix."""

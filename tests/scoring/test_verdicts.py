@@ -20,6 +20,7 @@ from detector.scoring.detector import Detector
 from detector.scoring.model import MANIFEST_FILE, ModelError, ScoringModel
 from detector.scoring.rules import load_rules
 from detector.scoring.scorer import ANOMALY_MIN_QUERIES
+from tests.scoring.test_model_files import rehash
 from tests.scoring.test_scoring import RULES, baseline_trajectories
 from tests.streams import SetIndex, Stream, augmentation_probe, boundary_walk, harvest, record, warmed_tracker
 
@@ -85,7 +86,7 @@ def test_a_saved_model_with_a_forest_threshold_of_zero_does_not_load(tmp_path: P
     directory = tmp_path / "model"
     ScoringModel.fit(baseline_trajectories(), RULES, 0.01, scales={}).save(directory)
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest | {"forest_threshold": 0.0}))
+    rehash(directory, manifest | {"forest_threshold": 0.0})  # as if saved so: the check is the threshold's
     with pytest.raises(ModelError, match=re.escape(f"scoring model at {directory}: the forest threshold")):
         ScoringModel.load(directory)
 

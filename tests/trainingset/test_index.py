@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import zipfile
@@ -14,9 +15,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer, load_digits
 
-from detector.trainingset import TrainingSetIndex
+from detector.trainingset import IndexFileError, TrainingSetIndex
 from detector.trainingset.cells import scaled, tokens
-from detector.trainingset.files import FORMAT_NAME
+from detector.trainingset.files import FORMAT_VERSION, content_digest, integrity_code
 from detector.trainingset.hashing import siphash24_words
 
 KEY = bytes(range(32))
@@ -216,13 +217,94 @@ def test_an_index_saved_without_its_key_needs_it(tmp_path: Path) -> None:
     assert (TrainingSetIndex.load(path, key=KEY).lookup(training) == 2).all()
 
 
-def test_loading_with_the_wrong_key_finds_nothing(tmp_path: Path) -> None:
+def test_loading_with_the_wrong_key_is_refused(tmp_path: Path) -> None:
     training, _ = split(DATASETS["breast_cancer"])
     path = tmp_path / "index.npz"
-    TrainingSetIndex.build(training, key=KEY).save(path)
-    wrong = TrainingSetIndex.load(path, key=bytes(32))
-    assert not wrong.lookup(training).any()
-    assert not wrong.lookup(training + 0.01 * training.std(axis=0)).any()
+    TrainingSetIndex.build(training, key=KEY).save(path, include_key=False)
+    with pytest.raises(IndexFileError, match="does not match its key") as error:
+        TrainingSetIndex.load(path, key=bytes(32))
+    assert "\n" not in str(error.value)
+    assert (TrainingSetIndex.load(path, key=KEY).lookup(training) == 2).all()
+
+
+def arrays_of(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def sealed(arrays: dict[str, np.ndarray], key: bytes) -> dict[str, np.ndarray]:
+    """`arrays` with integrity fields made for them under `key`, as `save` makes them."""
+    digest = content_digest(arrays)
+    return arrays | {
+        "sha256": np.frombuffer(digest, dtype=np.uint8),
+        "mac": np.frombuffer(integrity_code(digest, key), dtype=np.uint8),
+    }
+
+
+def test_every_byte_of_the_file_is_covered(tmp_path: Path) -> None:
+    """One byte changed anywhere in what the index is read from (every member's npy header and data, the
+    integrity fields included) is refused with one line; a change elsewhere (zip fields nobody reads) loads
+    the very same index. The file cut anywhere is refused."""
+    # A small index (three features, four tables of 8 bits) keeps the file at a few kilobytes.
+    training, _ = split(DATASETS["breast_cancer"][:40, :3])
+    good = tmp_path / "index.npz"
+    index = TrainingSetIndex.build(training, key=KEY, tables=4, bits=8, min_tables=1)
+    index.save(good)
+    original = good.read_bytes()
+    tampered = tmp_path / "tampered.npz"
+    unnoticed = []
+    for position in range(len(original)):
+        content = bytearray(original)
+        content[position] ^= 0x01
+        tampered.write_bytes(bytes(content))
+        try:
+            loaded = TrainingSetIndex.load(tampered)
+        except IndexFileError as error:
+            assert "\n" not in str(error), error
+        else:
+            unnoticed.append(position)
+            # What nobody reads may change (zip timestamps, versions, attributes): the index is the same.
+            assert (loaded.lookup(training) == index.lookup(training)).all()
+            assert arrays_of(tampered).keys() == arrays_of(good).keys()
+    read = member_contents(good)
+    assert unnoticed and not [position for position in unnoticed if any(position in r for r in read)]
+    for length in range(0, len(original), max(1, len(original) // 200)):
+        tampered.write_bytes(original[:length])
+        with pytest.raises(IndexFileError):
+            TrainingSetIndex.load(tampered)
+
+
+def member_contents(path: Path) -> list[range]:
+    """Where in the zip file at `path` each member's stored bytes (npy header and array data) lie."""
+    content = path.read_bytes()
+    ranges = []
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name_length, extra_length = struct.unpack_from("<HH", content, info.header_offset + 26)
+            start = info.header_offset + 30 + name_length + extra_length
+            ranges.append(range(start, start + info.compress_size))
+    return ranges
+
+
+def test_an_edited_index_is_refused_by_its_sha256_and_without_the_key_by_its_code(tmp_path: Path) -> None:
+    training, _ = split(DATASETS["breast_cancer"])
+    path = tmp_path / "index.npz"
+    TrainingSetIndex.build(training, key=KEY).save(path, include_key=False)
+    arrays = arrays_of(path)
+    # Someone drops every exact digest (to blind the detector) and writes a well-formed archive (the zip's
+    # checksums right): the SHA-256 finds it.
+    edited = arrays | {"exact": arrays["exact"][:1].copy()}
+    np.savez(path, **edited)
+    with pytest.raises(IndexFileError, match="damaged or altered \\(its SHA-256 does not match\\)"):
+        TrainingSetIndex.load(path, key=KEY)
+    # Without the key, recomputing the SHA-256 is not enough.
+    edited["sha256"] = np.frombuffer(content_digest(edited), dtype=np.uint8)
+    np.savez(path, **edited)
+    with pytest.raises(IndexFileError, match="does not match its key"):
+        TrainingSetIndex.load(path, key=KEY)
+    # With the key, the same edit is accepted: the integrity code is what tells the two apart.
+    np.savez(path, **sealed(edited, KEY))
+    assert TrainingSetIndex.load(path, key=KEY).size == len(training)
 
 
 def test_a_pickle_bearing_file_fails_cleanly_without_unpickling(tmp_path: Path) -> None:
@@ -230,12 +312,25 @@ def test_a_pickle_bearing_file_fails_cleanly_without_unpickling(tmp_path: Path) 
     path = tmp_path / "crafted.npz"
     payload = np.empty(1, dtype=object)
     payload[0] = Touch(marker)
-    np.savez(path, format=np.array(FORMAT_NAME), version=np.array(1), exact=payload)
+    craft_pickle_index(path, marker)
     assert b"unpickled" in path.read_bytes()  # the payload is really in the file
-    with pytest.raises(ValueError, match="not a training-set index") as error:
+    with pytest.raises(IndexFileError, match="not a training-set index") as error:
         TrainingSetIndex.load(path)
     assert "\n" not in str(error.value)
     assert not marker.exists()
+
+
+def craft_pickle_index(path: Path, marker: Path) -> None:
+    """An index file like a real one but for its `exact` field: an object array holding a pickle that
+    creates `marker` when unpickled."""
+    training, _ = split(DATASETS["breast_cancer"])
+    real = tmp = path.with_name("real.npz")
+    TrainingSetIndex.build(training, key=KEY).save(real)
+    arrays = arrays_of(real)
+    tmp.unlink()
+    payload = np.empty(1, dtype=object)
+    payload[0] = Touch(marker)
+    np.savez(path, **(arrays | {"exact": payload}))
 
 
 class Touch:
@@ -258,18 +353,24 @@ def test_files_that_are_not_indexes_are_refused(tmp_path: Path) -> None:
     training, _ = split(DATASETS["breast_cancer"])
     good = tmp_path / "index.npz"
     TrainingSetIndex.build(training, key=KEY).save(good)
-    with np.load(good, allow_pickle=False) as archive:
-        arrays = {name: archive[name] for name in archive.files}
+    arrays = arrays_of(good)
 
-    newer = tmp_path / "newer.npz"
-    np.savez(newer, **(arrays | {"version": np.array(2, dtype=np.int64)}))
-    with pytest.raises(ValueError, match="format version 2, expected 1"):
-        TrainingSetIndex.load(newer)
+    for version in (1, 99):  # 1: without the integrity fields
+        other_version = tmp_path / f"v{version}.npz"
+        np.savez(other_version, **sealed(arrays | {"version": np.array(version, dtype=np.int64)}, KEY))
+        with pytest.raises(IndexFileError, match=f"format version {version}, expected {FORMAT_VERSION}"):
+            TrainingSetIndex.load(other_version)
 
     unsorted = tmp_path / "unsorted.npz"
-    np.savez(unsorted, **(arrays | {"exact": arrays["exact"][::-1].copy()}))
-    with pytest.raises(ValueError, match="malformed"):
+    np.savez(unsorted, **sealed(arrays | {"exact": arrays["exact"][::-1].copy()}, KEY))
+    with pytest.raises(IndexFileError, match="malformed"):
         TrainingSetIndex.load(unsorted)
+
+    for missing in ("sha256", "mac"):
+        without = tmp_path / f"without-{missing}.npz"
+        np.savez(without, **{name: array for name, array in arrays.items() if name != missing})
+        with pytest.raises(IndexFileError, match=f"malformed training-set index \\(field '{missing}'\\)"):
+            TrainingSetIndex.load(without)
 
     other = tmp_path / "other.npz"
     np.savez(other, weights=np.ones(3))
@@ -280,9 +381,9 @@ def test_files_that_are_not_indexes_are_refused(tmp_path: Path) -> None:
     text = tmp_path / "text.npz"
     text.write_text("hello")
     for path in (other, single, garbage, text):
-        with pytest.raises(ValueError, match="not a training-set index"):
+        with pytest.raises(IndexFileError, match="not a training-set index"):
             TrainingSetIndex.load(path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(IndexFileError, match=r"cannot read training-set index .*missing\.npz"):
         TrainingSetIndex.load(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="16 to 64 bytes"):
         TrainingSetIndex.load(good, key=b"short")
@@ -343,7 +444,7 @@ def test_cli_keeps_a_key_from_the_environment_out_of_the_file(tmp_path: Path) ->
     [
         ("a,b\n1,2\n3,x\n", None, "column 'b' is not numeric"),
         ("a,b\n1,2\n3\n", None, "line 3 has 1 fields"),
-        ("a,b\n1,2\n", "not-hex", "MIA_TRAINING_INDEX_KEY is not a hexadecimal key"),
+        ("a,b\n1,2\n", "not-hex", "(MIA_TRAINING_INDEX_KEY): Value error, not a hexadecimal key"),
         ("a,b\n1,2\n", "abcd", "the index key must be 16 to 64 bytes, not 2"),
     ],
 )
@@ -386,5 +487,7 @@ def test_zip_members_are_plain_npy(tmp_path: Path) -> None:
         "exact",
         "bands",
         "key",
+        "sha256",
+        "mac",
     ]
     assert names == sorted(f"{field}.npy" for field in fields)
