@@ -231,6 +231,23 @@ class Metrics:
             "records after the broker's offset are de-duplicated when read again)",
             registry=self.registry,
         )
+        self.broker_connected = Gauge(
+            f"{PREFIX}_broker_connected",
+            "1 while the Kafka consumer holds a connection to a broker, 0 while it has none (nothing is "
+            "consumed then; the client reconnects with backoff)",
+            registry=self.registry,
+        )
+        self.broker_disconnections = Counter(
+            f"{PREFIX}_broker_disconnections_total",
+            "Times the Kafka consumer lost its last connection to the brokers",
+            registry=self.registry,
+        )
+        self.positions_beyond_log_end = Counter(
+            f"{PREFIX}_positions_beyond_log_end_total",
+            "Assigned partitions whose position stored with the results lay beyond the broker's end offset "
+            "(the broker lost records, or reports a short end): they resumed where the broker said",
+            registry=self.registry,
+        )
         self.active_sessions = Gauge(
             f"{PREFIX}_active_sessions",
             "Sessions held in memory",
@@ -241,7 +258,6 @@ class Metrics:
             "Sessions ended by the inactivity gap or the maximum duration",
             registry=self.registry,
         )
-
         # Client-id churn: a stream of fresh keys (one per request) would otherwise go unnoticed, each key
         # too new to alert, while the clients it evicts lose their features.
         self.tracked_clients = Gauge(

@@ -8,13 +8,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from detector.domain import DeadLetter, Origin, RawRecord
-from detector.kafka import KafkaPublisher, open_client
+from detector.kafka import BOOTSTRAP_TIMEOUT_OPTION, KafkaPublisher, open_client
+from detector.metrics import Metrics
 from detector.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+# How often `poll` looks at the consumer's connections to the brokers (no broker round trip).
+CONNECTION_CHECK_SECONDS = 1.0
+# Bounds the end-offset lookup that checks stored positions (kafka-python 3; 2.x uses its request timeout).
+END_OFFSETS_TIMEOUT_MS = 10_000
 
 Positions = dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
 StoredPositions = Callable[[], Positions]
@@ -54,6 +61,14 @@ class KafkaSource:
     consumer resumes at its stored position when there is one, since an offset commit made during a
     rebalance is sent without waiting for the broker and may not have landed; it must not raise either
     (an empty answer leaves the broker's committed offsets, which are never ahead of the stored ones).
+
+    A stored position beyond the broker's end offset means the broker lost records (a broker that kept its
+    log in memory and restarted, a topic deleted and created again) or reports a short end: the partition
+    then resumes where the broker says (its committed offset, or `auto_offset_reset`), which at worst reads
+    again what event-id de-duplication drops, instead of waiting past the end of the log for offsets that the
+    new records reach only later. It is logged and counted (`metrics`). So is the loss of the brokers, and
+    their return (`mia_detector_broker_connected`); a poll that cannot reach them is retried after the poll
+    timeout instead of ending the daemon.
     """
 
     def __init__(
@@ -63,14 +78,25 @@ class KafkaSource:
         topics: list[str] | None = None,
         group_id: str | None = None,
         stored_positions: StoredPositions | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.topics = topics or settings.topics
         self.group_id = group_id or settings.group_id
+        self._servers = settings.bootstrap_servers
         self._max_records = settings.max_poll_records
         self._timeout_ms = settings.poll_timeout_ms
         self._on_revoke = on_revoke
         self._stored_positions = stored_positions
+        self._metrics = metrics
         self._in_rebalance = False
+        self._held = False
+        # Assigned partitions with a stored position, paused until it is checked against the end offsets.
+        self._unchecked: dict[TopicPartition, int] = {}
+        self._connected = True
+        self._healthy_checks = 0  # consecutive connection checks that found the brokers reachable
+        self._poll_error: KafkaError | None = None  # since the last connection check
+        self._disconnected_at = 0.0
+        self._connection_checked = time.time()
         self._consumer = open_client(
             KafkaConsumer,
             settings,
@@ -86,6 +112,8 @@ class KafkaSource:
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
         self._consumer.subscribe(self.topics, listener=_RebalanceListener(self._revoked, self._assigned))
+        if metrics is not None:
+            metrics.broker_connected.set(1)  # the client bootstrapped: it reached a broker
 
     @property
     def exhausted(self) -> bool:
@@ -94,8 +122,23 @@ class KafkaSource:
 
     def poll(self) -> list[RawRecord]:
         """Up to `max_poll_records` records, waiting at most the poll timeout; [] when there are none."""
-        fetched = self._consumer.poll(timeout_ms=self._timeout_ms, max_records=self._max_records)
+        if self._unchecked:
+            self._resume_at_stored_positions()
+        try:
+            fetched = self._consumer.poll(timeout_ms=self._timeout_ms, max_records=self._max_records)
+        except KafkaError as error:
+            if not error.retriable:
+                raise
+            # kafka-python 3 raises a connection lost while it looks up the group coordinator out of `poll`;
+            # the client reconnects at the next poll, which must not come at once (no busy loop).
+            log.debug("polling Kafka failed: %s", error)
+            self._poll_error = error
+            time.sleep(self._timeout_ms / 1000)
+            fetched = {}
         received_at = time.time()
+        if received_at - self._connection_checked >= CONNECTION_CHECK_SECONDS:
+            self._connection_checked = received_at
+            self._check_connection()
         return [
             RawRecord(
                 message.value,
@@ -117,10 +160,12 @@ class KafkaSource:
 
         `poll` must still be called meanwhile: it keeps the consumer in its group and returns nothing.
         """
+        self._held = held
         if held:
             self._consumer.pause(*self._consumer.assignment())
         else:
-            self._consumer.resume(*self._consumer.paused())
+            # Partitions whose stored position is not checked yet stay paused (see `_assigned`).
+            self._consumer.resume(*(set(self._consumer.paused()) - self._unchecked.keys()))
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Records behind the high watermark per assigned partition, as of the consumer's last fetch.
@@ -165,10 +210,105 @@ class KafkaSource:
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
         stored = self._stored_positions() if self._stored_positions is not None else {}
-        for tp in partitions:
-            position = stored.get((tp.topic, tp.partition))
-            if position is not None:
+        self._unchecked = {
+            tp: position
+            for tp in partitions
+            if (position := stored.get((tp.topic, tp.partition))) is not None
+        }
+        # Checking a stored position against the end offsets is a broker round trip, refused on the network
+        # thread this runs on (kafka-python 3): the next `poll` does it, and nothing is fetched before.
+        if self._unchecked:
+            self._consumer.pause(*self._unchecked)
+
+    def _resume_at_stored_positions(self) -> None:
+        """Seek each unchecked partition to its stored position unless that lies beyond the broker's end
+        offset (see the class docstring), then let it be fetched. A failed lookup is retried at the next
+        poll."""
+        assignment = self._consumer.assignment()
+        unchecked = {tp: position for tp, position in self._unchecked.items() if tp in assignment}
+        if not unchecked:
+            self._unchecked = {}
+            return
+        try:
+            beyond = self._beyond_log_end(unchecked)
+        except KafkaError as error:
+            log.warning(
+                "end offsets of %s unknown (%s): checked again at the next poll", _names(unchecked), error
+            )
+            return
+        for tp, position in unchecked.items():
+            if tp not in beyond:
                 self._consumer.seek(tp, position)
+                continue
+            log.warning(
+                "stored position %d of %s/%d is beyond the broker's end offset %d: the broker lost records; "
+                "resuming where the broker says (committed offset, or auto_offset_reset), records read "
+                "again are de-duplicated",
+                position,
+                tp.topic,
+                tp.partition,
+                beyond[tp],
+            )
+            if self._metrics is not None:
+                self._metrics.positions_beyond_log_end.inc()
+        self._unchecked = {}
+        if not self._held:
+            self._consumer.resume(*unchecked)
+
+    def _beyond_log_end(self, stored: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """The partitions whose stored position lies beyond the broker's end offset, with that end offset;
+        raises `KafkaError` when the broker does not answer."""
+        if BOOTSTRAP_TIMEOUT_OPTION == "bootstrap_timeout_ms":  # kafka-python 3 takes a bound
+            ends = self._consumer.end_offsets(list(stored), timeout_ms=END_OFFSETS_TIMEOUT_MS)
+        else:
+            ends = self._consumer.end_offsets(list(stored))
+        beyond = {}
+        for tp, position in stored.items():
+            end = ends.get(tp)
+            # Some brokers (tansu) report an end below the true one; a broker that still holds the offset
+            # this group committed there has not lost the log.
+            if (
+                end is not None
+                and position > end
+                and self._consumer.committed(tp, timeout_ms=END_OFFSETS_TIMEOUT_MS) != position
+            ):
+                beyond[tp] = end
+        return beyond
+
+    def _check_connection(self) -> None:
+        """Log and export the loss of the brokers (no connection left, or a poll that failed to reach them)
+        and their return (connected, without a failed poll, on two checks in a row: a connection that the
+        network accepts and then resets does not count)."""
+        try:
+            count = self._consumer.metrics()["consumer-metrics"]["connection-count"]
+        except (KeyError, TypeError):
+            count = 1  # a client without connection metrics: judged by its polls alone
+        error, self._poll_error = self._poll_error, None
+        if count > 0 and error is None:
+            self._healthy_checks += 1
+            if not self._connected and self._healthy_checks >= 2:
+                self._connected = True
+                log.info(
+                    "connected to the Kafka brokers again after %.1f s: consumption resumed",
+                    time.monotonic() - self._disconnected_at,
+                )
+                if self._metrics is not None:
+                    self._metrics.broker_connected.set(1)
+            return
+        self._healthy_checks = 0
+        if not self._connected:
+            return
+        self._connected = False
+        self._disconnected_at = time.monotonic()
+        log.warning(
+            "lost the Kafka brokers at %s (%s): nothing is consumed until they answer again (the client "
+            "reconnects with backoff; what was read is stored meanwhile)",
+            self._servers,
+            error or "no connection left",
+        )
+        if self._metrics is not None:
+            self._metrics.broker_connected.set(0)
+            self._metrics.broker_disconnections.inc()
 
     def close(self) -> None:
         """Leave the group (without committing anything more)."""

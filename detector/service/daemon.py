@@ -135,6 +135,7 @@ def run_daemon(
                     topics=topics,
                     group_id=group,
                     stored_positions=rebalances.stored_positions,
+                    metrics=metrics,
                 )
                 resources.callback(source.close)
         except Interrupted:
