@@ -83,8 +83,14 @@ def build(links: list[JSON]) -> JSON:
         ),
         stat(
             "Consumption",
-            "Held while too many notifications are undelivered (the outbox is over its limit).",
-            [promql(f"max({metric('outbox_backpressure')})", "back-pressure", instant=True)],
+            "What holds consumption, if anything: too many undelivered notifications (the outbox over its "
+            "limit), a database that does not take the results (retried with backoff), or no connection to "
+            "any Kafka broker. Nothing is lost while held; nothing is detected either.",
+            [
+                promql(f"max({metric('outbox_backpressure')})", "outbox", instant=True),
+                promql(f"1 - min({metric('storage_available')})", "database", instant=True),
+                promql(f"1 - min({metric('broker_connected')})", "brokers", instant=True),
+            ],
             mappings=[
                 {
                     "type": "value",
