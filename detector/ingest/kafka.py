@@ -12,7 +12,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from detector.domain import DeadLetter, Origin, RawRecord
-from detector.kafka import BOOTSTRAP_TIMEOUT_OPTION, KafkaPublisher, open_client
+from detector.kafka import BOOTSTRAP_TIMEOUT_OPTION, KafkaPublisher, open_client, open_connections
 from detector.metrics import Metrics
 from detector.settings import KafkaSettings
 
@@ -279,10 +279,9 @@ class KafkaSource:
         """Log and export the loss of the brokers (no connection left, or a poll that failed to reach them)
         and their return (connected, without a failed poll, on two checks in a row: a connection that the
         network accepts and then resets does not count)."""
-        try:
-            count = self._consumer.metrics()["consumer-metrics"]["connection-count"]
-        except (KeyError, TypeError):
-            count = 1  # a client without connection metrics: judged by its polls alone
+        count = open_connections(self._consumer)
+        if count is None:
+            count = 1  # a client that does not tell: judged by its polls alone
         error, self._poll_error = self._poll_error, None
         if count > 0 and error is None:
             self._healthy_checks += 1

@@ -92,6 +92,23 @@ def open_client(
         raise KafkaUnreachable(_bootstrap_failure(settings, exc, timeout)) from None
 
 
+def open_connections(consumer: KafkaConsumer) -> int | None:
+    """How many connections to brokers `consumer` holds open now (no broker round trip); None when the
+    installed kafka-python does not tell."""
+    if BOOTSTRAP_TIMEOUT_OPTION == "api_version_auto_timeout_ms":
+        # kafka-python 2.x keeps a closed connection in its table (and counts it in `connection-count`):
+        # only the connections themselves know whether they are open.
+        table = getattr(getattr(consumer, "_client", None), "_conns", None)
+        if isinstance(table, dict):
+            return sum(1 for connection in list(table.values()) if connection.connected())
+        return None
+    # kafka-python 3 drops a connection from its table when it closes, so the metric counts the open ones.
+    try:
+        return int(consumer.metrics()["consumer-metrics"]["connection-count"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _log_in(settings: KafkaSettings, timeout: float) -> None:
     """Authenticate once with a client of kafka-python 2.x's own, within `timeout` seconds, or raise
     `KafkaError`.

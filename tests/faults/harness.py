@@ -224,6 +224,8 @@ def committed_offsets(bootstrap_servers: str, group_id: str, topic: str) -> dict
         bootstrap_servers=bootstrap_servers,
         group_id=group_id,
         enable_auto_commit=False,
+        # kafka-python 2.x wants the request timeout above the session timeout (unused: it never joins).
+        session_timeout_ms=6_000,
         request_timeout_ms=10_000,
     )
     try:
