@@ -22,6 +22,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
@@ -32,6 +33,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from detector.allowlists import read_allowlist_file
 from detector.domain import AlertKind, AllowEntry, AllowList
 
 _GROUP = ConfigDict(extra="forbid")
@@ -204,6 +206,26 @@ class DetectionSettings(BaseModel):
     rules_path: Path | None = None
     max_clients: int = Field(default=20_000, ge=1)
     allowlist: list[AllowlistEntry] = Field(default_factory=list)
+    # An allow-list file (`detector.allowlists`), such as the one `train` suggests once reviewed: its
+    # entries are added to `allowlist`.
+    allowlist_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _add_allowlist_file(self) -> DetectionSettings:
+        if self.allowlist_file is None:
+            return self
+        added = []
+        for number, entry in enumerate(read_allowlist_file(self.allowlist_file), start=1):
+            try:
+                added.append(AllowlistEntry.model_validate(entry))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"]) or "entry"
+                raise ValueError(
+                    f"allow-list file {self.allowlist_file}, entry {number}: {where}: {first['msg']}"
+                ) from None
+        self.allowlist = [*self.allowlist, *added]
+        return self
 
     def allow_list(self) -> AllowList:
         """The operators' allow-list as the detector applies it."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from pathlib import Path
 
 import click
@@ -9,9 +11,12 @@ import click
 from detector.cli.context import settings_of
 from detector.cli.evaluation import print_evaluation
 from detector.cli.output import progress, stderr
+from detector.text import terminal_text
 
 # The simulator's scenarios, named here so that `--help` does not have to import scikit-learn.
 SCENARIO_NAMES = ["smoke", "standard", "evasive"]
+# Floor crossings `train` lists on the terminal; the suggested allow-list file holds them all.
+SHOWN_CROSSINGS = 20
 
 
 @click.command("simulate")
@@ -61,14 +66,50 @@ def simulate(scenario: str, seed: int, out: Path) -> None:
 @click.pass_context
 def train(ctx: click.Context, events: tuple[str, ...], out: Path, target_fpr: float) -> None:
     """Fit the anomaly model and calibrate every rule's threshold on baseline traffic."""
+    from detector.service.training import SUGGESTED_ALLOWLIST_FILE
     from detector.service.training import train as train_model
 
-    model = train_model(settings_of(ctx), events, target_fpr, out)
-    thresholds = ", ".join(f"{rule} {value:g}" for rule, value in sorted(model.rule_thresholds.items()))
-    stderr.print(
-        f"model {model.version} from {model.baseline_clients} baseline clients written to {out}; "
-        f"thresholds at FPR {target_fpr:g}: {thresholds}; anomaly {model.forest_threshold:.4f}"
+    calibration = train_model(settings_of(ctx), events, target_fpr, out)
+    model, at_floor = calibration.model, calibration.at_floor()
+    thresholds = ", ".join(
+        f"{rule} {value:g}{' (floor)' if rule in at_floor else ''}"
+        for rule, value in sorted(model.rule_thresholds.items())
     )
+    say = partial(stderr.print, highlight=False, soft_wrap=True)
+    say(
+        f"model {model.version} from {model.baseline_clients} baseline clients written to {out}; "
+        f"thresholds in force at FPR {target_fpr:g}: {thresholds}; anomaly {model.forest_threshold:.4f}"
+    )
+    if calibration.thin_baseline():
+        say(
+            f"warning: {calibration.baseline_clients} baseline clients cannot measure a false-alert rate of "
+            f"{target_fpr:g} (that needs {math.ceil(1 / target_fpr)}): thresholds are the largest baseline "
+            "values raised by a margin; train on more clients, or raise --target-fpr"
+        )
+    for rule, reaching in sorted(calibration.common_at_floor.items()):
+        say(
+            f"note: {reaching} of {calibration.baseline_clients} baseline clients reach {rule}'s floor "
+            f"({calibration.floors[rule]:g}): too many to leave out as outliers, so they set its threshold "
+            f"({model.rule_thresholds[rule]:g}); allow-list the known jobs among them to bring it down"
+        )
+    crossings = calibration.crossings
+    if not crossings:
+        say(f"no baseline client left out of calibration; {out / SUGGESTED_ALLOWLIST_FILE} suggests nothing")
+        return
+    say(
+        f"{len(crossings)} baseline (client, rule) pairs reach the rule's floor: left out of that rule's "
+        f"calibration, alerted on live unless allow-listed (review {out / SUGGESTED_ALLOWLIST_FILE}, then "
+        "MIA_DETECTION_ALLOWLIST_FILE):"
+    )
+    for crossing in crossings[:SHOWN_CROSSINGS]:
+        say(
+            terminal_text(
+                f"  {crossing.rule} {crossing.value:g} (floor {crossing.floor:g}) {crossing.model} / "
+                f"{crossing.client_id}, events {', '.join(crossing.evidence)}"
+            )
+        )
+    if len(crossings) > SHOWN_CROSSINGS:
+        say(f"  and {len(crossings) - SHOWN_CROSSINGS} more in {out / SUGGESTED_ALLOWLIST_FILE}")
 
 
 @click.command("index-training")

@@ -1,9 +1,11 @@
 """The scoring model fitted on baseline traffic: feature percentiles, rule thresholds, an IsolationForest.
 
 Thresholds are set in operational units: each is the (1 - target FPR) quantile of the per-client maximum of
-its score on the baseline, so that about that share of baseline clients would ever have been alerted. A
-rule's threshold is never below the rule's floor, and the forest's is positive (its anomaly scores lie in
-(0, 1]), so every score/threshold ratio is defined; a model file saying otherwise is refused.
+its score on the baseline, so that about that share of baseline clients would ever have been alerted.
+A few clients that would fire a rule at its floor are left out of that rule's quantile (`floor_outliers`),
+so that no single client can blind a rule for everyone. A rule's threshold is never below the rule's floor,
+and the forest's is positive (its anomaly scores lie in (0, 1]), so every score/threshold ratio is defined;
+a model file saying otherwise is refused.
 
 On disk a model is a directory: `manifest.json` (everything but the forest, plus the forest file's SHA-256
 and the SHA-256 of the manifest's own content) and `forest.skops` (skops' safe format, never pickle).
@@ -36,6 +38,11 @@ PERCENTILES = np.linspace(0, 100, 101)
 # are counts that a heavy benign client can double from one day to the next; for the forest's bounded
 # score, a quarter of the gap between the largest and the median benign client above the largest.
 EXTRAPOLATION_MARGIN = 1.0
+# At most this share of baseline clients may be left out of a rule's calibration for reaching its floor
+# (`floor_outliers`). A few such clients are outliers (the owner's re-scoring job, a batch scorer, an
+# attacker with a few keys) that must not set the threshold for everyone; more are how this deployment is
+# used, and then they are the population the threshold is calibrated on.
+MAX_OUTLIER_SHARE = 0.05
 FOREST_EXTRAPOLATION_MARGIN = 0.25
 # What the forest file may contain; anything else makes skops refuse to load it.
 TRUSTED_TYPES = [
@@ -84,9 +91,35 @@ def _forest_threshold(client_maxima: list[float], target_fpr: float) -> float:
     return largest + FOREST_EXTRAPOLATION_MARGIN * (largest - median)
 
 
-def _rule_maximum(rule: Rule, trajectory: list[dict[str, float]]) -> float:
+def rule_maximum(rule: Rule, trajectory: Sequence[Mapping[str, float]]) -> float:
     """The highest score `rule` reached over one client's snapshots (0 if its guards never held)."""
     return max((rule.score_one(snapshot) for snapshot in trajectory), default=0.0)
+
+
+def fires_at_floor(rule: Rule, maximum: float) -> bool:
+    """Whether a baseline client whose highest score for `rule` is `maximum` would fire it at its floor."""
+    return maximum >= rule.floor
+
+
+def floor_outliers(rule: Rule, maxima: Sequence[float]) -> list[int]:
+    """The baseline clients (indexes into `maxima`, their highest scores for `rule`) left out of `rule`'s
+    calibration: those that would fire it at its floor, provided they are at most `MAX_OUTLIER_SHARE` of
+    the clients; none otherwise.
+
+    One heavy legitimate client (the model owner's job re-scoring its training records) or an attacker
+    present in the baseline would otherwise lift the rule's threshold for every client. They are reported
+    instead, for an operator to allow-list or not.
+    """
+    crossing = [index for index, maximum in enumerate(maxima) if fires_at_floor(rule, maximum)]
+    return crossing if len(crossing) <= MAX_OUTLIER_SHARE * len(maxima) else []
+
+
+def rule_threshold(rule: Rule, maxima: Sequence[float], target_fpr: float) -> float:
+    """`rule`'s threshold from the baseline clients' highest scores `maxima`: the target quantile of those
+    not left out as outliers (`floor_outliers`), never below the floor."""
+    outliers = set(floor_outliers(rule, maxima))
+    kept = [maximum for index, maximum in enumerate(maxima) if index not in outliers]
+    return max(rule.floor, _threshold(kept, target_fpr))
 
 
 def anomaly_matrix(snapshots: Sequence[Mapping[str, float]], names: list[str]) -> np.ndarray:
@@ -145,9 +178,8 @@ class ScoringModel:
         ends = np.cumsum([len(trajectory) for trajectory in trajectories])
         forest_maxima = [float(part.max()) for part in np.split(scores, ends[:-1]) if part.size]
         thresholds = {
-            rule.id: max(
-                rule.floor,
-                _threshold([_rule_maximum(rule, trajectory) for trajectory in trajectories], target_fpr),
+            rule.id: rule_threshold(
+                rule, [rule_maximum(rule, trajectory) for trajectory in trajectories], target_fpr
             )
             for rule in rules
         }

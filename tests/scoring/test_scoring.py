@@ -200,12 +200,12 @@ def test_exact_training_records_hidden_in_cover_traffic_are_still_found() -> Non
 
 TRAJECTORIES_SCRIPT = """
 import hashlib, json
-from detector.scoring.calibrate import collect_trajectories
+from detector.scoring.calibrate import collect_baseline
 from tests.streams import Stream, record, warmed_tracker
 streams = [Stream(f"client-{index}") for index in range(40)]
 batch = [stream.query(record()) for _ in range(3) for stream in streams]
-trajectories = collect_trajectories([batch], warmed_tracker(), excluded=lambda client_id: False)
-print(hashlib.sha256(json.dumps(trajectories).encode()).hexdigest())
+clients = collect_baseline([batch], warmed_tracker(), excluded=lambda client_id: False)
+print(hashlib.sha256(json.dumps([(c.key, c.trajectory, c.evidence) for c in clients]).encode()).hexdigest())
 """
 
 

@@ -1,0 +1,126 @@
+"""Calibration on baseline traffic that holds heavy legitimate clients (or an attacker): no single client
+lifts a rule's threshold for everyone; such clients are reported with their evidence instead."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from detector.domain import AlertKind, Query
+from detector.scoring.calibrate import collect_baseline, fit_scoring_model
+from detector.scoring.detector import Detector
+from detector.scoring.model import floor_outliers, rule_threshold
+from tests.scoring.test_scoring import RULES
+from tests.streams import Stream, harvest, record, warmed_tracker
+
+HARVEST_RULE = next(rule for rule in RULES if rule.kind is AlertKind.CONFIDENCE_HARVESTING)
+
+
+def batches_of(queries: list[Query], size: int = 50) -> list[list[Query]]:
+    return [queries[start : start + size] for start in range(0, len(queries), size)]
+
+
+def ordinary_users(count: int = 40) -> list[Query]:
+    rng = np.random.default_rng(3)
+    queries = []
+    for index in range(count):
+        stream = Stream(f"user-{index}")
+        queries += [
+            stream.query(record(), gap=float(rng.uniform(5, 500))) for _ in range(int(rng.integers(3, 40)))
+        ]
+    return queries
+
+
+def test_a_heavy_baseline_client_does_not_lift_the_threshold_for_everyone() -> None:
+    """A nightly batch scorer asking for the probabilities of 2,000 records is in the baseline: the
+    harvesting rule's threshold stays where the other clients put it (the floor here), so an attacker
+    harvesting 300 records is still caught; the batch scorer is reported with the events that took it
+    over the floor."""
+    batch_scorer = harvest(Stream("nightly-batch-scorer"), records=2_000)
+    calibration = fit_scoring_model(
+        batches_of(ordinary_users() + batch_scorer), warmed_tracker(), RULES, 0.001, excluded=lambda _: False
+    )
+    threshold = calibration.model.rule_thresholds[HARVEST_RULE.id]
+    assert threshold == HARVEST_RULE.floor  # the scorer alone would have made it more than 2,000
+    assert HARVEST_RULE.id in calibration.at_floor()
+
+    [crossing] = [c for c in calibration.crossings if c.rule == HARVEST_RULE.id]
+    assert (crossing.model, crossing.client_id, crossing.kind) == (
+        "m",
+        "nightly-batch-scorer",
+        HARVEST_RULE.kind,
+    )
+    assert crossing.value >= 2_000 and crossing.floor == HARVEST_RULE.floor
+    # The evidence: the scorer's latest events when its snapshot first reached the floor.
+    ids = [query.event_id for query in batch_scorer]
+    assert crossing.evidence and set(crossing.evidence) <= set(ids)
+    assert max(ids.index(event) for event in crossing.evidence) < 300
+
+    tracker = warmed_tracker()
+    attack = harvest(Stream("attacker"), records=300)
+    for batch in batches_of(attack):
+        tracker.update(batch)
+    client = tracker.get(("m", "attacker"))
+    assert client is not None
+    detections = Detector(RULES, calibration.model).evaluate(("m", "attacker"), client)
+    assert AlertKind.CONFIDENCE_HARVESTING in {detection.kind for detection in detections}
+
+
+def test_allow_listed_clients_are_neither_calibrated_on_nor_reported() -> None:
+    batch_scorer = harvest(Stream("nightly-batch-scorer"), records=400)
+    calibration = fit_scoring_model(
+        batches_of(ordinary_users() + batch_scorer),
+        warmed_tracker(),
+        RULES,
+        0.001,
+        excluded=lambda client_id: client_id == "nightly-batch-scorer",
+    )
+    assert calibration.crossings == []
+    assert calibration.baseline_clients == 40
+
+
+def test_a_baseline_below_every_floor_reports_nothing_and_calibrates_as_before() -> None:
+    clients = collect_baseline(batches_of(ordinary_users()), warmed_tracker(), excluded=lambda _: False)
+    assert len(clients) == 40
+    assert all(len(client.evidence) == len(client.trajectory) for client in clients)
+    calibration = fit_scoring_model(
+        batches_of(ordinary_users()), warmed_tracker(), RULES, 0.001, excluded=lambda _: False
+    )
+    assert calibration.crossings == []
+    assert calibration.thin_baseline()  # 40 clients cannot measure a rate of 1 in 1,000
+    assert not fit_scoring_model(
+        batches_of(ordinary_users()), warmed_tracker(), RULES, 0.05, excluded=lambda _: False
+    ).thin_baseline()
+
+
+def test_a_behaviour_common_in_the_baseline_is_calibrated_on_not_suggested() -> None:
+    """Six batch scorers among 40 users (13%) are how this deployment is used: they set the threshold and
+    none is suggested for the allow-list; the rule is reported as common at its floor."""
+    scorers = [query for index in range(6) for query in harvest(Stream(f"scorer-{index}"), records=250)]
+    calibration = fit_scoring_model(
+        batches_of(ordinary_users() + scorers), warmed_tracker(), RULES, 0.001, excluded=lambda _: False
+    )
+    assert calibration.crossings == []
+    assert calibration.common_at_floor == {HARVEST_RULE.id: 6}
+    assert calibration.model.rule_thresholds[HARVEST_RULE.id] >= 250
+
+
+@pytest.mark.parametrize(
+    ("reaching", "clients", "left_out"), [(1, 20, 1), (5, 100, 5), (6, 100, 0), (2, 20, 0)]
+)
+def test_at_most_a_twentieth_of_the_clients_are_left_out(reaching: int, clients: int, left_out: int) -> None:
+    maxima = [HARVEST_RULE.floor * 3] * reaching + [1.0] * (clients - reaching)
+    assert len(floor_outliers(HARVEST_RULE, maxima)) == left_out
+    threshold = rule_threshold(HARVEST_RULE, maxima, 0.001)
+    assert threshold == (HARVEST_RULE.floor if left_out else HARVEST_RULE.floor * 3 * 2)
+
+
+def test_the_evidence_names_distinct_events_though_a_request_holds_many_rows() -> None:
+    stream = Stream("batched")
+    # Requests of 8 rows each: the rows of one request share its event id.
+    queries = [replace(stream.query(record()), event_id=f"request-{index // 8}") for index in range(8 * 10)]
+    [client] = collect_baseline(batches_of(queries), warmed_tracker(), excluded=lambda _: False)
+    assert client.evidence[-1] == ("request-7", "request-8", "request-9")
+    assert all(len(set(events)) == len(events) for events in client.evidence)
