@@ -1,6 +1,7 @@
-"""Allow-list files: TOML with one `[[allowlist]]` table per entry, the fields of the configuration's
-`[[detection.allowlist]]` (`client_id`, optional `kind`, `reason`). `mia-detector train` writes the ones it
-suggests; `MIA_DETECTION_ALLOWLIST_FILE` loads one, once an operator has reviewed it."""
+"""Allow-list files: TOML in the configuration's own allow-list format, one `[[detection.allowlist]]` table
+per entry (`client_id`, optional `kind`, `reason`), so that an entry can also be pasted into a configuration
+file. `mia-detector train` writes the ones it suggests; `MIA_DETECTION_ALLOWLIST_FILE` loads one, once an
+operator has reviewed it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 from detector.domain import AllowEntry
 from detector.text import visible
 
-TABLE = "allowlist"
+TABLE = "detection.allowlist"
 
 
 def read_allowlist_file(path: Path) -> list[dict[str, Any]]:
@@ -26,9 +27,15 @@ def read_allowlist_file(path: Path) -> list[dict[str, Any]]:
         raise ValueError(f"cannot read allow-list file {path}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"allow-list file {path} is not TOML: {str(exc).splitlines()[0]}") from None
-    unknown = sorted(set(document) - {TABLE})
-    entries = document.get(TABLE, [])
-    if unknown or not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+    detection = document.get("detection", {})
+    entries = detection.get("allowlist", []) if isinstance(detection, dict) else None
+    if (
+        set(document) - {"detection"}
+        or not isinstance(detection, dict)
+        or set(detection) - {"allowlist"}
+        or not isinstance(entries, list)
+        or not all(isinstance(entry, dict) for entry in entries)
+    ):
         raise ValueError(f"allow-list file {path}: expected only [[{TABLE}]] tables")
     return entries
 

@@ -75,9 +75,14 @@ def test_the_file_adds_to_the_configured_allow_list(tmp_path: Path) -> None:
     [
         (None, "cannot read allow-list file"),
         ("client_id = ", "is not TOML"),
-        ("[[rules]]\nid = 'x'\n", "expected only [[allowlist]] tables"),
-        ("[[allowlist]]\nclient_id = 'x'\nreason = 'ok, reviewed'\nkind = 'nope'\n", "entry 1: kind"),
-        ("[[allowlist]]\nclient_id = 'x'\n", "entry 1: reason"),
+        ("[[rules]]\nid = 'x'\n", "expected only [[detection.allowlist]] tables"),
+        ("[detection]\nmax_clients = 5\n", "expected only [[detection.allowlist]] tables"),
+        ("detection = 1\n", "expected only [[detection.allowlist]] tables"),
+        (
+            "[[detection.allowlist]]\nclient_id = 'x'\nreason = 'ok, reviewed'\nkind = 'nope'\n",
+            "entry 1: kind",
+        ),
+        ("[[detection.allowlist]]\nclient_id = 'x'\n", "entry 1: reason"),
     ],
 )
 def test_a_broken_file_is_one_line_naming_it(tmp_path: Path, content: str | None, message: str) -> None:
