@@ -89,7 +89,7 @@ class KafkaSettings(BaseModel):
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         # An empty variable in a manifest means "not set" (an empty path would be the current directory).
-        return None if isinstance(value, str) and not value.strip() else value
+        return _none_if_blank(value)
 
     @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
     @classmethod
@@ -180,6 +180,11 @@ class SessionSettings(BaseModel):
     max_active: int = Field(default=100_000, ge=1)
     # How far behind the newest event another partition's events may lag before idle sessions are closed.
     allowed_lateness_seconds: float = Field(default=300.0, ge=0)
+
+
+def _none_if_blank(value: Any) -> Any:
+    """None for a blank string (an empty variable in a manifest or env file means "not set"), else `value`."""
+    return None if isinstance(value, str) and not value.strip() else value
 
 
 class CommitSettings(BaseModel):
@@ -346,7 +351,7 @@ class MetricsSettings(BaseModel):
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         # An empty variable in a manifest means "not set" (an empty path would be the current directory).
-        return None if isinstance(value, str) and not value.strip() else value
+        return _none_if_blank(value)
 
     @field_validator("username")
     @classmethod
@@ -461,7 +466,7 @@ class Settings(BaseSettings):
     @field_validator("training_index_key", mode="before")
     @classmethod
     def _blank_key_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
+        return _none_if_blank(value)
 
     @field_validator("training_index_key")
     @classmethod
@@ -475,6 +480,12 @@ class Settings(BaseSettings):
             if not 16 <= len(key) <= 64:
                 raise ValueError(f"the index key must be 16 to 64 bytes, not {len(key)}")
         return value
+
+    @property
+    def index_key(self) -> bytes | None:
+        """The training-set index key (`training_index_key`, checked to be hex) as bytes; None when unset."""
+        secret = self.training_index_key
+        return bytes.fromhex(secret.get_secret_value()) if secret is not None else None
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data that holds no secret: every secret setting masked,

@@ -82,13 +82,13 @@ def train(ctx: click.Context, events: tuple[str, ...], out: Path, target_fpr: fl
     )
     if calibration.thin_baseline():
         say(
-            f"warning: {calibration.baseline_clients} baseline clients cannot measure a false-alert rate of "
+            f"warning: {model.baseline_clients} baseline clients cannot measure a false-alert rate of "
             f"{target_fpr:g} (that needs {math.ceil(1 / target_fpr)}): thresholds are the largest baseline "
             "values raised by a margin; train on more clients, or raise --target-fpr"
         )
     for rule, reaching in sorted(calibration.common_at_floor.items()):
         say(
-            f"note: {reaching} of {calibration.baseline_clients} baseline clients reach {rule}'s floor "
+            f"note: {reaching} of {model.baseline_clients} baseline clients reach {rule}'s floor "
             f"({calibration.floors[rule]:g}): too many to leave out as outliers, so they set its threshold "
             f"({model.rule_thresholds[rule]:g}); allow-list the known jobs among them to bring it down"
         )
@@ -129,12 +129,7 @@ def index_training(ctx: click.Context, file: Path, out: Path) -> None:
     """
     from detector.trainingset import KEY_ENVIRONMENT_VARIABLE, TrainingSetIndex, load_training_rows
 
-    secret = settings_of(ctx).training_index_key
-    hex_key = secret.get_secret_value() if secret is not None else ""
-    try:
-        key = bytes.fromhex(hex_key) if hex_key else None
-    except ValueError:
-        raise click.ClickException(f"{KEY_ENVIRONMENT_VARIABLE} is not a hexadecimal key") from None
+    key = settings_of(ctx).index_key
     try:
         rows = load_training_rows(file)
     except ValueError as exc:

@@ -49,7 +49,6 @@ class Calibration:
     # Rules whose floor more than `MAX_OUTLIER_SHARE` of the baseline clients reach (how many): a common
     # behaviour in this traffic, calibrated on rather than suggested for the allow-list.
     common_at_floor: dict[str, int]
-    baseline_clients: int
     floors: dict[str, float]  # rule id -> floor
 
     def at_floor(self) -> set[str]:
@@ -61,7 +60,7 @@ class Calibration:
     def thin_baseline(self) -> bool:
         """True when the baseline has too few clients to measure the target rate: thresholds then come
         from its largest values, raised by a margin (`ScoringModel.fit`)."""
-        return self.model.target_fpr * self.baseline_clients < 1.0
+        return self.model.target_fpr * self.model.baseline_clients < 1.0
 
 
 def collect_baseline(
@@ -148,4 +147,4 @@ def fit_scoring_model(
     }
     model = ScoringModel.fit([client.trajectory for client in clients], rules, target_fpr, scales)
     crossings, common = floor_crossings(clients, rules)
-    return Calibration(model, crossings, common, len(clients), {rule.id: rule.floor for rule in rules})
+    return Calibration(model, crossings, common, {rule.id: rule.floor for rule in rules})

@@ -142,8 +142,7 @@ def load_training_indexes(settings: Settings) -> TrainingIndexes:
         return TrainingIndexes()
     from detector.trainingset import TrainingSetIndex
 
-    secret = settings.training_index_key
-    key = bytes.fromhex(secret.get_secret_value()) if secret is not None else None
+    key = settings.index_key
     if path.is_dir():
         by_model: dict[str, TrainingLookup] = {
             file.stem: TrainingSetIndex.load(file, key=key) for file in sorted(path.glob("*.npz"))

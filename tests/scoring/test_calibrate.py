@@ -78,7 +78,7 @@ def test_allow_listed_clients_are_neither_calibrated_on_nor_reported() -> None:
         excluded=lambda client_id: client_id == "nightly-batch-scorer",
     )
     assert calibration.crossings == []
-    assert calibration.baseline_clients == 40
+    assert calibration.model.baseline_clients == 40
 
 
 def test_a_baseline_below_every_floor_reports_nothing_and_calibrates_as_before() -> None:
