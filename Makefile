@@ -102,6 +102,7 @@ bench: install
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/hostile.py
+	$(BIN)/python benchmarks/latency.py
 
 schemas: install  ## regenerate schemas/*.schema.json from the pydantic models
 	$(BIN)/mia-detector schemas export --out schemas

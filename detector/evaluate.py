@@ -88,8 +88,8 @@ class TruthClient:
 
 @dataclass(frozen=True)
 class FirstAlert:
-    """The first alert naming a client: its kind and severity, the client's queries when it fired and the
-    event time (epoch seconds) of the client's last query then."""
+    """The first alert naming a client: its kind and severity, and when it was detected: after how many of
+    the client's queries (`detected_after_queries`) and at which event time (`detected_at`, epoch seconds)."""
 
     kind: str
     severity: str
@@ -359,10 +359,12 @@ class _AlertLog:
             # A coordination alert names several clients: each of them has been flagged.
             for client_id in detection.client_ids:
                 self.kinds.setdefault(client_id, set()).add(kind)
-                self.first.setdefault(
-                    client_id,
-                    FirstAlert(kind, detection.severity.value, detection.queries, detection.last_seen),
+                alert = FirstAlert(
+                    kind, detection.severity.value, detection.detected_after_queries, detection.detected_at
                 )
+                # Alerts are reported as they are committed: the first is the one detected earliest.
+                if client_id not in self.first or alert.at < self.first[client_id].at:
+                    self.first[client_id] = alert
 
 
 def _outcome(client: TruthClient, score: float, alerts: _AlertLog) -> ClientOutcome:
@@ -629,9 +631,10 @@ def render_report(evaluation: Evaluation) -> str:
         "of this evaluation's own.",
         "- *Detected*: at least one alert named the client (a coordination alert counts for every client "
         "it names). *Detected as this kind*: one of its alerts had the attack's own kind.",
-        "- *Queries to alert*: the queries the client had sent (attack and cover traffic) when its first "
-        "alert's rule first fired. *Time to alert*: event time from the attack's first query to the client's "
-        "last query when the first alert's rule fired. Both are measured at batch granularity.",
+        "- *Queries to alert*: the queries the client had sent (attack and cover traffic) up to the query on "
+        "which its first alert's rule first crossed its threshold (the alert's `detected_after_queries`). "
+        "*Time to alert*: event time from the attack's first query to that query (the alert's "
+        "`detected_at`).",
         "- *Falsely alerted*: a benign client named by any alert; per simulated day divides the count by "
         "the events' span in days.",
         "- *Suspicion score*: per client at the end of the run, the highest ratio of a rule's score to its "

@@ -41,14 +41,24 @@ def make_settings(
     return load_settings(None, database=database, kafka=kafka, commit=commit, metrics=metrics, **groups)
 
 
+# Every time an alert carries.
+ALERT_TIMES = (
+    "first_seen",
+    "last_seen",
+    "detected_at",
+    "raised_at",
+    "updated_at",
+    "resolved_at",
+    "acknowledged_at",
+)
+
+
 def as_written(notification: Notification) -> Notification:
     """`notification` as its JSON carries it (the outbox, a webhook's body): every time to the millisecond,
     as RFC 3339 writes them; everything else as it is."""
     alert = notification.alert
     times = {
-        name: _millisecond(moment)
-        for name in ("first_seen", "last_seen", "raised_at", "updated_at", "resolved_at", "acknowledged_at")
-        if (moment := getattr(alert, name)) is not None
+        name: _millisecond(moment) for name in ALERT_TIMES if (moment := getattr(alert, name)) is not None
     }
     return notification.model_copy(
         update={
@@ -101,6 +111,8 @@ def make_notification(
         updated_at=now - timedelta(minutes=1),
         resolved_at=now if resolved else None,
         queries=136,
+        detected_at=now - timedelta(minutes=16),
+        detected_after_queries=61,
     )
     return Notification(
         idempotency_key=f"mia-{alert_id}-{sequence}",

@@ -22,7 +22,7 @@ from detector.metrics import (
     Metrics,
     package_version,
 )
-from detector.scoring.detector import Detector
+from detector.scoring.detector import Detector, Moment
 from detector.scoring.model import ScoringModel
 from detector.service import replay
 from detector.settings import KafkaSettings
@@ -238,9 +238,11 @@ def test_the_detector_reports_each_kinds_ratio_and_a_ratio_of_one_or_more_where_
     observed: list[tuple[AlertKind, float]] = []
     detector = Detector(RULES)
     client = client_after(augmentation_probe(Stream("prober")))
-    detections = detector.evaluate(
-        ("m", "prober"), client, observe=lambda verdicts: observed.extend((v.kind, v.ratio) for v in verdicts)
+    judged = detector.evaluate(
+        Moment.of(("m", "prober"), client, client.last_seen),
+        observe=lambda verdicts: observed.extend((v.kind, v.ratio) for v in verdicts),
     )
+    detections = [detection for detection in judged if detection.fired]
     ratios = dict(observed)
     assert len(observed) == len(ratios) == len({rule.kind for rule in RULES})  # one per kind
     assert detections
@@ -257,9 +259,11 @@ def test_the_anomaly_model_reports_a_ratio_for_every_client_it_scores() -> None:
     clients = {("m", name): client for name, client in benign_clients().items()}
     clients[("m", "prober")] = client_after(augmentation_probe(Stream("prober")))
     observed: list[tuple[AlertKind, float]] = []
-    detections = Detector(RULES, model).evaluate_anomalies(
-        clients, observe=lambda verdicts: observed.extend((v.kind, v.ratio) for v in verdicts)
+    judged = Detector(RULES, model).evaluate_anomalies(
+        [Moment.of(key, client, client.last_seen) for key, client in clients.items()],
+        observe=lambda verdicts: observed.extend((v.kind, v.ratio) for v in verdicts),
     )
+    detections = [detection for detection in judged if detection.fired]
     scored = [key for key, client in clients.items() if client.queries >= 20]
     assert len(observed) == len(scored) > 0
     assert {kind for kind, _ in observed} == {AlertKind.ANOMALOUS_SESSION}

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from kafka import KafkaConsumer
+from sqlalchemy import select
 
 from detector.broker import EmbeddedBroker
-from detector.service import StopFlag, produce_file, replay, run_daemon
+from detector.demo import index_training_sets
+from detector.service import StopFlag, produce_file, replay, run_daemon, train
 from detector.settings import Settings
+from detector.simulate.attacks import AttackKind
 from detector.simulate.sample import oip_record, write_sample
-from detector.storage import open_store
+from detector.simulate.scenarios import SCENARIOS, CampaignPlan
+from detector.simulate.simulator import simulate
+from detector.simulate.traffic import HOUR
+from detector.storage import open_alert_store, open_store
+from detector.storage.tables import NotificationRow
 from tests.support import make_settings, unique
 
 pytestmark = pytest.mark.kafka
@@ -189,3 +199,86 @@ def test_a_duplicated_event_inside_one_stream_is_counted_once(database_url: str,
     assert (stats.events, stats.duplicates) == (3, 2)
     with open_store(settings) as store:
         assert sum(s.queries for s in store.list_sessions()) == 3
+
+
+# -- one incident per attack, however fast the stream is consumed -------------------------------------------
+
+
+def incidents(settings: Settings) -> list[tuple[Any, ...]]:
+    """Every alert stored, as what must not depend on the speed of consumption: its key, when in the stream
+    it was detected and after how many queries, its span of event time. (Not whether the last ones are
+    resolved yet: each goes quiet in the event time of its own partition, and where a partition ends
+    depends on how the clients were spread over them.)"""
+    with open_alert_store(settings) as store:
+        alerts = store.list_alerts(limit=None)
+    return sorted(
+        (a.dedup_key, a.detected_at, a.detected_after_queries, a.first_seen, a.last_seen) for a in alerts
+    )
+
+
+def notified_events(settings: Settings) -> dict[int, list[str]]:
+    """The notification events queued per alert id, in order."""
+    with open_store(settings) as store, store.engine.connect() as connection:
+        rows = connection.execute(
+            select(NotificationRow.alert_id, NotificationRow.event).order_by(NotificationRow.id)
+        ).all()
+    events: dict[int, list[str]] = {}
+    for alert_id, event in rows:
+        events.setdefault(alert_id, []).append(event)
+    return events
+
+
+@pytest.mark.slow
+def test_live_backlog_and_replay_consumption_give_the_same_incidents(
+    broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three simulated hours: two attackers of each kind in bursts, each burst followed by quiet long enough
+    # for its incident to resolve.
+    smoke = SCENARIOS["smoke"]
+    modes = replace(
+        smoke,
+        name="modes",
+        duration=3 * HOUR,
+        campaigns=tuple(CampaignPlan(kind, (2, 2)) for kind in AttackKind),
+        candidate_scale=0.5,
+    )
+    monkeypatch.setitem(SCENARIOS, modes.name, modes)
+    simulation = simulate(modes.name, 3, tmp_path / "scenario")
+    indexes = index_training_sets(simulation.out, tmp_path / "indexes")
+    base = make_settings(f"sqlite:///{tmp_path / 'train.db'}").model_copy(update={"training_index": indexes})
+    train(base, [str(simulation.out / "baseline.jsonl")], 0.001, tmp_path / "model")
+    events = simulation.out / "events.jsonl"
+
+    def settings_for(mode: str, **groups: dict[str, Any]) -> Settings:
+        settings = make_settings(
+            f"sqlite:///{tmp_path / mode}.db",
+            broker,
+            ocsf={"file": str(tmp_path / f"{mode}.jsonl")},
+            **groups,
+        )
+        return settings.model_copy(update={"training_index": indexes, "model_path": tmp_path / "model"})
+
+    # Replay: the file read 500 records a poll, committed every 500.
+    replayed = settings_for("replay")
+    replay(replayed, [str(events)])
+    # Backlog: the whole day on the topic before the daemon starts; it commits every 20,000 records.
+    backlog = settings_for("backlog", commit={"min_records": 20_000, "min_interval_seconds": 60.0})
+    produce_file(backlog, events, backlog.kafka.topics[0])
+    consume(backlog)
+    # Live: produced while the daemon consumes, a little at a time, committed often.
+    live = settings_for("live", commit={"min_records": 50, "min_interval_seconds": 0.2})
+    daemon = ThreadPoolExecutor(1).submit(consume, live)
+    produce_file(live, events, live.kafka.topics[0], progress=lambda _batch: time.sleep(1.0))
+    daemon.result(timeout=300)
+
+    found = incidents(replayed)
+    assert len(found) >= 4 and len({key.rsplit("|", 1)[1] for key, *_ in found}) >= 3
+    assert incidents(backlog) == found
+    assert incidents(live) == found
+    # Every incident opened with a notification has its resolution notified once it resolved.
+    for settings in (replayed, backlog, live):
+        with open_alert_store(settings) as store:
+            resolved = {a.id for a in store.list_alerts(status="resolved", limit=None)}
+        for alert_id, sent in notified_events(settings).items():
+            assert sent[0] == "opened"
+            assert ("resolved" in sent) == (alert_id in resolved), (alert_id, sent)

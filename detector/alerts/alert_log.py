@@ -17,8 +17,8 @@ class AlertLog:
     names shown as `visible` shows them.
 
     The record's fields hold the facts exactly, for JSON logs: `alert_id`, `kind`, `severity`, `model`,
-    `client_ids`, `rule_id`, `score`, `threshold`, `queries`, `top_reason`, and the event times (RFC 3339)
-    `first_seen` and `detected_at` (of the query the alert was raised on).
+    `client_ids`, `rule_id`, `score`, `threshold`, `queries`, `detected_after_queries`, `top_reason`, and the
+    event times (RFC 3339) `first_seen` and `detected_at` (of the query on which the rule crossed).
     """
 
     def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
@@ -44,8 +44,9 @@ class AlertLog:
                     "score": detection.score,
                     "threshold": detection.threshold,
                     "queries": detection.queries,
+                    "detected_after_queries": change.alert.detected_after_queries,
                     "top_reason": reasons[0] if reasons else None,
                     "first_seen": rfc3339(detection.first_seen),
-                    "detected_at": rfc3339(detection.last_seen),
+                    "detected_at": rfc3339(change.alert.detected_at.timestamp()),
                 },
             )

@@ -38,6 +38,7 @@ from detector.domain import (
     Severity,
     Silence,
     TrackedAlert,
+    add_to_incidents,
     dashboard_link,
     utc,
 )
@@ -55,9 +56,13 @@ class AlertRecords(Protocol):
 
     def lock_open_by_id(self, alert_id: int) -> TrackedAlert | None: ...
 
-    def lock_quiet(self, changed_before: datetime, seen_before: datetime | None) -> list[TrackedAlert]: ...
+    def lock_quiet(
+        self, changed_before: datetime | None, seen_before: datetime | None
+    ) -> list[TrackedAlert]: ...
 
     def insert(self, alerts: Sequence[Alert]) -> dict[str, Alert]: ...
+
+    def insert_resolved(self, alerts: Sequence[Alert]) -> list[Alert]: ...
 
     def save(self, alerts: Sequence[Alert]) -> None: ...
 
@@ -143,35 +148,58 @@ class AlertLifecycle:
         return cls(NotificationPolicy.from_settings(settings, names), settings.detection.allow_list())
 
     def apply(
-        self, records: AlertRecords, detections: Sequence[Detection], watermark: float | None = None
+        self,
+        records: AlertRecords,
+        detections: Sequence[Detection],
+        watermark: float | None = None,
+        *,
+        wall_clock: bool = True,
+        alert_watermark: Callable[[Alert], float | None] | None = None,
     ) -> AlertOutcome:
-        """Open or update the alert of every detection, resolve the quiet ones, queue the notifications.
+        """Open, update or resolve the alert of every incident in `detections`, resolve the quiet alerts,
+        queue the notifications.
 
-        Detections sharing a dedup key are combined first (`Detection.combined`). An alert is "unchanged"
-        when combining changed none of its values: it is then not written at all; otherwise `updates` counts
-        one more. An alert is quiet when its last detection is the quiet period older than the `watermark`
-        (event time, epoch seconds), or when it has not changed for the quiet period of wall time.
+        The detections (in the order they were taken) are first gathered into incidents per dedup key
+        (`add_to_incidents`): a detection more than the quiet period of event time after the previous one of
+        its key starts a new incident, the one before having gone quiet in between. So one transaction over a
+        whole backlog decides exactly what many small ones over the same stream decide. Every incident but the
+        latest of its key ended within the transaction: its alert is stored resolved (opened and resolved
+        both notified). The latest updates the open alert of its key when it continues it, else it resolves
+        that alert and opens its own; an incident of detections that only hold (none fired) opens nothing.
+        An alert is "unchanged" when combining changed none of its values: it is then not written at all;
+        otherwise `updates` counts one more. An alert is quiet when its last detection is the quiet period
+        older than the `watermark` (event time, epoch seconds; `alert_watermark`, when given, tells how far
+        the stream has got for each alert, at most `watermark`), or (with `wall_clock`: the stream is idle
+        and its event time stands still) when it has not changed for the quiet period of wall time.
         """
         now = utc(self._clock())
-        kept = [detection for detection in detections if not self._allowed(detection)]
+        quiet = self.policy.resolve_after_seconds
+        incidents: dict[str, list[Detection]] = {}
+        for detection in detections:
+            if not self.allowlisted(detection):
+                add_to_incidents(incidents.setdefault(detection.dedup_key, []), detection, quiet)
         outcome = AlertOutcome()
-        changes = self._upsert(records, kept, now)
-        outcome.changes = [(detection, changes[detection.dedup_key]) for detection in kept]
+        silences = records.silences(now) if self.policy.sinks and incidents else []
+        latest = self._close_ended(records, incidents, now, silences, outcome)
+        changes = self._upsert(records, latest, now)
+        outcome.changes += [(latest[key], change) for key, change in changes.items()]
+        notifications = []
         if self.policy.sinks:
-            silences = records.silences(now) if changes else []
             for change in changes.values():
                 if change.change is Change.UNCHANGED:
                     continue
                 alert, previous = change.alert, change.notified
                 event = change_event(alert, previous, now, self.policy)
                 if event is not None and silenced_by(alert, silences) is None:
-                    outcome.notifications.append(
+                    notifications.append(
                         build_notification(event, alert, now, self.policy, previous.notified_severity)
                     )
         # Queued before the quiet alerts are looked up: an alert opened and gone quiet within this one
         # transaction (a backlog read in one batch) is then known as notified, and its resolution is sent.
-        records.enqueue(outcome.notifications, self.policy.sinks, now)
-        outcome.resolved, resolutions = self._resolve_quiet(records, now, watermark)
+        records.enqueue(notifications, self.policy.sinks, now)
+        outcome.notifications += notifications
+        resolved, resolutions = self._resolve_quiet(records, now, watermark, wall_clock, alert_watermark)
+        outcome.resolved += resolved
         records.enqueue(resolutions, self.policy.sinks, now)
         outcome.notifications += resolutions
         return outcome
@@ -188,16 +216,59 @@ class AlertLifecycle:
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _allowed(self, detection: Detection) -> bool:
+    def allowlisted(self, detection: Detection) -> bool:
+        """True when the operators' allow-list covers every client of `detection` for its kind: it is
+        dropped, it never opens or changes an alert."""
         return all(self.allowlist.covers(client, detection.kind) for client in detection.client_ids)
 
+    def _close_ended(
+        self,
+        records: AlertRecords,
+        incidents: dict[str, list[Detection]],
+        now: datetime,
+        silences: list[Silence],
+        outcome: AlertOutcome,
+    ) -> dict[str, Detection]:
+        """Resolve each open alert that the latest incident of its key does not continue (updated first
+        with the key's first incident when that one continues it), store every other incident that ended
+        within the transaction as a resolved alert, and return the latest incident of each key (for
+        `_upsert`)."""
+        quiet = self.policy.resolve_after_seconds
+        open_alerts = records.lock_open(list(incidents))
+        resolved: list[Alert] = []
+        notifications: list[Notification] = []
+        ended: list[Detection] = []
+        for key, found in incidents.items():
+            tracked = open_alerts.get(key)
+            if tracked is not None and (len(found) > 1 or not _continues(found[0], tracked.alert, quiet)):
+                alert = tracked.alert
+                if _continues(found[0], alert, quiet):
+                    alert = _updated(alert, found[0], now) or alert
+                    found = found[1:]
+                resolved.append(_resolved(alert, now))
+                if self.policy.sinks and tracked.notified.notified_at is not None:
+                    notifications.append(
+                        build_notification(NotificationEvent.RESOLVED, resolved[-1], now, self.policy)
+                    )
+            ended += [incident for incident in found[:-1] if incident.fired]
+        records.save(resolved)
+        closed = records.insert_resolved([_resolved(_opened(incident, now), now) for incident in ended])
+        for alert, incident in zip(closed, ended, strict=True):
+            outcome.changes.append((incident, AlertChange(alert, Change.OPENED)))
+            if self.policy.sinks and silenced_by(alert, silences) is None:
+                notifications += [
+                    build_notification(event, alert, now, self.policy)
+                    for event in (NotificationEvent.OPENED, NotificationEvent.RESOLVED)
+                ]
+        records.enqueue(notifications, self.policy.sinks, now)
+        outcome.resolved += [*resolved, *closed]
+        outcome.notifications += notifications
+        return {key: found[-1] for key, found in incidents.items()}
+
     def _upsert(
-        self, records: AlertRecords, detections: Sequence[Detection], now: datetime
+        self, records: AlertRecords, detections: dict[str, Detection], now: datetime
     ) -> dict[str, AlertChange]:
-        pending: dict[str, Detection] = {}
-        for detection in detections:
-            key = detection.dedup_key
-            pending[key] = pending[key].combined(detection) if key in pending else detection
+        pending = dict(detections)
         changes: dict[str, AlertChange] = {}
         for _ in range(_ROUNDS):
             if not pending:
@@ -212,7 +283,12 @@ class AlertLifecycle:
                     changes[key] = AlertChange(alert, Change.UPDATED, tracked.notified)
                     updated.append(alert)
             records.save(updated)
-            new = {key: detection for key, detection in pending.items() if key not in open_alerts}
+            # Detections that only hold keep an open alert alive; they open none.
+            new = {
+                key: detection
+                for key, detection in pending.items()
+                if key not in open_alerts and detection.fired
+            }
             opened = records.insert([_opened(detection, now) for detection in new.values()])
             changes.update((key, AlertChange(alert, Change.OPENED)) for key, alert in opened.items())
             # An insert that conflicted lost the race to a concurrent writer that opened the alert after the
@@ -226,11 +302,23 @@ class AlertLifecycle:
         return changes
 
     def _resolve_quiet(
-        self, records: AlertRecords, now: datetime, watermark: float | None
+        self,
+        records: AlertRecords,
+        now: datetime,
+        watermark: float | None,
+        wall_clock: bool,
+        alert_watermark: Callable[[Alert], float | None] | None,
     ) -> tuple[list[Alert], list[Notification]]:
         quiet = timedelta(seconds=self.policy.resolve_after_seconds)
         seen_before = utc(watermark) - quiet if watermark is not None else None
-        tracked = records.lock_quiet(now - quiet, seen_before)
+        tracked = records.lock_quiet(now - quiet if wall_clock else None, seen_before)
+        if alert_watermark is not None:
+            tracked = [
+                entry
+                for entry in tracked
+                if (wall_clock and entry.alert.updated_at < now - quiet)
+                or _quiet_at(entry.alert, alert_watermark(entry.alert), quiet)
+            ]
         resolved = [_resolved(entry.alert, now) for entry in tracked]
         records.save(resolved)
         notifications = [
@@ -281,6 +369,16 @@ def _updated(alert: Alert, detection: Detection, now: datetime) -> Alert | None:
     return alert.model_copy(update={**values, "updates": alert.updates + 1, "updated_at": now})
 
 
+def _quiet_at(alert: Alert, watermark: float | None, quiet: timedelta) -> bool:
+    """True when `alert`'s last query is the `quiet` period older than `watermark` (event time)."""
+    return watermark is not None and alert.last_seen < utc(watermark) - quiet
+
+
+def _continues(incident: Detection, alert: Alert, quiet_seconds: float) -> bool:
+    """True when `incident` continues open `alert`: it began within the quiet period of its last query."""
+    return incident.continues(alert.last_seen.timestamp(), quiet_seconds)
+
+
 def _resolved(alert: Alert, now: datetime) -> Alert:
     return alert.model_copy(update={"status": AlertStatus.RESOLVED, "resolved_at": now, "updated_at": now})
 
@@ -301,6 +399,8 @@ def _evidence_values(detection: Detection) -> dict[str, object]:
         "first_seen": utc(detection.first_seen),
         "last_seen": utc(detection.last_seen),
         "queries": detection.queries,
+        "detected_at": utc(detection.detected_at),
+        "detected_after_queries": detection.detected_after_queries,
     }
 
 
@@ -367,6 +467,8 @@ def connectivity_check(now: datetime, dashboard_url: str | None = None) -> Notif
         raised_at=now,
         updated_at=now,
         queries=0,
+        detected_at=now,
+        detected_after_queries=0,
     )
     return Notification(
         idempotency_key=uuid.uuid4().hex,

@@ -28,6 +28,7 @@ ALERT_COLUMNS = [
     "score",
     "threshold",
     "queries",
+    "detected_at",
     "raised_at",
     "top_reason",
 ]

@@ -147,12 +147,14 @@ LIMIT 200
         table(
             "Alerts",
             "The client's alerts open during the range, newest first, with the reasons that raised them and "
-            "what a responder should check (triage).",
+            "what a responder should check (triage). `detected` is the event time of the query on which "
+            "the rule first crossed its threshold, `detected after queries` the client's queries by then.",
             [
                 sql(
                     f"""
 SELECT
-  a.id AS alert, a.raised_at AS raised, a.status, a.kind, a.severity, a.rule_id AS rule,
+  a.id AS alert, a.raised_at AS raised, a.detected_at AS detected,
+  a.detected_after_queries AS "detected after queries", a.status, a.kind, a.severity, a.rule_id AS rule,
   round((a.score / NULLIF(a.threshold, 0))::numeric, 2) AS "score / threshold",
   {top_reasons("a.")} AS "top reasons",
   a.triage,

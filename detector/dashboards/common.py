@@ -134,8 +134,8 @@ def top_reasons(alias: str = "", count: int = 3) -> str:
 
 def alert_annotation(*conditions: str) -> JSON:
     """The detector's alerts as annotations: a region from raised to resolved (a line while open), with
-    kind, severity, client(s) and the top reason, tagged by kind and severity; only alerts matching every
-    SQL condition in `conditions`."""
+    kind, severity, client(s), the top reason and the queries it was detected after, tagged by kind and
+    severity; only alerts matching every SQL condition in `conditions`."""
     where = " AND ".join([alert_overlaps_range(), *conditions])
     return sql_annotation(
         "Detector alerts",
@@ -147,7 +147,8 @@ SELECT
     || CASE WHEN json_array_length(client_ids) > 1
          THEN ' and ' || (json_array_length(client_ids) - 1) || ' more clients' ELSE '' END
     || ' on ' || model
-    || coalesce(': ' || (reasons -> 0 ->> 'feature') || ' = ' || (reasons -> 0 ->> 'value'), '') AS text,
+    || coalesce(': ' || (reasons -> 0 ->> 'feature') || ' = ' || (reasons -> 0 ->> 'value'), '')
+    || '; detected after ' || detected_after_queries || ' queries' AS text,
   'mia-detector,' || kind || ',' || severity AS tags
 FROM alerts
 WHERE {where}

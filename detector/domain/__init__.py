@@ -18,6 +18,7 @@ from detector.domain.alerts import (
     Severity,
     Silence,
     TrackedAlert,
+    add_to_incidents,
     display_name,
 )
 from detector.domain.errors import Backpressure
@@ -32,10 +33,11 @@ from detector.domain.queries import Query, Requested
 from detector.domain.records import DeadLetter, DeadLetterReason, InvalidRecord, Origin, RawRecord
 from detector.domain.sessions import SessionKey, SessionState, SessionStatus
 from detector.domain.times import rfc3339, utc
-from detector.domain.verdicts import Verdict, Verdicts
+from detector.domain.verdicts import HOLD_RATIO, Verdict, Verdicts
 
 __all__ = [
     "DEFAULT_ATLAS_TECHNIQUE",
+    "HOLD_RATIO",
     "MAX_DEDUP_KEY_LENGTH",
     "MAX_EVIDENCE",
     "MAX_SUMMARY_CHARS",
@@ -67,6 +69,7 @@ __all__ = [
     "TrackedAlert",
     "Verdict",
     "Verdicts",
+    "add_to_incidents",
     "dashboard_link",
     "display_name",
     "rfc3339",

@@ -112,6 +112,11 @@ class Reason(BaseModel):
 class Detection:
     """One firing of a rule or model on one client, or on a group of clients for coordination.
 
+    `detected_at` is the event time of the query the verdict was taken on and `detected_after_queries` the
+    client's (or the group's) queries by then: when in the stream the behaviour became visible, whatever the
+    speed it was consumed at. A detection that did not fire (`fired` False) is a verdict still within the
+    hold band below its threshold (`HOLD_RATIO`): it keeps an open alert of its key alive and opens none.
+
     On construction `client_ids` is sorted and de-duplicated (the first is the primary `client_id`) and
     `evidence` (event ids, oldest first) is cut to its newest `MAX_EVIDENCE` distinct ids. Raises
     `ValueError` on no client, a non-finite score or threshold, `first_seen` after `last_seen` (event time,
@@ -130,8 +135,14 @@ class Detection:
     first_seen: float
     last_seen: float
     queries: int
+    detected_at: float
+    detected_after_queries: int
     atlas_technique: str = DEFAULT_ATLAS_TECHNIQUE
     triage: str = ""
+    fired: bool = True
+    # The `last_seen` of the earliest detection combined into this one (NaN: its own): where the incident it
+    # stands for began, to tell whether it continues an alert that went before it.
+    began_at: float = math.nan
 
     def __post_init__(self) -> None:
         self.client_ids = tuple(sorted(set(self.client_ids)))
@@ -144,6 +155,8 @@ class Detection:
         if self.queries < 0:
             raise ValueError(f"queries must not be negative, got {self.queries}")
         self.evidence = _newest_distinct(self.evidence)
+        if math.isnan(self.began_at):
+            self.began_at = self.last_seen
 
     @property
     def client_id(self) -> str:
@@ -168,12 +181,14 @@ class Detection:
 
         The peak score, the higher severity, the widest time span and the most queries; the explanation
         (rule, threshold, reasons, technique, triage note) of the newer detection, the one with the later
-        `last_seen` (`other` on a tie); the evidence of both, newest kept. Raises `ValueError` when the
-        dedup keys differ.
+        `last_seen` (`other` on a tie); the evidence of both, newest kept; the detection time of the earlier
+        one that fired (of the earlier one when neither did), fired when either did. Raises `ValueError`
+        when the dedup keys differ.
         """
         if other.dedup_key != self.dedup_key:
             raise ValueError(f"cannot combine {self.dedup_key!r} with {other.dedup_key!r}")
         older, newer = (other, self) if other.last_seen < self.last_seen else (self, other)
+        first = min((self, other), key=lambda detection: (not detection.fired, detection.detected_at))
         return Detection(
             model=self.model,
             client_ids=self.client_ids,
@@ -187,9 +202,32 @@ class Detection:
             first_seen=min(self.first_seen, other.first_seen),
             last_seen=newer.last_seen,
             queries=max(self.queries, other.queries),
+            detected_at=first.detected_at,
+            detected_after_queries=first.detected_after_queries,
             atlas_technique=newer.atlas_technique,
             triage=newer.triage,
+            fired=self.fired or other.fired,
+            began_at=min(self.began_at, other.began_at),
         )
+
+    def continues(self, last_seen: float, quiet_seconds: float) -> bool:
+        """True when this detection belongs to the incident whose latest query was at `last_seen` (event
+        time): it (its earliest detection, `began_at`) came no more than `quiet_seconds` after it. Otherwise
+        that incident went quiet in between and was over before this one."""
+        return self.began_at - last_seen <= quiet_seconds
+
+
+def add_to_incidents(incidents: list[Detection], detection: Detection, quiet_seconds: float) -> None:
+    """Add `detection` to the incidents of its key (detections combined, oldest first), taken in order.
+
+    It is combined into the latest incident when it continues it (`Detection.continues`), else starts a new
+    one if it fired. A detection that only holds starts one only when there is none yet: it may continue an
+    alert opened before these detections; after a quiet gap it can continue nothing.
+    """
+    if incidents and detection.continues(incidents[-1].last_seen, quiet_seconds):
+        incidents[-1] = incidents[-1].combined(detection)
+    elif detection.fired or not incidents:
+        incidents.append(detection)
 
 
 def _newest_distinct(event_ids: list[str]) -> list[str]:
@@ -228,6 +266,10 @@ class Alert(BaseModel):
     resolved_at: datetime | None = None
     acknowledged_at: datetime | None = None
     queries: int = Field(ge=0)
+    detected_at: datetime = Field(
+        description="event time of the query on which the alert's rule first crossed its threshold"
+    )
+    detected_after_queries: int = Field(ge=0, description="the client's queries up to `detected_at`")
     updates: int = Field(default=0, ge=0, description="how many times new evidence changed the alert")
 
     @computed_field  # type: ignore[prop-decorator]
@@ -236,7 +278,9 @@ class Alert(BaseModel):
         """The primary client (the first of the sorted ids)."""
         return self.client_ids[0]
 
-    @field_serializer("first_seen", "last_seen", "raised_at", "updated_at", "resolved_at", "acknowledged_at")
+    @field_serializer(
+        "first_seen", "last_seen", "detected_at", "raised_at", "updated_at", "resolved_at", "acknowledged_at"
+    )
     def _rfc3339(self, moment: datetime | None) -> str | None:
         # Every time the detector writes for people and receivers has one form: RFC 3339, UTC, `Z`.
         return rfc3339(moment.timestamp()) if moment is not None else None
@@ -261,6 +305,8 @@ class Alert(BaseModel):
             first_seen=self.first_seen.timestamp(),
             last_seen=self.last_seen.timestamp(),
             queries=self.queries,
+            detected_at=self.detected_at.timestamp(),
+            detected_after_queries=self.detected_after_queries,
             atlas_technique=self.atlas_technique,
             triage=self.triage,
         )

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 from detector.domain.alerts import AlertKind, Severity
 
+# An open alert stays open while its verdict holds at this share of the threshold or more: a score wavering
+# just around the threshold (a rate diluted by cover traffic) does not resolve and reopen the incident.
+HOLD_RATIO = 0.8
+
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
@@ -44,6 +48,11 @@ class Verdict:
     def fired(self) -> bool:
         """True when the score reached the threshold."""
         return self.score >= self.threshold
+
+    @property
+    def holds(self) -> bool:
+        """True when the score is within the hold band or above: an open alert of the kind stays open."""
+        return self.score >= HOLD_RATIO * self.threshold
 
     @property
     def ratio(self) -> float:

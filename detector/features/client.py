@@ -77,7 +77,10 @@ class ClientFeatures:
         self.first_seen = 0.0  # event time of the earliest and latest query; meaningless before the first
         self.last_seen = 0.0
         self.queries = 0
-        self.evaluated_at = 0  # `queries` when the rules last judged this client (kept by the pipeline)
+        # When the rules last judged this client (kept by the detection step): its `queries` then, and the
+        # event time of the query they were judged on.
+        self.evaluated_at = 0
+        self.evaluated_time = 0.0
         self.client_ip: str | None = None
 
     def update(self, observation: Observation) -> None:
@@ -128,6 +131,7 @@ class ClientFeatures:
             "last_seen": self.last_seen,
             "queries": self.queries,
             "evaluated_at": self.evaluated_at,
+            "evaluated_time": self.evaluated_time,
             "client_ip": self.client_ip,
         }
 
@@ -143,6 +147,7 @@ class ClientFeatures:
         restored.last_seen = float(state["last_seen"])
         restored.queries = int(state["queries"])
         restored.evaluated_at = int(state["evaluated_at"])
+        restored.evaluated_time = float(state["evaluated_time"])
         restored.client_ip = state["client_ip"]
         return restored
 
@@ -181,23 +186,30 @@ class FeatureTracker:
 
     def update(self, queries: list[Query]) -> set[ClientKey]:
         """Update the features of every query's client; return the keys touched."""
+        return {self.update_one(observation)[0] for observation in self.observe(queries)}
+
+    def observe(self, queries: list[Query]) -> list[Observation]:
+        """The observation of each query, in order, with its training-set hit marked: the part of an update
+        done for a whole micro-batch at once (one matrix product, one index look-up per input width)."""
         observations = self.embedder.observe(queries)
         self._mark_training_hits(observations)
-        touched: set[ClientKey] = set()
-        for observation in observations:
-            key = (observation.query.model, observation.query.client_id)
-            client = self._clients.get(key)
-            if client is None:
-                client = self._clients[key] = ClientFeatures()
-                self.admitted += 1
-                if len(self._clients) > self.max_clients:
-                    self._clients.popitem(last=False)
-                    self.evicted += 1
-            else:
-                self._clients.move_to_end(key)
-            client.update(observation)
-            touched.add(key)
-        return touched
+        return observations
+
+    def update_one(self, observation: Observation) -> tuple[ClientKey, ClientFeatures]:
+        """Fold one observation (from `observe`) into its client's features; return the client's key and
+        features, tracking the client if it is new (the least recently active evicted beyond the limit)."""
+        key = (observation.query.model, observation.query.client_id)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = ClientFeatures()
+            self.admitted += 1
+            if len(self._clients) > self.max_clients:
+                self._clients.popitem(last=False)
+                self.evicted += 1
+        else:
+            self._clients.move_to_end(key)
+        client.update(observation)
+        return key, client
 
     def _mark_training_hits(self, observations: list[Observation]) -> None:
         groups: dict[tuple[str, int], list[Observation]] = {}

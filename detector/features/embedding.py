@@ -90,6 +90,21 @@ class ModelScale:
         if self.count >= WARMUP_QUERIES:
             self.frozen = True
 
+    def scale(self, rows: np.ndarray) -> np.ndarray:
+        """A [n, width] block of rows, scaled, learning from them first while not frozen.
+
+        While the scale is learned each row is scaled by what was learned up to and including it: a row's
+        point is then the same however the stream was batched.
+        """
+        if self.frozen:
+            frozen: np.ndarray = (rows - self.mean) / self.std
+            return frozen
+        scaled = np.empty(rows.shape, dtype=np.float64)
+        for index in range(rows.shape[0]):
+            self.learn(rows[index : index + 1])
+            scaled[index] = (rows[index] - self.mean) / self.std
+        return scaled
+
     @property
     def std(self) -> np.ndarray:
         """Per-feature standard deviation, never zero (constant features count as unit-scaled)."""
@@ -124,9 +139,7 @@ class QueryEmbedder:
                 observations[index] = self._text_observation(query)
         for (model, width), indices in numeric.items():
             rows = np.stack([queries[i].vector for i in indices]).astype(np.float32, copy=False)  # type: ignore[misc]
-            scale = self._scale(model, width)
-            scale.learn(rows)
-            scaled = (rows - scale.mean) / scale.std
+            scaled = self._scale(model, width).scale(rows)
             points = (scaled @ self._projection(width)).astype(np.float32)
             invariants = _image_invariants(rows, self._projection(width)) if _image_side(width) else None
             # Rounding scales by 1e5 first: float32 values beyond ~3e33 overflow, and have no decimals anyway.

@@ -4,10 +4,11 @@
          (bad records ─> dead letters)                            └─> Judge ─> Alert lifecycle ─┐
                                                                       Commit positions <─ Persist <─┘
 
-Each batch's results stay pending until the commit policy says the commit is due. Then, in order: dead
-letters are published (if a dead-letter topic is configured); the anomaly model judges the clients touched
-since the last commit and training-set hits are pooled across clients; in one database transaction the alert
-lifecycle opens, updates and resolves alerts (queueing their notifications) and everything else pending
+Each batch's results stay pending until the commit policy says the commit is due, or the batch holds a
+detection that fired for a key with no open alert (a new alert waits for no policy). Then, in order: dead
+letters are published (if a dead-letter topic is configured); the anomaly model judges the clients as the
+rules judged them since the last commit; in one database transaction the alert lifecycle opens, updates and
+resolves alerts (queueing their notifications) and everything else pending
 (sessions, dead letters, seen events, checkpoints) is written; only then are the source's positions
 committed. A crash at any point re-delivers at most what was not yet committed, and event-id de-duplication
 makes re-delivered events change nothing: at-least-once delivery, exactly-once effect.
@@ -22,15 +23,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from detector.alerts.lifecycle import AlertChange, AlertLifecycle, AlertOutcome
-from detector.domain import Backpressure, DeadLetter, Detection, RawRecord
-from detector.eventtime import Watermark
-from detector.features.client import ClientKey
+from detector.domain import (
+    Alert,
+    AlertStatus,
+    Backpressure,
+    DeadLetter,
+    Detection,
+    RawRecord,
+    add_to_incidents,
+)
+from detector.eventtime import Partition, Watermark
 from detector.metrics import Metrics
 from detector.pipeline.steps import Batch, DetectStep, Step
 from detector.sessions import SessionTracker
@@ -137,17 +145,21 @@ class PendingWork:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     dead_letters_published: int = 0  # how many of `dead_letters` the dead-letter topic already has
     positions: Positions = field(default_factory=dict)
-    detections: dict[str, Detection] = field(default_factory=dict)  # the latest per alert key: stored
-    first_detections: dict[str, Detection] = field(default_factory=dict)  # the first: when it fired
-    touched: set[ClientKey] = field(default_factory=set)
+    # The incidents of each alert key, each its detections combined (`add_to_incidents`), oldest first.
+    incidents: dict[str, list[Detection]] = field(default_factory=dict)
     sessions_closed: int = 0
     records: int = 0
     since: float = 0.0
+    urgent: bool = False  # a detection fired for a key with no alert open: commit now, not when due
 
-    def record(self, detection: Detection) -> None:
-        """Keep `detection` as the latest of its alert key, and as the first if it is."""
-        self.detections[detection.dedup_key] = detection
-        self.first_detections.setdefault(detection.dedup_key, detection)
+    def record(self, detection: Detection, quiet_seconds: float) -> None:
+        """Add `detection` to the incidents of its alert key (an incident goes quiet after `quiet_seconds`
+        of event time without a detection)."""
+        add_to_incidents(self.incidents.setdefault(detection.dedup_key, []), detection, quiet_seconds)
+
+    def detections(self) -> list[Detection]:
+        """Every incident pending, as one detection each, in the order of their keys' first detection."""
+        return [incident for incidents in self.incidents.values() for incident in incidents]
 
 
 class Pipeline:
@@ -190,6 +202,14 @@ class Pipeline:
         self._held: deque[list[RawRecord]] = deque()
         self._pending = PendingWork(since=clock())
         self._resolved_at = clock()
+        self._quiet_seconds = lifecycle.policy.resolve_after_seconds
+        # The keys of the alerts open, as far as this pipeline has seen: a detection of another key makes
+        # the commit urgent, so a new alert is raised at once rather than when the policy says.
+        self._open_keys: set[str] = set()
+        # The partition each recent client's records come from (records are keyed by client): its alerts
+        # go quiet in that partition's event time, which no other partition read ahead can move.
+        self._partitions: OrderedDict[tuple[str, str], Partition] = OrderedDict()
+        self._max_clients = detect.tracker.max_clients
         self._clients_admitted = self._clients_evicted = 0  # the feature tracker's totals, as last reported
 
     @property
@@ -228,17 +248,27 @@ class Pipeline:
         self._process_held()
         self.commit()
 
+    def lag(self, behind: Mapping[tuple[str, int], int]) -> None:
+        """Note how many records each (topic, partition) of the source has still to be read, for the stream's
+        event time (see `detector.eventtime`); ignored while records are held unprocessed."""
+        if not self._held:
+            self._watermark.lag(behind)
+
     def maybe_commit(self) -> bool:
         """Commit when due (call on idle polls too, so a quiet stream still commits); True if it did."""
         now = self._clock()
-        if self.policy.due(self._pending.records, now - self._pending.since):
+        pending = self._pending
+        if pending.urgent or self.policy.due(pending.records, now - pending.since):
             self.commit()
             return True
         if now - self._resolved_at >= RESOLVE_INTERVAL_SECONDS:
-            # A quiet stream commits nothing, yet its alerts must still resolve once quiet long enough.
+            # A quiet stream commits nothing and its event time stands still, yet its alerts must still
+            # resolve once quiet long enough: in wall time.
             with self.store.transaction("resolving quiet alerts") as transaction:
-                outcome = self.lifecycle.apply(transaction.alerts, [], self._watermark.value)
-            self._report(outcome, {})
+                outcome = self.lifecycle.apply(
+                    transaction.alerts, [], self._watermark.front, alert_watermark=self._alert_watermark
+                )
+            self._report(outcome)
             self._resolved_at = now
         return False
 
@@ -257,8 +287,8 @@ class Pipeline:
         if unpublished and self.outputs.dead_letters is not None:
             self.outputs.dead_letters.publish(unpublished)
             pending.dead_letters_published = len(pending.dead_letters)
-        for detection in self.detect.judge(pending.touched, watermark):
-            pending.record(detection)
+        for detection in self.detect.judge(watermark):
+            pending.record(detection, self._quiet_seconds)
         batch = DurableBatch(
             seen_events=list(pending.seen_events.values()),
             sessions=self.sessions.changed(),
@@ -271,7 +301,15 @@ class Pipeline:
             forget_seen_after_seconds=self._retention,
         )
         with self.store.transaction() as transaction:
-            outcome = self.lifecycle.apply(transaction.alerts, list(pending.detections.values()), watermark)
+            # Event time alone resolves alerts here: the stream is flowing, and a backlog read for longer
+            # than the quiet period must not resolve the alerts of partitions not read yet.
+            outcome = self.lifecycle.apply(
+                transaction.alerts,
+                pending.detections(),
+                self._watermark.front,
+                wall_clock=False,
+                alert_watermark=self._alert_watermark,
+            )
             transaction.write(batch)
         # Durable from here on: only now may anything leave the pending state.
         self.sessions.persisted()
@@ -279,7 +317,7 @@ class Pipeline:
         self._resolved_at = self._pending.since
         if self.outputs.positions is not None:
             self.outputs.positions.commit(pending.positions)
-        self._report(outcome, pending.first_detections)
+        self._report(outcome)
         self.stats.commits += 1
         self.metrics.commits.inc()
         self.metrics.sessions_closed.inc(pending.sessions_closed)
@@ -294,6 +332,7 @@ class Pipeline:
         """
         self.flush()
         self.sessions.clear()
+        self._watermark.release()
         self.metrics.active_sessions.set(0)
 
     def discard(self) -> int:
@@ -304,6 +343,7 @@ class Pipeline:
         self._held.clear()
         self._pending = PendingWork(since=self._clock())
         self.sessions.clear()
+        self._watermark.release()
         self.metrics.active_sessions.set(0)
         return dropped
 
@@ -324,10 +364,22 @@ class Pipeline:
             pending.seen_events[seen.event_id] = seen
         pending.dead_letters += batch.dead_letters
         for detection in batch.detections:
-            pending.record(detection)
-        pending.touched |= batch.touched
+            pending.record(detection, self._quiet_seconds)
+            if (
+                detection.fired
+                and detection.dedup_key not in self._open_keys
+                and not self.lifecycle.allowlisted(detection)
+            ):
+                pending.urgent = True
         for record, queries in batch.fresh:
-            self._watermark.observe(queries[0].timestamp, record.received_at)
+            origin = record.origin
+            partition = (origin.name, origin.partition) if origin.kind == "kafka" else None
+            self._watermark.observe(queries[0].timestamp, record.received_at, partition)
+            client = (queries[0].model, queries[0].client_id)
+            self._partitions[client] = partition
+            self._partitions.move_to_end(client)
+        while len(self._partitions) > self._max_clients:
+            self._partitions.popitem(last=False)
         for record in records:
             origin = record.origin
             if origin.kind == "kafka":
@@ -357,13 +409,23 @@ class Pipeline:
         metrics.client_evictions.inc(tracker.evicted - self._clients_evicted)
         self._clients_admitted, self._clients_evicted = tracker.admitted, tracker.evicted
 
-    def _report(self, outcome: AlertOutcome, first_detections: Mapping[str, Detection]) -> None:
-        # An opened alert is reported with the first detection of its key since the last commit: the query
-        # count and event time at which its rule fired, not those of the commit.
-        opened = [
-            (change, first_detections.get(detection.dedup_key, detection))
-            for detection, change in outcome.opened
-        ]
+    def _alert_watermark(self, alert: Alert) -> float | None:
+        """How far the stream has got for `alert`: the least event time of its clients' partitions (the
+        stream's watermark for a client not seen since this process started)."""
+        times = []
+        for client_id in alert.client_ids:
+            client = (alert.model, client_id)
+            if client not in self._partitions:
+                return self._watermark.value
+            times.append(self._watermark.of(self._partitions[client]))
+        return min((time for time in times if time is not None), default=self._watermark.value)
+
+    def _report(self, outcome: AlertOutcome) -> None:
+        opened = [(change, detection) for detection, change in outcome.opened]
+        self._open_keys.update(
+            change.alert.dedup_key for _, change in outcome.changes if change.alert.status is AlertStatus.OPEN
+        )
+        self._open_keys.difference_update(alert.dedup_key for alert in outcome.resolved)
         for alert in outcome.resolved:
             self.metrics.alerts_resolved.labels(kind=alert.kind.value, severity=alert.severity.value).inc()
         if outcome.notifications and self.outputs.outbox is not None:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from detector.domain import DeadLetter, DeadLetterReason, Detection, InvalidRecord, Query, RawRecord
-from detector.features.client import ClientKey, FeatureTracker
+from detector.features.client import ClientFeatures, FeatureTracker
 from detector.ingest.decode import RecordDecoder
 from detector.scoring.coordination import CoordinationTracker
-from detector.scoring.detector import Detector, RatioObserver
+from detector.scoring.detector import Detector, Moment, RatioObserver
+from detector.scoring.scorer import ANOMALY_MIN_QUERIES
 from detector.sessions import SessionTracker
 from detector.storage import SeenEvent, Store
 
@@ -40,8 +41,7 @@ class Batch:
     seen: list[SeenEvent] = field(default_factory=list)  # Deduplicate: to remember as processed
     duplicates: int = 0  # Deduplicate: events dropped as re-deliveries
     queries: int = 0  # Sessionize: queries counted
-    detections: list[Detection] = field(default_factory=list)  # Detect: rules that fired, in order
-    touched: set[ClientKey] = field(default_factory=set)  # Detect: clients whose features changed
+    detections: list[Detection] = field(default_factory=list)  # Detect: rules that fired or hold, in order
 
 
 class Step(Protocol):
@@ -138,11 +138,14 @@ class SessionizeStep:
 
 
 class DetectStep:
-    """Streaming features for every query, then the rules on each client touched; at the commit, the
-    anomaly model on the clients touched since the last one and the pooling of training-set hits across
-    clients (`judge`).
+    """Streaming features for every query and, on the query that makes a client due (`due`), the rules and
+    the pooling of training-set hits across clients on that client; at the commit, the anomaly model on the
+    moments judged since the last one, in one micro-batch (`judge`).
 
-    `observe_ratio`, when set (the pipeline's metrics), is handed the verdicts of every client judged.
+    Every detection is taken on a query, and a client is due on a query whatever batch it came in: the
+    detections, and their `detected_at`, are the same however the stream was batched (live, a backlog, a
+    replay). `observe_ratio`, when set (the pipeline's metrics), is handed the verdicts of every client
+    judged.
     """
 
     def __init__(
@@ -150,37 +153,49 @@ class DetectStep:
         tracker: FeatureTracker,
         detector: Detector,
         coordination: CoordinationTracker,
-        allowed: frozenset[str] = frozenset(),
+        revisit_seconds: float = 450.0,
     ) -> None:
         self.tracker = tracker
         self.detector = detector
         self.coordination = coordination
-        # Allow-listed clients are not pooled: their training-set hits are the operators' known business.
-        self._allowed = allowed
+        self.revisit_seconds = revisit_seconds
         self.observe_ratio: RatioObserver | None = None
+        self._moments: list[Moment] = []  # judged by the rules since the last commit, for the forest
+
+    def due(self, client: ClientFeatures, at: float) -> bool:
+        """True when `client`, just updated with its query at event time `at`, is to be judged now.
+
+        Every query while a client is young; then after each ~3% more of its traffic (a busy client's
+        snapshots would dominate the cost, and detection comes at most that much later); and at least
+        every `revisit_seconds` of event time, so that an open alert of a slow client is kept alive (or
+        let go) by its own queries rather than by gaps between judgements.
+        """
+        return (
+            client.queries - client.evaluated_at >= max(1, client.queries // 32)
+            or at - client.evaluated_time >= self.revisit_seconds
+        )
 
     def process(self, batch: Batch) -> Batch:
         if not batch.fresh:
             return batch
-        touched = self.tracker.update([query for _, queries in batch.fresh for query in queries])
-        batch.touched |= touched
-        for key in touched:
-            client = self.tracker.get(key)
-            if client is not None and client.queries - client.evaluated_at >= max(1, client.queries // 32):
-                # A busy client is re-judged after each ~3% more of its traffic rather than every batch:
-                # detection comes at most that much later, and snapshots stop dominating the cost.
-                client.evaluated_at = client.queries
-                values = client.snapshot()
-                self.coordination.observe(key, client, values)
-                batch.detections += self.detector.evaluate(key, client, values, observe=self.observe_ratio)
+        tracker = self.tracker
+        for observation in tracker.observe([query for _, queries in batch.fresh for query in queries]):
+            key, client = tracker.update_one(observation)
+            at = observation.query.timestamp
+            if not self.due(client, at):
+                continue
+            client.evaluated_at, client.evaluated_time = client.queries, at
+            moment = Moment.of(key, client, at)
+            batch.detections += self.coordination.observe(key, client, moment.values, at)
+            batch.detections += self.detector.evaluate(moment, observe=self.observe_ratio)
+            if self.detector.judges_anomalies and moment.queries >= ANOMALY_MIN_QUERIES:
+                self._moments.append(moment)
         return batch
 
-    def judge(self, touched: set[ClientKey], watermark: float | None) -> list[Detection]:
-        """The anomaly model's detections on the `touched` clients (one micro-batch), and the pooled
-        training-set hits across clients (coordination) up to event time `watermark`."""
-        clients = {key: client for key in touched if (client := self.tracker.get(key)) is not None}
-        horizon = watermark if watermark is not None else float("-inf")
-        return [
-            *self.detector.evaluate_anomalies(clients, observe=self.observe_ratio),
-            *self.coordination.detections(horizon, set(self._allowed)),
-        ]
+    def judge(self, watermark: float | None) -> list[Detection]:
+        """The anomaly model's detections on the moments judged since the last call, in order (one
+        micro-batch); lets the cross-client pools forget what is a window older than `watermark`."""
+        moments, self._moments = self._moments, []
+        if watermark is not None:
+            self.coordination.forget(watermark)
+        return self.detector.evaluate_anomalies(moments, observe=self.observe_ratio)

@@ -1,14 +1,16 @@
 """Deciding: the verdicts that fired on a client, turned into detections with their reasons and evidence.
 
 Scoring is separate from deciding: `Scorer` judges each alert kind on a client's snapshot (see
-`detector.scoring.scorer`); `Detector` makes a `Detection` of every verdict that fired, explained by the
-verdict's contributions and backed by the client's evidence events. Whoever observes the ratios (the
-pipeline's metrics) is handed the very verdicts the decision was taken on.
+`detector.scoring.scorer`); `Detector` makes a `Detection` of every verdict that fired (or holds), explained
+by the verdict's contributions and backed by the client's evidence events as they were at the `Moment` it
+was judged. Whoever observes the ratios (the pipeline's metrics) is handed the very verdicts the decision
+was taken on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 from detector.domain import AlertKind, Detection, Verdict
 from detector.features.client import ClientFeatures, ClientKey
@@ -27,8 +29,41 @@ EVIDENCE_KINDS: dict[AlertKind, tuple[str, ...]] = {
 RatioObserver = Callable[[Collection[Verdict]], None]
 
 
+@dataclass(frozen=True)
+class Moment:
+    """A client as the rules judged it: its snapshot and what a detection reports of it, taken on the query
+    at event time `at` (so that the anomaly model, which judges moments later in micro-batches, reports the
+    very query its verdict was on)."""
+
+    key: ClientKey
+    values: Snapshot
+    at: float
+    queries: int
+    first_seen: float
+    last_seen: float
+    evidence: dict[AlertKind, list[str]]
+
+    @classmethod
+    def of(cls, key: ClientKey, client: ClientFeatures, at: float, values: Snapshot | None = None) -> Moment:
+        """`client` now, judged on its query at event time `at` (`values`: its snapshot, taken here unless
+        the caller has it already)."""
+        return cls(
+            key,
+            values if values is not None else client.snapshot(),
+            at,
+            client.queries,
+            client.first_seen,
+            client.last_seen,
+            {kind: client.evidence_for(kinds) for kind, kinds in EVIDENCE_KINDS.items()},
+        )
+
+
 class Detector:
-    """Detections from the verdicts of a `Scorer` over `rules` and `model`; see the module docstring."""
+    """Detections from the verdicts of a `Scorer` over `rules` and `model`; see the module docstring.
+
+    Every verdict that fired is a detection; one within the hold band below its threshold (`Verdict.holds`)
+    is a detection that did not fire (`Detection.fired` False), which keeps an open alert alive.
+    """
 
     def __init__(self, rules: Sequence[Rule], model: ScoringModel | None = None) -> None:
         self.scorer = Scorer(rules, model)
@@ -38,68 +73,57 @@ class Detector:
         """The scoring model in use, if any."""
         return self.scorer.model
 
-    def evaluate(
-        self,
-        key: ClientKey,
-        client: ClientFeatures,
-        values: Snapshot | None = None,
-        *,
-        observe: RatioObserver | None = None,
-    ) -> list[Detection]:
-        """The rule detections for one client now, one per alert kind whose verdict fired (`score_rules`);
-        empty when none did. `values` is the client's snapshot, taken here unless the caller already has
-        it. `observe`, if given, is handed every kind's verdict."""
-        values = values if values is not None else client.snapshot()
-        verdicts = self.scorer.score_rules(values)
+    @property
+    def judges_anomalies(self) -> bool:
+        """True when a model with an anomaly forest is loaded."""
+        return self.scorer.model is not None and self.scorer.model.forest is not None
+
+    def evaluate(self, moment: Moment, *, observe: RatioObserver | None = None) -> list[Detection]:
+        """The rule detections for one client's `moment`, one per alert kind whose verdict fired or holds
+        (`score_rules`). `observe`, if given, is handed every kind's verdict."""
+        verdicts = self.scorer.score_rules(moment.values)
         if observe is not None:
             observe(verdicts.values())
-        return [
-            self._detection(key, client, values, verdict) for verdict in verdicts.values() if verdict.fired
-        ]
+        return [self._detection(moment, verdict) for verdict in verdicts.values() if verdict.holds]
 
     def evaluate_anomalies(
-        self, clients: dict[ClientKey, ClientFeatures], *, observe: RatioObserver | None = None
+        self, moments: Sequence[Moment], *, observe: RatioObserver | None = None
     ) -> list[Detection]:
-        """Anomalous-session detections for `clients`, scored in one micro-batch (`score_anomalies`);
-        `observe`, if given, is handed the verdict of every client the model judged."""
-        if self.scorer.model is None or self.scorer.model.forest is None:
+        """Anomalous-session detections for `moments` (in order), scored in one micro-batch
+        (`score_anomalies`); `observe`, if given, is handed the verdict of every moment the model judged."""
+        if not self.judges_anomalies:
             return []
-        # Only clients the forest will judge are snapshotted: a snapshot is most of the cost of judging.
-        eligible = [(key, client) for key, client in clients.items() if client.queries >= ANOMALY_MIN_QUERIES]
+        eligible = [moment for moment in moments if moment.queries >= ANOMALY_MIN_QUERIES]
         if not eligible:
             return []
-        snapshots = [client.snapshot() for _, client in eligible]
         judged = [
-            (key, client, values, verdict)
-            for (key, client), values, verdict in zip(
-                eligible, snapshots, self.scorer.score_anomalies(snapshots), strict=True
+            (moment, verdict)
+            for moment, verdict in zip(
+                eligible, self.scorer.score_anomalies([moment.values for moment in eligible]), strict=True
             )
             if verdict is not None
         ]
         if observe is not None:
-            observe([verdict for *_, verdict in judged])
-        return [
-            self._detection(key, client, values, verdict)
-            for key, client, values, verdict in judged
-            if verdict.fired
-        ]
+            observe([verdict for _, verdict in judged])
+        return [self._detection(moment, verdict) for moment, verdict in judged if verdict.holds]
 
-    def _detection(
-        self, key: ClientKey, client: ClientFeatures, values: Snapshot, verdict: Verdict
-    ) -> Detection:
+    def _detection(self, moment: Moment, verdict: Verdict) -> Detection:
         return Detection(
-            model=key[0],
-            client_ids=(key[1],),
+            model=moment.key[0],
+            client_ids=(moment.key[1],),
             kind=verdict.kind,
             severity=verdict.severity,
             rule_id=verdict.rule_id,
             score=verdict.score,
             threshold=verdict.threshold,
-            reasons=self.scorer.explain(values, verdict),
-            evidence=client.evidence_for(EVIDENCE_KINDS[verdict.kind]),
-            first_seen=client.first_seen,
-            last_seen=client.last_seen,
-            queries=client.queries,
+            reasons=self.scorer.explain(moment.values, verdict),
+            evidence=moment.evidence[verdict.kind],
+            first_seen=moment.first_seen,
+            last_seen=moment.last_seen,
+            queries=moment.queries,
+            detected_at=moment.at,
+            detected_after_queries=moment.queries,
             atlas_technique=verdict.atlas,
             triage=verdict.triage,
+            fired=verdict.fired,
         )

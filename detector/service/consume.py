@@ -137,9 +137,11 @@ def consume(
             raise
         # Partitions assigned by a rebalance start unpaused: hold again after every poll while pressed.
         source.hold(pressure.active)
+        lag = source.lag()
+        pipeline.lag(lag)
         if polled_at - lag_observed >= LAG_INTERVAL_SECONDS:
             lag_observed = polled_at
-            metrics.observe_lag(source.lag())
+            metrics.observe_lag(lag)
         if records and progress is not None:
             progress(records)
         if records or not source.assigned or pressure.active:

@@ -166,8 +166,16 @@ def build_detection(
     detector = Detector(load_rules(settings.detection.rules_path), model)
     scorer = detector.scorer
     training_rule = next(rule for rule in scorer.rules if rule.kind is AlertKind.TRAINING_SET_TARGETING)
-    coordination = CoordinationTracker(scorer.threshold(training_rule), settings.detection.max_clients)
-    return DetectStep(tracker, detector, coordination, allowed=settings.detection.allow_list().clients)
+    coordination = CoordinationTracker(
+        scorer.threshold(training_rule),
+        settings.detection.max_clients,
+        allowed=settings.detection.allow_list().clients,
+    )
+    # A client is judged again at least four times per quiet period: its open alert is kept alive (or let
+    # go) by its own queries, not resolved in a gap between judgements.
+    return DetectStep(
+        tracker, detector, coordination, revisit_seconds=settings.alerts.resolve_after_seconds / 4
+    )
 
 
 def build_pipeline(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import bindparam, func, or_, select, text, update
+from sqlalchemy import bindparam, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
@@ -54,6 +54,8 @@ _MUTABLE = (
     "resolved_at",
     "acknowledged_at",
     "queries",
+    "detected_at",
+    "detected_after_queries",
     "updates",
 )
 
@@ -93,12 +95,17 @@ class AlertRepository:
         row = self._connection.execute(query).first()
         return _tracked(row) if row is not None else None
 
-    def lock_quiet(self, changed_before: datetime, seen_before: datetime | None) -> list[TrackedAlert]:
+    def lock_quiet(self, changed_before: datetime | None, seen_before: datetime | None) -> list[TrackedAlert]:
         """The open alerts unchanged since before `changed_before` (wall time) or whose last query is before
-        `seen_before` (event time), locked, in id order."""
-        quiet = AlertRow.updated_at < changed_before
+        `seen_before` (event time), locked, in id order; a bound that is None holds for none."""
+        conditions = []
+        if changed_before is not None:
+            conditions.append(AlertRow.updated_at < changed_before)
         if seen_before is not None:
-            quiet = or_(quiet, AlertRow.last_seen < seen_before)
+            conditions.append(AlertRow.last_seen < seen_before)
+        if not conditions:
+            return []
+        quiet = or_(*conditions)
         query = (
             select(_ALERTS)
             .where(AlertRow.status == AlertStatus.OPEN, quiet)
@@ -112,12 +119,12 @@ class AlertRepository:
         those written, with their ids, by key. A key left out lost a race with a concurrent writer."""
         if not alerts:
             return {}
-        insert = (
+        unless_open = (
             sqlite.insert(AlertRow)
             if self._connection.dialect.name == "sqlite"
             else postgresql.insert(AlertRow)
         )
-        statement = insert.on_conflict_do_nothing(
+        statement = unless_open.on_conflict_do_nothing(
             index_elements=["dedup_key"], index_where=text(OPEN_ALERT_CONDITION)
         ).returning(AlertRow.dedup_key, AlertRow.id)
         by_key = {alert.dedup_key: alert for alert in alerts}
@@ -127,6 +134,17 @@ class AlertRepository:
             key: by_key[key].model_copy(update={"id": alert_id})
             for key, alert_id in self._connection.execute(statement, rows)
         }
+
+    def insert_resolved(self, alerts: Sequence[Alert]) -> list[Alert]:
+        """Store `alerts`, resolved already (incidents that began and ended within one transaction), in
+        order; returns them with their ids. Several may share a dedup key: only open alerts are unique."""
+        stored = []
+        for alert in alerts:
+            if alert.status is AlertStatus.OPEN:
+                raise ValueError(f"alert {alert.dedup_key!r} is open: use insert")
+            statement = insert(AlertRow).values(_row(alert)).returning(AlertRow.id)
+            stored.append(alert.model_copy(update={"id": self._connection.execute(statement).scalar_one()}))
+        return stored
 
     def save(self, alerts: Sequence[Alert]) -> None:
         """Write the changeable values (`_MUTABLE`) of `alerts`, each by id."""
@@ -252,6 +270,8 @@ def _alert(row: Row[Any]) -> Alert:
         resolved_at=row.resolved_at,
         acknowledged_at=row.acknowledged_at,
         queries=row.queries,
+        detected_at=row.detected_at,
+        detected_after_queries=row.detected_after_queries,
         updates=row.updates,
     )
 

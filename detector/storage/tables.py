@@ -220,6 +220,9 @@ class AlertRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     queries: Mapped[int] = mapped_column(BigInteger)
+    # Event time of the query on which the rule first crossed its threshold, and the client's queries by then.
+    detected_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    detected_after_queries: Mapped[int] = mapped_column(BigInteger)
     updates: Mapped[int] = mapped_column(Integer)
     acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The last notification written for the alert: when (wall time) and at which severity; null until the

@@ -34,11 +34,11 @@ from detector.domain import (
 )
 from detector.scoring.detector import Detector
 from detector.storage import Store, create_engine_for, upgrade
-from tests.scoring.test_scoring import RULES, client_after
+from tests.scoring.test_scoring import RULES, client_after, fired_on
 from tests.storage.conftest import START, Alerts, FakeClock
 from tests.storage.test_alerts import QUIET, detection, utc
 from tests.streams import Stream, augmentation_probe
-from tests.support import as_written, make_notification
+from tests.support import ALERT_TIMES, as_written, make_notification
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 POLICY = NotificationPolicy(sinks=("webhook",), renotify_seconds=600, dashboard_url="https://g.example/d/x")
@@ -121,14 +121,13 @@ def test_titles_and_summaries_say_what_happened() -> None:
 def test_a_notification_survives_its_json_round_trip() -> None:
     notification = make_notification(NotificationEvent.RESOLVED)
     between = NOW.replace(microsecond=123_456)  # between two milliseconds
-    times = ("first_seen", "last_seen", "raised_at", "updated_at", "resolved_at", "acknowledged_at")
-    alert = notification.alert.model_copy(update=dict.fromkeys(times, between))
+    alert = notification.alert.model_copy(update=dict.fromkeys(ALERT_TIMES, between))
     notification = notification.model_copy(update={"alert": alert})
 
     restored = Notification.model_validate_json(notification.model_dump_json())
 
     # An alert's times are written to the millisecond (RFC 3339, `Z`): that is all the round trip loses.
-    assert {getattr(restored.alert, name) for name in times} == {NOW.replace(microsecond=123_000)}
+    assert {getattr(restored.alert, name) for name in ALERT_TIMES} == {NOW.replace(microsecond=123_000)}
     assert restored == as_written(notification) != notification
     assert restored.model_dump_json() == notification.model_dump_json()
 
@@ -233,8 +232,8 @@ def test_detections_sharing_a_key_in_one_call_become_one_alert(alerts: Alerts) -
 
     changes = alerts.upsert([first, other, second])
 
-    assert [change.change for change in changes] == [Change.OPENED] * 3
-    assert changes[0] == changes[2] != changes[1]
+    assert [change.change for change in changes] == [Change.OPENED] * 2
+    assert changes[0] != changes[1]
     alert = alerts.list_alerts(client_id="client-a")[0]
     assert (alert.score, alert.severity, alert.evidence, alert.updates) == (
         0.9,
@@ -281,6 +280,114 @@ def test_resolve_quiet_resolves_open_alerts_last_seen_a_quiet_period_before_the_
     assert alerts.open_alert_count() == 2
 
 
+# -- incidents in event time ---------------------------------------------------------------------------------
+
+
+def incident_history(alerts: Alerts) -> list[tuple[str, AlertStatus, datetime, int]]:
+    """Every alert stored, oldest first: its client, status, detection time and queries by then."""
+    return [
+        (alert.client_id, alert.status, alert.detected_at, alert.detected_after_queries)
+        for alert in sorted(alerts.list_alerts(), key=lambda alert: alert.id)
+    ]
+
+
+def test_an_alert_keeps_the_detection_time_of_the_query_that_first_crossed(alerts: Alerts) -> None:
+    alerts.upsert([detection(last_seen=START + 60, detected_at=START + 40, queries=40)])
+    alerts.upsert([detection(last_seen=START + 600, detected_at=START + 600, queries=90)])
+
+    [alert] = alerts.list_alerts()
+    assert (alert.detected_at, alert.detected_after_queries) == (utc(START + 40), 40)
+    assert (alert.last_seen, alert.queries) == (utc(START + 600), 90)
+
+
+def attack_that_pauses() -> list:
+    """Detections of one client: fired, a pause longer than the quiet period, fired again, and on."""
+    return [
+        detection(last_seen=START + 60, queries=30),
+        detection(last_seen=START + 300, queries=60),
+        detection(last_seen=START + 300 + QUIET + 1, queries=61),
+        detection(last_seen=START + 400 + QUIET, queries=90),
+    ]
+
+
+def test_an_incident_that_ends_within_one_call_is_stored_resolved_and_both_notified(
+    store: Store, clock: FakeClock
+) -> None:
+    alerts = Alerts(store, POLICY, clock=clock)
+
+    outcome = alerts.record(attack_that_pauses())
+
+    assert incident_history(alerts) == [
+        ("client-a", AlertStatus.RESOLVED, utc(START + 60), 30),
+        ("client-a", AlertStatus.OPEN, utc(START + 301 + QUIET), 61),
+    ]
+    first, second = sorted(alerts.list_alerts(), key=lambda alert: alert.id)
+    assert [(n.event, n.alert.id) for n in outcome.notifications] == [
+        (NotificationEvent.OPENED, first.id),
+        (NotificationEvent.RESOLVED, first.id),
+        (NotificationEvent.OPENED, second.id),
+    ]
+    assert [alert.id for alert in outcome.resolved] == [first.id]
+    assert [change.change for _, change in outcome.changes] == [Change.OPENED, Change.OPENED]
+
+
+def test_one_call_or_one_per_detection_decide_the_same_incidents(database_url: str, clock: FakeClock) -> None:
+    """A backlog committed at once and a live stream committed per query (the watermark moving on) make the
+    same alerts and send the same notifications."""
+    histories, events = [], []
+    for calls in ([attack_that_pauses()], [[d] for d in attack_that_pauses()]):
+        engine = create_engine_for(database_url)
+        try:
+            upgrade(engine)
+            alerts = Alerts(Store(engine, clock=clock), POLICY, clock=clock)
+            sent = []
+            for call in calls:
+                outcome = alerts.record(call, watermark=max(d.last_seen for d in call))
+                sent += [(n.event, n.alert.detected_at) for n in outcome.notifications]
+            histories.append(incident_history(alerts))
+            events.append(sent)
+        finally:
+            with engine.begin() as connection:
+                for table in ("notifications", "alerts"):
+                    connection.exec_driver_sql(f"DELETE FROM {table}")
+            engine.dispose()
+    assert histories[0] == histories[1] and len(histories[0]) == 2
+    assert sorted(events[0]) == sorted(events[1]) and len(events[0]) == 3
+
+
+def test_an_incident_read_in_one_batch_continues_the_alert_it_began_within_the_quiet_period_of(
+    alerts: Alerts,
+) -> None:
+    alerts.upsert([detection(last_seen=START + 60)])
+    # One batch holds the attack going on: its first detection comes within the quiet period of the alert's
+    # last query, its latest long after.
+    alerts.record([detection(last_seen=START + QUIET), detection(last_seen=START + 2 * QUIET)])
+
+    [alert] = alerts.list_alerts()
+    assert (alert.status, alert.last_seen) == (AlertStatus.OPEN, utc(START + 2 * QUIET))
+
+
+def test_a_verdict_in_the_hold_band_keeps_an_open_alert_open_and_opens_none(alerts: Alerts) -> None:
+    held = detection(last_seen=START + 60, fired=False)
+    assert alerts.upsert([held]) == [] and alerts.list_alerts() == []
+
+    alerts.upsert([detection(last_seen=START + 100)])
+    # Wavering just under the threshold, each time within the quiet period of the last: still one incident.
+    for step in (1, 2, 3):
+        alerts.record([detection(last_seen=START + 100 + step * (QUIET - 10), fired=False)])
+    last = START + 100 + 3 * (QUIET - 10)
+    assert alerts.resolve_quiet(watermark=last + QUIET - 1).resolved == []
+    [alert] = alerts.list_alerts()
+    assert (alert.status, alert.last_seen, alert.detected_at) == (
+        AlertStatus.OPEN,
+        utc(last),
+        utc(START + 100),
+    )
+    # After a quiet gap, a verdict in the hold band continues nothing and opens nothing.
+    alerts.record([detection(last_seen=last + QUIET + 1, fired=False)], watermark=last + QUIET + 1)
+    assert [a.status for a in alerts.list_alerts()] == [AlertStatus.RESOLVED]
+
+
 # -- the allow-list ------------------------------------------------------------------------------------------
 
 
@@ -288,7 +395,7 @@ def test_the_allow_list_drops_a_clients_detections_for_one_kind_or_all(
     store: Store, clock: FakeClock
 ) -> None:
     queries = augmentation_probe(Stream("tta-client"))
-    detections = Detector(RULES).evaluate(("m", "tta-client"), client_after(queries))
+    detections = fired_on(Detector(RULES), ("m", "tta-client"), client_after(queries))
     assert detections  # the detector reports them: the allow-list is the lifecycle's
     policy = NotificationPolicy(sinks=("webhook",))
     for entry in (

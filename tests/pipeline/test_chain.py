@@ -165,11 +165,18 @@ def test_alerts_are_reported_once_stored(
     pipeline, recorder, store = wired
     # One client asking for the probabilities of hundreds of distinct inputs: confidence harvesting.
     harvest = [record(f"h{index}", client="harvester", offset=index, seed=index) for index in range(400)]
+    stored_after = []
     for start in range(0, len(harvest), 50):
         pipeline.submit(raw(harvest[start : start + 50], first_offset=start))
+        stored_after.append(len(store.alerts.list_alerts()))
     pipeline.commit()
 
-    kinds = {alert.kind.value for alert in store.alerts.list_alerts()}
-    assert "confidence_harvesting" in kinds
-    assert recorder.events[-1] == "alerts" and recorder.events.count("alerts") == 1
-    assert sorted(recorder.opened_alerts) == sorted(alert.id for alert in store.alerts.list_alerts())
+    [alert] = store.alerts.list_alerts()
+    assert alert.kind.value == "confidence_harvesting"
+    # Stored, with the positions, in the very batch its rule fired in: the commit policy (a million records
+    # or an hour) was not waited for. Reported once, after the transaction.
+    crossed = alert.detected_after_queries
+    assert stored_after == [0 if (index + 1) * 50 < crossed else 1 for index in range(len(stored_after))]
+    opened = recorder.events.index("alerts")
+    assert recorder.events.count("alerts") == 1 and recorder.events[opened - 1] == "positions"
+    assert recorder.opened_alerts == [alert.id]

@@ -12,7 +12,7 @@ from detector.domain import AlertKind, Query
 from detector.scoring.calibrate import collect_baseline, fit_scoring_model
 from detector.scoring.detector import Detector
 from detector.scoring.model import floor_outliers, rule_threshold
-from tests.scoring.test_scoring import RULES
+from tests.scoring.test_scoring import RULES, fired_on
 from tests.streams import Stream, harvest, record, warmed_tracker
 
 HARVEST_RULE = next(rule for rule in RULES if rule.kind is AlertKind.CONFIDENCE_HARVESTING)
@@ -64,7 +64,7 @@ def test_a_heavy_baseline_client_does_not_lift_the_threshold_for_everyone() -> N
         tracker.update(batch)
     client = tracker.get(("m", "attacker"))
     assert client is not None
-    detections = Detector(RULES, calibration.model).evaluate(("m", "attacker"), client)
+    detections = fired_on(Detector(RULES, calibration.model), ("m", "attacker"), client)
     assert AlertKind.CONFIDENCE_HARVESTING in {detection.kind for detection in detections}
 
 

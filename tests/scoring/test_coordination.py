@@ -12,7 +12,7 @@ def test_sybils_below_every_threshold_are_alerted_together_and_only_once() -> No
     members = [record() for _ in range(40)]
     tracker = warmed_tracker()
     tracker.training_indexes = TrainingIndexes(default=SetIndex(members))
-    coordination = CoordinationTracker(threshold=5)
+    coordination = CoordinationTracker(threshold=12)
     sybils = [f"sybil-{index}" for index in range(4)]
     for index, client_id in enumerate(sybils):
         stream = Stream(client_id, ip=f"198.51.100.{10 + index}")  # one campaign, one network
@@ -22,17 +22,20 @@ def test_sybils_below_every_threshold_are_alerted_together_and_only_once() -> No
     tracker.update([benign.query(record()) for _ in range(50)])
     elsewhere = Stream("other-network", ip="203.0.113.5")
     tracker.update([elsewhere.query(row) for row in members[30:33]])
-    for client_id in [*sybils, "benign", "other-network"]:
+    detections = []
+    for client_id in ["benign", "other-network", *sybils, *sybils]:
         client = tracker.get(("m", client_id))
         assert client is not None
-        coordination.observe(("m", client_id), client, client.snapshot())
+        detections += coordination.observe(("m", client_id), client, client.snapshot(), client.last_seen)
 
-    [detection] = coordination.detections(watermark=1_764_000_100.0, allowed=set())
+    # Raised when the last sybil took the pool to the threshold, and only then (reported once).
+    [detection] = detections
     assert detection.kind is AlertKind.COORDINATED_CLIENTS
     assert detection.client_ids == tuple(sybils)  # not the benign neighbour, not the other network
-    assert detection.score == 12 and detection.threshold == 5
+    assert detection.score == 12 and detection.threshold == 12
     assert len(detection.evidence) == 12
-    assert coordination.detections(watermark=1_764_000_100.0, allowed=set()) == []  # reported once
+    last = tracker.get(("m", sybils[-1]))
+    assert last is not None and detection.detected_at == last.last_seen
 
 
 def test_one_key_alone_or_allow_listed_keys_do_not_make_a_campaign() -> None:
@@ -40,14 +43,13 @@ def test_one_key_alone_or_allow_listed_keys_do_not_make_a_campaign() -> None:
     members = [record() for _ in range(20)]
     tracker = warmed_tracker()
     tracker.training_indexes = TrainingIndexes(default=SetIndex(members))
-    coordination = CoordinationTracker(threshold=5)
+    coordination = CoordinationTracker(threshold=5, allowed=frozenset({"nightly-job"}))
     for client_id, share in (("nightly-job", members[:4]), ("lonely", members[4:8])):
         stream = Stream(client_id, ip="192.0.2.3" if client_id == "lonely" else "192.0.2.4")
         tracker.update([stream.query(row) for row in share])
         client = tracker.get(("m", client_id))
         assert client is not None
-        coordination.observe(("m", client_id), client, client.snapshot())
-    assert coordination.detections(watermark=1_764_000_100.0, allowed={"nightly-job"}) == []
+        assert coordination.observe(("m", client_id), client, client.snapshot(), client.last_seen) == []
 
 
 def participant(client_id: str, last_seen: float, ip: str = "198.51.100.7") -> ClientFeatures:
@@ -64,24 +66,30 @@ def test_a_flood_of_keys_with_a_hit_each_is_held_within_its_bound() -> None:
     for index in range(10_000):
         # Every key from its own /24: no pool ever forms, yet each would be kept without the bound.
         ip = f"10.{index // 256 % 256}.{index % 256}.1"
-        coordination.observe(("m", f"k{index}"), participant(f"k{index}", 1000.0 + index, ip), HITS)
+        key, at = ("m", f"k{index}"), 1000.0 + index
+        assert coordination.observe(key, participant(key[1], at, ip), HITS, at) == []
     assert len(coordination) == 100
-    assert coordination.detections(watermark=11_000.0, allowed=set()) == []
     # The most recent keys are the ones kept; a window later none is.
+    coordination.forget(watermark=11_000.0)
     assert len(coordination) == 100
-    coordination.detections(watermark=11_000.0 + WINDOW_SECONDS, allowed=set())
+    coordination.forget(watermark=11_000.0 + WINDOW_SECONDS)
     assert len(coordination) == 0
 
 
 def test_reported_keys_are_forgotten_a_window_after_they_went_quiet() -> None:
     coordination = CoordinationTracker(threshold=2)
-    for client_id in ("a", "b"):
-        coordination.observe(("m", client_id), participant(client_id, 1000.0), HITS)
-    [detection] = coordination.detections(watermark=1000.0, allowed=set())
+    assert coordination.observe(("m", "a"), participant("a", 1000.0), HITS, 1000.0) == []
+    [detection] = coordination.observe(("m", "b"), participant("b", 1000.0), HITS, 1000.0)
     assert detection.client_ids == ("a", "b") and len(coordination) == 2  # remembered as reported
     # Still active: not pooled again, and remembered as long as it goes on.
-    coordination.observe(("m", "a"), participant("a", 1000.0 + WINDOW_SECONDS), HITS)
-    assert coordination.detections(watermark=1001.0 + WINDOW_SECONDS, allowed=set()) == []
+    later = 1000.0 + WINDOW_SECONDS
+    assert coordination.observe(("m", "a"), participant("a", later), HITS, later) == []
+    coordination.forget(watermark=later + 1)
     assert len(coordination) == 1  # "b" went quiet a window ago
-    coordination.detections(watermark=1001.0 + 2 * WINDOW_SECONDS, allowed=set())
+    coordination.forget(watermark=later + 1 + WINDOW_SECONDS)
     assert len(coordination) == 0
+    # A reported key quiet for a window is pooled again when it comes back.
+    back = later + 2 * WINDOW_SECONDS
+    assert coordination.observe(("m", "a"), participant("a", back), HITS, back) == []
+    [again] = coordination.observe(("m", "c"), participant("c", back), HITS, back)
+    assert again.client_ids == ("a", "c")

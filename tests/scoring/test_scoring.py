@@ -15,7 +15,7 @@ import pytest
 
 from detector.domain import AlertKind, Requested, Severity
 from detector.features.client import ClientFeatures, FeatureTracker, TrainingIndexes
-from detector.scoring.detector import Detector
+from detector.scoring.detector import Detector, Moment
 from detector.scoring.model import FOREST_FILE, MANIFEST_FILE, ModelError, ScoringModel
 from detector.scoring.rules import load_rules
 from tests.streams import SetIndex, Stream, augmentation_probe, boundary_walk, harvest, record, warmed_tracker
@@ -30,6 +30,11 @@ def client_after(queries: list, tracker: FeatureTracker | None = None) -> Client
     client = tracker.get((queries[0].model, queries[0].client_id))
     assert client is not None
     return client
+
+
+def fired_on(detector: Detector, key: tuple[str, str], client: ClientFeatures) -> list:
+    """The detections that fired on `client` judged now, on its latest query."""
+    return [d for d in detector.evaluate(Moment.of(key, client, client.last_seen)) if d.fired]
 
 
 def benign_clients() -> dict[str, ClientFeatures]:
@@ -87,7 +92,7 @@ def test_every_rule_is_complete_reviewed_data() -> None:
 def test_each_rule_fires_on_its_behaviour_with_evidence(kind: AlertKind, behaviour) -> None:  # type: ignore[no-untyped-def]
     queries = behaviour()
     client = client_after(queries)
-    detections = Detector(RULES).evaluate((queries[0].model, queries[0].client_id), client)
+    detections = fired_on(Detector(RULES), (queries[0].model, queries[0].client_id), client)
     fired = {detection.kind: detection for detection in detections}
     assert kind in fired
     detection = fired[kind]
@@ -103,7 +108,7 @@ def test_training_set_targeting_fires_on_candidates_from_the_training_set() -> N
     tracker.training_indexes = TrainingIndexes(default=SetIndex(members))
     stream = Stream("candidate-tester")
     queries = [stream.query(row) for row in members[:25]] + [stream.query(record()) for _ in range(25)]
-    detections = Detector(RULES).evaluate(("m", "candidate-tester"), client_after(queries, tracker))
+    detections = fired_on(Detector(RULES), ("m", "candidate-tester"), client_after(queries, tracker))
     assert [d.kind for d in detections] == [AlertKind.TRAINING_SET_TARGETING]
     assert detections[0].severity is Severity.CRITICAL
 
@@ -111,7 +116,7 @@ def test_training_set_targeting_fires_on_candidates_from_the_training_set() -> N
 def test_benign_look_alikes_stay_quiet() -> None:
     detector = Detector(RULES)
     for name, client in benign_clients().items():
-        assert detector.evaluate(("m", name), client) == [], name
+        assert fired_on(detector, ("m", name), client) == [], name
 
 
 def baseline_trajectories() -> list[list[dict[str, float]]]:
@@ -191,9 +196,9 @@ def test_exact_training_records_hidden_in_cover_traffic_are_still_found() -> Non
     hidden = [stream.query(row, requested=Requested.LABEL) for row in rows]
     client = client_after(hidden, tracker)
     assert client.snapshot()["training.distinct_exact_hits"] == 4
-    assert Detector(RULES).evaluate(("m", "interleaver"), client) == []
+    assert fired_on(Detector(RULES), ("m", "interleaver"), client) == []
     tracker.update([stream.query(row, requested=Requested.LABEL) for row in members[10:12]])
-    detections = Detector(RULES).evaluate(("m", "interleaver"), client)
+    detections = fired_on(Detector(RULES), ("m", "interleaver"), client)
     assert [(d.kind, d.rule_id) for d in detections] == [(AlertKind.TRAINING_SET_TARGETING, "MIA-005")]
     assert client.snapshot()["training.hit_rate"] < 0.01  # far below MIA-003's guard
 

@@ -16,7 +16,7 @@ from detector.domain import AlertKind, AllowEntry, AllowList, Requested, Severit
 from detector.evaluate import suspicion_scores
 from detector.features.client import ClientFeatures, ClientKey, FeatureTracker, TrainingIndexes
 from detector.metrics import PREFIX, SCORED_KINDS, Metrics
-from detector.scoring.detector import Detector
+from detector.scoring.detector import Detector, Moment
 from detector.scoring.model import MANIFEST_FILE, ModelError, ScoringModel
 from detector.scoring.rules import load_rules
 from detector.scoring.scorer import ANOMALY_MIN_QUERIES
@@ -140,18 +140,27 @@ def test_the_detector_the_metrics_and_the_evaluation_agree_on_every_verdict() ->
     )
     metrics = Metrics(CollectorRegistry())
 
+    moments = [Moment.of(key, client, client.last_seen) for key, client in clients.items()]
     detections = [
         detection
-        for key, client in clients.items()
-        for detection in detector.evaluate(key, client, observe=metrics.observe_score_ratio)
+        for moment in moments
+        for detection in detector.evaluate(moment, observe=metrics.observe_score_ratio)
     ]
-    detections += detector.evaluate_anomalies(clients, observe=metrics.observe_score_ratio)
+    detections += detector.evaluate_anomalies(moments, observe=metrics.observe_score_ratio)
 
-    # The detector: a detection for each verdict that fired, with its rule, score and threshold.
+    # The detector: a detection for each verdict that fired, with its rule, score and threshold, and one
+    # that did not fire for each verdict within the hold band below its threshold.
     fired = {
         (key, verdict.kind) for key, kinds in verdicts.items() for verdict in kinds.values() if verdict.fired
     }
-    assert {((d.model, d.client_id), d.kind) for d in detections} == fired
+    held = {
+        (key, verdict.kind)
+        for key, kinds in verdicts.items()
+        for verdict in kinds.values()
+        if verdict.holds and not verdict.fired
+    }
+    assert {((d.model, d.client_id), d.kind) for d in detections if d.fired} == fired
+    assert {((d.model, d.client_id), d.kind) for d in detections if not d.fired} == held
     for detection in detections:
         verdict = verdicts[(detection.model, detection.client_id)][detection.kind]
         assert (detection.rule_id, detection.score, detection.threshold) == (

@@ -41,6 +41,8 @@ def detection(
     queries: int = 100,
     reasons: list[Reason] | None = None,
     rule_id: str = "MIA-001",
+    detected_at: float | None = None,
+    fired: bool = True,
 ) -> Detection:
     return Detection(
         model=MODEL,
@@ -55,7 +57,10 @@ def detection(
         first_seen=first_seen,
         last_seen=last_seen,
         queries=queries,
+        detected_at=last_seen if detected_at is None else detected_at,
+        detected_after_queries=queries,
         triage="Check whether the client pulls full probability vectors for many distinct inputs.",
+        fired=fired,
     )
 
 
@@ -394,8 +399,9 @@ def test_alerts_export_prints_every_alert_as_json_lines(populated: str) -> None:
         "2023-11-14T22:15:20.000Z",
     )
     for alert in exported:
-        for field in ("first_seen", "last_seen", "raised_at", "updated_at"):
+        for field in ("first_seen", "last_seen", "detected_at", "raised_at", "updated_at"):
             assert RFC3339_UTC.fullmatch(alert[field]), (field, alert[field])
+        assert alert["detected_after_queries"] == alert["queries"]
     assert group["resolved_at"] is None and RFC3339_UTC.fullmatch(exported[1]["resolved_at"])
 
     only_resolved = mia(populated, "alerts", "export", "--status", "resolved")
@@ -418,6 +424,7 @@ def test_alerts_list_prints_a_table_with_the_top_reason(populated: str) -> None:
         "score",
         "threshold",
         "queries",
+        "detected_at",
         "raised_at",
         "top_reason",
     ]

@@ -49,8 +49,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0006"
-    assert current_revision(engine) == "0006"
+    assert head_revision() == "0007"
+    assert current_revision(engine) == "0007"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 

@@ -113,6 +113,8 @@ class AlertmanagerSink:
             "evidence": ",".join(map(display_name, alert.evidence)),
             "triage": alert.triage,
             "clients": clients,
+            "detected_at": rfc3339(alert.detected_at.timestamp()),
+            "detected_after_queries": str(alert.detected_after_queries),
         }
         if alert.acknowledged_at is not None:
             annotations["acknowledged_at"] = rfc3339(alert.acknowledged_at.timestamp())

@@ -80,7 +80,8 @@ def annotation_text(notification: Notification) -> str:
     lines.append(
         escape(
             f"Rule {alert.rule_id} ({alert.atlas_technique}) scored {alert.score:.3g} "
-            f"(threshold {alert.threshold:.3g}) over {alert.queries} queries"
+            f"(threshold {alert.threshold:.3g}) over {alert.queries} queries; detected at "
+            f"{readable_time(alert.detected_at)} after {alert.detected_after_queries} queries"
         )
     )
     clients = ", ".join(map(display_name, alert.client_ids[:MAX_CLIENTS]))

@@ -140,6 +140,8 @@ def detection_finding(notification: Notification, *, product_version: str) -> di
         "threshold": alert.threshold,
         "reasons": [reason.model_dump(mode="json") for reason in alert.reasons],
         "client_count": len(alert.client_ids),
+        "detected_at": epoch_ms(alert.detected_at),
+        "detected_after_queries": alert.detected_after_queries,
     }
     if notification.previous_severity is not None:
         unmapped["previous_severity"] = notification.previous_severity.value

@@ -123,6 +123,8 @@ def _details(notification: Notification) -> dict[str, Any]:
         "triage": alert.triage,
         "first_seen": rfc3339(alert.first_seen.timestamp()),
         "last_seen": rfc3339(alert.last_seen.timestamp()),
+        "detected_at": rfc3339(alert.detected_at.timestamp()),
+        "detected_after_queries": alert.detected_after_queries,
         "alert_id": alert.id,
         "idempotency_key": notification.idempotency_key,
     }

@@ -117,6 +117,10 @@ class SlackSink:
             ("Queries", str(alert.queries)),
             ("First seen", readable_time(alert.first_seen)),
             ("Last seen", readable_time(alert.last_seen)),
+            (
+                "Detected",
+                f"{readable_time(alert.detected_at)} after {alert.detected_after_queries} queries",
+            ),
         ]
         title = shorten(headline(notification), MAX_HEADER_CHARS)
         blocks: list[dict[str, Any]] = [
