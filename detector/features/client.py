@@ -58,6 +58,11 @@ class TrainingIndexes:
         return index if index is not None and index.width == width else None
 
 
+def evidence_of(evidence: dict[str, list[str]], kinds: Iterable[str]) -> list[str]:
+    """The event ids of `evidence` (event ids by evidence kind) of the given kinds, in their order."""
+    return [event for kind in kinds for event in evidence.get(kind, [])]
+
+
 class ClientFeatures:
     """The clusters, features and a little evidence (event ids) of one (model, client) key.
 
@@ -112,7 +117,7 @@ class ClientFeatures:
 
     def evidence_for(self, kinds: Iterable[str]) -> list[str]:
         """Event ids kept as evidence of the given kinds (most recent last)."""
-        return [event for kind in kinds for event in self.evidence.get(kind, [])]
+        return evidence_of(self.evidence, kinds)
 
     def _keep(self, kind: str, event_id: str) -> None:
         kept = self.evidence.setdefault(kind, [])

@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from detector.domain import AlertKind, Detection, Verdict
-from detector.features.client import ClientFeatures, ClientKey
+from detector.features.client import ClientFeatures, ClientKey, evidence_of
 from detector.scoring.model import ScoringModel
 from detector.scoring.rules import Rule
 from detector.scoring.scorer import ANOMALY_MIN_QUERIES, Scorer, Snapshot
@@ -41,20 +41,21 @@ class Moment:
     queries: int
     first_seen: float
     last_seen: float
-    evidence: dict[AlertKind, list[str]]
+    evidence: dict[str, list[str]]  # the client's evidence event ids by evidence kind, as they were
 
     @classmethod
-    def of(cls, key: ClientKey, client: ClientFeatures, at: float, values: Snapshot | None = None) -> Moment:
-        """`client` now, judged on its query at event time `at` (`values`: its snapshot, taken here unless
-        the caller has it already)."""
+    def of(cls, key: ClientKey, client: ClientFeatures, at: float) -> Moment:
+        """`client` now, judged on its query at event time `at`."""
         return cls(
             key,
-            values if values is not None else client.snapshot(),
+            client.snapshot(),
             at,
             client.queries,
             client.first_seen,
             client.last_seen,
-            {kind: client.evidence_for(kinds) for kind, kinds in EVIDENCE_KINDS.items()},
+            # A copy of a few short lists: most moments give no detection, so ids are gathered per alert
+            # kind only for those that do.
+            {kind: list(events) for kind, events in client.evidence.items()},
         )
 
 
@@ -117,7 +118,7 @@ class Detector:
             score=verdict.score,
             threshold=verdict.threshold,
             reasons=self.scorer.explain(moment.values, verdict),
-            evidence=moment.evidence[verdict.kind],
+            evidence=evidence_of(moment.evidence, EVIDENCE_KINDS[verdict.kind]),
             first_seen=moment.first_seen,
             last_seen=moment.last_seen,
             queries=moment.queries,
