@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from detector.alerts.lifecycle import AlertChange
+from detector.alerts.sinks import without_sinks
 from detector.domain import AllowList, Detection
 from detector.features.client import FeatureTracker
 from detector.scoring.scorer import Scorer
@@ -212,7 +213,8 @@ def evaluate(
     database = out / DATABASE_FILE
     # A database left by an earlier run would make every event a duplicate, and nothing would be detected.
     database.unlink(missing_ok=True)
-    run_settings = settings.model_copy(
+    # An evaluation measures alerts; it never delivers them to the receivers a configuration names.
+    run_settings = without_sinks(settings).model_copy(
         update={
             "database": settings.database.model_copy(
                 update={"url": SecretStr(f"sqlite:///{database}"), "migrate_on_start": True}

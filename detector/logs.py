@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import TextIO
 
+from detector.domain.times import rfc3339
 from detector.text import json_line, visible
 
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
@@ -37,7 +37,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "time": rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -53,12 +53,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class ConsoleFormatter(logging.Formatter):
-    """`time level logger: message` on one line, control characters of the message shown as escapes
+    """`time level logger: message` on one line (the time in RFC 3339, UTC, as every time the detector
+    writes), control characters of the message shown as escapes
     (`\\n`, `\\x1b`: `detector.text.visible`). Extra fields are left to the JSON format. A traceback follows
     on lines of its own, each prefixed with `  | `."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return rfc3339(record.created)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return visible(super().formatMessage(record))

@@ -6,6 +6,7 @@ Environment names are the group and the field joined by `_`: `MIA_KAFKA_BOOTSTRA
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import types
@@ -430,6 +431,14 @@ class LogSettings(BaseModel):
     format: Literal["console", "json"] = "console"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("format", "level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        # `MIA_LOG_LEVEL=debug` and `--log-level DEBUG` both work, as they do for the command's options.
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "level" else value.lower()
+
 
 class Settings(BaseSettings):
     """Everything that can be configured, grouped by the part of the detector it concerns."""
@@ -564,17 +573,49 @@ class ConfigError(ValueError):
 def secret_variables() -> dict[str, tuple[str, ...]]:
     """Every secret setting (a `SecretStr` field, at the top level or in a group) by environment variable
     name: `{"MIA_DATABASE_URL": ("database", "url"), ...}`."""
-    found: dict[str, tuple[str, ...]] = {}
+    variables = _variables().items()
+    return {variable: path for variable, (path, field) in variables if _holds_secret(field.annotation)}
+
+
+def _variables() -> dict[str, tuple[tuple[str, ...], FieldInfo]]:
+    """Every setting's environment variable, with its path in `Settings` and its field."""
+    found: dict[str, tuple[tuple[str, ...], FieldInfo]] = {}
     for name, field in Settings.model_fields.items():
         group = _model_of(field)
         if group is None:
-            if _holds_secret(field.annotation):
-                found[f"MIA_{name}".upper()] = (name,)
+            found[f"MIA_{name}".upper()] = ((name,), field)
             continue
         for member, member_field in group.model_fields.items():
-            if _holds_secret(member_field.annotation):
-                found[f"MIA_{name}_{member}".upper()] = (name, member)
+            found[f"MIA_{name}_{member}".upper()] = ((name, member), member_field)
     return found
+
+
+# What a variable holding a list or a table must look like, by the field's type: pydantic-settings decodes
+# such variables as JSON and, when that fails, names only the settings group.
+_JSON_FORMS: dict[Any, str] = {
+    list: 'a JSON list, e.g. ["inference-logs"]',
+    dict: 'a JSON object, e.g. {"X-Team": "security"}',
+}
+
+
+def _json_form(field: FieldInfo) -> str | None:
+    """What the variable of `field` must hold when the setting is a list or a table, else None."""
+    return _JSON_FORMS.get(typing.get_origin(field.annotation))
+
+
+def _undecodable_variable(environ: typing.Mapping[str, str]) -> str | None:
+    """The message for the first set variable of a list or table setting that is not JSON, if any."""
+    upper = {key.upper(): value for key, value in environ.items()}
+    for variable, (_, field) in _variables().items():
+        form = _json_form(field)
+        value = upper.get(variable)
+        if form is None or value is None or not value.strip():
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            return f"invalid configuration: {variable} must be {form}"
+    return None
 
 
 def _model_of(field: FieldInfo) -> type[BaseModel] | None:
@@ -680,7 +721,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ConfigError:
         raise
     except ValueError as exc:  # malformed TOML or JSON in an environment variable
-        raise ConfigError(f"invalid configuration: {exc}".splitlines()[0]) from None
+        message = _undecodable_variable(os.environ) or f"invalid configuration: {exc}".splitlines()[0]
+        raise ConfigError(message) from None
     return loaded
 
 
@@ -699,4 +741,7 @@ def _one_line(exc: ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"])
     env_name = "MIA_" + "_".join(str(part) for part in first["loc"][:2]).upper()
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"invalid configuration {where} ({env_name}): {first['msg']}{more}"
+    known = _variables().get(env_name)
+    form = _json_form(known[1]) if known else None
+    expected = f"; it must be {form}" if form and len(first["loc"]) == 2 else ""
+    return f"invalid configuration {where} ({env_name}): {first['msg']}{expected}{more}"

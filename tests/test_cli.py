@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +78,8 @@ def test_config_show_prints_the_effective_configuration_with_secrets_masked(tmp_
         (["config", "show"], {"MIA_KAFKA_AUTO_OFFSET_RESET": "sometimes"}, "auto_offset_reset"),
         (["config", "show"], {"MIA_KAFKA_TOPICS": "[not json"}, "invalid configuration"),
         (["--config", "missing.toml", "config", "show"], {}, "missing.toml"),
+        (["deadletters", "list", "--reason", "too_big"], {}, "'too_big' is not one of 'record_too_large'"),
+        (["alerts", "silence", "--kind", "probing"], {}, "'probing' is not one of"),
     ],
 )
 def test_bad_arguments_and_configuration_give_one_line_and_exit_code_2(
@@ -113,6 +117,10 @@ def test_replay_then_list_sessions_and_dead_letters_as_jsonl(sqlite_url: str, tm
     result = mia("replay", str(events), env=env)
     assert result.returncode == 0, result.stderr
     assert "300 records: 295 events" in result.stderr
+    # Without a model or an index, the operator is told at start what detection is missing.
+    assert "WARNING detector.service.wiring: no scoring model (MIA_MODEL_PATH unset)" in result.stderr
+    assert "no training-set index (MIA_TRAINING_INDEX unset)" in result.stderr
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING) ", result.stderr)
 
     listed = mia("sessions", "list", "--format", "jsonl", env=env)
     sessions = [orjson.loads(line) for line in listed.stdout.splitlines()]
@@ -130,9 +138,42 @@ def test_replay_then_list_sessions_and_dead_letters_as_jsonl(sqlite_url: str, tm
     assert len(letters) == 5
     for letter in letters:
         assert letter["reason"] and letter["source"].startswith(f"file:{events}:")
+        assert letter["received_at"].endswith("Z")
+    reason = letters[0]["reason"]
+    only_reason = mia("deadletters", "list", "--reason", reason, "--format", "jsonl", env=env)
+    assert {orjson.loads(line)["reason"] for line in only_reason.stdout.splitlines()} == {reason}
 
     table = mia("sessions", "list", env=env)
     assert table.returncode == 0 and "key_0001" in table.stdout
+
+
+def test_replay_in_a_terminal_shows_records_their_rate_and_the_time_left(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    write_sample(events, clients=5, events=3000)
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: replay with a terminal for stderr
+        os.execvpe(  # noqa: S606 - the interpreter running the tests, with fixed arguments
+            sys.executable,
+            [sys.executable, "-m", "detector", "replay", str(events)],
+            cli_env(MIA_DATABASE_URL=sqlite_url, COLUMNS="160"),
+        )
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.waitpid(pid, 0)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    assert re.search(r"replaying .*[0-9,]+ records, [0-9,]+/s \d+:\d\d:\d\d \d+:\d\d:\d\d", text), text[
+        -2000:
+    ]
+    assert "3000 records: 3000 events" in text
 
 
 @pytest.mark.kafka

@@ -109,8 +109,13 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> Labelled:
 
 
 def operator_settings(directory: Path) -> Settings:
-    """Settings as an operator has them: their own database, which an evaluation must leave alone."""
-    return load_settings(None, database={"url": f"sqlite:///{directory / 'operator.db'}"})
+    """Settings as an operator has them: their own database and a receiver (OCSF findings in a file), which
+    an evaluation must leave alone."""
+    return load_settings(
+        None,
+        database={"url": f"sqlite:///{directory / 'operator.db'}"},
+        ocsf={"file": directory / "findings.jsonl"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +123,7 @@ def evaluated(labelled: Labelled, tmp_path_factory: pytest.TempPathFactory) -> I
     directory = tmp_path_factory.mktemp("evaluation")
     yield evaluate(operator_settings(directory), labelled.events, labelled.truth, directory / "out")
     assert not (directory / "operator.db").exists()
+    assert not (directory / "findings.jsonl").exists()  # alerts were raised, none delivered
 
 
 def test_the_prober_and_the_walker_are_detected_with_their_kinds_and_no_benign_client_is(

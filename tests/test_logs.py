@@ -11,7 +11,7 @@ import pytest
 from detector.logs import ConsoleFormatter, JsonFormatter, configure_logging
 
 FORGING = (
-    "evil\n2026-01-01 00:00:00,000 ERROR   detector: forged"
+    "evil\n2026-01-01T00:00:00.000Z ERROR   detector: forged"
     '\n{"level":"error","message":"forged"}\x1b[2J\u202e\x85'
 )
 
@@ -47,7 +47,7 @@ def test_a_console_record_is_one_line_with_control_characters_escaped(
     lines = written.split("\n")
     assert lines[-1] == "" and len(lines) == 2
     assert lines[0].endswith(
-        "detector.test: ALERT client=evil\\n2026-01-01 00:00:00,000 ERROR   detector: forged"
+        "detector.test: ALERT client=evil\\n2026-01-01T00:00:00.000Z ERROR   detector: forged"
         '\\n{"level":"error","message":"forged"}\\x1b[2J\\u202e\\x85'
     )
     assert "\x1b" not in written
@@ -60,7 +60,7 @@ def test_a_console_traceback_has_no_line_that_passes_for_a_record(capsys: pytest
     assert len(lines) > 2 and all(line.startswith("  | ") for line in lines[1:])
     # The exception's own newline breaks the traceback's line, but the forged record stays indented in it.
     assert "  | ValueError: bad client evil" in lines
-    assert "  | 2026-01-01 00:00:00,000 ERROR   detector: forged" in lines
+    assert "  | 2026-01-01T00:00:00.000Z ERROR   detector: forged" in lines
     assert "\x1b" not in written
 
 

@@ -75,6 +75,11 @@ def test_a_blank_value_leaves_a_receiver_unset(clean_env: pytest.MonkeyPatch) ->
         ("MIA_METRICS_ADDR", "9108", "invalid configuration metrics.addr (MIA_METRICS_ADDR)"),
         ("MIA_METRICS_ADDR", "host:99999", "expected host:port"),
         ("MIA_ALERTS_RENOTIFY_SECONDS", "0", "invalid configuration alerts.renotify_seconds"),
+        # List and table settings are JSON: the message names the variable and shows the form.
+        ("MIA_KAFKA_TOPICS", "logs", 'MIA_KAFKA_TOPICS must be a JSON list, e.g. ["inference-logs"]'),
+        ("MIA_KAFKA_TOPICS", '"logs"', "(MIA_KAFKA_TOPICS): Input should be a valid list; it must be"),
+        ("MIA_WEBHOOK_HEADERS", "X-Team: security", "MIA_WEBHOOK_HEADERS must be a JSON object"),
+        ("MIA_LOG_LEVEL", "chatty", "invalid configuration log.level (MIA_LOG_LEVEL)"),
     ],
 )
 def test_bad_values_are_one_line(clean_env: pytest.MonkeyPatch, name: str, value: str, expected: str) -> None:
@@ -84,3 +89,15 @@ def test_bad_values_are_one_line(clean_env: pytest.MonkeyPatch, name: str, value
         load_settings()
 
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("level", "fmt"), [("debug", "JSON"), ("Warning", "Console"), ("ERROR", "json")])
+def test_log_level_and_format_are_read_in_any_case(
+    clean_env: pytest.MonkeyPatch, level: str, fmt: str
+) -> None:
+    clean_env.setenv("MIA_LOG_LEVEL", level)
+    clean_env.setenv("MIA_LOG_FORMAT", fmt)
+
+    settings = load_settings()
+
+    assert (settings.log.level, settings.log.format) == (level.upper(), fmt.lower())

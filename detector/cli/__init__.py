@@ -35,7 +35,9 @@ from detector.text import visible
 )
 @click.option("--database-url", help="SQLAlchemy URL (default: MIA_DATABASE_URL, a SQLite file).")
 @click.option("--bootstrap-servers", help="Kafka bootstrap servers (default: MIA_KAFKA_BOOTSTRAP_SERVERS).")
-@click.option("--log-format", type=click.Choice(["console", "json"]), help="Log line format.")
+@click.option(
+    "--log-format", type=click.Choice(["console", "json"], case_sensitive=False), help="Log line format."
+)
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.pass_context
 def app(
@@ -52,7 +54,7 @@ def app(
         "overrides": {
             "database": {"url": database_url},
             "kafka": {"bootstrap_servers": bootstrap_servers},
-            "log": {"format": log_format, "level": log_level.upper() if log_level else None},
+            "log": {"format": log_format, "level": log_level},
         },
     }
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
 
 from detector.text import json_line, terminal_text
 
@@ -69,20 +71,40 @@ def print_rows(rows: Iterable[dict[str, Any]], fmt: str, columns: list[str], tit
     stdout.print(table)
 
 
+class _RecordRate(ProgressColumn):
+    """`12,345 records, 6,789/s`: the records counted so far and their rate since the start."""
+
+    def render(self, task: Task) -> Text:
+        records = task.fields.get("records", 0)
+        rate = records / task.elapsed if task.elapsed else 0.0
+        return Text(f"{records:,} records, {rate:,.0f}/s")
+
+
 @contextmanager
 def progress(
     description: str, total: int | None, unit_bytes: bool
 ) -> Iterator[Callable[[list[RawRecord]], None]]:
-    """A progress bar on stderr (hidden when stderr is not a terminal); yields `advance(records)`, which
-    counts the records' bytes (with their newlines) when `unit_bytes`, else the records."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """A progress bar on stderr (hidden when stderr is not a terminal) with the records read, their rate and,
+    when `total` is known, the time left; yields `advance(records)`, which moves the bar by the records'
+    bytes (with their newlines) when `unit_bytes`, else by their count."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = [TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=stderr, disable=not stderr.is_terminal, transient=True) as bar:
-        task = bar.add_task(description, total=total)
+    columns = [
+        TextColumn(description),
+        BarColumn(),
+        _RecordRate(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    hidden = not stderr.is_terminal
+    with Progress(*columns, console=stderr, disable=hidden, transient=True) as bar:
+        task = bar.add_task(description, total=total, records=0)
+        seen = 0
 
         def advance(records: list[RawRecord]) -> None:
+            nonlocal seen
+            seen += len(records)
             amount = sum(len(r.value) + 1 for r in records) if unit_bytes else len(records)
-            bar.advance(task, amount)
+            bar.update(task, advance=amount, records=seen)
 
         yield advance

@@ -9,7 +9,7 @@ import click
 
 from detector.cli.context import open_store, settings_of
 from detector.cli.output import FORMAT_OPTION, LIMIT_OPTION, print_rows
-from detector.domain import rfc3339
+from detector.domain import DeadLetterReason, rfc3339
 
 if TYPE_CHECKING:
     from detector.domain import SessionState
@@ -66,7 +66,9 @@ def deadletters_group() -> None:
 
 
 @deadletters_group.command("list")
-@click.option("--reason", help="Only this reason.")
+@click.option(
+    "--reason", type=click.Choice([reason.value for reason in DeadLetterReason]), help="Only this reason."
+)
 @LIMIT_OPTION
 @FORMAT_OPTION
 @click.pass_context
@@ -82,7 +84,7 @@ def deadletters_list(ctx: click.Context, reason: str | None, limit: int, fmt: st
             "source": letter.source,
             "raw_size": letter.raw_size,
             "raw": letter.raw.decode("utf-8", errors="replace"),
-            "received_at": letter.received_at.isoformat(timespec="milliseconds"),
+            "received_at": rfc3339(letter.received_at.timestamp()),
         }
         for letter in letters
     )

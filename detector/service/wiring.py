@@ -128,6 +128,10 @@ def _loopback(host: str) -> bool:
 def load_scoring_model(settings: Settings) -> ScoringModel | None:
     """The scoring model at `MIA_MODEL_PATH`, if configured (hash-checked, never unpickled)."""
     if settings.model_path is None:
+        log.warning(
+            "no scoring model (MIA_MODEL_PATH unset): rules judge at their floors, without thresholds "
+            "calibrated on your traffic, and the anomaly model is off; `mia-detector train` makes one"
+        )
         return None
     model = ScoringModel.load(settings.model_path)
     log.info("scoring model %s (target FPR %g)", model.version, model.target_fpr)
@@ -139,6 +143,10 @@ def load_training_indexes(settings: Settings) -> TrainingIndexes:
     directory of `<model name>.npz` files. Keys come from `MIA_TRAINING_INDEX_KEY` when not in the files."""
     path = settings.training_index
     if path is None:
+        log.warning(
+            "no training-set index (MIA_TRAINING_INDEX unset): queries for training records "
+            "(MIA-003, MIA-005) go unseen; `mia-detector index-training` builds one"
+        )
         return TrainingIndexes()
     from detector.trainingset import TrainingSetIndex
 

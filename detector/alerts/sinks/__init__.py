@@ -104,6 +104,8 @@ _SINKS: list[tuple[str, Callable[[Settings], bool], Callable[[Settings], Sink]]]
 ]
 
 SINK_NAMES = tuple(name for name, _, _ in _SINKS)
+# The settings groups the sinks above are configured from.
+_SINK_GROUPS = ("alertmanager", "pagerduty", "slack", "webhook", "ocsf", "grafana")
 
 
 def configured_sink_names(settings: Settings) -> list[str]:
@@ -111,9 +113,14 @@ def configured_sink_names(settings: Settings) -> list[str]:
     return [name for name, configured, _ in _SINKS if configured(settings)]
 
 
+def without_sinks(settings: Settings) -> Settings:
+    """`settings` with no receiver configured: for runs whose alerts are measured, never delivered."""
+    return settings.model_copy(update={group: type(getattr(settings, group))() for group in _SINK_GROUPS})
+
+
 def build_sinks(settings: Settings) -> list[Sink]:
     """A sink for every receiver the settings configure, in the order of `configured_sink_names`."""
     return [build(settings) for _, configured, build in _SINKS if configured(settings)]
 
 
-__all__ = ["SINK_NAMES", "DeliveryError", "Sink", "build_sinks", "configured_sink_names"]
+__all__ = ["SINK_NAMES", "DeliveryError", "Sink", "build_sinks", "configured_sink_names", "without_sinks"]

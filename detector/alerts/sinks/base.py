@@ -83,13 +83,6 @@ def epoch_ms(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
-def readable_time(moment: datetime) -> str:
-    """`moment` for people, in UTC to the second (`2024-05-01 12:00:00 UTC`); naive times are UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 def bounded(value: Any, limit: int = MAX_STRING_CHARS) -> Any:
     """`value`, JSON-ready (dicts, lists, strings, numbers, None), with every string (keys included) longer
     than `limit` cut to `limit` characters, the last of them `…`."""

@@ -29,8 +29,8 @@ import html
 from datetime import timedelta
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from detector.alerts.sinks.base import DeliveryError, epoch_ms, readable_time
-from detector.domain import PRODUCT, Notification, NotificationEvent, display_name
+from detector.alerts.sinks.base import DeliveryError, epoch_ms
+from detector.domain import PRODUCT, Notification, NotificationEvent, display_name, rfc3339
 from detector.grafana import GrafanaClient, GrafanaError
 
 TAG = PRODUCT  # on every annotation of ours: what dashboards filter on
@@ -75,13 +75,13 @@ def annotation_text(notification: Notification) -> str:
     if notification.previous_severity is not None and notification.previous_severity != alert.severity:
         state += f", escalated from {notification.previous_severity.value}"
     if alert.resolved_at is not None:
-        state += f" at {readable_time(alert.resolved_at)}"
+        state += f" at {rfc3339(alert.resolved_at.timestamp())}"
     lines.append(f"Status: {escape(state)}")
     lines.append(
         escape(
             f"Rule {alert.rule_id} ({alert.atlas_technique}) scored {alert.score:.3g} "
             f"(threshold {alert.threshold:.3g}) over {alert.queries} queries; detected at "
-            f"{readable_time(alert.detected_at)} after {alert.detected_after_queries} queries"
+            f"{rfc3339(alert.detected_at.timestamp())} after {alert.detected_after_queries} queries"
         )
     )
     clients = ", ".join(map(display_name, alert.client_ids[:MAX_CLIENTS]))

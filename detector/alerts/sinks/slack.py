@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from detector.alerts.sinks.base import post_json, readable_time
-from detector.domain import PRODUCT, Notification, NotificationEvent, display_name
+from detector.alerts.sinks.base import post_json
+from detector.domain import PRODUCT, Notification, NotificationEvent, display_name, rfc3339
 from detector.text import ELLIPSIS, shorten
 
 # Block Kit limits (https://api.slack.com/reference/block-kit/blocks).
@@ -115,11 +115,11 @@ class SlackSink:
             ("Rule", escape(f"{alert.rule_id} ({alert.atlas_technique})")),
             ("Score", escape(f"{alert.score:.3g} (threshold {alert.threshold:.3g})")),
             ("Queries", str(alert.queries)),
-            ("First seen", readable_time(alert.first_seen)),
-            ("Last seen", readable_time(alert.last_seen)),
+            ("First seen", rfc3339(alert.first_seen.timestamp())),
+            ("Last seen", rfc3339(alert.last_seen.timestamp())),
             (
                 "Detected",
-                f"{readable_time(alert.detected_at)} after {alert.detected_after_queries} queries",
+                f"{rfc3339(alert.detected_at.timestamp())} after {alert.detected_after_queries} queries",
             ),
         ]
         title = shorten(headline(notification), MAX_HEADER_CHARS)

@@ -163,7 +163,7 @@ def test_the_message_carries_the_facts_reasons_triage_and_a_link(
     assert shown["Rule"] == "MIA-003 (AML.T0024)"
     assert shown["Score"] == "0.42 (threshold 0.1)"
     assert shown["Queries"] == "136"
-    assert shown["First seen"].endswith(" UTC") and shown["Last seen"] >= shown["First seen"]
+    assert shown["First seen"].endswith("Z") and shown["Last seen"] >= shown["First seen"]
     [reasons, triage] = sections(message)
     assert reasons.splitlines() == [
         "*Top reasons*",
