@@ -13,10 +13,10 @@ from detector.alerts.sinks import configured_sink_names
 from detector.broker import EmbeddedBroker
 from detector.evaluate import Evaluation, evaluate
 from detector.pipeline import AlertListener, PipelineStats
-from detector.service import StopFlag, produce_file, run_daemon, train
+from detector.protocols import index_training_sets, train_as_operator
+from detector.service import StopFlag, produce_file, run_daemon
 from detector.settings import Settings
 from detector.simulate import SimulationSummary, simulate
-from detector.trainingset import TrainingSetIndex, load_training_rows
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,6 @@ class DemoResult:
     evaluation: Evaluation
     sinks: list[str]
     findings: Path | None
-
-
-def index_training_sets(simulation: Path, out: Path) -> Path:
-    """One training-set index per simulated model (`training-<model>.npy` → `<model>.npz`); returns `out`."""
-    for rows_file in sorted(simulation.glob("training-*.npy")):
-        model = rows_file.stem.removeprefix("training-")
-        TrainingSetIndex.build(load_training_rows(rows_file)).save(out / f"{model}.npz")
-    return out
 
 
 def run_demo(
@@ -74,9 +66,7 @@ def run_demo(
     log.info("simulated %s: %d records from %d clients", scenario, simulation.records, simulation.clients)
     indexes = index_training_sets(simulation.out, workdir / "indexes")
     indexed = settings.model_copy(update={"training_index": indexes})
-    model_dir = workdir / "model"
-    train(indexed, [str(simulation.out / "baseline.jsonl")], 0.001, model_dir)
-    trained = indexed.model_copy(update={"model_path": model_dir})
+    trained, _ = train_as_operator(indexed, simulation.out / "baseline.jsonl", workdir / "model")
     with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
         local = trained.model_copy(
             update={"kafka": trained.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})}

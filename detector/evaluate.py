@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from detector.alerts.lifecycle import AlertChange
 from detector.alerts.sinks import without_sinks
-from detector.domain import AllowList, Detection
+from detector.domain import AllowList, Detection, Severity
 from detector.features.client import FeatureTracker
 from detector.scoring.scorer import Scorer
 from detector.service import (
@@ -89,8 +89,9 @@ class TruthClient:
 
 @dataclass(frozen=True)
 class FirstAlert:
-    """The first alert naming a client: its kind and severity, and when it was detected: after how many of
-    the client's queries (`detected_after_queries`) and at which event time (`detected_at`, epoch seconds)."""
+    """The first page naming a client: its kind and severity, and when it was detected: after how many of
+    the client's queries (`detected_after_queries`) and at which event time (`detected_at`, epoch seconds;
+    for an escalated exposure, the latest detection of the commit that escalated it)."""
 
     kind: str
     severity: str
@@ -110,6 +111,7 @@ class ClientOutcome:
     first_alert: FirstAlert | None
     alert_kinds: tuple[str, ...]
     seconds_to_alert: float | None
+    exposure_kinds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,7 @@ class Evaluation:
     benign_alerted: int
     benign_alerted_share: float | None
     benign_alerted_per_day: float | None
+    benign_exposed: int
     unlabelled_clients: int
     kinds: list[KindQuality]
     populations: list[PopulationQuality]
@@ -233,7 +236,7 @@ def evaluate(
     )
     model = load_scoring_model(run_settings)
     detect = build_detection(run_settings, model, load_training_indexes(run_settings))
-    alerts = _AlertLog()
+    alerts = _AlertLog(run_settings.alerts.min_severity)
     stats = replay(run_settings, [str(events)], progress=progress, alerts=alerts, detect=detect)
 
     scores = suspicion_scores(detect.tracker, detect.detector.scorer, run_settings.detection.allow_list())
@@ -265,6 +268,9 @@ def evaluate(
         benign_alerted=benign_alerted,
         benign_alerted_share=_share(benign_alerted, len(benign)),
         benign_alerted_per_day=benign_alerted / (span / DAY_SECONDS) if span > 0 else None,
+        benign_exposed=sum(
+            bool(outcome.exposure_kinds) and outcome.first_alert is None for outcome in benign
+        ),
         unlabelled_clients=len(set(scores) - set(roles)),
         kinds=_kinds(attackers),
         populations=_populations(benign),
@@ -347,26 +353,41 @@ def roc(labels: Sequence[bool], scores: Sequence[float]) -> Roc:
 
 
 class _AlertLog:
-    """The pipeline's `AlertListener`: every alert opened, and each client's first alert and kinds alerted."""
+    """The pipeline's `AlertListener`: every page (an alert opened at `min_severity` or above, or escalated
+    to it), each client's first page and kinds paged, and the kinds recorded as exposure only."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_severity: Severity) -> None:
+        self.min_severity = min_severity
         self.all: list[tuple[str, tuple[str, ...]]] = []
         self.first: dict[str, FirstAlert] = {}
         self.kinds: dict[str, set[str]] = {}
+        self.exposures: dict[str, set[str]] = {}
 
     def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
-        for _, detection in alerts:
-            kind = detection.kind.value
-            self.all.append((kind, detection.client_ids))
-            # A coordination alert names several clients: each of them has been flagged.
-            for client_id in detection.client_ids:
-                self.kinds.setdefault(client_id, set()).add(kind)
-                alert = FirstAlert(
-                    kind, detection.severity.value, detection.detected_after_queries, detection.detected_at
-                )
-                # Alerts are reported as they are committed: the first is the one detected earliest.
-                if client_id not in self.first or alert.at < self.first[client_id].at:
-                    self.first[client_id] = alert
+        for change, detection in alerts:
+            if change.alert.severity.rank >= self.min_severity.rank:
+                self._paged(detection, detection.detected_after_queries, detection.detected_at)
+            else:
+                for client_id in detection.client_ids:
+                    self.exposures.setdefault(client_id, set()).add(detection.kind.value)
+
+    def escalated(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
+        for change, detection in alerts:
+            before = change.severity_before
+            if before is not None and before.rank < self.min_severity.rank <= change.alert.severity.rank:
+                # Paged from the escalation on, which the latest detection of the commit stands for.
+                self._paged(detection, detection.queries, detection.last_seen)
+
+    def _paged(self, detection: Detection, queries: int, at: float) -> None:
+        kind = detection.kind.value
+        self.all.append((kind, detection.client_ids))
+        # A coordination alert names several clients: each of them has been flagged.
+        for client_id in detection.client_ids:
+            self.kinds.setdefault(client_id, set()).add(kind)
+            alert = FirstAlert(kind, detection.severity.value, queries, at)
+            # Alerts are reported as they are committed: the first is the one detected earliest.
+            if client_id not in self.first or alert.at < self.first[client_id].at:
+                self.first[client_id] = alert
 
 
 def _outcome(client: TruthClient, score: float, alerts: _AlertLog) -> ClientOutcome:
@@ -381,6 +402,7 @@ def _outcome(client: TruthClient, score: float, alerts: _AlertLog) -> ClientOutc
         first_alert=first,
         alert_kinds=tuple(sorted(alerts.kinds.get(client.client_id, ()))),
         seconds_to_alert=first.at - start if first is not None and start is not None else None,
+        exposure_kinds=tuple(sorted(alerts.exposures.get(client.client_id, ()))),
     )
 
 
@@ -593,7 +615,9 @@ def render_report(evaluation: Evaluation) -> str:
     lines += [
         f"| **all** | {e.benign_clients} | {e.benign_alerted} | {format_share(e.benign_alerted_share)} |",
         "",
-        f"Benign clients falsely alerted per simulated day: {per_day}.",
+        f"Benign clients falsely alerted per simulated day: {per_day}. Alerts are pages: opened at "
+        "`MIA_ALERTS_MIN_SEVERITY` or above, or escalated to it. Benign clients with exposure recorded "
+        f"(below it) and no page: {e.benign_exposed}.",
         "",
         "## Alert kinds raised",
         "",

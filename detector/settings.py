@@ -35,7 +35,7 @@ from pydantic_settings import (
 )
 
 from detector.allowlists import read_allowlist_file
-from detector.domain import AlertKind, AllowEntry, AllowList
+from detector.domain import AlertKind, AllowEntry, AllowList, Severity
 
 _GROUP = ConfigDict(extra="forbid")
 
@@ -264,6 +264,10 @@ class AlertSettings(BaseModel):
     resolve_after_seconds: float = Field(default=1800.0, gt=0)
     # An open alert with new evidence but no higher severity notifies again at most this often.
     renotify_seconds: float = Field(default=900.0, gt=0)
+    # Alerts below this severity are recorded (alerts list and export, dashboards) but not delivered: low is
+    # exposure, such as confidence harvesting with no membership-inference evidence beside it. Delivered as
+    # opened once escalated to this severity or above.
+    min_severity: Severity = Severity.MEDIUM
     # Undelivered notifications beyond which consumption pauses until the sinks catch up.
     outbox_max_pending: int = Field(default=10_000, ge=1)
     retry_initial_seconds: float = Field(default=1.0, gt=0)

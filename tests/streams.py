@@ -109,3 +109,18 @@ def harvest(stream: Stream, records: int = 300) -> list[Query]:
     """Confidence harvesting: one query per distinct record, asking for the probability vector."""
     probabilities = np.array([0.7, 0.2, 0.1], dtype=np.float32)
     return [stream.query(record(), probabilities=probabilities) for _ in range(records)]
+
+
+def confidence_climb(stream: Stream, steps: int = 60) -> list[Query]:
+    """Shadow-data synthesis: one record changed a feature or two at a time, each change kept when the top
+    class's probability rose; every other proposal is a step back (its probability lower)."""
+    row, top, queries = record(), 0.55, []
+    for step in range(steps):
+        proposal = row.copy()
+        proposal[step % WIDTH] += SCALE[step % WIDTH] * 0.03
+        rises = step % 3 != 2
+        shown = min(0.99, top + 0.012) if rises else max(0.05, top - 0.1)
+        queries.append(stream.query(proposal, probabilities=np.array([shown, 1.0 - shown], dtype=np.float32)))
+        if rises:
+            row, top = proposal, shown
+    return queries

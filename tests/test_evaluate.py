@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from detector.evaluate import SUMMARY_FILE, Evaluation, TruthError, evaluate, read_truth, roc
+from detector.service import train
 from detector.settings import Settings, load_settings
 from detector.simulate.sample import oip_record
 from tests.test_cli import cli_env, mia
@@ -181,6 +182,47 @@ def test_report_figures_and_summary_are_written(evaluated: Evaluation) -> None:
     assert summary["roc"]["auc"] == 1.0 and summary["benign_alerted"] == 0
     assert {kind["kind"] for kind in summary["kinds"]} == {"augmentation_probing", "boundary_probing"}
     assert len(summary["clients"]) == 8 and summary["events"].endswith("events.jsonl")
+
+
+def write_baseline(path: Path, clients: list[str]) -> None:
+    """The hour before the labelled traffic: each of `clients` sending ordinary distinct records."""
+    rng = np.random.default_rng(6)
+    scale = np.random.default_rng(5).uniform(0.5, 50.0, WIDTH).astype(np.float32)  # the traffic's scales
+    lines = []
+    for client in clients:
+        for index, at in enumerate(np.sort(rng.uniform(START - 3600.0, START, 60))):
+            row = (rng.normal(size=WIDTH) * scale)[None, :]
+            probs = np.array([[0.8, 0.2]], dtype=np.float32)
+            lines.append((float(at), oip_record(f"base-{client}-{index}", float(at), client, row, probs)))
+    path.write_bytes(
+        b"".join(orjson.dumps(record) + b"\n" for _, record in sorted(lines, key=lambda x: x[0]))
+    )
+
+
+def test_an_allow_listed_key_that_turns_to_walking_a_boundary_is_still_caught(
+    labelled: Labelled, tmp_path: Path
+) -> None:
+    """The walker's key was an ordinary, allow-listed client in the baseline: trained on that baseline, the
+    detector knows its history, and the entry no longer covers what the key does now."""
+    baseline = tmp_path / "baseline.jsonl"
+    write_baseline(baseline, [*(c for clients in BENIGN.values() for c in clients), WALKER])
+    allowlist = [{"client_id": WALKER, "reason": "the reporting team's service key"}]
+    settings = load_settings(
+        None, database={"url": f"sqlite:///{tmp_path / 'operator.db'}"}, detection={"allowlist": allowlist}
+    )
+    train(settings, [str(baseline)], 0.001, tmp_path / "model")
+    trained = settings.model_copy(update={"model_path": tmp_path / "model"})
+
+    with_history = {
+        o.client_id: o for o in evaluate(trained, labelled.events, labelled.truth, tmp_path / "a").clients
+    }
+    assert with_history[WALKER].first_alert is not None
+    assert "boundary_probing" in with_history[WALKER].alert_kinds
+    # Without a model (no history), the entry covers the key whatever it does.
+    blind = {
+        o.client_id: o for o in evaluate(settings, labelled.events, labelled.truth, tmp_path / "b").clients
+    }
+    assert blind[WALKER].first_alert is None and blind[PROBER].first_alert is not None
 
 
 def test_a_second_run_into_the_same_directory_starts_from_a_fresh_database(

@@ -14,7 +14,7 @@ from kafka import KafkaConsumer
 from sqlalchemy import select
 
 from detector.broker import EmbeddedBroker
-from detector.demo import index_training_sets
+from detector.protocols import index_training_sets
 from detector.service import StopFlag, produce_file, replay, run_daemon, train
 from detector.settings import Settings
 from detector.simulate.attacks import AttackKind

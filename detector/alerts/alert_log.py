@@ -1,52 +1,74 @@
-"""Opened alerts in the log: the terminal's and the log shipper's view of what the detector found."""
+"""Opened and escalated alerts in the log: the terminal's and the log shipper's view of what the detector
+found."""
 
 from __future__ import annotations
 
 import logging
 
 from detector.alerts.lifecycle import AlertChange
-from detector.domain import Detection, rfc3339
+from detector.domain import Detection, Severity, rfc3339
 from detector.text import visible
 
 alert_log = logging.getLogger("detector.alerts")
 
 
 class AlertLog:
-    """Logs every alert opened (the pipeline's `AlertListener`): one record per alert, WARNING, on the
+    """Logs every alert opened or escalated (the pipeline's `AlertListener`): one record per alert on the
     logger `detector.alerts`, one line in either log format: who, what, how sure, and the top reasons, with
-    names shown as `visible` shows them.
+    names shown as `visible` shows them. An alert is logged as `ALERT` at WARNING, or as `EXPOSURE` at INFO
+    when its severity is below `min_severity` (it is recorded, not delivered); an escalation is logged as
+    `ALERT` again, with the severity it rose from.
 
     The record's fields hold the facts exactly, for JSON logs: `alert_id`, `kind`, `severity`, `model`,
-    `client_ids`, `rule_id`, `score`, `threshold`, `queries`, `detected_after_queries`, `top_reason`, and the
-    event times (RFC 3339) `first_seen` and `detected_at` (of the query on which the rule crossed).
+    `client_ids`, `rule_id`, `score`, `threshold`, `queries`, `detected_after_queries`, `top_reason`,
+    `escalated_from` (or null), and the event times (RFC 3339) `first_seen` and `detected_at` (of the query
+    on which the rule crossed).
     """
+
+    def __init__(self, min_severity: Severity = Severity.MEDIUM) -> None:
+        self.min_severity = min_severity
 
     def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
         """Log the alerts just opened, each with the detection that opened it."""
         for change, detection in alerts:
-            reasons = [reason.describe(visible) for reason in detection.reasons[:3]]
-            alert_log.warning(
-                "ALERT %-8s %-22s client=%s model=%s score=%.4g (threshold %.4g) %s",
-                detection.severity.value,
-                detection.kind.value,
-                visible(",".join(detection.client_ids)),
-                visible(detection.model),
-                detection.score,
-                detection.threshold,
-                ", ".join(reasons),
-                extra={
-                    "alert_id": change.alert.id,
-                    "kind": detection.kind.value,
-                    "severity": detection.severity.value,
-                    "model": detection.model,
-                    "client_ids": list(detection.client_ids),
-                    "rule_id": detection.rule_id,
-                    "score": detection.score,
-                    "threshold": detection.threshold,
-                    "queries": detection.queries,
-                    "detected_after_queries": change.alert.detected_after_queries,
-                    "top_reason": reasons[0] if reasons else None,
-                    "first_seen": rfc3339(detection.first_seen),
-                    "detected_at": rfc3339(change.alert.detected_at.timestamp()),
-                },
-            )
+            self._log(change, detection, None)
+
+    def escalated(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
+        """Log the open alerts whose severity just rose, each with the detection that raised it."""
+        for change, detection in alerts:
+            self._log(change, detection, change.severity_before)
+
+    def _log(self, change: AlertChange, detection: Detection, escalated_from: Severity | None) -> None:
+        alert = change.alert
+        reasons = [reason.describe(visible) for reason in detection.reasons[:3]]
+        paged = alert.severity.rank >= self.min_severity.rank
+        rose = f" (escalated from {escalated_from.value})" if escalated_from is not None else ""
+        alert_log.log(
+            logging.WARNING if paged else logging.INFO,
+            "%s %-8s %-22s client=%s model=%s score=%.4g (threshold %.4g) %s%s",
+            "ALERT" if paged else "EXPOSURE",
+            alert.severity.value,
+            detection.kind.value,
+            visible(",".join(detection.client_ids)),
+            visible(detection.model),
+            detection.score,
+            detection.threshold,
+            ", ".join(reasons),
+            rose,
+            extra={
+                "alert_id": alert.id,
+                "kind": detection.kind.value,
+                "severity": alert.severity.value,
+                "model": detection.model,
+                "client_ids": list(detection.client_ids),
+                "rule_id": detection.rule_id,
+                "score": detection.score,
+                "threshold": detection.threshold,
+                "queries": detection.queries,
+                "detected_after_queries": alert.detected_after_queries,
+                "top_reason": reasons[0] if reasons else None,
+                "escalated_from": escalated_from.value if escalated_from is not None else None,
+                "first_seen": rfc3339(detection.first_seen),
+                "detected_at": rfc3339(alert.detected_at.timestamp()),
+            },
+        )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -79,6 +79,11 @@ class NotificationPolicy:
     renotify_seconds: float = 900.0
     resolve_after_seconds: float = 1800.0
     dashboard_url: str | None = None
+    min_severity: Severity = Severity.MEDIUM
+
+    def pages(self, alert: Alert) -> bool:
+        """True when `alert` is severe enough to be delivered (below `min_severity` it is only recorded)."""
+        return alert.severity.rank >= self.min_severity.rank
 
     @classmethod
     def from_settings(cls, settings: Settings, sinks: Sequence[str]) -> NotificationPolicy:
@@ -88,6 +93,7 @@ class NotificationPolicy:
             renotify_seconds=settings.alerts.renotify_seconds,
             resolve_after_seconds=settings.alerts.resolve_after_seconds,
             dashboard_url=settings.dashboard.url,
+            min_severity=settings.alerts.min_severity,
         )
 
 
@@ -95,6 +101,7 @@ class Change(StrEnum):
     """What a detection did to its alert."""
 
     OPENED = "opened"
+    ESCALATED = "escalated"  # updated to a higher severity
     UPDATED = "updated"
     UNCHANGED = "unchanged"
 
@@ -107,6 +114,7 @@ class AlertChange:
     alert: Alert
     change: Change
     notified: NotificationState = field(default_factory=NotificationState)
+    severity_before: Severity | None = None  # of an updated alert, before the update
 
 
 @dataclass
@@ -122,6 +130,13 @@ class AlertOutcome:
     def opened(self) -> list[tuple[Detection, AlertChange]]:
         """The detections that opened an alert, with it."""
         return [(detection, change) for detection, change in self.changes if change.change is Change.OPENED]
+
+    @property
+    def escalated(self) -> list[tuple[Detection, AlertChange]]:
+        """The detections that raised an open alert's severity, with it."""
+        return [
+            (detection, change) for detection, change in self.changes if change.change is Change.ESCALATED
+        ]
 
 
 class AlertLifecycle:
@@ -141,11 +156,18 @@ class AlertLifecycle:
         self._clock = clock
 
     @classmethod
-    def from_settings(cls, settings: Settings, sinks: Sequence[str] | None = None) -> AlertLifecycle:
+    def from_settings(
+        cls,
+        settings: Settings,
+        sinks: Sequence[str] | None = None,
+        histories: Mapping[tuple[str, str], Mapping[str, float]] | None = None,
+    ) -> AlertLifecycle:
         """The lifecycle of `settings` (allow-list, quiet period, renotify interval, dashboard link),
-        notifying `sinks` (by default every configured sink)."""
+        notifying `sinks` (by default every configured sink); the allow-list covers the clients known from
+        the baseline within their `histories` (the scoring model's)."""
         names = configured_sink_names(settings) if sinks is None else sinks
-        return cls(NotificationPolicy.from_settings(settings, names), settings.detection.allow_list())
+        allowlist = settings.detection.allow_list().bounded_by(histories or {})
+        return cls(NotificationPolicy.from_settings(settings, names), allowlist)
 
     def apply(
         self,
@@ -217,9 +239,10 @@ class AlertLifecycle:
     # -- internals ---------------------------------------------------------------------------------------
 
     def allowlisted(self, detection: Detection) -> bool:
-        """True when the operators' allow-list covers every client of `detection` for its kind: it is
-        dropped, it never opens or changes an alert."""
-        return all(self.allowlist.covers(client, detection.kind) for client in detection.client_ids)
+        """True when the operators' allow-list covers every client of `detection` for its kind, a known
+        client within its own baseline history (`AllowList.excuses`): it is dropped, it never opens or
+        changes an alert."""
+        return self.allowlist.excuses(detection)
 
     def _close_ended(
         self,
@@ -255,7 +278,7 @@ class AlertLifecycle:
         closed = records.insert_resolved([_resolved(_opened(incident, now), now) for incident in ended])
         for alert, incident in zip(closed, ended, strict=True):
             outcome.changes.append((incident, AlertChange(alert, Change.OPENED)))
-            if self.policy.sinks and silenced_by(alert, silences) is None:
+            if self.policy.sinks and self.policy.pages(alert) and silenced_by(alert, silences) is None:
                 notifications += [
                     build_notification(event, alert, now, self.policy)
                     for event in (NotificationEvent.OPENED, NotificationEvent.RESOLVED)
@@ -280,7 +303,9 @@ class AlertLifecycle:
                 if alert is None:
                     changes[key] = AlertChange(tracked.alert, Change.UNCHANGED, tracked.notified)
                 else:
-                    changes[key] = AlertChange(alert, Change.UPDATED, tracked.notified)
+                    before = tracked.alert.severity
+                    change = Change.ESCALATED if alert.severity.rank > before.rank else Change.UPDATED
+                    changes[key] = AlertChange(alert, change, tracked.notified, before)
                     updated.append(alert)
             records.save(updated)
             # Detections that only hold keep an open alert alive; they open none.
@@ -409,10 +434,13 @@ def change_event(
 ) -> NotificationEvent | None:
     """The notification an opened or updated `alert` calls for now, or None.
 
-    Never notified: opened (also for an alert that was opened under a since expired silence). A severity
-    above the notified one: escalated. Otherwise updated, once `renotify_seconds` have passed since the
-    last notification.
+    Below the policy's minimum severity: nothing. Never notified: opened (also for an alert that was opened
+    under a since expired silence, or below the minimum severity and since escalated). A severity above the
+    notified one: escalated. Otherwise updated, once `renotify_seconds` have passed since the last
+    notification.
     """
+    if not policy.pages(alert):
+        return None
     if state.notified_at is None or state.notified_severity is None:
         return NotificationEvent.OPENED
     if alert.severity.rank > state.notified_severity.rank:

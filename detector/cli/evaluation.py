@@ -35,7 +35,7 @@ def print_evaluation(result: Evaluation) -> None:
     tpr = ", ".join(f"TPR {format_share(rate)} at FPR {float(x):.1%}" for x, rate in roc.tpr_at_fpr.items())
     stdout.print(
         f"benign clients falsely alerted: {result.benign_alerted}/{result.benign_clients} "
-        f"({format_share(result.benign_alerted_share)}); "
+        f"({format_share(result.benign_alerted_share)}), {result.benign_exposed} more with exposure only; "
         f"ROC AUC {'n/a' if roc.auc is None else f'{roc.auc:.3f}'}, {tpr}",
         highlight=False,
     )

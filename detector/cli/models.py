@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,10 +14,20 @@ from detector.cli.evaluation import print_evaluation
 from detector.cli.output import progress, stderr
 from detector.text import terminal_text
 
+if TYPE_CHECKING:
+    from detector.settings import Settings
+
 # The simulator's scenarios, named here so that `--help` does not have to import scikit-learn.
 SCENARIO_NAMES = ["smoke", "standard", "evasive"]
 # Floor crossings `train` lists on the terminal; the suggested allow-list file holds them all.
 SHOWN_CROSSINGS = 20
+
+
+BASELINE_HOURS_OPTION = click.option(
+    "--baseline-hours",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Hours of attack-free traffic of the same clients before the main period (default: as long).",
+)
 
 
 @click.command("simulate")
@@ -27,15 +38,25 @@ SHOWN_CROSSINGS = 20
     show_default=True,
     help="smoke: seconds; standard: a simulated day; evasive: a day of hiding attackers.",
 )
-@click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same bytes.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=1, show_default=True, help="Same seed, same bytes."
+)
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory."
 )
-def simulate(scenario: str, seed: int, out: Path) -> None:
+@BASELINE_HOURS_OPTION
+@click.option(
+    "--population",
+    type=click.IntRange(min=0),
+    help="Seed of the clients and their traffic (default: --seed); the served models come from --seed.",
+)
+def simulate(
+    scenario: str, seed: int, out: Path, baseline_hours: float | None, population: int | None
+) -> None:
     """Write simulated traffic (benign populations and attacks on real models) with its ground truth."""
     from detector.simulate import simulate as run_simulation
 
-    summary = run_simulation(scenario, seed, out)
+    summary = run_simulation(scenario, seed, out, baseline_hours=baseline_hours, population=population)
     stderr.print(
         f"{summary.scenario} (seed {summary.seed}): {summary.records} records, {summary.queries} queries"
         f" from {summary.clients} clients ({summary.attackers} attacking) in {out}/events.jsonl; baseline "
@@ -77,7 +98,8 @@ def train(ctx: click.Context, events: tuple[str, ...], out: Path, target_fpr: fl
     )
     say = partial(stderr.print, highlight=False, soft_wrap=True)
     say(
-        f"model {model.version} from {model.baseline_clients} baseline clients written to {out}; "
+        f"model {model.version} from {model.baseline_clients} baseline clients (histories of "
+        f"{len(model.histories)} kept, allow-listed ones included) written to {out}; "
         f"thresholds in force at FPR {target_fpr:g}: {thresholds}; anomaly {model.forest_threshold:.4f}"
     )
     if calibration.thin_baseline():
@@ -150,37 +172,74 @@ def index_training(ctx: click.Context, file: Path, out: Path) -> None:
 @click.command("evaluate")
 @click.option(
     "--events",
-    required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Query logs to replay, JSON Lines (a simulator's events.jsonl).",
 )
 @click.option(
     "--truth",
-    required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Ground truth, one JSON line per client (a simulator's truth.jsonl).",
 )
+@click.option(
+    "--scenario",
+    type=click.Choice(SCENARIO_NAMES),
+    help="Instead of --events and --truth: simulate this scenario and evaluate both training protocols "
+    "(trained on the baseline hours of the same population; trained on another population).",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=1, show_default=True, help="With --scenario.")
+@BASELINE_HOURS_OPTION
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("var/evaluation"),
     show_default=True,
-    help="Where report.md, roc.png, scores.png, summary.json (and the run's own database) go.",
+    help="Where report.md, roc.png, scores.png, summary.json (and the run's own database) go; with "
+    "--scenario, the traffic and one such directory per protocol, beside protocols.md and protocols.json.",
 )
 @click.pass_context
-def evaluate(ctx: click.Context, events: Path, truth: Path, out: Path) -> None:
+def evaluate(
+    ctx: click.Context,
+    events: Path | None,
+    truth: Path | None,
+    scenario: str | None,
+    seed: int,
+    baseline_hours: float | None,
+    out: Path,
+) -> None:
     """Measure detection quality: replay labelled traffic through the detector and score its alerts."""
+    settings = settings_of(ctx)
+    if scenario is not None:
+        if events is not None or truth is not None:
+            raise click.UsageError("give either --scenario or --events with --truth, not both")
+        _evaluate_protocols(settings, scenario, seed, baseline_hours, out)
+        return
+    if events is None or truth is None:
+        raise click.UsageError("give --events with --truth (or --scenario)")
+    if baseline_hours is not None:
+        raise click.UsageError("--baseline-hours goes with --scenario")
     from detector.evaluate import TruthError
     from detector.evaluate import evaluate as evaluate_files
     from detector.ingest.jsonl import total_bytes
 
-    settings = settings_of(ctx)
     with progress("evaluating", total_bytes([str(events)]), unit_bytes=True) as advance:
         try:
             result = evaluate_files(settings, events, truth, out, progress=advance)
         except TruthError as exc:
             raise click.BadParameter(str(exc), param_hint="--truth") from None
     print_evaluation(result)
+
+
+def _evaluate_protocols(
+    settings: Settings, scenario: str, seed: int, baseline_hours: float | None, out: Path
+) -> None:
+    from detector.protocols import REPORT_FILE, evaluate_protocols
+
+    for result in evaluate_protocols(settings, scenario, seed, out, baseline_hours):
+        stderr.print(
+            f"protocol {result.name} (trained on {result.baseline}):", highlight=False, soft_wrap=True
+        )
+        print_evaluation(result.evaluation)
+    stderr.print(f"both protocols side by side in {out / REPORT_FILE}", highlight=False, soft_wrap=True)
 
 
 COMMANDS = [simulate, train, index_training, evaluate]

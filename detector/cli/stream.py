@@ -36,7 +36,9 @@ def run(
     settings = settings_of(ctx, kafka={"topics": list(topics) or None, "group_id": group_id})
     stop = StopFlag()
     with stop.on_signals():
-        stats = run_daemon(settings, stop, idle_exit_seconds=exit_when_idle, alerts=AlertLog())
+        stats = run_daemon(
+            settings, stop, idle_exit_seconds=exit_when_idle, alerts=AlertLog(settings.alerts.min_severity)
+        )
     log.info("stopped: %s", stats.summary())
 
 
@@ -54,7 +56,7 @@ def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
             raise click.BadParameter(f"no such file: {name}", param_hint="FILES")
     settings = settings_of(ctx)
     with progress("replaying", total_bytes(files), unit_bytes=True) as advance:
-        stats = replay_files(settings, files, progress=advance, alerts=AlertLog())
+        stats = replay_files(settings, files, progress=advance, alerts=AlertLog(settings.alerts.min_severity))
     log.info("replayed: %s", stats.summary())
 
 
@@ -124,7 +126,15 @@ def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_secon
     settings = settings_of(ctx, kafka={"session_timeout_ms": 6000})
     stop = StopFlag()
     with stop.on_signals():
-        result = run_demo(settings, workdir, scenario, seed, idle_seconds, stop, alerts=AlertLog())
+        result = run_demo(
+            settings,
+            workdir,
+            scenario,
+            seed,
+            idle_seconds,
+            stop,
+            alerts=AlertLog(settings.alerts.min_severity),
+        )
     stderr.print(
         f"{result.simulation.scenario}: {result.produced} records streamed through the broker at "
         f"{result.bootstrap_servers}; daemon: {result.stats.summary()}",

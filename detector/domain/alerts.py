@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -26,6 +26,9 @@ MAX_EVIDENCE = 20
 MAX_DEDUP_KEY_LENGTH = 1024
 
 DEFAULT_ATLAS_TECHNIQUE = "AML.T0024"  # MITRE ATLAS: Exfiltration via ML Inference API
+# How far beyond its own highest baseline score an allow-listed client may go (see `AllowList`): a heavy job
+# can double from one night to the next, as the calibration's margin allows (`scoring.model`).
+HISTORY_MARGIN = 2.0
 
 
 class AlertKind(StrEnum):
@@ -343,13 +346,37 @@ class AllowEntry:
 
 @dataclass(frozen=True)
 class AllowList:
-    """The operators' allow-list: clients judged benign, for every kind of alert or for one."""
+    """The operators' allow-list: clients judged benign, for every kind of alert or for one; for a client
+    known from the baseline, only within its own history there.
+
+    `histories` maps (model, client) to the highest score the client reached in the baseline per rule id
+    (the scoring model's). An entry names a client, not whatever its key may do: a known key that scores
+    more than `HISTORY_MARGIN` times its own baseline maximum on a rule (a rule it never scored on has 0)
+    has departed from its history, a compromised key at work, and is not excused. A client with no history
+    (new since the baseline, or no model loaded) is excused by its entry alone.
+    """
 
     entries: tuple[AllowEntry, ...] = ()
+    histories: Mapping[tuple[str, str], Mapping[str, float]] = field(default_factory=dict)
 
     def covers(self, client_id: str, kind: AlertKind) -> bool:
         """True when an entry silences `kind` for `client_id`."""
         return any(entry.covers(client_id, kind) for entry in self.entries)
+
+    def bounded_by(self, histories: Mapping[tuple[str, str], Mapping[str, float]]) -> AllowList:
+        """This allow-list, covering known clients only within their `histories` (see the class)."""
+        return AllowList(self.entries, histories)
+
+    def excuses(self, detection: Detection) -> bool:
+        """True when an entry covers every client of `detection` for its kind, each within its own history
+        when it has one (see the class)."""
+        for client_id in detection.client_ids:
+            if not self.covers(client_id, detection.kind):
+                return False
+            history = self.histories.get((detection.model, client_id))
+            if history is not None and detection.score > HISTORY_MARGIN * history.get(detection.rule_id, 0.0):
+                return False
+        return True
 
     @property
     def clients(self) -> frozenset[str]:

@@ -1,4 +1,5 @@
-"""Confidence harvesting: many distinct records, each asked for its full confidence vector."""
+"""Confidence harvesting: many distinct records, each asked for its full confidence vector, and confidence
+climbing: a record changed a few features at a time while the model's confidence in it keeps rising."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from detector.features.base import CounterFeature, ratio
 from detector.features.clusters import ClusterMatch, MatchKind
 from detector.features.embedding import Observation
 
+# A rise in the top class's probability smaller than this is noise, not a step of a climb.
+CLIMB_STEP = 0.01
+
 
 @dataclasses.dataclass
 class ConfidenceHarvesting(CounterFeature):
@@ -18,6 +22,11 @@ class ConfidenceHarvesting(CounterFeature):
 
     Targets shadow-model and threshold attacks (one query per candidate record, full confidence vectors) and
     logprob harvesting on text models; resembled by heavy batch scorers and evaluation-set scoring.
+
+    `climbs` counts sparse variants (a few features changed) that raised the highest top-class probability
+    seen in their record's cluster by at least `CLIMB_STEP`: shadow-data synthesis (Shokri et al.) hill-climbs
+    one record at a time towards high confidence, where a what-if user's changes go up and down a few times.
+    One climb is followed at a time, the cluster of the latest new record or sparse variant.
     """
 
     name = "confidence"
@@ -29,6 +38,9 @@ class ConfidenceHarvesting(CounterFeature):
     max_sum: float = 0.0
     margin_sum: float = 0.0
     entropy_sum: float = 0.0
+    climbs: int = 0
+    climb_cluster: int = -1
+    climb_best: float = 0.0
 
     def update(self, observation: Observation, match: ClusterMatch) -> None:
         query = observation.query
@@ -48,8 +60,18 @@ class ConfidenceHarvesting(CounterFeature):
                 second, first = sorted(values)[-2:]
                 self.returned += 1
                 self.max_sum += first / total
+                self._climb(match, first / total)
                 self.margin_sum += (first - second) / total
                 self.entropy_sum -= sum(p / total * math.log(p / total) for p in values if p > 0)
+
+    def _climb(self, match: ClusterMatch, top: float) -> None:
+        if match.kind is MatchKind.NEW or (match.kind is MatchKind.VARIANT and not match.dense):
+            if match.kind is MatchKind.VARIANT and match.cluster == self.climb_cluster:
+                if top >= self.climb_best + CLIMB_STEP:
+                    self.climbs += 1
+                self.climb_best = max(self.climb_best, top)
+            else:
+                self.climb_cluster, self.climb_best = match.cluster, top
 
     def values(self) -> dict[str, float]:
         return {
@@ -59,4 +81,5 @@ class ConfidenceHarvesting(CounterFeature):
             "mean_max": ratio(self.max_sum, self.returned),
             "mean_margin": ratio(self.margin_sum, self.returned),
             "mean_entropy": ratio(self.entropy_sum, self.returned),
+            "climbs": self.climbs,
         }

@@ -72,9 +72,12 @@ class DeadLetterPublisher(Protocol):
 
 
 class AlertListener(Protocol):
-    """Told of every alert opened, with the detection that opened it (the terminal, an evaluation)."""
+    """Told of every alert opened, and of every open alert whose severity rose, with the detection that did
+    it (the terminal, an evaluation)."""
 
     def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None: ...
+
+    def escalated(self, alerts: list[tuple[AlertChange, Detection]]) -> None: ...
 
 
 class Outbox(Protocol):
@@ -435,5 +438,9 @@ class Pipeline:
             self.metrics.alerts_opened.labels(
                 kind=detection.kind.value, severity=detection.severity.value
             ).inc()
-        if opened and self.outputs.alerts is not None:
-            self.outputs.alerts.opened(opened)
+        escalated = [(change, detection) for detection, change in outcome.escalated]
+        if self.outputs.alerts is not None:
+            if opened:
+                self.outputs.alerts.opened(opened)
+            if escalated:
+                self.outputs.alerts.escalated(escalated)

@@ -10,6 +10,7 @@ from detector.domain import AlertKind, Query
 from detector.features.client import ClientKey, FeatureTracker
 from detector.scoring.model import ScoringModel, fires_at_floor, floor_outliers, rule_maximum
 from detector.scoring.rules import Rule
+from detector.scoring.scorer import ANOMALY_MIN_QUERIES, ANOMALY_RULE_ID, QUERIES_FEATURE
 
 SNAPSHOT_GROWTH = 1.25  # a new snapshot once a client's query count grew by a quarter: log-spaced in time
 EVIDENCE_EVENTS = 3  # event ids kept per snapshot: the client's latest by then
@@ -23,6 +24,7 @@ class BaselineClient:
     key: ClientKey
     trajectory: list[dict[str, float]] = field(default_factory=list)
     evidence: list[tuple[str, ...]] = field(default_factory=list)
+    allow_listed: bool = False  # kept for its history only, never calibrated on
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ def collect_baseline(
 
     Snapshots are taken at log-spaced query counts (and at the end), because the detector scores clients
     incrementally: thresholds must hold at every stage of a client's traffic, not only at its end. Clients
-    for which `excluded(client_id)` holds (the allow-list) are left out. The same batches give the same
-    clients in the same order, in any process.
+    for which `excluded(client_id)` holds (the allow-list) are marked `allow_listed`. The same batches give
+    the same clients in the same order, in any process.
     """
     clients: dict[ClientKey, BaselineClient] = {}
     snapshot_at: dict[ClientKey, int] = {}
@@ -86,10 +88,10 @@ def collect_baseline(
         # fitted on the trajectories depends on their order.
         for key in sorted(tracker.update(batch)):
             client = tracker.get(key)
-            if client is None or excluded(key[1]):
+            if client is None:
                 continue
             if client.queries >= snapshot_at.get(key, 1):
-                baseline = clients.setdefault(key, BaselineClient(key))
+                baseline = clients.setdefault(key, BaselineClient(key, allow_listed=excluded(key[1])))
                 baseline.trajectory.append(client.snapshot())
                 baseline.evidence.append(latest[key])
                 snapshot_at[key] = max(int(client.queries * SNAPSHOT_GROWTH), client.queries + 1)
@@ -138,13 +140,43 @@ def fit_scoring_model(
     target_fpr: float,
     excluded: Callable[[str], bool],
 ) -> Calibration:
-    """A scoring model fitted on the baseline `batches` (see `ScoringModel.fit`), and the clients that
+    """A scoring model fitted on the baseline `batches` (see `ScoringModel.fit`) but for the `excluded`
+    (allow-listed) clients, with every baseline client's history (`client_history`), and the clients that
     would fire a rule at its floor (`floor_crossings`)."""
-    clients = collect_baseline(batches, tracker, excluded)
+    everyone = collect_baseline(batches, tracker, excluded)
+    clients = [client for client in everyone if not client.allow_listed]
     scales = {
         model: {"mean": scale.mean.round(6).tolist(), "std": scale.std.round(6).tolist()}
         for model, scale in tracker.embedder.scales.items()
     }
     model = ScoringModel.fit([client.trajectory for client in clients], rules, target_fpr, scales)
+    model.histories = client_histories(everyone, rules, model)
     crossings, common = floor_crossings(clients, rules)
     return Calibration(model, crossings, common, {rule.id: rule.floor for rule in rules})
+
+
+def client_histories(
+    clients: list[BaselineClient], rules: list[Rule], model: ScoringModel
+) -> dict[ClientKey, dict[str, float]]:
+    """Each client's highest baseline score for every rule it scored on at all, and for the anomaly model
+    (`ANOMALY_RULE_ID`) once it had the queries to be judged (rule id -> score): what its allow-list entry
+    covers live (`detector.domain.AllowList`)."""
+    histories = {
+        client.key: {rule.id: rule_maximum(rule, client.trajectory) for rule in rules} for client in clients
+    }
+    judged = [
+        (client.key, snapshot)
+        for client in clients
+        for snapshot in client.trajectory
+        if snapshot.get(QUERIES_FEATURE, 0.0) >= ANOMALY_MIN_QUERIES
+    ]
+    # One micro-batch for every client: the forest costs as much for one row as for thousands.
+    for (key, _), score in zip(
+        judged, model.anomaly_scores([snapshot for _, snapshot in judged]), strict=True
+    ):
+        history = histories[key]
+        history[ANOMALY_RULE_ID] = max(history.get(ANOMALY_RULE_ID, 0.0), round(float(score), 6))
+    return {
+        key: {rule: value for rule, value in history.items() if value > 0.0}
+        for key, history in histories.items()
+    }

@@ -7,8 +7,13 @@ so that no single client can blind a rule for everyone. A rule's threshold is ne
 and the forest's is positive (its anomaly scores lie in (0, 1]), so every score/threshold ratio is defined;
 a model file saying otherwise is refused.
 
-On disk a model is a directory: `manifest.json` (everything but the forest, plus the forest file's SHA-256
-and the SHA-256 of the manifest's own content) and `forest.skops` (skops' safe format, never pickle).
+Beside them, every baseline client's history: its highest score per rule. A known client's allow-list entry
+covers it only within that history (`detector.domain.AllowList`): a key that departs from its own history
+is flagged, however trusted.
+
+On disk a model is a directory: `manifest.json` (everything but the forest, with the clients' histories,
+the forest file's SHA-256 and the SHA-256 of the manifest's own content) and `forest.skops` (skops' safe
+format, never pickle).
 Loading checks both hashes before reading the forest, and skops refuses any type it was not told to trust.
 The hashes find a damaged or edited file, not an editor who recomputes them: the directory must be
 writable by nobody but whoever trains (mounted read-only).
@@ -43,6 +48,9 @@ EXTRAPOLATION_MARGIN = 1.0
 # attacker with a few keys) that must not set the threshold for everyone; more are how this deployment is
 # used, and then they are the population the threshold is calibrated on.
 MAX_OUTLIER_SHARE = 0.05
+# However small the baseline, this many clients at a floor are outliers, not a behaviour common to the
+# traffic: two re-scoring jobs among 17 clients are 12% of them.
+MIN_OUTLIERS = 3
 FOREST_EXTRAPOLATION_MARGIN = 0.25
 # What the forest file may contain; anything else makes skops refuse to load it.
 TRUSTED_TYPES = [
@@ -104,19 +112,25 @@ def fires_at_floor(rule: Rule, maximum: float) -> bool:
 def floor_outliers(rule: Rule, maxima: Sequence[float]) -> list[int]:
     """The baseline clients (indexes into `maxima`, their highest scores for `rule`) left out of `rule`'s
     calibration: those that would fire it at its floor, provided they are at most `MAX_OUTLIER_SHARE` of
-    the clients; none otherwise.
+    the clients or at most `MIN_OUTLIERS`, or the rule records exposure (it has an `escalate` table); none
+    otherwise.
 
     One heavy legitimate client (the model owner's job re-scoring its training records) or an attacker
     present in the baseline would otherwise lift the rule's threshold for every client. They are reported
-    instead, for an operator to allow-list or not.
+    instead, for an operator to allow-list or not. An exposure rule is never calibrated above its floor:
+    recording exposure pages nobody, and what pages (its escalation) must see every harvest.
     """
     crossing = [index for index, maximum in enumerate(maxima) if fires_at_floor(rule, maximum)]
-    return crossing if len(crossing) <= MAX_OUTLIER_SHARE * len(maxima) else []
+    few = len(crossing) <= max(MAX_OUTLIER_SHARE * len(maxima), MIN_OUTLIERS)
+    return crossing if few or rule.escalate else []
 
 
 def rule_threshold(rule: Rule, maxima: Sequence[float], target_fpr: float) -> float:
     """`rule`'s threshold from the baseline clients' highest scores `maxima`: the target quantile of those
-    not left out as outliers (`floor_outliers`), never below the floor."""
+    not left out as outliers (`floor_outliers`), never below the floor; the floor itself for a rule that
+    records exposure."""
+    if rule.escalate:
+        return rule.floor  # exposure: see `floor_outliers`
     outliers = set(floor_outliers(rule, maxima))
     kept = [maximum for index, maximum in enumerate(maxima) if index not in outliers]
     return max(rule.floor, _threshold(kept, target_fpr))
@@ -143,6 +157,9 @@ class ScoringModel:
     scales: dict[str, dict[str, list[float]]]
     baseline_clients: int
     forest: IsolationForest | None = field(default=None, repr=False)
+    # (model, client) -> rule id -> the client's highest score in the baseline: every baseline client's own
+    # history (see `detector.scoring.calibrate.client_history`).
+    histories: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not (self.forest_threshold > 0.0 and math.isfinite(self.forest_threshold)):
@@ -212,6 +229,11 @@ class ScoringModel:
             return np.zeros(len(snapshots))
         return -self.forest.score_samples(anomaly_matrix(snapshots, self.feature_names))  # type: ignore[no-any-return]
 
+    def quantile(self, feature: str, percent: int) -> float | None:
+        """The baseline snapshots' `percent`-th percentile (0-100) of `feature`, or None if unknown."""
+        points = self.quantiles.get(feature)
+        return None if points is None else float(points[percent])
+
     def percentile(self, feature: str, value: float) -> float | None:
         """Where `value` falls among baseline snapshots of `feature` (0-100), or None if unknown."""
         points = self.quantiles.get(feature)
@@ -244,6 +266,10 @@ class ScoringModel:
             "forest_threshold": self.forest_threshold,
             "scales": self.scales,
             "baseline_clients": self.baseline_clients,
+            "client_histories": [
+                {"model": model, "client_id": client_id, "maxima": maxima}
+                for (model, client_id), maxima in sorted(self.histories.items())
+            ],
             "forest_sha256": hashlib.sha256(forest_path.read_bytes()).hexdigest(),
         }
         manifest["manifest_sha256"] = _manifest_hash(manifest)
@@ -286,6 +312,11 @@ class ScoringModel:
                 scales=manifest["scales"],
                 baseline_clients=manifest["baseline_clients"],
                 forest=forest,
+                # A model trained before histories were kept has none: allow-list entries are then unbounded.
+                histories={
+                    (entry["model"], entry["client_id"]): entry["maxima"]
+                    for entry in manifest.get("client_histories", [])
+                },
             )
         except ModelError as exc:
             raise ModelError(f"scoring model at {directory}: {exc}") from None

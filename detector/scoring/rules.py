@@ -3,6 +3,11 @@
 A rule's floor is the least evidence it ever acts on, so it must be positive: a rule with a floor of 0 would
 fire on a client that showed nothing, and its score/threshold ratio would mean nothing. Such a rule is
 refused when the rules load.
+
+A rule may record exposure rather than an incident: a low severity, which is stored and shown but not
+delivered (`MIA_ALERTS_MIN_SEVERITY`), and an `escalate` table of minimums, any one of which raises the
+verdict to `escalated_severity`. Confidence vectors for many records are the raw material of an attack,
+not an attack: they become an incident with membership-inference evidence beside them.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,10 +41,16 @@ class Rule:
     triage: str
     references: tuple[str, ...]
     atlas: str
+    escalate: dict[str, float] = field(default_factory=dict)
+    escalated_severity: Severity | None = None
 
     def __post_init__(self) -> None:
         if not (self.floor > 0.0 and math.isfinite(self.floor)):
             raise ValueError(f"floor must be positive and finite, not {self.floor}")
+        if bool(self.escalate) != (self.escalated_severity is not None):
+            raise ValueError("escalate and escalated_severity go together")
+        if self.escalated_severity is not None and self.escalated_severity.rank <= self.severity.rank:
+            raise ValueError(f"escalated_severity must be above {self.severity.value}")
 
     def applies(self, values: Mapping[str, float]) -> bool:
         """True when every `requires` minimum holds for the snapshot `values`."""
@@ -48,6 +59,17 @@ class Rule:
             if values.get(feature, 0.0) < minimum:
                 return False
         return True
+
+    def escalated(
+        self, values: Mapping[str, float], minimums: Mapping[str, float]
+    ) -> tuple[Severity, tuple[str, ...]]:
+        """The severity of the rule's verdict on `values` and the features explaining it: the escalated
+        severity, with the features that reached their `minimums` (the `escalate` table in force) first, when
+        any did; else the rule's own severity and explanation."""
+        held = tuple(name for name, minimum in minimums.items() if values.get(name, 0.0) >= minimum)
+        if not held or self.escalated_severity is None:
+            return self.severity, self.explain
+        return self.escalated_severity, (*held, *(name for name in self.explain if name not in held))
 
     def score_one(self, values: Mapping[str, float]) -> float:
         """The rule's score on the snapshot `values`: its `score` feature when every guard holds, else 0."""
@@ -69,9 +91,15 @@ def _rule(entry: dict[str, Any]) -> Rule:
             triage=" ".join(entry["triage"].split()),
             references=tuple(entry.get("references", ())),
             atlas=entry["atlas"],
+            escalate={str(k): float(v) for k, v in entry.get("escalate", {}).items()},
+            escalated_severity=_severity(entry.get("escalated_severity")),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"rule {entry.get('id', '?')}: invalid or missing field: {exc}") from None
+
+
+def _severity(value: str | None) -> Severity | None:
+    return Severity(value) if value is not None else None
 
 
 def load_rules(path: Path | None = None) -> list[Rule]:

@@ -10,6 +10,10 @@ alert kind, the rule with the highest score/threshold ratio speaks (the first in
 The anomaly model judges clients that sent at least `ANOMALY_MIN_QUERIES` queries, one micro-batch at a
 time, against the forest's threshold (positive too).
 
+A rule with an `escalate` table (exposure, such as confidence harvesting) speaks at its escalated severity
+when any of those minimums holds, and names the features that held among its contributions. With a model
+loaded, each minimum is at least the baseline's `ESCALATION_PERCENTILE` of its feature.
+
 `score` gives both; its two parts, `score_rules` and `score_anomalies`, are what the detector calls at its
 own cadences (the rules on every batch, the forest at each commit).
 """
@@ -28,6 +32,9 @@ QUERIES_FEATURE = "volume.queries"  # the client's query count, as its snapshot 
 ANOMALY_MIN_QUERIES = 20  # the forest judges behaviour, and a handful of queries shows none
 ANOMALY_RULE_ID = "MIA-ANOMALY"
 ANOMALY_CONTRIBUTIONS = 5
+# Escalation asks for more than the population's usual rate of a feature, measured where a few heavy clients
+# (the owner's re-scoring jobs) cannot lift it.
+ESCALATION_PERCENTILE = 90
 ANOMALY_TRIAGE = (
     "The client's traffic is unlike any baseline client's in the combination of features listed; no single "
     "rule fired. Read the top reasons, then the client's sessions and evidence events."
@@ -47,6 +54,16 @@ class Scorer:
         for rule in self.rules:
             kinds.setdefault(rule.kind, []).append((rule, self.threshold(rule)))
         self._kinds = [(kind, tuple(rules_of_kind)) for kind, rules_of_kind in kinds.items()]
+        self._escalations = {rule.id: self.escalation(rule) for rule in self.rules if rule.escalate}
+
+    def escalation(self, rule: Rule) -> dict[str, float]:
+        """The minimums of `rule`'s `escalate` table in force: with a model, none below the baseline's
+        `ESCALATION_PERCENTILE` of its feature."""
+        minimums = {}
+        for feature, minimum in rule.escalate.items():
+            usual = self.model.quantile(feature, ESCALATION_PERCENTILE) if self.model else None
+            minimums[feature] = max(minimum, usual) if usual is not None else minimum
+        return minimums
 
     def threshold(self, rule: Rule) -> float:
         """The rule's threshold: calibrated on the baseline when a model is loaded, never below its floor."""
@@ -76,13 +93,17 @@ class Scorer:
                 score = rule.score_one(snapshot)
                 if score / threshold > best_score / best_threshold:
                     best, best_threshold, best_score = rule, threshold, score
+            severity, contributions = best.severity, best.explain
+            minimums = self._escalations.get(best.id)
+            if minimums and best_score >= best_threshold:
+                severity, contributions = best.escalated(snapshot, minimums)
             verdicts[kind] = Verdict(
                 kind,
                 best.id,
                 float(best_score),
                 best_threshold,
-                best.severity,
-                best.explain,
+                severity,
+                contributions,
                 best.triage,
                 best.atlas,
             )

@@ -128,10 +128,6 @@ def _loopback(host: str) -> bool:
 def load_scoring_model(settings: Settings) -> ScoringModel | None:
     """The scoring model at `MIA_MODEL_PATH`, if configured (hash-checked, never unpickled)."""
     if settings.model_path is None:
-        log.warning(
-            "no scoring model (MIA_MODEL_PATH unset): rules judge at their floors, without thresholds "
-            "calibrated on your traffic, and the anomaly model is off; `mia-detector train` makes one"
-        )
         return None
     model = ScoringModel.load(settings.model_path)
     log.info("scoring model %s (target FPR %g)", model.version, model.target_fpr)
@@ -143,10 +139,6 @@ def load_training_indexes(settings: Settings) -> TrainingIndexes:
     directory of `<model name>.npz` files. Keys come from `MIA_TRAINING_INDEX_KEY` when not in the files."""
     path = settings.training_index
     if path is None:
-        log.warning(
-            "no training-set index (MIA_TRAINING_INDEX unset): queries for training records "
-            "(MIA-003, MIA-005) go unseen; `mia-detector index-training` builds one"
-        )
         return TrainingIndexes()
     from detector.trainingset import TrainingSetIndex
 
@@ -202,6 +194,7 @@ def build_pipeline(
     detect.observe_ratio = metrics.observe_score_ratio
     model = detect.detector.model
     metrics.set_model(model.version if model else None, model.trained_at if model else None)
+    _warn_of_what_is_missing(model, detect.tracker.training_indexes)
     sessions = SessionTracker(
         gap_seconds=settings.sessions.gap_seconds,
         max_duration_seconds=settings.sessions.max_duration_seconds,
@@ -220,7 +213,7 @@ def build_pipeline(
         ],
         detect=detect,
         sessions=sessions,
-        lifecycle=AlertLifecycle.from_settings(settings, sinks),
+        lifecycle=AlertLifecycle.from_settings(settings, sinks, model.histories if model else None),
         store=store,
         policy=CommitPolicy(settings.commit.min_interval_seconds, settings.commit.min_records),
         metrics=metrics,
@@ -229,3 +222,18 @@ def build_pipeline(
         group_id=group_id,
         seen_retention_seconds=settings.database.seen_events_retention_hours * 3600.0,
     )
+
+
+def _warn_of_what_is_missing(model: ScoringModel | None, indexes: TrainingIndexes) -> None:
+    # Said once everything has loaded and started, so that a refused file or address is the one line a
+    # failed start prints.
+    if model is None:
+        log.warning(
+            "no scoring model (MIA_MODEL_PATH unset): rules judge at their floors, without thresholds "
+            "calibrated on your traffic, and the anomaly model is off; `mia-detector train` makes one"
+        )
+    if not (indexes.by_model or indexes.default):
+        log.warning(
+            "no training-set index (MIA_TRAINING_INDEX unset): queries for training records "
+            "(MIA-003, MIA-005) go unseen; `mia-detector index-training` builds one"
+        )

@@ -1,7 +1,8 @@
 """`simulate`: generate a scenario's query logs, ground truth and metadata into a directory.
 
-Each client's traffic is a time-ordered stream with its own random generator (seeded by the simulation
-seed, the day and the client's position in the plan); the streams are merged by timestamp with
+Each client's traffic is a time-ordered stream with its own random generator (seeded by the population,
+which is the simulation seed unless another is asked for, the period and the client's position in the
+plan); the streams are merged by timestamp with
 `heapq.merge` and written line by line, so memory stays bounded by the number of clients, and the output
 is the same, byte for byte, for the same scenario and seed.
 """
@@ -72,33 +73,46 @@ class _Tally:
     member_candidates: int = 0
 
 
-def simulate(scenario: str, seed: int, out: Path) -> SimulationSummary:
+def simulate(
+    scenario: str,
+    seed: int,
+    out: Path,
+    *,
+    baseline_hours: float | None = None,
+    population: int | None = None,
+) -> SimulationSummary:
     """Generate `scenario` (a key of `SCENARIOS`) with `seed` into the directory `out` (created if needed).
 
-    Writes `events.jsonl` (the main period's query logs, by timestamp), `baseline.jsonl` (benign traffic of
-    the same clients over the period just before), `truth.jsonl` (one line per client in events.jsonl),
-    `training-<model>.npy` per model and `scenario.json` (metadata and counts). Raises `ValueError` for an
-    unknown scenario or a negative seed.
+    Writes `events.jsonl` (the main period's query logs, by timestamp), `baseline.jsonl` (attack-free
+    traffic of the same clients over the `baseline_hours` just before, by default as long as the main
+    period), `truth.jsonl` (one line per client in events.jsonl), `training-<model>.npy` per model and
+    `scenario.json` (metadata and counts). The served models come from `seed`; the clients and their traffic
+    from `population` (default: `seed`), so that another population can use the same models. Raises
+    `ValueError` for an unknown scenario, a negative seed or population, or a baseline that is not positive.
     """
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
-    if seed < 0:
-        raise ValueError(f"the seed must be 0 or more, not {seed}")
-    began = time.perf_counter()
+    population = seed if population is None else population
+    if seed < 0 or population < 0:
+        raise ValueError(f"the seed and population must be 0 or more, not {seed} and {population}")
     spec = SCENARIOS[scenario]
+    baseline_seconds = spec.duration if baseline_hours is None else baseline_hours * 3600.0
+    if not (baseline_seconds > 0 and math.isfinite(baseline_seconds)):
+        raise ValueError(f"the baseline must last a positive number of hours, not {baseline_hours}")
+    began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     models = load_models(seed)
-    clients = plan(spec, models, seed)
+    clients = plan(spec, models, population)
     window = Window(START, START + spec.duration, spec.diurnal)
-    baseline_window = Window(START - spec.duration, START, spec.diurnal)
+    baseline_window = Window(START - baseline_seconds, START, spec.diurnal)
 
-    baseline = _write_period(out / BASELINE, clients, models, baseline_window, seed, baseline=True)
-    events = _write_period(out / EVENTS, clients, models, window, seed, baseline=False)
+    baseline = _write_period(out / BASELINE, clients, models, baseline_window, population, baseline=True)
+    events = _write_period(out / EVENTS, clients, models, window, population, baseline=False)
     for name, model in models.items():
         np.save(out / training_file(name), model.members.astype(np.float32))
     active = [(client, tally) for client, tally in zip(clients, events, strict=True) if tally.records]
     _write_truth(out / TRUTH, active)
-    metadata = _metadata(spec, seed, models, window, baseline_window, clients, events, baseline)
+    metadata = _metadata(spec, seed, population, models, window, baseline_window, clients, events, baseline)
     (out / METADATA).write_bytes(
         orjson.dumps(metadata, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
     )
@@ -186,6 +200,7 @@ def _write_truth(path: Path, active: Sequence[tuple[Client, _Tally]]) -> None:
 def _metadata(
     spec: Scenario,
     seed: int,
+    population: int,
     models: Mapping[str, ServedModel],
     window: Window,
     baseline_window: Window,
@@ -216,6 +231,7 @@ def _metadata(
         "scenario": spec.name,
         "description": spec.description,
         "seed": seed,
+        "population": population,
         "start": rfc3339(round(window.start * 1000)),
         "end": rfc3339(round(window.end * 1000)),
         "baseline": {

@@ -24,6 +24,7 @@ from detector.domain import (
     AlertStatus,
     AllowEntry,
     AllowList,
+    Detection,
     Notification,
     NotificationEvent,
     NotificationState,
@@ -36,7 +37,7 @@ from detector.scoring.detector import Detector
 from detector.storage import Store, create_engine_for, upgrade
 from tests.scoring.test_scoring import RULES, client_after, fired_on
 from tests.storage.conftest import START, Alerts, FakeClock
-from tests.storage.test_alerts import QUIET, detection, utc
+from tests.storage.test_alerts import MODEL, QUIET, detection, utc
 from tests.streams import Stream, augmentation_probe
 from tests.support import ALERT_TIMES, as_written, make_notification
 
@@ -179,7 +180,8 @@ def test_a_later_detection_updates_the_open_alert(alerts: Alerts, clock: FakeClo
 
     [alert] = alerts.list_alerts()
     assert (updated.alert.id, updated.alert.dedup_key) == (opened.alert.id, opened.alert.dedup_key)
-    assert updated == AlertChange(alert, Change.UPDATED)  # the alert as updated is the alert as stored
+    # The alert as updated is the alert as stored; its severity rose from medium.
+    assert updated == AlertChange(alert, Change.ESCALATED, severity_before=Severity.MEDIUM)
     assert (alert.severity, alert.score, alert.queries, alert.rule_id) == (
         Severity.CRITICAL,
         0.95,
@@ -331,6 +333,44 @@ def test_an_incident_that_ends_within_one_call_is_stored_resolved_and_both_notif
     assert [change.change for _, change in outcome.changes] == [Change.OPENED, Change.OPENED]
 
 
+def test_exposure_is_recorded_not_delivered_until_it_escalates(store: Store, clock: FakeClock) -> None:
+    alerts = Alerts(store, POLICY, clock=clock)
+    exposure = detection(severity=Severity.LOW, last_seen=START + 60, queries=300)
+
+    opened = alerts.record([exposure])
+    assert [change.change for _, change in opened.changes] == [Change.OPENED]
+    assert opened.notifications == []  # below medium: stored, shown, not delivered
+    clock.now += 60
+    assert alerts.record([exposure]).notifications == []
+
+    escalated = detection(severity=Severity.HIGH, last_seen=START + 120, queries=400)
+    outcome = alerts.record([escalated])
+    [(_, change)] = outcome.changes
+    assert (change.change, change.severity_before) == (Change.ESCALATED, Severity.LOW)
+    # The receivers never heard of it: it reaches them as opened, then its resolution follows.
+    assert [n.event for n in outcome.notifications] == [NotificationEvent.OPENED]
+    resolved = alerts.resolve_quiet(START + 120 + QUIET + 1)
+    assert [n.event for n in resolved.notifications] == [NotificationEvent.RESOLVED]
+
+
+def test_an_exposure_that_ends_within_one_call_is_stored_and_not_delivered(
+    store: Store, clock: FakeClock
+) -> None:
+    alerts = Alerts(store, POLICY, clock=clock)
+    early = detection(severity=Severity.LOW, last_seen=START + 60)
+    later = detection(
+        severity=Severity.LOW, first_seen=START + 60 + 2 * QUIET, last_seen=START + 90 + 2 * QUIET
+    )
+
+    outcome = alerts.record([early, later], START + 90 + 2 * QUIET)
+
+    assert [alert.status for alert in sorted(alerts.list_alerts(), key=lambda a: a.id)] == [
+        AlertStatus.RESOLVED,
+        AlertStatus.OPEN,
+    ]
+    assert outcome.notifications == []
+
+
 def test_one_call_or_one_per_detection_decide_the_same_incidents(database_url: str, clock: FakeClock) -> None:
     """A backlog committed at once and a live stream committed per query (the watermark moving on) make the
     same alerts and send the same notifications."""
@@ -413,6 +453,30 @@ def test_the_allow_list_drops_a_clients_detections_for_one_kind_or_all(
     ]
     assert len(outcome.notifications) == len(detections)
     assert {alert.client_id for alert in store.alerts.list_alerts()} == {"tta-client"}
+
+
+def test_an_allow_listed_key_that_departs_from_its_own_history_is_alerted_on(
+    store: Store, clock: FakeClock
+) -> None:
+    """The owner's re-scoring job is allow-listed for every kind; its baseline history: 300 distinct
+    training hits (MIA-003), nothing else. Twice that is its ordinary growth; beyond, or any other rule
+    firing (its key in an attacker's hands, walking a decision boundary), is a departure."""
+    entries = (AllowEntry("svc-job", "nightly re-scoring"), AllowEntry("new-job", "added after training"))
+    allowlist = AllowList(entries).bounded_by({(MODEL, "svc-job"): {"MIA-003": 300.0}})
+    alerts = Alerts(store, POLICY, allowlist, clock)
+
+    def targeting(client: str, score: float) -> Detection:
+        return detection(client, kind=AlertKind.TRAINING_SET_TARGETING, rule_id="MIA-003", score=score)
+
+    within = [targeting("svc-job", 600.0), targeting("new-job", 5_000.0)]
+    assert alerts.record(within).changes == []  # within its history; a client without one, by its entry
+    walking = detection("svc-job", kind=AlertKind.BOUNDARY_PROBING, rule_id="MIA-001", score=40.0)
+    outcome = alerts.record([targeting("svc-job", 601.0), walking])
+    assert sorted((found.rule_id, change.change) for found, change in outcome.changes) == [
+        ("MIA-001", Change.OPENED),
+        ("MIA-003", Change.OPENED),
+    ]
+    assert len(outcome.notifications) == 2
 
 
 def test_a_group_is_dropped_only_when_the_allow_list_covers_every_client(

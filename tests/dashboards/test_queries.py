@@ -25,8 +25,8 @@ from sqlalchemy import Engine, make_url
 
 from detector.broker import EmbeddedBroker, free_port
 from detector.dashboards import build_dashboards
-from detector.demo import index_training_sets
 from detector.metrics import PREFIX
+from detector.protocols import index_training_sets
 from detector.service import StopFlag, produce_file, run_daemon, train
 from detector.simulate import simulate
 from detector.simulate.sample import MALFORMED

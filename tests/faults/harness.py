@@ -449,8 +449,9 @@ def tracebacks(log: str) -> list[str]:
     found, logger = [], ""
     for line in log.splitlines():
         fields = line.split()
-        if len(fields) >= 4 and line[:2] == "20" and fields[2] in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            logger = fields[3]
+        # `2026-12-04T23:56:47.092Z INFO    detector.ingest.kafka: ...`
+        if len(fields) >= 3 and line[:2] == "20" and fields[1] in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            logger = fields[2]
         if line.startswith("Traceback"):  # uncaught: the process died of it
             found.append(line)
         elif "Traceback (most recent call last)" in line and not logger.startswith("kafka"):

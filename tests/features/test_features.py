@@ -13,6 +13,7 @@ from tests.streams import (
     Stream,
     augmentation_probe,
     boundary_walk,
+    confidence_climb,
     harvest,
     record,
     snapshot_after,
@@ -64,6 +65,22 @@ def test_harvesting_counts_distinct_records_asked_for_confidence() -> None:
     assert values["confidence.asked_share"] == pytest.approx(300 / 330)
     assert values["confidence.mean_max"] == pytest.approx(0.7, abs=1e-5)
     assert values["confidence.mean_margin"] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_a_confidence_climb_counts_its_steps_up_and_a_what_if_user_few() -> None:
+    climber = snapshot_after(confidence_climb(Stream(), steps=90))
+    assert climber["confidence.climbs"] >= 30  # 36 steps up to 0.99, each CLIMB_STEP or more above the last
+
+    stream, base, rng = Stream(), record(), np.random.default_rng(3)
+    queries = []
+    for step in range(90):  # the same small edits, the model's confidence going up and down
+        row = base.copy()
+        row[step % 2] += SCALE[step % 2] * 0.02 * (step % 7)
+        top = float(rng.uniform(0.5, 0.99))
+        queries.append(stream.query(row, probabilities=np.array([top, 1.0 - top], dtype=np.float32)))
+    what_if = snapshot_after(queries)
+    assert what_if["confidence.climbs"] <= 10
+    assert snapshot_after(harvest(Stream(), records=300))["confidence.climbs"] == 0
 
 
 def test_training_set_hits_are_counted_when_an_index_is_loaded() -> None:

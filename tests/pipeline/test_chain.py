@@ -72,6 +72,9 @@ class Recorder:
         self.events.append("alerts")
         self.opened_alerts += [change.alert.id for change, _ in alerts]
 
+    def escalated(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
+        self.opened(alerts)  # told after the transaction too
+
     # Outbox
     @property
     def sink_names(self) -> list[str]:

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from detector.domain import AlertKind, Query
+from detector.domain import AlertKind, Query, Severity
 from detector.scoring.calibrate import collect_baseline, fit_scoring_model
 from detector.scoring.detector import Detector
 from detector.scoring.model import floor_outliers, rule_threshold
@@ -16,6 +16,10 @@ from tests.scoring.test_scoring import RULES, fired_on
 from tests.streams import Stream, harvest, record, warmed_tracker
 
 HARVEST_RULE = next(rule for rule in RULES if rule.kind is AlertKind.CONFIDENCE_HARVESTING)
+# The harvesting rule as a paging rule (no exposure, no escalation): how calibration treats every rule that
+# pages when many baseline clients reach its floor.
+PAGING_HARVEST_RULE = replace(HARVEST_RULE, severity=Severity.MEDIUM, escalate={}, escalated_severity=None)
+PAGING_RULES = [PAGING_HARVEST_RULE if rule is HARVEST_RULE else rule for rule in RULES]
 
 
 def batches_of(queries: list[Query], size: int = 50) -> list[list[Query]]:
@@ -68,7 +72,7 @@ def test_a_heavy_baseline_client_does_not_lift_the_threshold_for_everyone() -> N
     assert AlertKind.CONFIDENCE_HARVESTING in {detection.kind for detection in detections}
 
 
-def test_allow_listed_clients_are_neither_calibrated_on_nor_reported() -> None:
+def test_allow_listed_clients_are_neither_calibrated_on_nor_reported_but_their_history_is_kept() -> None:
     batch_scorer = harvest(Stream("nightly-batch-scorer"), records=400)
     calibration = fit_scoring_model(
         batches_of(ordinary_users() + batch_scorer),
@@ -79,6 +83,16 @@ def test_allow_listed_clients_are_neither_calibrated_on_nor_reported() -> None:
     )
     assert calibration.crossings == []
     assert calibration.model.baseline_clients == 40
+    histories = calibration.model.histories
+    assert len(histories) == 41  # every baseline client, the allow-listed one included
+    assert histories[("m", "nightly-batch-scorer")][HARVEST_RULE.id] == 400
+    assert "MIA-001" not in histories[("m", "user-0")]  # a rule never scored on is left out
+    assert all(
+        0 < value <= 1
+        for history in histories.values()
+        for rule, value in history.items()
+        if rule == "MIA-ANOMALY"
+    )
 
 
 def test_a_baseline_below_every_floor_reports_nothing_and_calibrates_as_before() -> None:
@@ -96,25 +110,38 @@ def test_a_baseline_below_every_floor_reports_nothing_and_calibrates_as_before()
 
 
 def test_a_behaviour_common_in_the_baseline_is_calibrated_on_not_suggested() -> None:
-    """Six batch scorers among 40 users (13%) are how this deployment is used: they set the threshold and
-    none is suggested for the allow-list; the rule is reported as common at its floor."""
+    """Six batch scorers among 40 users (13%) are how this deployment is used: for a rule that pages they
+    set the threshold and none is suggested for the allow-list; the rule is reported as common at its
+    floor."""
     scorers = [query for index in range(6) for query in harvest(Stream(f"scorer-{index}"), records=250)]
-    calibration = fit_scoring_model(
-        batches_of(ordinary_users() + scorers), warmed_tracker(), RULES, 0.001, excluded=lambda _: False
-    )
+    batches = batches_of(ordinary_users() + scorers)
+    calibration = fit_scoring_model(batches, warmed_tracker(), PAGING_RULES, 0.001, excluded=lambda _: False)
     assert calibration.crossings == []
     assert calibration.common_at_floor == {HARVEST_RULE.id: 6}
     assert calibration.model.rule_thresholds[HARVEST_RULE.id] >= 250
 
 
+def test_an_exposure_rule_stays_at_its_floor_however_common_the_behaviour() -> None:
+    """The same six batch scorers and the harvesting rule as shipped (exposure, escalated with evidence):
+    its threshold stays at the floor so that every harvest is recorded, and the scorers are listed."""
+    scorers = [query for index in range(6) for query in harvest(Stream(f"scorer-{index}"), records=250)]
+    batches = batches_of(ordinary_users() + scorers)
+    calibration = fit_scoring_model(batches, warmed_tracker(), RULES, 0.001, excluded=lambda _: False)
+    assert calibration.model.rule_thresholds[HARVEST_RULE.id] == HARVEST_RULE.floor
+    assert calibration.common_at_floor == {}
+    assert {c.client_id for c in calibration.crossings} == {f"scorer-{index}" for index in range(6)}
+
+
 @pytest.mark.parametrize(
-    ("reaching", "clients", "left_out"), [(1, 20, 1), (5, 100, 5), (6, 100, 0), (2, 20, 0)]
+    ("reaching", "clients", "left_out"),
+    [(1, 20, 1), (3, 20, 3), (4, 20, 0), (5, 100, 5), (6, 100, 0), (7, 200, 7), (11, 200, 0)],
 )
-def test_at_most_a_twentieth_of_the_clients_are_left_out(reaching: int, clients: int, left_out: int) -> None:
-    maxima = [HARVEST_RULE.floor * 3] * reaching + [1.0] * (clients - reaching)
-    assert len(floor_outliers(HARVEST_RULE, maxima)) == left_out
-    threshold = rule_threshold(HARVEST_RULE, maxima, 0.001)
-    assert threshold == (HARVEST_RULE.floor if left_out else HARVEST_RULE.floor * 3 * 2)
+def test_a_twentieth_of_the_clients_or_three_are_left_out(reaching: int, clients: int, left_out: int) -> None:
+    maxima = [PAGING_HARVEST_RULE.floor * 3] * reaching + [1.0] * (clients - reaching)
+    assert len(floor_outliers(PAGING_HARVEST_RULE, maxima)) == left_out
+    assert len(floor_outliers(HARVEST_RULE, maxima)) == reaching  # exposure: every one, always
+    threshold = rule_threshold(PAGING_HARVEST_RULE, maxima, 0.001)
+    assert threshold == (PAGING_HARVEST_RULE.floor if left_out else PAGING_HARVEST_RULE.floor * 3 * 2)
 
 
 def test_the_evidence_names_distinct_events_though_a_request_holds_many_rows() -> None:

@@ -18,7 +18,16 @@ from detector.features.client import ClientFeatures, FeatureTracker, TrainingInd
 from detector.scoring.detector import Detector, Moment
 from detector.scoring.model import FOREST_FILE, MANIFEST_FILE, ModelError, ScoringModel
 from detector.scoring.rules import load_rules
-from tests.streams import SetIndex, Stream, augmentation_probe, boundary_walk, harvest, record, warmed_tracker
+from tests.streams import (
+    SetIndex,
+    Stream,
+    augmentation_probe,
+    boundary_walk,
+    confidence_climb,
+    harvest,
+    record,
+    warmed_tracker,
+)
 
 RULES = load_rules()
 
@@ -113,6 +122,62 @@ def test_training_set_targeting_fires_on_candidates_from_the_training_set() -> N
     assert detections[0].severity is Severity.CRITICAL
 
 
+def harvest_detection(detector: Detector, queries: list, tracker: FeatureTracker | None = None):  # type: ignore[no-untyped-def]
+    client = client_after(queries, tracker)
+    fired = fired_on(detector, (queries[0].model, queries[0].client_id), client)
+    return next(detection for detection in fired if detection.kind is AlertKind.CONFIDENCE_HARVESTING)
+
+
+def shadow_harvest(members: list[np.ndarray], member_share: float) -> tuple[list, FeatureTracker]:
+    """400 candidates asked for their probabilities, `member_share` of them training records."""
+    tracker = warmed_tracker()
+    tracker.training_indexes = TrainingIndexes(default=SetIndex(members))
+    stream, probabilities = Stream("shadow"), np.array([0.7, 0.2, 0.1], dtype=np.float32)
+    taken = round(400 * member_share)
+    rows = members[:taken] + [record() for _ in range(400 - taken)]
+    return [stream.query(row, probabilities=probabilities) for row in rows], tracker
+
+
+def test_harvesting_alone_is_exposure_and_escalates_with_membership_inference_evidence() -> None:
+    detector, members = Detector(RULES), [record() for _ in range(400)]
+    alone = harvest_detection(detector, harvest(Stream("harvester"), records=400))
+    assert alone.severity is Severity.LOW
+    assert alone.reasons[0].feature == "confidence.distinct_asked"
+
+    # A tenth of the candidates are training records: beyond chance, a membership-inference candidate set.
+    with_members = harvest_detection(detector, *shadow_harvest(members, 0.1))
+    assert with_members.severity is Severity.HIGH
+    assert with_members.reasons[0].feature == "training.hit_rate"
+
+    # Records synthesised by climbing the model's confidence, beside a harvest.
+    stream = Stream("synthesiser")
+    climbing = harvest_detection(detector, harvest(stream, records=300) + confidence_climb(stream, steps=90))
+    assert climbing.severity is Severity.HIGH
+    assert climbing.reasons[0].feature == "confidence.climbs"
+
+
+def test_escalation_asks_for_more_than_the_baselines_usual_rate() -> None:
+    """In a deployment where a tenth of every client's records are training records (customers scoring
+    themselves), that rate escalates nothing: the minimum in force is the baseline's 90th percentile."""
+    trajectories = [
+        [{**snapshot, "training.hit_rate": 0.25} for snapshot in t] for t in baseline_trajectories()
+    ]
+    model = ScoringModel.fit(trajectories, RULES, target_fpr=0.001, scales={})
+    harvest_rule = next(rule for rule in RULES if rule.kind is AlertKind.CONFIDENCE_HARVESTING)
+    assert Detector(RULES, model).scorer.escalation(harvest_rule)["training.hit_rate"] == 0.25
+    members = [record() for _ in range(400)]
+    assert harvest_detection(Detector(RULES, model), *shadow_harvest(members, 0.1)).severity is Severity.LOW
+    assert harvest_detection(Detector(RULES, model), *shadow_harvest(members, 0.5)).severity is Severity.HIGH
+
+
+def test_a_rule_that_escalates_says_to_what_and_above_its_own_severity() -> None:
+    harvest_rule = next(rule for rule in RULES if rule.kind is AlertKind.CONFIDENCE_HARVESTING)
+    with pytest.raises(ValueError, match="go together"):
+        replace(harvest_rule, escalated_severity=None)
+    with pytest.raises(ValueError, match="above low"):
+        replace(harvest_rule, escalated_severity=Severity.LOW)
+
+
 def test_benign_look_alikes_stay_quiet() -> None:
     detector = Detector(RULES)
     for name, client in benign_clients().items():
@@ -153,8 +218,10 @@ def test_a_saved_model_loads_back_and_scores_the_same(tmp_path: Path) -> None:
     model = ScoringModel.fit(
         baseline_trajectories(), RULES, 0.01, scales={"m": {"mean": [0.0], "std": [1.0]}}
     )
+    model.histories = {("m", "svc-job"): {"MIA-003": 300.0}, ("m", "a/b c"): {}}
     model.save(tmp_path / "model")
     loaded = ScoringModel.load(tmp_path / "model")
+    assert loaded.histories == model.histories
     snapshots = [client.snapshot() for client in benign_clients().values()]
     assert np.allclose(loaded.anomaly_scores(snapshots), model.anomaly_scores(snapshots))
     assert loaded.rule_thresholds == model.rule_thresholds and loaded.version == model.version

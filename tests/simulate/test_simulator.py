@@ -194,11 +194,38 @@ def test_training_files_and_metadata(smoke: Run) -> None:
     assert set(populations) >= {"steady_app", "dashboard", "nightly_rescore", *map(str, AttackKind)}
 
 
-def test_unknown_scenario_and_negative_seed_are_refused(tmp_path: Path) -> None:
+def test_unknown_scenario_negative_seeds_and_an_empty_baseline_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown scenario 'huge'"):
         simulate("huge", SEED, tmp_path)
-    with pytest.raises(ValueError, match="seed must be 0 or more"):
+    with pytest.raises(ValueError, match="must be 0 or more"):
         simulate("smoke", -1, tmp_path)
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        simulate("smoke", SEED, tmp_path, population=-1)
+    with pytest.raises(ValueError, match="positive number of hours"):
+        simulate("smoke", SEED, tmp_path, baseline_hours=0)
+
+
+def test_the_baseline_lasts_the_hours_asked_for(smoke: Run, tmp_path: Path) -> None:
+    longer = simulate("smoke", SEED, tmp_path / "longer", baseline_hours=3)
+    decoded, _ = decode_file(longer.out / "baseline.jsonl")
+    times = [queries[0].timestamp for queries in decoded]
+    assert times[0] >= START - 3 * HOUR and times[0] < START - 2 * HOUR and times[-1] < START
+    assert longer.baseline_queries > smoke.summary.baseline_queries
+    # The main period is the same, byte for byte.
+    assert digest(longer.out)["events.jsonl"] == digest(smoke.out)["events.jsonl"]
+    metadata = orjson.loads((longer.out / "scenario.json").read_bytes())
+    assert metadata["baseline"]["start"] == "2026-11-28T21:00:00.000Z"
+
+
+def test_another_population_uses_the_same_models_with_other_clients(smoke: Run, tmp_path: Path) -> None:
+    other = simulate("smoke", SEED, tmp_path / "other", population=SEED + 1)
+    assert digest(other.out)["training-digits.npy"] == digest(smoke.out)["training-digits.npy"]
+    truth = {
+        line["client_id"] for line in map(orjson.loads, (other.out / "truth.jsonl").read_bytes().splitlines())
+    }
+    # Only the owner's jobs, named after their model, are in both.
+    assert truth & set(smoke.truth) == {client for client in smoke.truth if client.startswith("svc-")}
+    assert orjson.loads((other.out / "scenario.json").read_bytes())["population"] == SEED + 1
 
 
 # -- signatures of the behaviours --------------------------------------------------------------------------

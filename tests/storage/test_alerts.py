@@ -290,7 +290,7 @@ def test_a_concurrent_writer_updates_the_alert_instead_of_opening_another(
 
     [alert] = alerts.list_alerts()
     assert [(change.alert.id, change.change) for change in results] == [(opened.alert.id, Change.UPDATED)]
-    assert results == [AlertChange(alert, Change.UPDATED)]
+    assert results == [AlertChange(alert, Change.UPDATED, severity_before=Severity.MEDIUM)]
     assert (alert.evidence, alert.updates) == (["first", "second"], 1)
 
 
