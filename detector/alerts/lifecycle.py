@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
@@ -47,6 +47,9 @@ from detector.settings import Settings
 # Lookup-and-insert rounds per commit: a conflict means a concurrent writer opened the alert, which the second
 # round updates; a third covers that alert being resolved in between. More means the schema is wrong.
 _ROUNDS = 3
+# The reason added to an alert on an allow-listed client that departed from its own baseline history: the
+# highest it scored on the rule there.
+OWN_BASELINE_REASON = "own_baseline_maximum"
 
 
 class AlertRecords(Protocol):
@@ -199,6 +202,7 @@ class AlertLifecycle:
         incidents: dict[str, list[Detection]] = {}
         for detection in detections:
             if not self.allowlisted(detection):
+                detection = self._explain_departure(detection)
                 add_to_incidents(incidents.setdefault(detection.dedup_key, []), detection, quiet)
         outcome = AlertOutcome()
         silences = records.silences(now) if self.policy.sinks and incidents else []
@@ -243,6 +247,19 @@ class AlertLifecycle:
         client within its own baseline history (`AllowList.excuses`): it is dropped, it never opens or
         changes an alert."""
         return self.allowlist.excuses(detection)
+
+    def _explain_departure(self, detection: Detection) -> Detection:
+        """`detection`, with a last reason when an allow-list entry would cover it but for a client's own
+        history (`OWN_BASELINE_REASON`: the highest the client scored on the rule in the baseline), so that
+        a responder sees why a trusted client was alerted on."""
+        if not all(self.allowlist.covers(client, detection.kind) for client in detection.client_ids):
+            return detection
+        highest = self.allowlist.departed_from(detection)
+        if highest is None:
+            return detection
+        return replace(
+            detection, reasons=[*detection.reasons, Reason(feature=OWN_BASELINE_REASON, value=highest)]
+        )
 
     def _close_ended(
         self,

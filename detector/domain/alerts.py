@@ -370,13 +370,21 @@ class AllowList:
     def excuses(self, detection: Detection) -> bool:
         """True when an entry covers every client of `detection` for its kind, each within its own history
         when it has one (see the class)."""
+        return all(self.covers(client_id, detection.kind) for client_id in detection.client_ids) and (
+            self.departed_from(detection) is None
+        )
+
+    def departed_from(self, detection: Detection) -> float | None:
+        """The highest baseline score on the detection's rule of a known client of `detection` that it
+        goes beyond (by more than `HISTORY_MARGIN` times), or None when no client departs."""
         for client_id in detection.client_ids:
-            if not self.covers(client_id, detection.kind):
-                return False
             history = self.histories.get((detection.model, client_id))
-            if history is not None and detection.score > HISTORY_MARGIN * history.get(detection.rule_id, 0.0):
-                return False
-        return True
+            if history is None:
+                continue
+            highest = history.get(detection.rule_id, 0.0)
+            if detection.score > HISTORY_MARGIN * highest:
+                return highest
+        return None
 
     @property
     def clients(self) -> frozenset[str]:

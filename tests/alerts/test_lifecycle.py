@@ -477,6 +477,11 @@ def test_an_allow_listed_key_that_departs_from_its_own_history_is_alerted_on(
         ("MIA-003", Change.OPENED),
     ]
     assert len(outcome.notifications) == 2
+    # Each alert says why a trusted client was alerted on: the highest it scored on that rule before.
+    last_reasons = {alert.rule_id: alert.reasons[-1] for alert in alerts.list_alerts()}
+    assert last_reasons["MIA-003"] == Reason(feature="own_baseline_maximum", value=300.0)
+    assert last_reasons["MIA-001"] == Reason(feature="own_baseline_maximum", value=0.0)
+    assert last_reasons["MIA-001"].text == "own_baseline_maximum = 0"
 
 
 def test_a_group_is_dropped_only_when_the_allow_list_covers_every_client(
