@@ -365,7 +365,7 @@ class _AlertLog:
 
     def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
         for change, detection in alerts:
-            if change.alert.severity.rank >= self.min_severity.rank:
+            if change.alert.severity.reaches(self.min_severity):
                 self._paged(detection, detection.detected_after_queries, detection.detected_at)
             else:
                 for client_id in detection.client_ids:
@@ -374,7 +374,11 @@ class _AlertLog:
     def escalated(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
         for change, detection in alerts:
             before = change.severity_before
-            if before is not None and before.rank < self.min_severity.rank <= change.alert.severity.rank:
+            if (
+                before is not None
+                and not before.reaches(self.min_severity)
+                and change.alert.severity.reaches(self.min_severity)
+            ):
                 # Paged from the escalation on, which the latest detection of the commit stands for.
                 self._paged(detection, detection.queries, detection.last_seen)
 

@@ -41,7 +41,7 @@ class AlertLog:
     def _log(self, change: AlertChange, detection: Detection, escalated_from: Severity | None) -> None:
         alert = change.alert
         reasons = [reason.describe(visible) for reason in detection.reasons[:3]]
-        paged = alert.severity.rank >= self.min_severity.rank
+        paged = alert.severity.reaches(self.min_severity)
         rose = f" (escalated from {escalated_from.value})" if escalated_from is not None else ""
         alert_log.log(
             logging.WARNING if paged else logging.INFO,

@@ -86,7 +86,7 @@ class NotificationPolicy:
 
     def pages(self, alert: Alert) -> bool:
         """True when `alert` is severe enough to be delivered (below `min_severity` it is only recorded)."""
-        return alert.severity.rank >= self.min_severity.rank
+        return alert.severity.reaches(self.min_severity)
 
     @classmethod
     def from_settings(cls, settings: Settings, sinks: Sequence[str]) -> NotificationPolicy:
@@ -252,7 +252,7 @@ class AlertLifecycle:
         """`detection`, with a last reason when an allow-list entry would cover it but for a client's own
         history (`OWN_BASELINE_REASON`: the highest the client scored on the rule in the baseline), so that
         a responder sees why a trusted client was alerted on."""
-        if not all(self.allowlist.covers(client, detection.kind) for client in detection.client_ids):
+        if not self.allowlist.covers_every_client(detection):
             return detection
         highest = self.allowlist.departed_from(detection)
         if highest is None:

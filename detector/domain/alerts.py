@@ -55,6 +55,10 @@ class Severity(StrEnum):
         """0 for low up to 3 for critical."""
         return _SEVERITY_ORDER.index(self)
 
+    def reaches(self, minimum: Severity) -> bool:
+        """True when this severity is `minimum` or above."""
+        return self.rank >= minimum.rank
+
 
 _SEVERITY_ORDER = tuple(Severity)
 
@@ -367,12 +371,14 @@ class AllowList:
         """This allow-list, covering known clients only within their `histories` (see the class)."""
         return AllowList(self.entries, histories)
 
+    def covers_every_client(self, detection: Detection) -> bool:
+        """True when an entry covers every client of `detection` for its kind, histories aside."""
+        return all(self.covers(client_id, detection.kind) for client_id in detection.client_ids)
+
     def excuses(self, detection: Detection) -> bool:
         """True when an entry covers every client of `detection` for its kind, each within its own history
         when it has one (see the class)."""
-        return all(self.covers(client_id, detection.kind) for client_id in detection.client_ids) and (
-            self.departed_from(detection) is None
-        )
+        return self.covers_every_client(detection) and self.departed_from(detection) is None
 
     def departed_from(self, detection: Detection) -> float | None:
         """The highest baseline score on the detection's rule of a known client of `detection` that it
