@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
@@ -47,9 +47,6 @@ from detector.settings import Settings
 # Lookup-and-insert rounds per commit: a conflict means a concurrent writer opened the alert, which the second
 # round updates; a third covers that alert being resolved in between. More means the schema is wrong.
 _ROUNDS = 3
-# The reason added to an alert on an allow-listed client that departed from its own baseline history: the
-# highest it scored on the rule there.
-OWN_BASELINE_REASON = "own_baseline_maximum"
 
 
 class AlertRecords(Protocol):
@@ -159,18 +156,11 @@ class AlertLifecycle:
         self._clock = clock
 
     @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        sinks: Sequence[str] | None = None,
-        histories: Mapping[tuple[str, str], Mapping[str, float]] | None = None,
-    ) -> AlertLifecycle:
+    def from_settings(cls, settings: Settings, sinks: Sequence[str] | None = None) -> AlertLifecycle:
         """The lifecycle of `settings` (allow-list, quiet period, renotify interval, dashboard link),
-        notifying `sinks` (by default every configured sink); the allow-list covers the clients known from
-        the baseline within their `histories` (the scoring model's)."""
+        notifying `sinks` (by default every configured sink)."""
         names = configured_sink_names(settings) if sinks is None else sinks
-        allowlist = settings.detection.allow_list().bounded_by(histories or {})
-        return cls(NotificationPolicy.from_settings(settings, names), allowlist)
+        return cls(NotificationPolicy.from_settings(settings, names), settings.detection.allow_list())
 
     def apply(
         self,
@@ -202,7 +192,6 @@ class AlertLifecycle:
         incidents: dict[str, list[Detection]] = {}
         for detection in detections:
             if not self.allowlisted(detection):
-                detection = self._explain_departure(detection)
                 add_to_incidents(incidents.setdefault(detection.dedup_key, []), detection, quiet)
         outcome = AlertOutcome()
         silences = records.silences(now) if self.policy.sinks and incidents else []
@@ -243,23 +232,10 @@ class AlertLifecycle:
     # -- internals ---------------------------------------------------------------------------------------
 
     def allowlisted(self, detection: Detection) -> bool:
-        """True when the operators' allow-list covers every client of `detection` for its kind, a known
-        client within its own baseline history (`AllowList.excuses`): it is dropped, it never opens or
+        """True when the operators' allow-list covers every client of `detection` for its kind, none of
+        them departed from its own baseline profile (`AllowList.excuses`): it is dropped, it never opens or
         changes an alert."""
         return self.allowlist.excuses(detection)
-
-    def _explain_departure(self, detection: Detection) -> Detection:
-        """`detection`, with a last reason when an allow-list entry would cover it but for a client's own
-        history (`OWN_BASELINE_REASON`: the highest the client scored on the rule in the baseline), so that
-        a responder sees why a trusted client was alerted on."""
-        if not self.allowlist.covers_every_client(detection):
-            return detection
-        highest = self.allowlist.departed_from(detection)
-        if highest is None:
-            return detection
-        return replace(
-            detection, reasons=[*detection.reasons, Reason(feature=OWN_BASELINE_REASON, value=highest)]
-        )
 
     def _close_ended(
         self,

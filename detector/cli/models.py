@@ -98,8 +98,8 @@ def train(ctx: click.Context, events: tuple[str, ...], out: Path, target_fpr: fl
     )
     say = partial(stderr.print, highlight=False, soft_wrap=True)
     say(
-        f"model {model.version} from {model.baseline_clients} baseline clients (histories of "
-        f"{len(model.histories)} kept, allow-listed ones included) written to {out}; "
+        f"model {model.version} from {model.baseline_clients} baseline clients (profiles of "
+        f"{len(model.profiles)} kept, allow-listed ones included) written to {out}; "
         f"thresholds in force at FPR {target_fpr:g}: {thresholds}; anomaly {model.forest_threshold:.4f}"
     )
     if calibration.thin_baseline():

@@ -157,9 +157,10 @@ ORDER BY queries DESC
     board.row("Detections")
     board.add(
         timeseries(
-            "Alerts opened per minute by kind",
-            "New alerts, by the attack pattern they report (Prometheus).",
-            [promql(f"{rate('alerts_opened_total', by='kind')} * 60", "{{kind}}")],
+            "Alerts opened per minute by kind and severity",
+            "New alerts, by the attack pattern they report and their severity: low ones are exposure, "
+            "recorded but not paged (Prometheus).",
+            [promql(f"{rate('alerts_opened_total', by='kind, severity')} * 60", "{{kind}} / {{severity}}")],
             stacked=True,
         ),
         bar_gauge(

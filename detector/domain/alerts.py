@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -26,9 +26,9 @@ MAX_EVIDENCE = 20
 MAX_DEDUP_KEY_LENGTH = 1024
 
 DEFAULT_ATLAS_TECHNIQUE = "AML.T0024"  # MITRE ATLAS: Exfiltration via ML Inference API
-# How far beyond its own highest baseline score an allow-listed client may go (see `AllowList`): a heavy job
-# can double from one night to the next, as the calibration's margin allows (`scoring.model`).
-HISTORY_MARGIN = 2.0
+# The reasons a detection on a known client gives for departing from its own baseline profile begin so
+# (`detector.scoring.profiles`).
+OWN_BASELINE_PREFIX = "own_baseline."
 
 
 class AlertKind(StrEnum):
@@ -147,6 +147,9 @@ class Detection:
     atlas_technique: str = DEFAULT_ATLAS_TECHNIQUE
     triage: str = ""
     fired: bool = True
+    # True when a client known from the baseline departs from its own profile there (the reasons say where):
+    # an allow-list entry no longer covers it.
+    departed: bool = False
     # The `last_seen` of the earliest detection combined into this one (NaN: its own): where the incident it
     # stands for began, to tell whether it continues an alert that went before it.
     began_at: float = math.nan
@@ -189,13 +192,17 @@ class Detection:
         The peak score, the higher severity, the widest time span and the most queries; the explanation
         (rule, threshold, reasons, technique, triage note) of the newer detection, the one with the later
         `last_seen` (`other` on a tie); the evidence of both, newest kept; the detection time of the earlier
-        one that fired (of the earlier one when neither did), fired when either did. Raises `ValueError`
-        when the dedup keys differ.
+        one that fired (of the earlier one when neither did), fired when either did; departed when either
+        did, the older one's departure reasons kept when the newer has none. Raises `ValueError` when the
+        dedup keys differ.
         """
         if other.dedup_key != self.dedup_key:
             raise ValueError(f"cannot combine {self.dedup_key!r} with {other.dedup_key!r}")
         older, newer = (other, self) if other.last_seen < self.last_seen else (self, other)
         first = min((self, other), key=lambda detection: (not detection.fired, detection.detected_at))
+        reasons = list(newer.reasons)
+        if older.departed and not newer.departed:
+            reasons += [reason for reason in older.reasons if reason.feature.startswith(OWN_BASELINE_PREFIX)]
         return Detection(
             model=self.model,
             client_ids=self.client_ids,
@@ -204,7 +211,7 @@ class Detection:
             rule_id=newer.rule_id,
             score=max(self.score, other.score),
             threshold=newer.threshold,
-            reasons=list(newer.reasons),
+            reasons=reasons,
             evidence=[*older.evidence, *newer.evidence],
             first_seen=min(self.first_seen, other.first_seen),
             last_seen=newer.last_seen,
@@ -214,6 +221,7 @@ class Detection:
             atlas_technique=newer.atlas_technique,
             triage=newer.triage,
             fired=self.fired or other.fired,
+            departed=self.departed or other.departed,
             began_at=min(self.began_at, other.began_at),
         )
 
@@ -350,47 +358,25 @@ class AllowEntry:
 
 @dataclass(frozen=True)
 class AllowList:
-    """The operators' allow-list: clients judged benign, for every kind of alert or for one; for a client
-    known from the baseline, only within its own history there.
+    """The operators' allow-list: clients judged benign, for every kind of alert or for one.
 
-    `histories` maps (model, client) to the highest score the client reached in the baseline per rule id
-    (the scoring model's). An entry names a client, not whatever its key may do: a known key that scores
-    more than `HISTORY_MARGIN` times its own baseline maximum on a rule (a rule it never scored on has 0)
-    has departed from its history, a compromised key at work, and is not excused. A client with no history
-    (new since the baseline, or no model loaded) is excused by its entry alone.
+    An entry names a client, not whatever its key may do: a detection on a known client that departs from
+    its own baseline profile (`Detection.departed`, a compromised key at work) is not excused. A client with
+    no profile (new since the baseline, or no model loaded) is excused by its entry alone.
     """
 
     entries: tuple[AllowEntry, ...] = ()
-    histories: Mapping[tuple[str, str], Mapping[str, float]] = field(default_factory=dict)
 
     def covers(self, client_id: str, kind: AlertKind) -> bool:
         """True when an entry silences `kind` for `client_id`."""
         return any(entry.covers(client_id, kind) for entry in self.entries)
 
-    def bounded_by(self, histories: Mapping[tuple[str, str], Mapping[str, float]]) -> AllowList:
-        """This allow-list, covering known clients only within their `histories` (see the class)."""
-        return AllowList(self.entries, histories)
-
-    def covers_every_client(self, detection: Detection) -> bool:
-        """True when an entry covers every client of `detection` for its kind, histories aside."""
-        return all(self.covers(client_id, detection.kind) for client_id in detection.client_ids)
-
     def excuses(self, detection: Detection) -> bool:
-        """True when an entry covers every client of `detection` for its kind, each within its own history
-        when it has one (see the class)."""
-        return self.covers_every_client(detection) and self.departed_from(detection) is None
-
-    def departed_from(self, detection: Detection) -> float | None:
-        """The highest baseline score on the detection's rule of a known client of `detection` that it
-        goes beyond (by more than `HISTORY_MARGIN` times), or None when no client departs."""
-        for client_id in detection.client_ids:
-            history = self.histories.get((detection.model, client_id))
-            if history is None:
-                continue
-            highest = history.get(detection.rule_id, 0.0)
-            if detection.score > HISTORY_MARGIN * highest:
-                return highest
-        return None
+        """True when an entry covers every client of `detection` for its kind and none departed from its
+        own profile (see the class)."""
+        return not detection.departed and all(
+            self.covers(client_id, detection.kind) for client_id in detection.client_ids
+        )
 
     @property
     def clients(self) -> frozenset[str]:

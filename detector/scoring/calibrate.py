@@ -3,12 +3,14 @@ the baseline clients that would fire a rule at its floor, reported rather than c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from detector.domain import AlertKind, Query
 from detector.features.client import ClientKey, FeatureTracker
 from detector.scoring.model import ScoringModel, fires_at_floor, floor_outliers, rule_maximum
+from detector.scoring.profiles import WHOLE_DAY_SECONDS, ClientProfile, hour_bit
 from detector.scoring.rules import Rule
 from detector.scoring.scorer import ANOMALY_MIN_QUERIES, ANOMALY_RULE_ID, QUERIES_FEATURE
 
@@ -25,6 +27,8 @@ class BaselineClient:
     trajectory: list[dict[str, float]] = field(default_factory=list)
     evidence: list[tuple[str, ...]] = field(default_factory=list)
     allow_listed: bool = False  # kept for its history only, never calibrated on
+    # The UTC hours it was active in (`ClientProfile.hours`); None when the baseline lasted less than a day.
+    hours: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,20 @@ def collect_baseline(
 
     Snapshots are taken at log-spaced query counts (and at the end), because the detector scores clients
     incrementally: thresholds must hold at every stage of a client's traffic, not only at its end. Clients
-    for which `excluded(client_id)` holds (the allow-list) are marked `allow_listed`. The same batches give
-    the same clients in the same order, in any process.
+    for which `excluded(client_id)` holds (the allow-list) are marked `allow_listed`; each has the hours it
+    was active in when the baseline covered a whole day. The same batches give the same clients in the same
+    order, in any process.
     """
     clients: dict[ClientKey, BaselineClient] = {}
     snapshot_at: dict[ClientKey, int] = {}
     latest: dict[ClientKey, tuple[str, ...]] = {}
+    hours: dict[ClientKey, int] = {}
+    earliest, newest = math.inf, -math.inf
     for batch in batches:
         for query in batch:
             key = (query.model, query.client_id)
+            hours[key] = hours.get(key, 0) | hour_bit(query.timestamp)
+            earliest, newest = min(earliest, query.timestamp), max(newest, query.timestamp)
             held = latest.get(key, ())
             if query.event_id not in held:  # the rows of one batched request share their event id
                 latest[key] = (*held[1 - EVIDENCE_EVENTS :], query.event_id)
@@ -95,11 +104,13 @@ def collect_baseline(
                 baseline.trajectory.append(client.snapshot())
                 baseline.evidence.append(latest[key])
                 snapshot_at[key] = max(int(client.queries * SNAPSHOT_GROWTH), client.queries + 1)
+    whole_day = newest - earliest >= WHOLE_DAY_SECONDS
     for key, baseline in clients.items():
         client = tracker.get(key)
         if client is not None:
             baseline.trajectory.append(client.snapshot())
             baseline.evidence.append(latest[key])
+        baseline.hours = hours[key] if whole_day else None
     return list(clients.values())
 
 
@@ -141,7 +152,7 @@ def fit_scoring_model(
     excluded: Callable[[str], bool],
 ) -> Calibration:
     """A scoring model fitted on the baseline `batches` (see `ScoringModel.fit`) but for the `excluded`
-    (allow-listed) clients, with every baseline client's history (`client_history`), and the clients that
+    (allow-listed) clients, with every baseline client's profile (`client_profiles`), and the clients that
     would fire a rule at its floor (`floor_crossings`)."""
     everyone = collect_baseline(batches, tracker, excluded)
     clients = [client for client in everyone if not client.allow_listed]
@@ -150,18 +161,18 @@ def fit_scoring_model(
         for model, scale in tracker.embedder.scales.items()
     }
     model = ScoringModel.fit([client.trajectory for client in clients], rules, target_fpr, scales)
-    model.histories = client_histories(everyone, rules, model)
+    model.profiles = client_profiles(everyone, rules, model)
     crossings, common = floor_crossings(clients, rules)
     return Calibration(model, crossings, common, {rule.id: rule.floor for rule in rules})
 
 
-def client_histories(
+def client_profiles(
     clients: list[BaselineClient], rules: list[Rule], model: ScoringModel
-) -> dict[ClientKey, dict[str, float]]:
-    """Each client's highest baseline score for every rule it scored on at all, and for the anomaly model
-    (`ANOMALY_RULE_ID`) once it had the queries to be judged (rule id -> score): what its allow-list entry
-    covers live (`detector.domain.AllowList`)."""
-    histories = {
+) -> dict[ClientKey, ClientProfile]:
+    """Each client's profile (`ClientProfile.of`): its highest baseline score for every rule it scored on at
+    all, and for the anomaly model (`ANOMALY_RULE_ID`) once it had the queries to be judged; its peak rate,
+    output choice and hours. A known client is judged live against it (`detector.scoring.profiles`)."""
+    maxima = {
         client.key: {rule.id: rule_maximum(rule, client.trajectory) for rule in rules} for client in clients
     }
     judged = [
@@ -174,9 +185,9 @@ def client_histories(
     for (key, _), score in zip(
         judged, model.anomaly_scores([snapshot for _, snapshot in judged]), strict=True
     ):
-        history = histories[key]
-        history[ANOMALY_RULE_ID] = max(history.get(ANOMALY_RULE_ID, 0.0), round(float(score), 6))
+        highest = maxima[key]
+        highest[ANOMALY_RULE_ID] = max(highest.get(ANOMALY_RULE_ID, 0.0), round(float(score), 6))
     return {
-        key: {rule: value for rule, value in history.items() if value > 0.0}
-        for key, history in histories.items()
+        client.key: ClientProfile.of(maxima[client.key], client.trajectory, client.hours)
+        for client in clients
     }

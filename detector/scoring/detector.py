@@ -3,8 +3,9 @@
 Scoring is separate from deciding: `Scorer` judges each alert kind on a client's snapshot (see
 `detector.scoring.scorer`); `Detector` makes a `Detection` of every verdict that fired (or holds), explained
 by the verdict's contributions and backed by the client's evidence events as they were at the `Moment` it
-was judged. Whoever observes the ratios (the pipeline's metrics) is handed the very verdicts the decision
-was taken on.
+was judged. A client known from the baseline is judged against its own profile too: where it departs from
+it is added to the reasons, and the detection is marked `departed` (no allow-list entry excuses it).
+Whoever observes the ratios (the pipeline's metrics) is handed the very verdicts the decision was taken on.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from detector.domain import AlertKind, Detection, Verdict
+from detector.domain import AlertKind, Detection, Reason, Verdict
 from detector.features.client import ClientFeatures, ClientKey, evidence_of
 from detector.scoring.model import ScoringModel
 from detector.scoring.rules import Rule
-from detector.scoring.scorer import ANOMALY_MIN_QUERIES, Scorer, Snapshot
+from detector.scoring.scorer import ANOMALY_MIN_QUERIES, ANOMALY_RULE_ID, Scorer, Snapshot
 
 EVIDENCE_KINDS: dict[AlertKind, tuple[str, ...]] = {
     AlertKind.BOUNDARY_PROBING: ("flip", "variant"),
@@ -109,6 +110,10 @@ class Detector:
         return [self._detection(moment, verdict) for moment, verdict in judged if verdict.holds]
 
     def _detection(self, moment: Moment, verdict: Verdict) -> Detection:
+        reasons = self.scorer.explain(moment.values, verdict)
+        own, departed = self._against_own_profile(moment, verdict)
+        # A live value the explanation already gives is not repeated beside the departure.
+        explained = {reason.feature for reason in reasons}
         return Detection(
             model=moment.key[0],
             client_ids=(moment.key[1],),
@@ -117,7 +122,7 @@ class Detector:
             rule_id=verdict.rule_id,
             score=verdict.score,
             threshold=verdict.threshold,
-            reasons=self.scorer.explain(moment.values, verdict),
+            reasons=reasons + [reason for reason in own if reason.feature not in explained],
             evidence=evidence_of(moment.evidence, EVIDENCE_KINDS[verdict.kind]),
             first_seen=moment.first_seen,
             last_seen=moment.last_seen,
@@ -127,4 +132,17 @@ class Detector:
             atlas_technique=verdict.atlas,
             triage=verdict.triage,
             fired=verdict.fired,
+            departed=departed,
         )
+
+    def _against_own_profile(self, moment: Moment, verdict: Verdict) -> tuple[list[Reason], bool]:
+        """What a client known from the baseline does beyond its own profile, and at an hour it was never
+        active in (reasons, see `detector.scoring.profiles`); and whether it departed. Nothing for a client
+        the baseline never saw."""
+        profile = self.model.profiles.get(moment.key) if self.model is not None else None
+        if profile is None:
+            return [], False
+        bounded = verdict.rule_id == ANOMALY_RULE_ID
+        departures = profile.departures(verdict.rule_id, verdict.score, moment.values, bounded=bounded)
+        off_schedule = profile.off_schedule(moment.at)
+        return departures + ([off_schedule] if off_schedule else []), bool(departures)

@@ -7,11 +7,12 @@ so that no single client can blind a rule for everyone. A rule's threshold is ne
 and the forest's is positive (its anomaly scores lie in (0, 1]), so every score/threshold ratio is defined;
 a model file saying otherwise is refused.
 
-Beside them, every baseline client's history: its highest score per rule. A known client's allow-list entry
-covers it only within that history (`detector.domain.AllowList`): a key that departs from its own history
-is flagged, however trusted.
+Beside them, every baseline client's own profile (`detector.scoring.profiles`): its highest score per rule,
+peak rate, output choice and schedule. A known client is judged against it as well as against the
+population: a key that departs from its own history is flagged however trusted (its allow-list entry no
+longer covers it), and its alert says where it departed.
 
-On disk a model is a directory: `manifest.json` (everything but the forest, with the clients' histories,
+On disk a model is a directory: `manifest.json` (everything but the forest, with the clients' profiles,
 the forest file's SHA-256 and the SHA-256 of the manifest's own content) and `forest.skops` (skops' safe
 format, never pickle).
 Loading checks both hashes before reading the forest, and skops refuses any type it was not told to trust.
@@ -32,10 +33,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.ensemble import IsolationForest
 
+from detector.scoring.profiles import ClientProfile
 from detector.scoring.rules import Rule
 
-# 2: the manifest carries the hash of its own content.
-FORMAT_VERSION = 2
+# 2: the manifest carries the hash of its own content; 3: the clients' profiles.
+FORMAT_VERSION = 3
 FOREST_FILE = "forest.skops"
 MANIFEST_FILE = "manifest.json"
 PERCENTILES = np.linspace(0, 100, 101)
@@ -157,9 +159,8 @@ class ScoringModel:
     scales: dict[str, dict[str, list[float]]]
     baseline_clients: int
     forest: IsolationForest | None = field(default=None, repr=False)
-    # (model, client) -> rule id -> the client's highest score in the baseline: every baseline client's own
-    # history (see `detector.scoring.calibrate.client_history`).
-    histories: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict, repr=False)
+    # (model, client) -> every baseline client's own profile (`detector.scoring.calibrate.client_profiles`).
+    profiles: dict[tuple[str, str], ClientProfile] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not (self.forest_threshold > 0.0 and math.isfinite(self.forest_threshold)):
@@ -266,9 +267,9 @@ class ScoringModel:
             "forest_threshold": self.forest_threshold,
             "scales": self.scales,
             "baseline_clients": self.baseline_clients,
-            "client_histories": [
-                {"model": model, "client_id": client_id, "maxima": maxima}
-                for (model, client_id), maxima in sorted(self.histories.items())
+            "client_profiles": [
+                {"model": model, "client_id": client_id, **profile.to_json()}
+                for (model, client_id), profile in sorted(self.profiles.items())
             ],
             "forest_sha256": hashlib.sha256(forest_path.read_bytes()).hexdigest(),
         }
@@ -312,11 +313,14 @@ class ScoringModel:
                 scales=manifest["scales"],
                 baseline_clients=manifest["baseline_clients"],
                 forest=forest,
-                # A model trained before histories were kept has none: allow-list entries are then unbounded.
-                histories={
-                    (entry["model"], entry["client_id"]): entry["maxima"]
-                    for entry in manifest.get("client_histories", [])
+                profiles={
+                    (entry["model"], entry["client_id"]): ClientProfile.from_json(entry)
+                    for entry in manifest["client_profiles"]
                 },
             )
         except ModelError as exc:
             raise ModelError(f"scoring model at {directory}: {exc}") from None
+        except (KeyError, TypeError) as exc:  # a manifest of another shape, its hash recomputed
+            raise ModelError(
+                f"scoring model at {directory}: {MANIFEST_FILE} is malformed ({exc!r})"
+            ) from None

@@ -213,7 +213,7 @@ def build_pipeline(
         ],
         detect=detect,
         sessions=sessions,
-        lifecycle=AlertLifecycle.from_settings(settings, sinks, model.histories if model else None),
+        lifecycle=AlertLifecycle.from_settings(settings, sinks),
         store=store,
         policy=CommitPolicy(settings.commit.min_interval_seconds, settings.commit.min_records),
         metrics=metrics,

@@ -6,6 +6,7 @@ allow-list drops. Storing alerts is tested in `tests/storage/test_alerts.py`, th
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -37,7 +38,7 @@ from detector.scoring.detector import Detector
 from detector.storage import Store, create_engine_for, upgrade
 from tests.scoring.test_scoring import RULES, client_after, fired_on
 from tests.storage.conftest import START, Alerts, FakeClock
-from tests.storage.test_alerts import MODEL, QUIET, detection, utc
+from tests.storage.test_alerts import QUIET, detection, utc
 from tests.streams import Stream, augmentation_probe
 from tests.support import ALERT_TIMES, as_written, make_notification
 
@@ -458,30 +459,24 @@ def test_the_allow_list_drops_a_clients_detections_for_one_kind_or_all(
 def test_an_allow_listed_key_that_departs_from_its_own_history_is_alerted_on(
     store: Store, clock: FakeClock
 ) -> None:
-    """The owner's re-scoring job is allow-listed for every kind; its baseline history: 300 distinct
-    training hits (MIA-003), nothing else. Twice that is its ordinary growth; beyond, or any other rule
-    firing (its key in an attacker's hands, walking a decision boundary), is a departure."""
-    entries = (AllowEntry("svc-job", "nightly re-scoring"), AllowEntry("new-job", "added after training"))
-    allowlist = AllowList(entries).bounded_by({(MODEL, "svc-job"): {"MIA-003": 300.0}})
-    alerts = Alerts(store, POLICY, allowlist, clock)
+    """The owner's re-scoring job is allow-listed for every kind: excused while it keeps to its own baseline
+    profile, alerted on (with the reasons the detector gave) once it departs from it."""
+    alerts = Alerts(store, POLICY, AllowList((AllowEntry("svc-job", "nightly re-scoring"),)), clock)
 
-    def targeting(client: str, score: float) -> Detection:
-        return detection(client, kind=AlertKind.TRAINING_SET_TARGETING, rule_id="MIA-003", score=score)
+    def targeting(departed: bool) -> Detection:
+        found = detection("svc-job", kind=AlertKind.TRAINING_SET_TARGETING, rule_id="MIA-003", score=900.0)
+        return replace(
+            found,
+            departed=departed,
+            reasons=[*found.reasons, Reason(feature="own_baseline.maximum", value=300.0)] if departed else [],
+        )
 
-    within = [targeting("svc-job", 600.0), targeting("new-job", 5_000.0)]
-    assert alerts.record(within).changes == []  # within its history; a client without one, by its entry
-    walking = detection("svc-job", kind=AlertKind.BOUNDARY_PROBING, rule_id="MIA-001", score=40.0)
-    outcome = alerts.record([targeting("svc-job", 601.0), walking])
-    assert sorted((found.rule_id, change.change) for found, change in outcome.changes) == [
-        ("MIA-001", Change.OPENED),
-        ("MIA-003", Change.OPENED),
-    ]
-    assert len(outcome.notifications) == 2
-    # Each alert says why a trusted client was alerted on: the highest it scored on that rule before.
-    last_reasons = {alert.rule_id: alert.reasons[-1] for alert in alerts.list_alerts()}
-    assert last_reasons["MIA-003"] == Reason(feature="own_baseline_maximum", value=300.0)
-    assert last_reasons["MIA-001"] == Reason(feature="own_baseline_maximum", value=0.0)
-    assert last_reasons["MIA-001"].text == "own_baseline_maximum = 0"
+    assert alerts.record([targeting(departed=False)]).changes == []
+    outcome = alerts.record([targeting(departed=True)])
+    assert [change.change for _, change in outcome.changes] == [Change.OPENED]
+    assert len(outcome.notifications) == 1
+    (alert,) = alerts.list_alerts()
+    assert alert.reasons[-1].text == "own_baseline.maximum = 300"
 
 
 def test_a_group_is_dropped_only_when_the_allow_list_covers_every_client(

@@ -72,7 +72,7 @@ def test_a_heavy_baseline_client_does_not_lift_the_threshold_for_everyone() -> N
     assert AlertKind.CONFIDENCE_HARVESTING in {detection.kind for detection in detections}
 
 
-def test_allow_listed_clients_are_neither_calibrated_on_nor_reported_but_their_history_is_kept() -> None:
+def test_allow_listed_clients_are_neither_calibrated_on_nor_reported_but_their_profile_is_kept() -> None:
     batch_scorer = harvest(Stream("nightly-batch-scorer"), records=400)
     calibration = fit_scoring_model(
         batches_of(ordinary_users() + batch_scorer),
@@ -83,16 +83,21 @@ def test_allow_listed_clients_are_neither_calibrated_on_nor_reported_but_their_h
     )
     assert calibration.crossings == []
     assert calibration.model.baseline_clients == 40
-    histories = calibration.model.histories
-    assert len(histories) == 41  # every baseline client, the allow-listed one included
-    assert histories[("m", "nightly-batch-scorer")][HARVEST_RULE.id] == 400
-    assert "MIA-001" not in histories[("m", "user-0")]  # a rule never scored on is left out
+    profiles = calibration.model.profiles
+    assert len(profiles) == 41  # every baseline client, the allow-listed one included
+    scorer = profiles[("m", "nightly-batch-scorer")]
+    assert scorer.maxima[HARVEST_RULE.id] == 400
+    assert scorer.asked_share == 1.0  # it asked for probabilities on every query
+    assert scorer.peak_rate is not None and scorer.peak_rate > 0
+    assert "MIA-001" not in profiles[("m", "user-0")].maxima  # a rule never scored on is left out
     assert all(
         0 < value <= 1
-        for history in histories.values()
-        for rule, value in history.items()
+        for profile in profiles.values()
+        for rule, value in profile.maxima.items()
         if rule == "MIA-ANOMALY"
     )
+    # The baseline lasted less than a day: an hour a client never showed says nothing of its schedule.
+    assert all(profile.hours is None for profile in profiles.values())
 
 
 def test_a_baseline_below_every_floor_reports_nothing_and_calibrates_as_before() -> None:

@@ -16,7 +16,8 @@ import pytest
 from detector.domain import AlertKind, Requested, Severity
 from detector.features.client import ClientFeatures, FeatureTracker, TrainingIndexes
 from detector.scoring.detector import Detector, Moment
-from detector.scoring.model import FOREST_FILE, MANIFEST_FILE, ModelError, ScoringModel
+from detector.scoring.model import FOREST_FILE, MANIFEST_FILE, ModelError, ScoringModel, _manifest_hash
+from detector.scoring.profiles import ClientProfile
 from detector.scoring.rules import load_rules
 from tests.streams import (
     SetIndex,
@@ -218,10 +219,13 @@ def test_a_saved_model_loads_back_and_scores_the_same(tmp_path: Path) -> None:
     model = ScoringModel.fit(
         baseline_trajectories(), RULES, 0.01, scales={"m": {"mean": [0.0], "std": [1.0]}}
     )
-    model.histories = {("m", "svc-job"): {"MIA-003": 300.0}, ("m", "a/b c"): {}}
+    model.profiles = {
+        ("m", "svc-job"): ClientProfile({"MIA-003": 300.0}, 120.5, 1.0, 0b100),
+        ("m", "a/b c"): ClientProfile({}),
+    }
     model.save(tmp_path / "model")
     loaded = ScoringModel.load(tmp_path / "model")
-    assert loaded.histories == model.histories
+    assert loaded.profiles == model.profiles
     snapshots = [client.snapshot() for client in benign_clients().values()]
     assert np.allclose(loaded.anomaly_scores(snapshots), model.anomaly_scores(snapshots))
     assert loaded.rule_thresholds == model.rule_thresholds and loaded.version == model.version
@@ -249,6 +253,12 @@ def test_a_tampered_or_foreign_model_is_refused_before_anything_is_deserialised(
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest | {"format_version": 99}))
     with pytest.raises(ModelError, match="format"):
+        ScoringModel.load(directory)
+    # Edited, its own hash recomputed, yet of another shape: refused in one line, not a traceback.
+    edited = {key: value for key, value in manifest.items() if key != "client_profiles"}
+    edited["manifest_sha256"] = _manifest_hash(edited)
+    (directory / MANIFEST_FILE).write_text(json.dumps(edited))
+    with pytest.raises(ModelError, match=r"malformed.*client_profiles"):
         ScoringModel.load(directory)
     with pytest.raises(ModelError, match="cannot read"):
         ScoringModel.load(tmp_path / "missing")

@@ -141,6 +141,18 @@ def test_detections_of_different_alerts_cannot_be_combined() -> None:
         detection("a").combined(detection("b"))
 
 
+def test_an_incident_departed_when_any_of_its_detections_did_and_keeps_saying_where() -> None:
+    """A known client's batch: its score went beyond its own history on one query, back within it (a hold)
+    by the last one; the combined detection is still no allow-list's to excuse, and still says why."""
+    departure = Reason(feature="own_baseline.maximum", value=300.0)
+    beyond = dataclasses.replace(detection(score=0.9, reasons=[REASON, departure]), departed=True)
+    later = detection(score=0.7, last_seen=START + 90)
+    combined = beyond.combined(later)
+    assert combined.departed and combined.reasons == [REASON, departure]
+    assert later.combined(beyond) == combined
+    assert not detection().combined(later).departed
+
+
 # -- opening and storing -------------------------------------------------------------------------------------
 
 
