@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
 from detector.broker import EmbeddedBroker
 from detector.service import produce_file, replay
@@ -196,6 +197,43 @@ def test_produce_and_run_from_the_command_line(
     logged = [orjson.loads(line) for line in ran.stderr.splitlines()]
     assert any("500 records" in entry["message"] for entry in logged)
     assert all({"time", "level", "logger", "message"} <= set(entry) for entry in logged)
+
+
+@pytest.mark.kafka
+def test_produce_creates_an_absent_topic_with_the_partitions_asked_and_leaves_an_existing_one(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    write_sample(events, clients=12, events=300)
+    env = cli_env(MIA_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers)
+    topic = unique("partitioned")
+    produced = mia("produce", str(events), "--topic", topic, "--partitions", "4", env=env)
+    assert produced.returncode == 0, produced.stderr
+    assert f"created topic {topic} with 4 partitions" in produced.stderr
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest")
+    try:
+        assert consumer.partitions_for_topic(topic) == {0, 1, 2, 3}
+        # Keyed by client: the twelve clients' records spread over the partitions, each client on one.
+        partitions = [TopicPartition(topic, partition) for partition in range(4)]
+        consumer.assign(partitions)
+        owners: dict[str, set[int]] = {}
+        for records in consumer.poll(timeout_ms=5000, max_records=1000).values():
+            for message in records:
+                owners.setdefault(message.key.decode(), set()).add(message.partition)
+        while sum(consumer.end_offsets(partitions).values()) > sum(consumer.position(p) for p in partitions):
+            for records in consumer.poll(timeout_ms=1000).values():
+                for message in records:
+                    owners.setdefault(message.key.decode(), set()).add(message.partition)
+    finally:
+        consumer.close()
+    assert len(owners) == 12 and all(len(held) == 1 for held in owners.values())
+    assert len(set().union(*owners.values())) > 1
+
+    again = mia("produce", str(events), "--topic", topic, "--partitions", "6", env=env)
+    assert again.returncode == 0, again.stderr
+    assert f"topic {topic} exists with 4 partitions, not 6: left as it is" in again.stderr
+    refused = mia("produce", str(events), "--topic", topic, "--partitions", "0", env=env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
 
 
 def wait_for(condition: object, timeout: float, what: str) -> None:

@@ -63,12 +63,30 @@ def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
 @click.command("produce")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--topic", "-t", required=True, help="Destination topic.")
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    help="Create the topic with this many partitions when it is absent (the brokers' default replication "
+    "factor); an existing topic is left as it is.",
+)
 @click.pass_context
-def produce(ctx: click.Context, file: Path, topic: str) -> None:
+def produce(ctx: click.Context, file: Path, topic: str, partitions: int | None) -> None:
     """Publish a JSON Lines file into a topic, one message a line, keyed by client id."""
+    from detector.kafka import ensure_topic
     from detector.service.produce import produce_file
 
     settings = settings_of(ctx)
+    if partitions is not None:
+        layout = ensure_topic(settings.kafka, topic, partitions)
+        if layout.created:
+            log.info("created topic %s with %d partitions", topic, layout.partitions)
+        elif layout.partitions != partitions:
+            log.warning(
+                "topic %s exists with %d partitions, not %d: left as it is",
+                topic,
+                layout.partitions,
+                partitions,
+            )
     with progress("producing", None, unit_bytes=False) as advance:
         sent = produce_file(settings, file, topic, progress=advance)
     stderr.print(f"produced {sent} records to {topic} at {settings.kafka.bootstrap_servers}")

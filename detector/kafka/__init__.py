@@ -9,13 +9,16 @@ from detector.kafka.clients import (
     open_connections,
 )
 from detector.kafka.connect import KafkaUnreachable, check_connection
+from detector.kafka.topics import TopicLayout, ensure_topic
 
 __all__ = [
     "BOOTSTRAP_TIMEOUT_OPTION",
     "KafkaPublisher",
     "KafkaUnreachable",
+    "TopicLayout",
     "check_connection",
     "client_options",
+    "ensure_topic",
     "open_client",
     "open_connections",
 ]

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any, TypeVar
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from detector.domain import DeadLetter
@@ -27,7 +27,7 @@ BOOTSTRAP_TIMEOUT_OPTION = (
     else "api_version_auto_timeout_ms"
 )
 
-_Client = TypeVar("_Client", KafkaConsumer, KafkaProducer)
+_Client = TypeVar("_Client", KafkaAdminClient, KafkaConsumer, KafkaProducer)
 
 
 def client_options(settings: KafkaSettings, *, timeout_seconds: float | None = None) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def client_options(settings: KafkaSettings, *, timeout_seconds: float | None = N
 def open_client(
     factory: type[_Client], settings: KafkaSettings, *, timeout_seconds: float | None = None, **options: Any
 ) -> _Client:
-    """`factory` (KafkaConsumer or KafkaProducer) with `client_options` and `options`, once
+    """`factory` (KafkaConsumer, KafkaProducer or KafkaAdminClient) with `client_options` and `options`, once
     `check_connection` has reached a broker.
 
     Returns within about twice the connect timeout (`timeout_seconds`, by default
