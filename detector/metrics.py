@@ -37,7 +37,7 @@ PREFIX = "mia_detector"
 
 SOURCES = ("kafka", "file")  # `Origin.kind`
 # What `detector.storage.retention` deletes past its retention, one table each.
-RETENTION_TABLES = ("sessions", "dead_letters", "seen_events", "alerts", "notifications")
+RETENTION_TABLES = ("sessions", "client_states", "dead_letters", "seen_events", "alerts", "notifications")
 RETENTION_OUTCOMES = ("completed", "failed")
 # Kinds judged per client with a score and a threshold (coordination judges groups of clients).
 SCORED_KINDS = tuple(kind for kind in AlertKind if kind is not AlertKind.COORDINATED_CLIENTS)

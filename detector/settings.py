@@ -408,6 +408,9 @@ class RetentionSettings(BaseModel):
     model_config = _GROUP
     # Sessions not written for this long (a closed session is written a last time when it closes).
     sessions_days: float | None = Field(default=30.0, gt=0)
+    # The streaming features of clients idle this long: a slow attack spread over days goes on from them;
+    # each holds its client's latest input row (the next query's change test compares against it).
+    client_states_days: float | None = Field(default=14.0, gt=0)
     # Dead letters, by when they were stored: they hold the reason and where the record came from (and its
     # first bytes when MIA_INGEST_DEAD_LETTER_RAW_BYTES is set).
     dead_letters_days: float | None = Field(default=7.0, gt=0)
@@ -420,8 +423,8 @@ class RetentionSettings(BaseModel):
     interval_seconds: float | None = Field(default=3600.0, gt=0)
 
     @field_validator(
-        "sessions_days", "dead_letters_days", "alerts_days", "notifications_days", "interval_seconds",
-        mode="before",
+        "sessions_days", "client_states_days", "dead_letters_days", "alerts_days", "notifications_days",
+        "interval_seconds", mode="before",
     )  # fmt: skip
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:

@@ -282,3 +282,32 @@ def test_live_backlog_and_replay_consumption_give_the_same_incidents(
         for alert_id, sent in notified_events(settings).items():
             assert sent[0] == "opened"
             assert ("resolved" in sent) == (alert_id in resolved), (alert_id, sent)
+
+
+# -- detection state that survives a restart -----------------------------------------------------------------
+
+
+def test_a_stream_read_in_two_processes_gives_the_alerts_of_one(database_url: str, tmp_path: Path) -> None:
+    """The scenario replayed whole, and replayed as its first and second halves by two processes one after
+    the other into one database: the second goes on from the features the first stored, so every attack
+    spanning the cut is detected at the same query, as one incident."""
+    simulation = simulate("smoke", 5, tmp_path / "scenario")
+    indexes = index_training_sets(simulation.out, tmp_path / "indexes")
+    lines = (simulation.out / "events.jsonl").read_bytes().splitlines(keepends=True)
+    halves = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
+    halves[0].write_bytes(b"".join(lines[: len(lines) // 2]))
+    halves[1].write_bytes(b"".join(lines[len(lines) // 2 :]))
+
+    whole = make_settings(f"sqlite:///{tmp_path / 'whole.db'}").model_copy(update={"training_index": indexes})
+    replay(whole, [str(simulation.out / "events.jsonl")])
+    cut = make_settings(database_url).model_copy(update={"training_index": indexes})
+    for half in halves:
+        replay(cut, [str(half)])  # a process of its own: nothing in memory carries over
+
+    found = incidents(whole)
+    assert len(found) >= 4
+    assert incidents(cut) == found
+    with open_store(cut) as store:
+        assert sum(session.queries for session in store.list_sessions()) == sum(
+            session.queries for session in open_store(whole).list_sessions()
+        )

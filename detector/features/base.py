@@ -42,8 +42,14 @@ class CounterFeature:
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
-        """The counters, JSON-serialisable (finite numbers only), independent of the feature."""
-        return dataclasses.asdict(self)
+        """The counters, JSON-serialisable (finite numbers only), independent of the feature.
+
+        Counters are numbers or flat lists of numbers: a shallow copy of each is enough, and several times
+        faster than `dataclasses.asdict`'s deep one (states are stored at every commit)."""
+        return {
+            name: list(value) if isinstance(value, list) else value
+            for name, value in ((field.name, getattr(self, field.name)) for field in dataclasses.fields(self))
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Self:

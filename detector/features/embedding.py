@@ -9,13 +9,16 @@ an exact `fingerprint`. Text (BYTES) inputs use hashed character trigrams in pla
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 from detector.domain import Query
 
@@ -105,6 +108,32 @@ class ModelScale:
             scaled[index] = (rows[index] - self.mean) / self.std
         return scaled
 
+    def to_bytes(self) -> bytes:
+        """The scale as stored: its counts and its statistics (float64, exact)."""
+        return orjson.dumps(
+            {
+                "width": self.width,
+                "count": self.count,
+                "frozen": self.frozen,
+                "mean": base64.b64encode(self.mean.astype("<f8").tobytes()).decode("ascii"),
+                "m2": base64.b64encode(self.m2.astype("<f8").tobytes()).decode("ascii"),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, stored: bytes) -> ModelScale:
+        """The scale `to_bytes` wrote; raises `ValueError` on anything else."""
+        try:
+            state = orjson.loads(stored)
+            width = int(state["width"])
+            mean = np.frombuffer(base64.b64decode(state["mean"]), dtype="<f8").astype(np.float64)
+            m2 = np.frombuffer(base64.b64decode(state["m2"]), dtype="<f8").astype(np.float64)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a stored input scale: {exc!r}") from None
+        if mean.shape != (width,) or m2.shape != (width,):
+            raise ValueError(f"a stored input scale of width {width} holds {mean.size} means")
+        return cls(width, int(state["count"]), mean, m2, bool(state["frozen"]))
+
     @property
     def std(self) -> np.ndarray:
         """Per-feature standard deviation, never zero (constant features count as unit-scaled)."""
@@ -122,11 +151,34 @@ class QueryEmbedder:
         self._given = frozenset(self._scales)  # from the trained model: never dropped
         self._seed = seed
         self._projections: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._learning: set[str] = set()  # models whose learned scale changed since it was last stored
 
     @property
     def scales(self) -> dict[str, ModelScale]:
         """The per-model scales in use (learned online unless given)."""
         return self._scales
+
+    def learned(self) -> dict[str, ModelScale]:
+        """The scales learned online that changed since `stored` was last told of them: what to store."""
+        return {model: self._scales[model] for model in self._learning if model in self._scales}
+
+    def stored(self, models: Iterable[str]) -> None:
+        """Note that the learned scales of `models` (from `learned`) are stored."""
+        self._learning.difference_update(models)
+
+    def adopt(self, stored: Mapping[str, bytes]) -> None:
+        """Go on from stored learned scales (`ModelScale.to_bytes`), for models without a given one, in
+        place of what was learned since (which was not stored); an unreadable one is learned afresh."""
+        for model, state in stored.items():
+            if model in self._given:
+                continue
+            try:
+                self._scales[model] = ModelScale.from_bytes(state)
+            except ValueError:
+                self._scales.pop(model, None)
+        for model in self._learning - set(stored):
+            self._scales.pop(model, None)  # learned from records that will come again, and never stored
+        self._learning.clear()
 
     def observe(self, queries: list[Query]) -> list[Observation]:
         """One observation per query, in order."""
@@ -161,6 +213,8 @@ class QueryEmbedder:
         if scale is None or scale.width != width:
             scale = self._scales[model] = ModelScale(width)
         self._scales.move_to_end(model)
+        if not scale.frozen:
+            self._learning.add(model)
         if len(self._scales) - len(self._given) > MAX_LEARNED_SCALES:
             oldest = next(name for name in self._scales if name not in self._given)
             del self._scales[oldest]

@@ -8,10 +8,12 @@ Each batch's results stay pending until the commit policy says the commit is due
 detection that fired for a key with no open alert (a new alert waits for no policy). Then, in order: dead
 letters are published (if a dead-letter topic is configured); the anomaly model judges the clients as the
 rules judged them since the last commit; in one database transaction the alert lifecycle opens, updates and
-resolves alerts (queueing their notifications) and everything else pending
-(sessions, dead letters, seen events, checkpoints) is written; only then are the source's positions
-committed. A crash at any point re-delivers at most what was not yet committed, and event-id de-duplication
-makes re-delivered events change nothing: at-least-once delivery, exactly-once effect.
+resolves alerts (queueing their notifications) and everything else pending (sessions, the features of
+every client changed, dead letters, seen events, checkpoints) is written; only then are the source's
+positions committed. Stored features are exactly as of the positions committed with them: whoever reads on
+from those positions (this process after a restart, the new owner of a partition) goes on from them as if
+nothing had stopped. A crash at any point re-delivers at most what was not yet committed, and event-id
+de-duplication makes re-delivered events change nothing: at-least-once delivery, exactly-once effect.
 
 Nothing leaves the pending state before the transaction is durable. When the database is unreachable a
 batch's reads fail before any step changed its state, and the batch is held; a failed write leaves everything
@@ -42,7 +44,7 @@ from detector.eventtime import Partition, Watermark
 from detector.metrics import Metrics
 from detector.pipeline.steps import Batch, DetectStep, Step
 from detector.sessions import SessionTracker
-from detector.storage import Checkpoint, DurableBatch, SeenEvent, Store
+from detector.storage import Checkpoint, DurableBatch, SeenEvent, Store, StoredClientState
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +294,10 @@ class Pipeline:
             pending.dead_letters_published = len(pending.dead_letters)
         for detection in self.detect.judge(watermark):
             pending.record(detection, self._quiet_seconds)
+        tracker = self.detect.tracker
+        stored = self.detect.stored is not None
+        changed = tracker.changed() if stored else {}
+        learned = tracker.embedder.learned() if stored else {}
         batch = DurableBatch(
             seen_events=list(pending.seen_events.values()),
             sessions=self.sessions.changed(),
@@ -300,6 +306,11 @@ class Pipeline:
                 Checkpoint(self._group_id, topic, partition, offset)
                 for (topic, partition), offset in pending.positions.items()
             ],
+            client_states=[
+                StoredClientState(model, client_id, features.to_bytes(), features.last_seen)
+                for (model, client_id), features in changed.items()
+            ],
+            model_scales={model: scale.to_bytes() for model, scale in learned.items()},
             close_sessions_before=self.sessions.idle_horizon(watermark) if watermark is not None else None,
             forget_seen_after_seconds=self._retention,
         )
@@ -316,6 +327,8 @@ class Pipeline:
             transaction.write(batch)
         # Durable from here on: only now may anything leave the pending state.
         self.sessions.persisted()
+        tracker.stored(changed.keys())
+        tracker.embedder.stored(learned.keys())
         self._pending = PendingWork(since=self._clock())
         self._resolved_at = self._pending.since
         if self.outputs.positions is not None:
@@ -328,13 +341,14 @@ class Pipeline:
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
 
     def release_all(self) -> None:
-        """Process what is held and commit (`flush`), then forget in-memory sessions: partitions are being
-        revoked and may move elsewhere.
+        """Process what is held and commit (`flush`), then forget in-memory sessions and features:
+        partitions are being revoked and may move elsewhere, their new owner going on from what is stored.
 
         Raises `StorageError` when that fails: call `discard` then.
         """
         self.flush()
         self.sessions.clear()
+        self.detect.forget()
         self._watermark.release()
         self.metrics.active_sessions.set(0)
 
@@ -346,6 +360,7 @@ class Pipeline:
         self._held.clear()
         self._pending = PendingWork(since=self._clock())
         self.sessions.clear()
+        self.detect.forget()
         self._watermark.release()
         self.metrics.active_sessions.set(0)
         return dropped

@@ -9,18 +9,29 @@ the pipeline holds the batch and offers it again later.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import logging
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from detector.domain import DeadLetter, DeadLetterReason, Detection, InvalidRecord, Query, RawRecord
-from detector.features.client import ClientFeatures, FeatureTracker
+from detector.domain import (
+    DeadLetter,
+    DeadLetterReason,
+    Detection,
+    InvalidRecord,
+    Query,
+    RawRecord,
+    display_name,
+)
+from detector.features.client import ClientFeatures, ClientKey, FeatureTracker
 from detector.ingest.decode import RecordDecoder
 from detector.scoring.coordination import CoordinationTracker
 from detector.scoring.detector import Detector, Moment, RatioObserver
 from detector.scoring.scorer import ANOMALY_MIN_QUERIES
 from detector.sessions import SessionTracker
 from detector.storage import SeenEvent, Store
+
+log = logging.getLogger(__name__)
 
 Decoded = tuple[RawRecord, list[Query]]  # a decodable record and its queries
 
@@ -137,6 +148,14 @@ class SessionizeStep:
         return batch
 
 
+class StoredFeatures(Protocol):
+    """Where the features stored at each commit are read back from (`detector.storage.Store`)."""
+
+    def client_states(self, keys: Collection[ClientKey]) -> Mapping[ClientKey, bytes]: ...
+
+    def model_scales(self) -> Mapping[str, bytes]: ...
+
+
 class DetectStep:
     """Streaming features for every query and, on the query that makes a client due (`due`), the rules and
     the pooling of training-set hits across clients on that client; at the commit, the anomaly model on the
@@ -145,7 +164,9 @@ class DetectStep:
     Every detection is taken on a query, and a client is due on a query whatever batch it came in: the
     detections, and their `detected_at`, are the same however the stream was batched (live, a backlog, a
     replay). `observe_ratio`, when set (the pipeline's metrics), is handed the verdicts of every client
-    judged.
+    judged. With `stored` set (the store), a client whose features are not in memory goes on from its stored
+    state, on the input scales stored with it: a restart, a partition move or an eviction loses nothing
+    committed.
     """
 
     def __init__(
@@ -160,6 +181,9 @@ class DetectStep:
         self.coordination = coordination
         self.revisit_seconds = revisit_seconds
         self.observe_ratio: RatioObserver | None = None
+        # Where features are read back from (the store); None keeps them in memory only.
+        self.stored: StoredFeatures | None = None
+        self._scales_read = False
         self._moments: list[Moment] = []  # judged by the rules since the last commit, for the forest
 
     def due(self, client: ClientFeatures, at: float) -> bool:
@@ -179,6 +203,21 @@ class DetectStep:
         if not batch.fresh:
             return batch
         tracker = self.tracker
+        if self.stored is not None:
+            # Storage first, as for sessions: restoring is the only read, and a retry repeats nothing.
+            if not self._scales_read:
+                tracker.embedder.adopt(self.stored.model_scales())
+                self._scales_read = True
+            missing = tracker.missing(
+                {(queries[0].model, queries[0].client_id) for _, queries in batch.fresh}
+            )
+            if missing:
+                for model, client_id in tracker.restore(self.stored.client_states(missing)):
+                    log.warning(
+                        "the stored features of client %s of model %s are unreadable: started afresh",
+                        display_name(client_id),
+                        display_name(model),
+                    )
         for observation in tracker.observe([query for _, queries in batch.fresh for query in queries]):
             key, client = tracker.update_one(observation)
             at = observation.query.timestamp
@@ -191,6 +230,13 @@ class DetectStep:
             if self.detector.judges_anomalies and moment.queries >= ANOMALY_MIN_QUERIES:
                 self._moments.append(moment)
         return batch
+
+    def forget(self) -> None:
+        """Forget every client's features and the input scales learned since they were stored: what is
+        stored is read back as the clients come again. Nothing is forgotten without a store to read from."""
+        if self.stored is not None:
+            self.tracker.clear()
+            self._scales_read = False
 
     def judge(self, watermark: float | None) -> list[Detection]:
         """The anomaly model's detections on the moments judged since the last call, in order (one

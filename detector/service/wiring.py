@@ -192,6 +192,7 @@ def build_pipeline(
     if detect is None:
         detect = build_detection(settings, load_scoring_model(settings), load_training_indexes(settings))
     detect.observe_ratio = metrics.observe_score_ratio
+    detect.stored = store
     model = detect.detector.model
     metrics.set_model(model.version if model else None, model.trained_at if model else None)
     _warn_of_what_is_missing(model, detect.tracker.training_indexes)

@@ -1,5 +1,5 @@
-"""Durable state (sessions, dead letters, checkpoints, seen events, alerts, silences, the notification
-outbox) on SQLite or PostgreSQL: persistence only, no decisions."""
+"""Durable state (sessions, client states, dead letters, checkpoints, seen events, alerts, silences, the
+notification outbox) on SQLite or PostgreSQL: persistence only, no decisions."""
 
 from detector.storage.alerts import AlertRepository, AlertStore, open_alert_store
 from detector.storage.database import create_engine_for, current_revision, head_revision, open_engine, upgrade
@@ -10,6 +10,7 @@ from detector.storage.repository import (
     DurableBatch,
     SeenEvent,
     Store,
+    StoredClientState,
     StoredDeadLetter,
     Transaction,
     open_store,
@@ -35,6 +36,7 @@ __all__ = [
     "StorageFailed",
     "StorageUnavailable",
     "Store",
+    "StoredClientState",
     "StoredDeadLetter",
     "Transaction",
     "create_engine_for",

@@ -8,7 +8,7 @@ never stored ahead of what was derived from them, and writing the same batch aga
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,10 +25,20 @@ from detector.storage.alerts import AlertRepository, AlertStore, lock_sqlite
 from detector.storage.base import Repository
 from detector.storage.database import open_engine
 from detector.storage.errors import storage_errors
-from detector.storage.tables import Base, CheckpointRow, DeadLetterRow, SeenEventRow, SessionRow
+from detector.storage.tables import (
+    Base,
+    CheckpointRow,
+    ClientStateRow,
+    DeadLetterRow,
+    ModelScaleRow,
+    SeenEventRow,
+    SessionRow,
+)
 
 # Bound parameters per IN list: far below every backend's limit, large enough to need few statements.
 _CHUNK = 500
+# Learned input scales read back at start: as many as a process keeps (`detector.features.embedding`).
+MAX_STORED_SCALES = 256
 
 _T = TypeVar("_T")
 
@@ -43,6 +53,16 @@ class Checkpoint:
     topic: str
     partition: int
     next_offset: int
+
+
+class StoredClientState(NamedTuple):
+    """One (model, client) key's streaming features as stored (opaque bytes, see
+    `detector.features.client.ClientFeatures.to_bytes`), with the event time of its latest query."""
+
+    model: str
+    client_id: str
+    state: bytes
+    last_seen: float
 
 
 class SeenEvent(NamedTuple):
@@ -65,6 +85,8 @@ class DurableBatch:
     sessions: list[SessionState] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    client_states: list[StoredClientState] = field(default_factory=list)
+    model_scales: dict[str, bytes] = field(default_factory=dict)  # model -> its learned input scale
     close_sessions_before: float | None = None
     forget_seen_after_seconds: float | None = None
 
@@ -144,6 +166,30 @@ class Store(Repository):
                 rows = connection.execute(select(ranked).where(ranked.c.rank == 1))
                 latest.extend(_session_state(row) for row in rows)
         return latest
+
+    def client_states(self, keys: Collection[SessionKey]) -> dict[SessionKey, bytes]:
+        """The stored state of each of the (model, client) `keys` that has one. Raises `StorageError`."""
+        found: dict[SessionKey, bytes] = {}
+        with storage_errors("reading client states"), self._engine.connect() as connection:
+            for chunk in _chunks(list(set(keys))):
+                rows = connection.execute(
+                    select(ClientStateRow.model, ClientStateRow.client_id, ClientStateRow.state).where(
+                        tuple_(ClientStateRow.model, ClientStateRow.client_id).in_(chunk)
+                    )
+                )
+                found.update({(model, client_id): state for model, client_id, state in rows})
+        return found
+
+    def model_scales(self) -> dict[str, bytes]:
+        """The input scales learned online and stored, by model: the `MAX_STORED_SCALES` most recently
+        written (model names come from the records, so there may be many). Raises `StorageError`."""
+        with storage_errors("reading input scales"), self._engine.connect() as connection:
+            rows = connection.execute(
+                select(ModelScaleRow.model, ModelScaleRow.state)
+                .order_by(ModelScaleRow.updated_at.desc())
+                .limit(MAX_STORED_SCALES)
+            )
+            return {model: state for model, state in rows}
 
     @contextmanager
     def transaction(self, action: str = "storing a batch") -> Iterator[Transaction]:
@@ -239,15 +285,17 @@ class Transaction:
         self.alerts = AlertRepository(connection)
 
     def write(self, batch: DurableBatch) -> None:
-        """Store `batch`: seen events and dead letters already stored are kept as they are; sessions (by id)
-        and checkpoints (by group, topic and partition) are overwritten. Stale open sessions are then closed
-        and old seen events forgotten. Writing the same batch twice leaves the same rows as writing it once,
-        but for the `updated_at` stamps."""
+        """Store `batch`: seen events and dead letters already stored are kept as they are; sessions (by id),
+        checkpoints (by group, topic and partition) and client states (by model and client) are
+        overwritten. Stale open sessions are then closed and old seen events forgotten. Writing the same
+        batch twice leaves the same rows as writing it once, but for the `updated_at` stamps."""
         now = _utc(self._clock())
         self._insert_seen_events(batch.seen_events, now)
         self._upsert_sessions(batch.sessions, now)
         self._insert_dead_letters(batch.dead_letters, now)
         self._upsert_checkpoints(batch.checkpoints, now)
+        self._upsert_client_states(batch.client_states, now)
+        self._upsert_model_scales(batch.model_scales, now)
         if batch.close_sessions_before is not None:
             self._connection.execute(
                 update(SessionRow)
@@ -351,6 +399,38 @@ class Transaction:
             set_={"next_offset": statement.excluded.next_offset, "updated_at": statement.excluded.updated_at},
         )
         self._connection.execute(statement, list(rows.values()))
+
+    def _upsert_client_states(self, states: Sequence[StoredClientState], now: datetime) -> None:
+        if not states:
+            return
+        rows = {
+            (state.model, state.client_id): {
+                "model": state.model,
+                "client_id": state.client_id,
+                "state": state.state,
+                "last_seen": _utc(state.last_seen),
+                "updated_at": now,
+            }
+            for state in states
+        }
+        statement = self._insert(ClientStateRow)
+        statement = statement.on_conflict_do_update(
+            index_elements=["model", "client_id"],
+            set_={name: statement.excluded[name] for name in ("state", "last_seen", "updated_at")},
+        )
+        for chunk in _chunks(list(rows.values())):
+            self._connection.execute(statement, list(chunk))
+
+    def _upsert_model_scales(self, scales: Mapping[str, bytes], now: datetime) -> None:
+        if not scales:
+            return
+        statement = self._insert(ModelScaleRow)
+        statement = statement.on_conflict_do_update(
+            index_elements=["model"],
+            set_={"state": statement.excluded.state, "updated_at": statement.excluded.updated_at},
+        )
+        rows = [{"model": model, "state": state, "updated_at": now} for model, state in scales.items()]
+        self._connection.execute(statement, rows)
 
 
 def _session_row(session: SessionState, now: datetime) -> dict[str, Any]:

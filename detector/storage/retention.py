@@ -1,5 +1,5 @@
-"""Deleting stored data past its retention: sessions, dead letters, the seen-event ledger, resolved alerts
-(with their evidence) and delivered notifications.
+"""Deleting stored data past its retention: sessions, client states, dead letters, the seen-event ledger,
+resolved alerts (with their evidence) and delivered notifications.
 
 Deletion goes in chunks of `RetentionPolicy.chunk_rows`, each chunk a short transaction of its own, so that
 the pipeline's commit never waits long behind it. It runs outside the pipeline's transaction, from its own
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Engine, delete, select
+from sqlalchemy import ColumnElement, Engine, delete, exists, select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute
 
 from detector.domain import AlertStatus
@@ -27,7 +27,9 @@ from detector.storage.outbox import DeliveryStatus
 from detector.storage.tables import (
     AlertRow,
     Base,
+    ClientStateRow,
     DeadLetterRow,
+    ModelScaleRow,
     NotificationRow,
     SeenEventRow,
     SessionRow,
@@ -45,6 +47,7 @@ class RetentionPolicy:
     statement removes at most."""
 
     sessions: float | None
+    client_states: float | None
     dead_letters: float | None
     seen_events: float | None
     alerts: float | None
@@ -62,6 +65,7 @@ class RetentionPolicy:
 
         return cls(
             sessions=seconds(retention.sessions_days),
+            client_states=seconds(retention.client_states_days),
             dead_letters=seconds(retention.dead_letters_days),
             seen_events=settings.database.seen_events_retention_hours * 3600.0,
             alerts=seconds(retention.alerts_days),
@@ -87,10 +91,12 @@ class Retention(Repository):
     """Deletes rows past their retention, one table at a time, in chunks.
 
     What counts as the age of a row: a session's last write (`updated_at`: a session is written a last
-    time when it closes), a dead letter's storing (`created_at`), an event id's processing (`seen_at`), an
-    alert's resolution (`resolved_at`; open and acknowledged alerts are never deleted), a notification's
-    delivery (`delivered_at`; pending and failed ones are never deleted). All are wall-clock times of this
-    detector, never a record's own timestamp, which its sender controls.
+    time when it closes), a client state's last write (`updated_at`: written at each commit that changed
+    it, so about the time its client's latest query reached the detector), a dead letter's storing
+    (`created_at`), an event id's processing (`seen_at`), an alert's resolution (`resolved_at`; open and
+    acknowledged alerts are never deleted), a notification's delivery (`delivered_at`; pending and failed
+    ones are never deleted). All are wall-clock times of this detector, never a record's own timestamp,
+    which its sender controls.
     """
 
     def __init__(
@@ -116,6 +122,7 @@ class Retention(Repository):
         now = self._clock()
         steps: list[tuple[str, float | None, Callable[[datetime, int, threading.Event], int]]] = [
             ("sessions", policy.sessions, self.delete_sessions),
+            ("client_states", policy.client_states, self.delete_client_states),
             ("dead_letters", policy.dead_letters, self.delete_dead_letters),
             ("seen_events", policy.seen_events, self.delete_seen_events),
             ("alerts", policy.alerts, self.delete_resolved_alerts),
@@ -134,29 +141,45 @@ class Retention(Repository):
     def delete_sessions(self, before: datetime, chunk_rows: int, stop: threading.Event | None = None) -> int:
         """Delete sessions last written before `before`; return how many."""
         return self._delete(
-            SessionRow, SessionRow.id, SessionRow.updated_at < before, "sessions", chunk_rows, stop
+            SessionRow, (SessionRow.id,), SessionRow.updated_at < before, "sessions", chunk_rows, stop
         )
+
+    def delete_client_states(
+        self, before: datetime, chunk_rows: int, stop: threading.Event | None = None
+    ) -> int:
+        """Delete the client states last written before `before` (idle clients), then the input scales
+        learned before `before` that no client state is built on any more; return how many client states."""
+        keys = (ClientStateRow.model, ClientStateRow.client_id)
+        condition = ClientStateRow.updated_at < before
+        deleted = self._delete(ClientStateRow, keys, condition, "client states", chunk_rows, stop)
+        unused = (ModelScaleRow.updated_at < before) & ~exists().where(
+            ClientStateRow.model == ModelScaleRow.model
+        )
+        self._delete(ModelScaleRow, (ModelScaleRow.model,), unused, "input scales", chunk_rows, stop)
+        return deleted
 
     def delete_dead_letters(
         self, before: datetime, chunk_rows: int, stop: threading.Event | None = None
     ) -> int:
         """Delete dead letters stored before `before`; return how many."""
         condition = DeadLetterRow.created_at < before
-        return self._delete(DeadLetterRow, DeadLetterRow.id, condition, "dead letters", chunk_rows, stop)
+        return self._delete(DeadLetterRow, (DeadLetterRow.id,), condition, "dead letters", chunk_rows, stop)
 
     def delete_seen_events(
         self, before: datetime, chunk_rows: int, stop: threading.Event | None = None
     ) -> int:
         """Forget event ids processed before `before`; return how many."""
         condition = SeenEventRow.seen_at < before
-        return self._delete(SeenEventRow, SeenEventRow.event_id, condition, "seen events", chunk_rows, stop)
+        return self._delete(
+            SeenEventRow, (SeenEventRow.event_id,), condition, "seen events", chunk_rows, stop
+        )
 
     def delete_resolved_alerts(
         self, before: datetime, chunk_rows: int, stop: threading.Event | None = None
     ) -> int:
         """Delete alerts resolved before `before`, with their reasons and evidence; return how many."""
         condition = (AlertRow.status == AlertStatus.RESOLVED.value) & (AlertRow.resolved_at < before)
-        return self._delete(AlertRow, AlertRow.id, condition, "resolved alerts", chunk_rows, stop)
+        return self._delete(AlertRow, (AlertRow.id,), condition, "resolved alerts", chunk_rows, stop)
 
     def delete_delivered_notifications(
         self, before: datetime, chunk_rows: int, stop: threading.Event | None = None
@@ -166,24 +189,26 @@ class Retention(Repository):
             NotificationRow.delivered_at < before
         )
         what = "delivered notifications"
-        return self._delete(NotificationRow, NotificationRow.id, condition, what, chunk_rows, stop)
+        return self._delete(NotificationRow, (NotificationRow.id,), condition, what, chunk_rows, stop)
 
     def _delete(
         self,
         table: type[Base],
-        key: InstrumentedAttribute[Any],
+        key: tuple[InstrumentedAttribute[Any], ...],
         condition: ColumnElement[bool],
         what: str,
         chunk_rows: int,
         stop: threading.Event | None,
     ) -> int:
-        """Delete the rows of `table` matching `condition`, at most `chunk_rows` (by primary `key`) a
-        transaction, until none is left or `stop` is set."""
+        """Delete the rows of `table` matching `condition`, at most `chunk_rows` (by their primary `key`
+        columns) a transaction, until none is left or `stop` is set."""
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, not {chunk_rows}")
         stop = stop or threading.Event()
-        chunk = select(key).where(condition).limit(chunk_rows).scalar_subquery()
-        statement = delete(table).where(key.in_(chunk))
+        chunk = select(*key).where(condition).limit(chunk_rows)
+        statement = delete(table).where(
+            key[0].in_(chunk.scalar_subquery()) if len(key) == 1 else tuple_(*key).in_(chunk)
+        )
         total = 0
         while True:
             with storage_errors(f"deleting old {what}"), self._engine.begin() as connection:

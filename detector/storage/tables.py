@@ -173,6 +173,32 @@ class CheckpointRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class ClientStateRow(Base):
+    """The streaming features of one (model, client) key as of the last commit that changed them
+    (`detector.features.client.ClientFeatures.to_bytes`): what a restarted process, or the new owner of the
+    key's partition, goes on from."""
+
+    __tablename__ = "client_states"
+
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime())  # event time of the client's latest query
+    # Retention: states not written for a while (the client has been idle that long).
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class ModelScaleRow(Base):
+    """The input scale learned online for a model served without a trained scoring model (see
+    `detector.features.embedding.ModelScale.to_bytes`): the points every client's features were built on."""
+
+    __tablename__ = "model_scales"
+
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
 class SeenEventRow(Base):
     """An event id already processed: the ledger that makes re-delivered events change nothing."""
 

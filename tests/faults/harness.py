@@ -138,14 +138,15 @@ def write_traffic(
 @dataclass(frozen=True)
 class Tally:
     """What one database holds after a run: events processed (seen-event ledger), queries counted into
-    sessions, dead letters, alerts (their dedup keys, and the most alerts open at once for one key) and the
-    stored checkpoints of a group."""
+    sessions, dead letters, alerts (their dedup keys, each alert's key with the client queries it was
+    detected after, and the most alerts open at once for one key) and the stored checkpoints of a group."""
 
     seen_events: int
     queries: int
     dead_letters: int
     alerts: int
     alert_keys: frozenset[str]
+    detections: Counter[tuple[str, int]]
     most_open_per_key: int
     checkpoints: dict[tuple[str, int], int] = field(default_factory=dict)
 
@@ -168,6 +169,7 @@ def tally(settings: Settings, group_id: str | None = None) -> Tally:
             dead_letters=sum(store.dead_letter_counts().values()),
             alerts=len(alerts),
             alert_keys=frozenset(alert.dedup_key for alert in alerts),
+            detections=Counter((alert.dedup_key, alert.detected_after_queries) for alert in alerts),
             most_open_per_key=max(open_keys.values(), default=0),
             checkpoints=store.checkpoints(group_id) if group_id is not None else {},
         )

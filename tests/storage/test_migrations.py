@@ -30,6 +30,8 @@ from detector.storage.tables import Base
 
 TABLES = {
     "sessions",
+    "client_states",
+    "model_scales",
     "dead_letters",
     "consumer_checkpoints",
     "seen_events",
@@ -49,8 +51,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0007"
-    assert current_revision(engine) == "0007"
+    assert head_revision() == "0008"
+    assert current_revision(engine) == "0008"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 

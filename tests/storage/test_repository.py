@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
 from detector.domain import DeadLetter, DeadLetterReason, Origin, SessionState, SessionStatus
-from detector.storage import Checkpoint, DurableBatch, SeenEvent, Store
+from detector.storage import Checkpoint, DurableBatch, SeenEvent, Store, StoredClientState
 from detector.storage.errors import StorageFailed
 from detector.storage.tables import SeenEventRow
 
@@ -298,6 +298,23 @@ def test_checkpoints_are_upserted_per_group_topic_and_partition(store: Store) ->
     assert store.checkpoints("mia") == {("inference-logs", 0): 20, ("inference-logs", 1): 5}
     assert store.checkpoints("other") == {("inference-logs", 0): 7}
     assert store.checkpoints("nobody") == {}
+
+
+def test_client_states_and_learned_scales_are_overwritten_and_read_back(store: Store) -> None:
+    many = [StoredClientState("m", f"c{index}", bytes([index % 256]) * 3, START) for index in range(1200)]
+    write(store, DurableBatch(client_states=many, model_scales={"m": b"scale-1", "other": b"s"}))
+    write(
+        store,
+        DurableBatch(
+            client_states=[StoredClientState("m", "c1", b"newer", START + 60)], model_scales={"m": b"scale-2"}
+        ),
+    )
+
+    keys = [("m", f"c{index}") for index in range(1200)] + [("m", "absent"), ("other", "c1")]
+    read = store.client_states(keys)  # more keys than one statement's chunk
+    assert len(read) == 1200 and read[("m", "c1")] == b"newer" and read[("m", "c7")] == b"\x07" * 3
+    assert store.client_states([]) == {}
+    assert store.model_scales() == {"m": b"scale-2", "other": b"s"}
 
 
 def test_a_failed_write_stores_nothing(store: Store) -> None:

@@ -29,11 +29,12 @@ from detector.storage import (
     RetentionPolicy,
     StorageError,
     Store,
+    StoredClientState,
     create_engine_for,
     open_store,
     upgrade,
 )
-from detector.storage.tables import AlertRow, Base, DeadLetterRow, SeenEventRow, SessionRow
+from detector.storage.tables import AlertRow, Base, ClientStateRow, DeadLetterRow, SeenEventRow, SessionRow
 from tests.support import make_settings
 from tests.test_cli import cli_env, mia
 
@@ -43,7 +44,12 @@ from .test_repository import dead_letter, seen, session
 
 DAY = 86_400.0
 POLICY = RetentionPolicy(
-    sessions=30 * DAY, dead_letters=7 * DAY, seen_events=3 * DAY, alerts=90 * DAY, notifications=30 * DAY
+    sessions=30 * DAY,
+    client_states=14 * DAY,
+    dead_letters=7 * DAY,
+    seen_events=3 * DAY,
+    alerts=90 * DAY,
+    notifications=30 * DAY,
 )
 
 
@@ -63,13 +69,15 @@ def at(clock: FakeClock, epoch: float) -> FakeClock:
 
 
 def store_rows(store: Store, clock: FakeClock, tag: str, count: int = 3) -> None:
-    """Sessions, dead letters and seen events, stamped with the clock's time; ids start with `tag`."""
+    """Sessions, client states, dead letters and seen events, stamped with the clock's time; ids start with
+    `tag`."""
     offset = {"old": 0, "new": 1000}[tag]
     write(
         store,
         DurableBatch(
             seen_events=[seen(f"{tag}-e{i}") for i in range(count)],
             sessions=[session(f"{tag}-s{i}", client_id=f"{tag}-{i}") for i in range(count)],
+            client_states=[StoredClientState("m", f"{tag}-{i}", b"state", START) for i in range(count)],
             dead_letters=[dead_letter(offset + i) for i in range(count)],
         ),
     )
@@ -79,6 +87,7 @@ def test_rows_past_retention_go_and_newer_rows_stay(store: Store, clock: FakeClo
     engine = store.engine
     at(clock, START)
     store_rows(store, clock, "old")
+    write(store, DurableBatch(model_scales={"m": b"scale", "unserved": b"scale"}))
     at(clock, START + 29 * DAY)
     store_rows(store, clock, "new")
 
@@ -96,6 +105,11 @@ def test_rows_past_retention_go_and_newer_rows_stay(store: Store, clock: FakeClo
     assert by_table["seen_events"].deleted == 3
     assert ids(engine, SeenEventRow.event_id) == {f"new-e{i}" for i in range(3)}
     assert by_table["sessions"].before == datetime.fromtimestamp(START + DAY, UTC)
+    # Client states are kept 14 days by their last write (the composite key deletes in chunks too).
+    assert by_table["client_states"].deleted == 3
+    assert ids(engine, ClientStateRow.client_id) == {f"new-{i}" for i in range(3)}
+    # The input scale learned for a model goes with the last client state built on it, not before.
+    assert store.model_scales() == {"m": b"scale"}
 
     # A second run finds nothing more to delete.
     assert {purge.table: purge.deleted for purge in retention.apply(POLICY)} == dict.fromkeys(
@@ -145,10 +159,11 @@ def test_only_resolved_alerts_and_delivered_notifications_go(store: Store, clock
 def test_unset_retention_keeps_a_table_for_good(store: Store, clock: FakeClock) -> None:
     at(clock, START)
     store_rows(store, clock, "old")
-    keep_all = RetentionPolicy(None, None, None, None, None)
+    keep_all = RetentionPolicy(None, None, None, None, None, None)
     purges = Retention(store.engine, clock=at(FakeClock(), START + 1000 * DAY)).apply(keep_all)
     assert [(purge.before, purge.deleted) for purge in purges] == [(None, 0)] * len(RETENTION_TABLES)
     assert count(store.engine, SessionRow) == count(store.engine, DeadLetterRow) == 3
+    assert count(store.engine, ClientStateRow) == 3
 
 
 @pytest.fixture
@@ -196,7 +211,12 @@ def test_the_policy_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("MIA_DATABASE_SEEN_EVENTS_RETENTION_HOURS", "48")
     policy = RetentionPolicy.from_settings(load_settings())
     assert policy == RetentionPolicy(
-        sessions=10 * DAY, dead_letters=7 * DAY, seen_events=48 * 3600, alerts=None, notifications=30 * DAY
+        sessions=10 * DAY,
+        client_states=14 * DAY,
+        dead_letters=7 * DAY,
+        seen_events=48 * 3600,
+        alerts=None,
+        notifications=30 * DAY,
     )
     assert load_settings().retention.interval_seconds == 3600
     monkeypatch.setenv("MIA_RETENTION_DEAD_LETTERS_DAYS", "0")

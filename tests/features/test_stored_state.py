@@ -1,0 +1,95 @@
+"""What the tracker hands to storage and takes back: the clients changed since their state was stored (evicted
+ones included), restored clients going on exactly, and the input scales learned online."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detector.features.client import ClientFeatures, FeatureTracker
+from detector.features.embedding import WARMUP_QUERIES, ModelScale, QueryEmbedder
+from tests.streams import Stream, augmentation_probe, harvest, record, warmed_tracker
+
+
+def test_a_client_read_back_from_its_bytes_goes_on_exactly_as_the_original() -> None:
+    probe = augmentation_probe(Stream("prober"))
+    tracker = warmed_tracker()
+    tracker.update(probe[:50])
+    original = tracker.get(("m", "prober"))
+    assert original is not None
+    restored = ClientFeatures.from_bytes(original.to_bytes())
+    assert restored.snapshot() == original.snapshot()
+    # Both take the rest of the stream: the same observations, the same values after it.
+    for observation in tracker.observe(probe[50:]):
+        original.update(observation)
+        restored.update(observation)
+    assert restored.snapshot() == original.snapshot() and restored.evidence == original.evidence
+    with pytest.raises(ValueError, match="not a stored client state"):
+        ClientFeatures.from_bytes(b"not json")
+
+
+def test_the_tracker_hands_over_each_change_once_evicted_clients_included() -> None:
+    tracker = FeatureTracker(warmed_tracker().embedder, max_clients=2)
+    streams = [Stream(f"c{index}") for index in range(3)]
+    tracker.update([stream.query(record()) for stream in streams])  # c0 evicted by c2
+    assert len(tracker) == 2 and tracker.evicted == 1
+    changed = tracker.changed()
+    assert sorted(changed) == [("m", "c0"), ("m", "c1"), ("m", "c2")]
+    # An evicted client coming back before its state was stored is taken back from where it was kept.
+    tracker.update([streams[0].query(record())])
+    back = tracker.get(("m", "c0"))
+    assert back is not None and back.queries == 2
+    tracker.stored(tracker.changed().keys())
+    assert tracker.changed() == {}
+    tracker.update([streams[1].query(record())])
+    assert list(tracker.changed()) == [("m", "c1")]
+
+
+def test_missing_clients_are_restored_and_unreadable_states_start_afresh() -> None:
+    source = warmed_tracker()
+    source.update(harvest(Stream("harvester"), records=40))
+    harvester = source.get(("m", "harvester"))
+    assert harvester is not None
+    tracker = FeatureTracker(source.embedder)
+    keys = {("m", "harvester"), ("m", "broken"), ("m", "new")}
+    assert tracker.missing(keys) == keys
+    unreadable = tracker.restore({("m", "harvester"): harvester.to_bytes(), ("m", "broken"): b"\x00"})
+    assert unreadable == [("m", "broken")]
+    assert tracker.missing(keys) == {("m", "broken"), ("m", "new")}
+    restored = tracker.get(("m", "harvester"))
+    assert restored is not None and restored.snapshot() == harvester.snapshot()
+    assert tracker.changed() == {}  # as stored: nothing to write back
+    tracker.clear()
+    assert tracker.missing(keys) == keys and len(tracker) == 0
+
+
+def test_a_learned_input_scale_is_stored_while_it_learns_and_adopted_back() -> None:
+    embedder = QueryEmbedder()
+    stream = Stream("user")
+    embedder.observe([stream.query(record()) for _ in range(10)])
+    learned = embedder.learned()
+    assert list(learned) == ["m"] and not learned["m"].frozen
+    stored = {"m": learned["m"].to_bytes()}
+    embedder.stored(learned)
+    assert embedder.learned() == {}
+
+    # Learned further, never stored (those records come again): adopting the stored scale goes back to it.
+    embedder.observe([stream.query(record()) for _ in range(10)])
+    embedder.adopt(stored)
+    assert embedder.scales["m"].count == 10 and embedder.learned() == {}
+    # A fresh process ends where one that never stopped ends.
+    rows = [stream.query(record()) for _ in range(WARMUP_QUERIES)]
+    unbroken = QueryEmbedder()
+    first = QueryEmbedder()
+    first.observe(rows[:100])
+    second = QueryEmbedder()
+    second.adopt({"m": first.scales["m"].to_bytes()})
+    unbroken.observe(rows)
+    second.observe(rows[100:])
+    assert second.scales["m"].frozen and np.array_equal(second.scales["m"].mean, unbroken.scales["m"].mean)
+    # A scale given by the trained model is never replaced.
+    given = QueryEmbedder({"m": ModelScale.fixed(np.zeros(30), np.ones(30))})
+    given.adopt(stored)
+    assert given.scales["m"].count == WARMUP_QUERIES and not given.scales["m"].mean.any()
+    with pytest.raises(ValueError, match="not a stored input scale"):
+        ModelScale.from_bytes(b"{}")
