@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -29,19 +30,26 @@ def ensure_topic(
     """Create `topic` with `partitions` partitions (and `replication_factor`, by default the brokers') when
     it is absent; an existing topic is left as it is. Returns its layout; raises `KafkaUnreachable` when no
     broker answers and `KafkaError` when the brokers refuse to create it."""
-    admin = open_client(KafkaAdminClient, settings)
+    # Metadata through a consumer, not the admin client: kafka-python 2.x's admin metadata call fails on
+    # authorised-operation values it does not know (which recent brokers send).
+    consumer = open_client(KafkaConsumer, settings)
     try:
-        created = False
-        if topic not in admin.list_topics():
-            try:
-                admin.create_topics([NewTopic(topic, partitions, replication_factor)])
-                created = True
-            except TopicAlreadyExistsError:
-                pass  # created by another client in between
-        # Described rather than assumed: kafka-python 2.x returns some refusals instead of raising them.
-        (description,) = admin.describe_topics([topic])
-        if description.get("error_code") or not description["partitions"]:
-            raise KafkaError(f"the brokers did not create topic {topic!r}: {description}")
-        return TopicLayout(len(description["partitions"]), created)
+        if topic in consumer.topics():
+            return TopicLayout(len(consumer.partitions_for_topic(topic) or ()), created=False)
+        admin = open_client(KafkaAdminClient, settings)
+        try:
+            admin.create_topics([NewTopic(topic, partitions, replication_factor)])
+            created = True
+        except TopicAlreadyExistsError:
+            created = False  # created by another client in between
+        finally:
+            admin.close()
+        # Read back rather than assumed: kafka-python 2.x returns some refusals instead of raising them.
+        deadline = time.monotonic() + settings.connect_timeout_seconds
+        while topic not in consumer.topics():
+            if time.monotonic() > deadline:
+                raise KafkaError(f"the brokers did not create topic {topic!r}")
+            time.sleep(0.1)
+        return TopicLayout(len(consumer.partitions_for_topic(topic) or ()), created)
     finally:
-        admin.close()
+        consumer.close()
