@@ -11,7 +11,6 @@ Search is exact over the bounded set of cluster representatives: O(MAX_CLUSTERS)
 
 from __future__ import annotations
 
-import base64
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.features.embedding import PROJECTION_DIM, Observation
+from detector.features.embedding import PROJECTION_DIM, Observation, pack, unpack
 
 VARIANT_RADIUS = 0.12
 # Trigram sketches of two prompts that differ by a few words are ~0.2-0.3 apart, unrelated prompts ~1.
@@ -210,8 +209,8 @@ class RecordClusters:
         used = len(self._ids)
         return {
             "ids": list(self._ids),
-            "points": _pack(self._points[:used]),
-            "invariants": None if self._invariants is None else _pack(self._invariants[:used]),
+            "points": pack(self._points[:used]),
+            "invariants": None if self._invariants is None else pack(self._invariants[:used]),
             "labels": list(self._labels),
             "sizes": list(self._sizes),
             "touched_at": list(self._touched_at),
@@ -219,7 +218,7 @@ class RecordClusters:
             "recency": [[cluster, slot] for cluster, slot in self._slots.items()],
             "fingerprints": [[fingerprint, cluster] for fingerprint, cluster in self._fingerprints.items()],
             "next_id": self._next_id,
-            "last_row": None if self._last_raw is None else _pack(self._last_raw),
+            "last_row": None if self._last_raw is None else pack(self._last_raw),
         }
 
     @classmethod
@@ -233,21 +232,11 @@ class RecordClusters:
         clusters._touched_at = [int(sequence) for sequence in state["touched_at"]]
         clusters._sequence = int(state["sequence"])
         if used:
-            clusters._points = _unpack(state["points"]).reshape(used, PROJECTION_DIM)
+            clusters._points = unpack(state["points"]).reshape(used, PROJECTION_DIM)
         if state["invariants"] is not None:
-            clusters._invariants = _unpack(state["invariants"]).reshape(used, -1)
+            clusters._invariants = unpack(state["invariants"]).reshape(used, -1)
         clusters._slots = OrderedDict((int(cluster), int(slot)) for cluster, slot in state["recency"])
         clusters._fingerprints = OrderedDict((int(fp), int(cluster)) for fp, cluster in state["fingerprints"])
         clusters._next_id = int(state["next_id"])
-        clusters._last_raw = None if state["last_row"] is None else _unpack(state["last_row"])
+        clusters._last_raw = None if state["last_row"] is None else unpack(state["last_row"])
         return clusters
-
-
-def _pack(values: np.ndarray) -> str:
-    """float32 `values` as base64 text: exact, and a third of the size of decimal numbers."""
-    return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
-
-
-def _unpack(text: str) -> np.ndarray:
-    """The float32 values `_pack` wrote, as a new (writable) flat array."""
-    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)

@@ -33,6 +33,17 @@ MAX_PROJECTIONS = 64
 MAX_LEARNED_SCALES = 256
 
 
+def pack(values: np.ndarray, dtype: str = "<f4") -> str:
+    """`values` as base64 text of `dtype` (little-endian float32 by default): exact for values of that type,
+    and a third of the size of decimal numbers."""
+    return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode("ascii")
+
+
+def unpack(text: str, dtype: str = "<f4") -> np.ndarray:
+    """The values `pack` wrote as `dtype`, as a new (writable) flat array of the native type."""
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
+
+
 @dataclass(slots=True)
 class Observation:
     """A query with what features need of it: comparable points, a fingerprint, a training-set hit."""
@@ -115,8 +126,8 @@ class ModelScale:
                 "width": self.width,
                 "count": self.count,
                 "frozen": self.frozen,
-                "mean": base64.b64encode(self.mean.astype("<f8").tobytes()).decode("ascii"),
-                "m2": base64.b64encode(self.m2.astype("<f8").tobytes()).decode("ascii"),
+                "mean": pack(self.mean, "<f8"),
+                "m2": pack(self.m2, "<f8"),
             }
         )
 
@@ -126,8 +137,7 @@ class ModelScale:
         try:
             state = orjson.loads(stored)
             width = int(state["width"])
-            mean = np.frombuffer(base64.b64decode(state["mean"]), dtype="<f8").astype(np.float64)
-            m2 = np.frombuffer(base64.b64decode(state["m2"]), dtype="<f8").astype(np.float64)
+            mean, m2 = unpack(state["mean"], "<f8"), unpack(state["m2"], "<f8")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a stored input scale: {exc!r}") from None
         if mean.shape != (width,) or m2.shape != (width,):
