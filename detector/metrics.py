@@ -242,6 +242,12 @@ class Metrics:
             "Times the Kafka consumer lost its last connection to the brokers",
             registry=self.registry,
         )
+        self.fenced_commits = Counter(
+            f"{PREFIX}_fenced_commits_total",
+            "Commits refused because another member of the consumer group had claimed one of the partitions "
+            "(this member had lost them without knowing): nothing stored, what was read is the new owner's",
+            registry=self.registry,
+        )
         self.positions_beyond_log_end = Counter(
             f"{PREFIX}_positions_beyond_log_end_total",
             "Assigned partitions whose position stored with the results lay beyond the broker's end offset "

@@ -70,6 +70,7 @@ EXPECTED = {
     "broker_connected": "gauge",
     "broker_disconnections": "counter",
     "positions_beyond_log_end": "counter",
+    "fenced_commits": "counter",
     "active_sessions": "gauge",
     "sessions_closed": "counter",
     "tracked_clients": "gauge",

@@ -24,7 +24,9 @@ CONNECTION_CHECK_SECONDS = 1.0
 END_OFFSETS_TIMEOUT_MS = 10_000
 
 Positions = dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
-StoredPositions = Callable[[], Positions]
+# Claims partitions assigned for this member (fencing out their previous owner) and returns their stored
+# positions; None when the claim could not be made now (the database is unavailable): asked again later.
+ClaimPartitions = Callable[[list[tuple[str, int]]], Positions | None]
 
 
 def _names(partitions: Iterable[TopicPartition]) -> list[str]:
@@ -57,10 +59,14 @@ class KafkaSource:
 
     `on_revoke` runs inside `poll` before partitions are taken away: the pipeline makes its pending results
     durable there (with their checkpoints) and commits, so the next owner of a partition starts after what
-    was stored. It must not raise. `stored_positions` reads those checkpoints: a partition assigned to this
-    consumer resumes at its stored position when there is one, since an offset commit made during a
-    rebalance is sent without waiting for the broker and may not have landed; it must not raise either
-    (an empty answer leaves the broker's committed offsets, which are never ahead of the stored ones).
+    was stored. It must not raise. `claim` runs when partitions are assigned, before anything is fetched
+    from them: it takes their leases (so that a previous owner that has not noticed the rebalance can no
+    longer commit over this one) and reads their stored checkpoints. A partition resumes at its stored
+    position when there is one, since an offset commit made during a rebalance is sent without waiting for
+    the broker and may not have landed; otherwise at the broker's committed offset, which is never ahead of
+    the stored one. Until a claim succeeds (`claim` returns None while the database is unavailable) the
+    partitions stay paused, and the claim is made again at every poll. `claim` must not raise. Without
+    `claim`, partitions resume at the broker's committed offsets.
 
     A stored position beyond the broker's end offset means the broker lost records (a broker that kept its
     log in memory and restarted, a topic deleted and created again) or reports a short end: the partition
@@ -77,7 +83,7 @@ class KafkaSource:
         on_revoke: Callable[[], None],
         topics: list[str] | None = None,
         group_id: str | None = None,
-        stored_positions: StoredPositions | None = None,
+        claim: ClaimPartitions | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.topics = topics or settings.topics
@@ -86,10 +92,12 @@ class KafkaSource:
         self._max_records = settings.max_poll_records
         self._timeout_ms = settings.poll_timeout_ms
         self._on_revoke = on_revoke
-        self._stored_positions = stored_positions
+        self._claim = claim
         self._metrics = metrics
         self._in_rebalance = False
         self._held = False
+        # Assigned partitions not claimed yet (the database did not answer), paused until they are.
+        self._unclaimed: list[TopicPartition] = []
         # Assigned partitions with a stored position, paused until it is checked against the end offsets.
         self._unchecked: dict[TopicPartition, int] = {}
         self._connected = True
@@ -111,7 +119,8 @@ class KafkaSource:
             fetch_min_bytes=settings.fetch_min_bytes,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
-        self._consumer.subscribe(self.topics, listener=_RebalanceListener(self._revoked, self._assigned))
+        self._listener = _RebalanceListener(self._revoked, self._assigned)
+        self._consumer.subscribe(self.topics, listener=self._listener)
         if metrics is not None:
             metrics.broker_connected.set(1)  # the client bootstrapped: it reached a broker
 
@@ -122,6 +131,8 @@ class KafkaSource:
 
     def poll(self) -> list[RawRecord]:
         """Up to `max_poll_records` records, waiting at most the poll timeout; [] when there are none."""
+        if self._unclaimed:
+            self._claim_assigned()
         if self._unchecked:
             self._resume_at_stored_positions()
         try:
@@ -164,8 +175,9 @@ class KafkaSource:
         if held:
             self._consumer.pause(*self._consumer.assignment())
         else:
-            # Partitions whose stored position is not checked yet stay paused (see `_assigned`).
-            self._consumer.resume(*(set(self._consumer.paused()) - self._unchecked.keys()))
+            # Partitions not claimed, or whose stored position is not checked yet, stay paused.
+            waiting = self._unchecked.keys() | set(self._unclaimed)
+            self._consumer.resume(*(set(self._consumer.paused()) - waiting))
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Records behind the high watermark per assigned partition, as of the consumer's last fetch.
@@ -208,17 +220,37 @@ class KafkaSource:
         finally:
             self._in_rebalance = False
 
+    def rejoin(self) -> None:
+        """Give up every partition and join the group again (the pipeline was fenced: another member claimed
+        one of its partitions, so this one missed a rebalance). Whatever was read and not stored is read
+        again by the partitions' owners, from the stored positions."""
+        log.warning(
+            "leaving group %s to join it again: partitions of this member were claimed", self.group_id
+        )
+        self._consumer.unsubscribe()
+        self._unclaimed, self._unchecked = [], {}
+        self._consumer.subscribe(self.topics, listener=self._listener)
+
     def _assigned(self, partitions: list[TopicPartition]) -> None:
-        stored = self._stored_positions() if self._stored_positions is not None else {}
-        self._unchecked = {
-            tp: position
-            for tp in partitions
-            if (position := stored.get((tp.topic, tp.partition))) is not None
+        self._unclaimed, self._unchecked = list(partitions), {}
+        # Nothing is fetched before the claim: it is made here, on the client's network thread under
+        # kafka-python 3 (a database call, no broker round trip), and again at each poll until it succeeds.
+        self._consumer.pause(*partitions)
+        self._claim_assigned()
+
+    def _claim_assigned(self) -> None:
+        """Claim the assigned partitions not claimed yet; pause those with a stored position until it is
+        checked (a broker round trip, refused on the network thread: the next `poll` does it)."""
+        unclaimed = self._unclaimed
+        stored = self._claim([(tp.topic, tp.partition) for tp in unclaimed]) if self._claim else {}
+        if stored is None:
+            return
+        self._unclaimed = []
+        self._unchecked |= {
+            tp: position for tp in unclaimed if (position := stored.get((tp.topic, tp.partition))) is not None
         }
-        # Checking a stored position against the end offsets is a broker round trip, refused on the network
-        # thread this runs on (kafka-python 3): the next `poll` does it, and nothing is fetched before.
-        if self._unchecked:
-            self._consumer.pause(*self._unchecked)
+        if not self._held:
+            self._consumer.resume(*(tp for tp in unclaimed if tp not in self._unchecked))
 
     def _resume_at_stored_positions(self) -> None:
         """Seek each unchecked partition to its stored position unless that lies beyond the broker's end

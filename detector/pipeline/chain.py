@@ -15,6 +15,12 @@ from those positions (this process after a restart, the new owner of a partition
 nothing had stopped. A crash at any point re-delivers at most what was not yet committed, and event-id
 de-duplication makes re-delivered events change nothing: at-least-once delivery, exactly-once effect.
 
+A pipeline fed by a consumer group is told the lease epoch of each partition assigned to it (`claimed`), and
+every commit first holds those leases (fencing, see `detector.storage.repository`). A member that lost a
+partition without knowing it yet is refused there: it stores nothing, drops everything pending and
+in memory (the new owner reads those records again from the stored positions), and raises `Fenced` for its
+source to rejoin the group.
+
 Nothing leaves the pending state before the transaction is durable. When the database is unreachable a
 batch's reads fail before any step changed its state, and the batch is held; a failed write leaves everything
 pending. Both raise `StorageUnavailable`, a `Backpressure`: the source holds its records, and `resume` carries
@@ -44,7 +50,7 @@ from detector.eventtime import Partition, Watermark
 from detector.metrics import Metrics
 from detector.pipeline.steps import Batch, DetectStep, Step
 from detector.sessions import SessionTracker
-from detector.storage import Checkpoint, DurableBatch, SeenEvent, Store, StoredClientState
+from detector.storage import Checkpoint, DurableBatch, Fenced, SeenEvent, Store, StoredClientState
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +173,14 @@ class PendingWork:
         return [incident for incidents in self.incidents.values() for incident in incidents]
 
 
+def leases_held(claimed: Mapping[tuple[str, int], int], positions: Positions) -> dict[tuple[str, int], int]:
+    """The leases a commit of `positions` holds: every partition `claimed`, and each partition committed
+    (epoch 0, refused, for one never claimed). All claimed, not only those committed: the sessions closed and
+    the alerts resolved in a commit are of every partition, and a member that lost any of its partitions has
+    missed a rebalance."""
+    return {partition: 0 for partition in positions} | dict(claimed)
+
+
 class Pipeline:
     """Runs `steps` on each batch and owns the commit point (see the module docstring).
 
@@ -216,6 +230,8 @@ class Pipeline:
         self._partitions: OrderedDict[tuple[str, str], Partition] = OrderedDict()
         self._max_clients = detect.tracker.max_clients
         self._clients_admitted = self._clients_evicted = 0  # the feature tracker's totals, as last reported
+        # The lease epoch of each partition assigned (`claimed`); None until a claim: not fenced at all.
+        self._leases: dict[tuple[str, int], int] | None = None
 
     @property
     def uncommitted_records(self) -> int:
@@ -228,7 +244,7 @@ class Pipeline:
 
         Raises `Backpressure` when the pipeline cannot go on now: `StorageUnavailable` (the records are held,
         or their results stay pending) or `OutboxFull` (the records are held, unprocessed); `resume` later
-        carries on where this stopped.
+        carries on where this stopped. Raises `Fenced` when a commit was refused (see `commit`).
         """
         self.hold(records)
         self.resume()
@@ -277,11 +293,19 @@ class Pipeline:
             self._resolved_at = now
         return False
 
+    def claimed(self, epochs: Mapping[tuple[str, int], int]) -> None:
+        """Partitions assigned to this pipeline's source, with the epochs of the leases claimed for them:
+        from now on every commit holds the leases of all of them (and of every partition it commits positions
+        for), and is refused if another member claimed one since."""
+        self._leases = {**(self._leases or {}), **epochs}
+
     def commit(self) -> None:
         """The commit point: publish dead letters, judge, run the alert lifecycle and persist everything
         pending in one transaction, then commit positions.
 
         Raises `StorageError` when the transaction fails; everything then stays pending for the next attempt.
+        Raises `Fenced` when another member claimed one of the partitions: everything pending and in memory is
+        dropped then (`discard`), as its new owner reads it again.
         """
         started = time.perf_counter()
         pending = self._pending
@@ -314,17 +338,25 @@ class Pipeline:
             close_sessions_before=self.sessions.idle_horizon(watermark) if watermark is not None else None,
             forget_seen_after_seconds=self._retention,
         )
-        with self.store.transaction() as transaction:
-            # Event time alone resolves alerts here: the stream is flowing, and a backlog read for longer
-            # than the quiet period must not resolve the alerts of partitions not read yet.
-            outcome = self.lifecycle.apply(
-                transaction.alerts,
-                pending.detections(),
-                self._watermark.front,
-                wall_clock=False,
-                alert_watermark=self._alert_watermark,
-            )
-            transaction.write(batch)
+        try:
+            with self.store.transaction() as transaction:
+                if self._leases is not None:
+                    # First, so that no other row is locked while a claimer holds a lease.
+                    transaction.hold_leases(self._group_id, leases_held(self._leases, pending.positions))
+                # Event time alone resolves alerts here: the stream is flowing, and a backlog read for longer
+                # than the quiet period must not resolve the alerts of partitions not read yet.
+                outcome = self.lifecycle.apply(
+                    transaction.alerts,
+                    pending.detections(),
+                    self._watermark.front,
+                    wall_clock=False,
+                    alert_watermark=self._alert_watermark,
+                )
+                transaction.write(batch)
+        except Fenced:
+            self.metrics.fenced_commits.inc()
+            self.discard()
+            raise
         # Durable from here on: only now may anything leave the pending state.
         self.sessions.persisted()
         tracker.stored(changed.keys())
@@ -344,11 +376,13 @@ class Pipeline:
         """Process what is held and commit (`flush`), then forget in-memory sessions and features:
         partitions are being revoked and may move elsewhere, their new owner going on from what is stored.
 
-        Raises `StorageError` when that fails: call `discard` then.
+        Raises `StorageError` when that fails: call `discard` then (`Fenced` has discarded already).
         """
         self.flush()
         self.sessions.clear()
         self.detect.forget()
+        if self._leases is not None:
+            self._leases = {}
         self._watermark.release()
         self.metrics.active_sessions.set(0)
 
@@ -361,6 +395,8 @@ class Pipeline:
         self._pending = PendingWork(since=self._clock())
         self.sessions.clear()
         self.detect.forget()
+        if self._leases is not None:
+            self._leases = {}
         self._watermark.release()
         self.metrics.active_sessions.set(0)
         return dropped

@@ -13,7 +13,7 @@ from detector.ingest.source import Source
 from detector.metrics import Metrics
 from detector.pipeline import OutboxFull, Pipeline
 from detector.service.stop import StopFlag
-from detector.storage import StorageFailed, StorageUnavailable
+from detector.storage import Fenced, StorageFailed, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,15 @@ def consume(
     *,
     idle_exit_seconds: float | None = None,
     progress: Progress | None = None,
+    rejoin: Callable[[], None] | None = None,
 ) -> None:
     """Feed `pipeline` from `source` until `stop` is set, the source is exhausted, or (with
     `idle_exit_seconds`) no record came for that long. What is pending is not committed here: the caller
-    ends with `pipeline.flush()`. Raises `StorageFailed` when the database refuses the work for good."""
+    ends with `pipeline.flush()`. Raises `StorageFailed` when the database refuses the work for good.
+
+    A commit refused because another member of the consumer group claimed a partition (`Fenced`: the
+    pipeline has dropped what it held) calls `rejoin`, for the source to join its group again; without
+    `rejoin` (a source with no group) it is raised."""
     metrics = pipeline.metrics
     last_record = time.monotonic()
     lag_observed = float("-inf")
@@ -135,6 +140,11 @@ def consume(
         except StorageFailed:
             metrics.storage_errors.labels(outcome="failed").inc()
             raise
+        except Fenced as error:
+            if rejoin is None:
+                raise
+            log.warning("commit refused: %s", error)
+            rejoin()
         # Partitions assigned by a rebalance start unpaused: hold again after every poll while pressed.
         source.hold(pressure.active)
         lag = source.lag()

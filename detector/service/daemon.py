@@ -4,6 +4,8 @@ delivering alert notifications and deleting what is past retention meanwhile."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Mapping
 from contextlib import ExitStack
 
@@ -27,7 +29,7 @@ from detector.service.wiring import (
     serve_metrics,
 )
 from detector.settings import Settings
-from detector.storage import Retention, RetentionPolicy, StorageError, Store
+from detector.storage import Fenced, Retention, RetentionPolicy, StorageError, Store
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +53,32 @@ class BrokerPositions:
 
 class Rebalances:
     """What the daemon does when the group moves partitions: make pending work durable before they go (or,
-    with the database down, drop it: it is read again from the last committed positions), and resume
-    assigned partitions where the database says. Called inside `poll`; never raises."""
+    with the database down, drop it: it is read again from the last committed positions), and claim the
+    partitions assigned (fencing out their previous owner) and resume them where the database says. Called
+    inside `poll`; never raises."""
 
     def __init__(self, store: Store, group_id: str) -> None:
         self._store = store
         self._group_id = group_id
-        self.pipeline: Pipeline | None = None  # set once built: the source exists before the pipeline
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._pipeline: Pipeline | None = None
+        self._epochs: dict[tuple[str, int], int] = {}  # claimed before the pipeline was attached
+
+    def attach(self, pipeline: Pipeline) -> None:
+        """Hand partition changes to `pipeline` from now on (the source exists before the pipeline)."""
+        self._pipeline = pipeline
+        pipeline.claimed(self._epochs)
 
     def revoked(self) -> None:
         """Partitions are about to be taken away."""
-        if self.pipeline is None:
+        if self._pipeline is None:
             return
         try:
-            self.pipeline.release_all()
+            self._pipeline.release_all()
+        except Fenced as error:
+            log.warning("commit refused: %s", error)
         except StorageError as error:
-            dropped = self.pipeline.discard()
+            dropped = self._pipeline.discard()
             log.warning(
                 "partitions revoked while the database is unavailable (%s): %d records not stored are left "
                 "to be read again from the last committed offsets",
@@ -74,13 +86,19 @@ class Rebalances:
                 dropped,
             )
 
-    def stored_positions(self) -> dict[tuple[str, int], int]:
-        """The positions stored with the results, by (topic, partition); {} when unreadable."""
+    def claim(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int] | None:
+        """Claim `partitions` for this member and return their stored positions, by (topic, partition);
+        None when the database is unavailable (the source asks again later)."""
         try:
-            return self._store.checkpoints(self._group_id)
+            claim = self._store.claim_partitions(self._group_id, partitions, self._owner)
         except StorageError as error:
-            log.warning("stored positions unreadable (%s): resuming from committed offsets", error)
-            return {}
+            log.warning("partitions not claimed (%s): they are held until the database answers", error)
+            return None
+        if self._pipeline is None:
+            self._epochs |= claim.epochs
+        else:
+            self._pipeline.claimed(claim.epochs)
+        return claim.positions
 
 
 def run_daemon(
@@ -134,7 +152,7 @@ def run_daemon(
                     on_revoke=rebalances.revoked,
                     topics=topics,
                     group_id=group,
-                    stored_positions=rebalances.stored_positions,
+                    claim=rebalances.claim,
                     metrics=metrics,
                 )
                 resources.callback(source.close)
@@ -142,9 +160,8 @@ def run_daemon(
             log.info("stopped before consuming anything")
             return PipelineStats()
         outputs = Outputs(BrokerPositions(source, metrics), dead_letters, alerts, dispatcher)
-        pipeline = rebalances.pipeline = build_pipeline(
-            settings, store, metrics, outputs=outputs, group_id=group, detect=detect
-        )
+        pipeline = build_pipeline(settings, store, metrics, outputs=outputs, group_id=group, detect=detect)
+        rebalances.attach(pipeline)
         log.info("consuming %s as group %s from %s", source.topics, group, settings.kafka.bootstrap_servers)
         retry = RetryPolicy(settings.database.retry_initial_seconds, settings.database.retry_max_seconds)
         consume(
@@ -154,9 +171,12 @@ def run_daemon(
             stop,
             idle_exit_seconds=idle_exit_seconds,
             progress=progress,
+            rejoin=source.rejoin,
         )
         try:
             pipeline.flush()
+        except Fenced as error:
+            log.warning("commit refused: %s", error)
         except StorageError:
             log.error(
                 "stopping with %d records not stored: they are read again at the next start",

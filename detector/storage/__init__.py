@@ -3,10 +3,11 @@ notification outbox) on SQLite or PostgreSQL: persistence only, no decisions."""
 
 from detector.storage.alerts import AlertRepository, AlertStore, open_alert_store
 from detector.storage.database import create_engine_for, current_revision, head_revision, open_engine, upgrade
-from detector.storage.errors import StorageError, StorageFailed, StorageUnavailable
+from detector.storage.errors import Fenced, StorageError, StorageFailed, StorageUnavailable
 from detector.storage.outbox import DeliveryStatus, OutboxStore, QueuedNotification, SinkBacklog
 from detector.storage.repository import (
     Checkpoint,
+    Claim,
     DurableBatch,
     SeenEvent,
     Store,
@@ -22,8 +23,10 @@ __all__ = [
     "AlertRepository",
     "AlertStore",
     "Checkpoint",
+    "Claim",
     "DeliveryStatus",
     "DurableBatch",
+    "Fenced",
     "OutboxStore",
     "Purge",
     "QueuedNotification",

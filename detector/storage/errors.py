@@ -9,6 +9,9 @@ The pipeline never guesses from a driver's exception: every read and write it ma
 - `StorageFailed`: the database refuses the work in a way that waiting will not cure (disk full, a read-only
   file or server, a schema the code does not match, a value it cannot store). The process must stop without
   committing source positions, and an operator must act.
+
+A third refusal is the database's answer, not a failure: `Fenced`, a commit made for partitions whose lease
+another member of the consumer group holds now.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class StorageUnavailable(StorageError, Backpressure):
 
 class StorageFailed(StorageError):
     """The database refuses the work for good (disk full, read-only, ...): stop, nothing was stored."""
+
+
+class Fenced(StorageError):
+    """Another member of the consumer group has claimed a partition this one was committing for: nothing was
+    stored. What this member read and did not store is the new owner's to process; drop it and rejoin."""
 
 
 def describe(error: BaseException) -> str:

@@ -3,6 +3,13 @@
 `Store.transaction` is the pipeline's commit point: alerts (through `Transaction.alerts`), seen events,
 sessions, dead letters and consumer checkpoints (`Transaction.write`) go in one transaction, so offsets are
 never stored ahead of what was derived from them, and writing the same batch again changes nothing.
+
+Fencing: a consumer-group member claims its partitions when they are assigned (`Store.claim_partitions`),
+raising each one's lease epoch, and every commit first holds the leases it was given
+(`Transaction.hold_leases`). A member that lost a partition without knowing it yet (stalled past its session
+timeout, cut off from the brokers) then finds a newer epoch and stores nothing. The lease rows are locked by
+both, so a commit and a claim of the same partition are serialised: either the commit lands first and the
+claim reads its positions, or the claim lands first and the commit is refused.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ from detector.settings import Settings
 from detector.storage.alerts import AlertRepository, AlertStore, lock_sqlite
 from detector.storage.base import Repository
 from detector.storage.database import open_engine
-from detector.storage.errors import storage_errors
+from detector.storage.errors import Fenced, storage_errors
 from detector.storage.tables import (
     Base,
     CheckpointRow,
     ClientStateRow,
     DeadLetterRow,
     ModelScaleRow,
+    PartitionLeaseRow,
     SeenEventRow,
     SessionRow,
 )
@@ -53,6 +61,18 @@ class Checkpoint:
     topic: str
     partition: int
     next_offset: int
+
+
+Partition = tuple[str, int]  # (topic, partition)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Partitions claimed for one member of a consumer group: the epoch of each lease, and the positions
+    stored for them (partitions without a stored position are left out)."""
+
+    epochs: dict[Partition, int]
+    positions: dict[Partition, int]
 
 
 class StoredClientState(NamedTuple):
@@ -191,6 +211,12 @@ class Store(Repository):
             )
             return {model: state for model, state in rows}
 
+    def claim_partitions(self, group_id: str, partitions: Collection[Partition], owner: str) -> Claim:
+        """Take the leases of `partitions` for `owner` (a member of `group_id`), each a new epoch, and read
+        their stored positions after every commit made under an older lease. Raises `StorageError`."""
+        with self.transaction("claiming partitions") as transaction:
+            return transaction.claim(group_id, partitions, owner)
+
     @contextmanager
     def transaction(self, action: str = "storing a batch") -> Iterator[Transaction]:
         """One transaction for the block: all of what is written through it or, on error, none of it.
@@ -283,6 +309,100 @@ class Transaction:
         self._connection = connection
         self._clock = clock
         self.alerts = AlertRepository(connection)
+
+    def claim(self, group_id: str, partitions: Collection[Partition], owner: str) -> Claim:
+        """See `Store.claim_partitions`."""
+        if not partitions:
+            return Claim({}, {})
+        now = _utc(self._clock())
+        statement = self._insert(PartitionLeaseRow)
+        statement = statement.on_conflict_do_update(
+            index_elements=["group_id", "topic", "partition"],
+            set_={
+                "epoch": PartitionLeaseRow.epoch + 1,
+                "owner": statement.excluded.owner,
+                "claimed_at": statement.excluded.claimed_at,
+            },
+        )
+        keys = sorted(set(partitions))  # one lock order for every claimer: no deadlock between two of them
+        self._connection.execute(
+            statement,
+            [
+                {"group_id": group_id, "topic": topic, "partition": partition, "epoch": 1, "owner": owner}
+                | {"claimed_at": now}
+                for topic, partition in keys
+            ],
+        )
+        epochs: dict[Partition, int] = {}
+        positions: dict[Partition, int] = {}
+        for chunk in _chunks(keys):
+            for topic, partition, epoch in self._connection.execute(
+                select(PartitionLeaseRow.topic, PartitionLeaseRow.partition, PartitionLeaseRow.epoch).where(
+                    PartitionLeaseRow.group_id == group_id,
+                    tuple_(PartitionLeaseRow.topic, PartitionLeaseRow.partition).in_(chunk),
+                )
+            ):
+                epochs[(topic, partition)] = epoch
+            for topic, partition, offset in self._connection.execute(
+                select(CheckpointRow.topic, CheckpointRow.partition, CheckpointRow.next_offset).where(
+                    CheckpointRow.group_id == group_id,
+                    tuple_(CheckpointRow.topic, CheckpointRow.partition).in_(chunk),
+                )
+            ):
+                positions[(topic, partition)] = offset
+        return Claim(epochs, positions)
+
+    def hold_leases(self, group_id: str, epochs: Mapping[Partition, int]) -> None:
+        """Check that `group_id`'s lease of each partition in `epochs` still has the epoch given, locking the
+        leases until the transaction ends. Call first in the transaction (before other rows are locked).
+
+        Raises `Fenced` when another member claimed one of them since (an epoch 0 stands for a partition never
+        claimed, and is always refused); the transaction then rolls back.
+        """
+        if not epochs:
+            return
+        now = _utc(self._clock())
+        held = 0
+        for chunk in _chunks(sorted(epochs.items())):
+            result = self._connection.execute(
+                update(PartitionLeaseRow)
+                .where(
+                    PartitionLeaseRow.group_id == group_id,
+                    tuple_(PartitionLeaseRow.topic, PartitionLeaseRow.partition, PartitionLeaseRow.epoch).in_(
+                        [(topic, partition, epoch) for (topic, partition), epoch in chunk]
+                    ),
+                )
+                .values(committed_at=now)
+            )
+            held += result.rowcount
+        if held == len(epochs):
+            return
+        current = {
+            (topic, partition): (epoch, owner)
+            for chunk in _chunks(sorted(epochs))
+            for topic, partition, epoch, owner in self._connection.execute(
+                select(
+                    PartitionLeaseRow.topic,
+                    PartitionLeaseRow.partition,
+                    PartitionLeaseRow.epoch,
+                    PartitionLeaseRow.owner,
+                ).where(
+                    PartitionLeaseRow.group_id == group_id,
+                    tuple_(PartitionLeaseRow.topic, PartitionLeaseRow.partition).in_(chunk),
+                )
+            )
+        }
+        lost = []
+        for key, epoch in sorted(epochs.items()):
+            if key not in current:
+                lost.append(f"{key[0]}/{key[1]} (epoch {epoch}, never claimed)")
+            elif current[key][0] != epoch:
+                now_epoch, owner = current[key]
+                lost.append(f"{key[0]}/{key[1]} (epoch {epoch}, now {now_epoch}, claimed by {owner})")
+        raise Fenced(
+            f"group {group_id}: partitions claimed by another member: {', '.join(lost)}; nothing stored, the "
+            "records read and not stored are read again by the partitions' owners"
+        )
 
     def write(self, batch: DurableBatch) -> None:
         """Store `batch`: seen events and dead letters already stored are kept as they are; sessions (by id),

@@ -1,5 +1,5 @@
-"""The database schema: sessions, dead letters, checkpoints, the seen-event ledger, alerts, silences and
-the notification outbox.
+"""The database schema: sessions, dead letters, checkpoints and partition leases, the seen-event ledger,
+alerts, silences and the notification outbox.
 
 Column lengths follow the input contract in `detector.schemas` (model and client ids up to 256
 characters, ...) so that a record the decoder accepted can always be stored, also on PostgreSQL where
@@ -171,6 +171,21 @@ class CheckpointRow(Base):
     partition: Mapped[int] = mapped_column(Integer, primary_key=True)
     next_offset: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class PartitionLeaseRow(Base):
+    """Which member of a consumer group owns a partition's stored state, as an epoch raised by every claim:
+    a commit made under an older epoch is refused (fencing; see `detector.storage.repository`)."""
+
+    __tablename__ = "partition_leases"
+
+    group_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(256), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    owner: Mapped[str] = mapped_column(String(256))  # host:pid of the member that claimed it, for operators
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    committed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # the owner's last commit
 
 
 class ClientStateRow(Base):

@@ -34,6 +34,7 @@ TABLES = {
     "model_scales",
     "dead_letters",
     "consumer_checkpoints",
+    "partition_leases",
     "seen_events",
     "alerts",
     "silences",
@@ -51,8 +52,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0008"
-    assert current_revision(engine) == "0008"
+    assert head_revision() == "0009"
+    assert current_revision(engine) == "0009"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 
