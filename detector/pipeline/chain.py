@@ -19,7 +19,9 @@ A pipeline fed by a consumer group is told the lease epoch of each partition ass
 every commit first holds those leases (fencing, see `detector.storage.repository`). A member that lost a
 partition without knowing it yet is refused there: it stores nothing, drops everything pending and
 in memory (the new owner reads those records again from the stored positions), and raises `Fenced` for its
-source to rejoin the group.
+source to rejoin the group. The pools of training-set hits that sybil keys split over partitions make
+together are exchanged in the same transaction (`detector.scoring.coordination`), so a campaign is judged
+whole however its keys are spread over the members.
 
 Nothing leaves the pending state before the transaction is durable. When the database is unreachable a
 batch's reads fail before any step changed its state, and the batch is held; a failed write leaves everything
@@ -343,6 +345,12 @@ class Pipeline:
                 if self._leases is not None:
                     # First, so that no other row is locked while a claimer holds a lease.
                     transaction.hold_leases(self._group_id, leases_held(self._leases, pending.positions))
+                # Then the pools shared with the other members (locked before any alert is).
+                found, superseded = self.detect.coordination.exchange(transaction)
+                for key in superseded:
+                    pending.incidents.pop(key, None)
+                for detection in found:
+                    pending.record(detection, self._quiet_seconds)
                 # Event time alone resolves alerts here: the stream is flowing, and a backlog read for longer
                 # than the quiet period must not resolve the alerts of partitions not read yet.
                 outcome = self.lifecycle.apply(
@@ -361,6 +369,7 @@ class Pipeline:
         self.sessions.persisted()
         tracker.stored(changed.keys())
         tracker.embedder.stored(learned.keys())
+        self.detect.coordination.persisted()
         self._pending = PendingWork(since=self._clock())
         self._resolved_at = self._pending.since
         if self.outputs.positions is not None:

@@ -25,7 +25,7 @@ from detector.domain import (
 )
 from detector.features.client import ClientFeatures, ClientKey, FeatureTracker
 from detector.ingest.decode import RecordDecoder
-from detector.scoring.coordination import CoordinationTracker
+from detector.scoring.coordination import CoordinationTracker, PoolKey, network_of
 from detector.scoring.detector import Detector, Moment, RatioObserver
 from detector.scoring.scorer import ANOMALY_MIN_QUERIES
 from detector.sessions import SessionTracker
@@ -155,6 +155,8 @@ class StoredFeatures(Protocol):
 
     def model_scales(self) -> Mapping[str, bytes]: ...
 
+    def pools(self, keys: Collection[PoolKey]) -> Mapping[PoolKey, bytes]: ...
+
 
 class DetectStep:
     """Streaming features for every query and, on the query that makes a client due (`due`), the rules and
@@ -218,6 +220,7 @@ class DetectStep:
                         display_name(client_id),
                         display_name(model),
                     )
+                self._load_pools(self.stored, batch, set(missing))
         for observation in tracker.observe([query for _, queries in batch.fresh for query in queries]):
             key, client = tracker.update_one(observation)
             at = observation.query.timestamp
@@ -232,11 +235,27 @@ class DetectStep:
         return batch
 
     def forget(self) -> None:
-        """Forget every client's features and the input scales learned since they were stored: what is
-        stored is read back as the clients come again. Nothing is forgotten without a store to read from."""
+        """Forget every client's features, the input scales learned since they were stored and the pools of
+        training-set hits: what is stored is read back as the clients come again. Nothing is forgotten
+        without a store to read from."""
         if self.stored is not None:
             self.tracker.clear()
+            self.coordination.clear()
             self._scales_read = False
+
+    def _load_pools(self, stored: StoredFeatures, batch: Batch, clients: set[ClientKey]) -> None:
+        """Read the `stored` pools of the networks of `clients` (not in memory before this batch) that the
+        coordination tracker holds nothing of, before their queries are observed."""
+        networks: set[PoolKey] = set()
+        for _, queries in batch.fresh:
+            query = queries[0]
+            if (query.model, query.client_id) in clients:
+                network = network_of(query.client_ip)
+                if network is not None:
+                    networks.add((query.model, network))
+        unknown = self.coordination.unknown(networks)
+        if unknown:
+            self.coordination.load(stored.pools(unknown))
 
     def judge(self, watermark: float | None) -> list[Detection]:
         """The anomaly model's detections on the moments judged since the last call, in order (one

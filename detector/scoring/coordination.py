@@ -11,13 +11,25 @@ address are not pooled.
 Memory is bounded whatever the keys do: a key leaves the pool once its last hit is older than the window,
 the keys already reported are forgotten after the window too, and at most `max_participants` keys are
 pooled at once (least recently seen let go first), like the feature tracker's `max_clients`.
+
+Pools are shared between the members of a consumer group, each of which sees the keys of its own partitions
+only: at each commit, every pool changed since the last one is exchanged through the database (`exchange`,
+in the commit's transaction, the pools locked). The stored pool's keys join this member's, its reported keys
+leave it, the merged pool is judged (one alert when the keys of several members reach the threshold only
+together) and written back. A detection this member raised since its last commit is withdrawn when another
+member has meanwhile reported one of its keys: a campaign is alerted on once, by whichever member commits
+first. The stored pools also bring back what a restart, a rebalance or the `max_participants` bound let go.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
 
 from detector.domain import AlertKind, Detection, Reason, Severity
 from detector.features.client import ClientFeatures, ClientKey
@@ -42,6 +54,71 @@ class _Participant:
     first_seen: float
     last_seen: float
     evidence: list[str] = field(default_factory=list)
+
+
+PoolKey = tuple[str, str]  # (model, network)
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """One pool as stored for every member: its participants by client id, and the keys already named in an
+    alert with the event time of their latest query."""
+
+    participants: dict[str, _Participant]
+    reported: dict[str, float]
+
+    def to_bytes(self) -> bytes:
+        """The state as compact JSON (`from_bytes` reads it back)."""
+        return orjson.dumps(
+            {
+                "participants": {
+                    client_id: [p.distinct_hits, p.hit_rate, p.queries, p.first_seen, p.last_seen, p.evidence]
+                    for client_id, p in self.participants.items()
+                },
+                "reported": self.reported,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PoolState:
+        """The state `to_bytes` wrote; raises `ValueError` on anything else."""
+        try:
+            document: Any = orjson.loads(data)
+            participants = {
+                str(client_id): _Participant(
+                    int(hits),
+                    float(rate),
+                    int(queries),
+                    float(first),
+                    float(last),
+                    [str(event) for event in evidence],
+                )
+                for client_id, (hits, rate, queries, first, last, evidence) in document[
+                    "participants"
+                ].items()
+            }
+            reported = {str(client_id): float(at) for client_id, at in document["reported"].items()}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"not a stored pool: {error}") from error
+        return cls(participants, reported)
+
+
+class SharedPools(Protocol):
+    """Where the members of a consumer group share their pools (the commit's database transaction)."""
+
+    def read_pools(self, keys: Sequence[PoolKey]) -> dict[PoolKey, bytes]:
+        """The stored state of each of `keys` that has one, each locked until the transaction ends."""
+        ...
+
+    def write_pools(self, pools: Mapping[PoolKey, bytes]) -> None:
+        """Store the state of each pool, replacing what was stored."""
+        ...
+
+
+@dataclass
+class _Report:
+    network: str
+    last_seen: float  # of the key's latest query seen since it was reported
 
 
 def network_of(address: str | None) -> str | None:
@@ -69,9 +146,15 @@ class CoordinationTracker:
         # (model, network, client id) -> what the key pooled, least recently observed first; and the same
         # participants by pool.
         self._participants: OrderedDict[tuple[str, str, str], _Participant] = OrderedDict()
-        self._pools: dict[tuple[str, str], dict[str, _Participant]] = {}
-        # (model, client id) -> event time of the key's latest query seen since it was reported.
-        self._reported: dict[tuple[str, str], float] = {}
+        self._pools: dict[PoolKey, dict[str, _Participant]] = {}
+        # (model, client id) -> the pool a key was reported from, and its latest query since; and the keys
+        # reported, by pool.
+        self._reported: dict[tuple[str, str], _Report] = {}
+        self._reports: dict[PoolKey, set[str]] = {}
+        # Since the last `persisted`: the pools changed, and the detections raised (with their pool).
+        self._touched: set[PoolKey] = set()
+        self._unconfirmed: list[tuple[PoolKey, Detection, dict[str, _Participant]]] = []
+        self._horizon = float("-inf")  # event time before which pooled keys and reports are let go
 
     def __len__(self) -> int:
         """How many keys are pooled or remembered as reported: what the tracker holds in memory."""
@@ -91,16 +174,19 @@ class CoordinationTracker:
         if hits < 1 or rate < MIN_HIT_RATE or hits >= self.threshold or client_id in self.allowed:
             return []  # nothing to pool, alerted on its own by the training-set rule, or known business
         horizon = at - WINDOW_SECONDS
+        self._horizon = max(self._horizon, horizon)
         reported = self._reported.get(key)
-        if reported is not None and reported >= horizon:
+        if reported is not None and reported.last_seen >= horizon:
             # Already named in an alert: not pooled again while it goes on (one alert per wave).
-            self._reported[key] = max(reported, client.last_seen)
+            if client.last_seen > reported.last_seen:
+                reported.last_seen = client.last_seen
+                self._touched.add((model, reported.network))
             return []
-        self._reported.pop(key, None)
+        if reported is not None:
+            self._unreport(model, client_id)
         network = network_of(client.client_ip)
         if network is None:
             return []
-        entry = (model, network, client_id)
         participant = _Participant(
             hits,
             rate,
@@ -109,35 +195,168 @@ class CoordinationTracker:
             client.last_seen,
             client.evidence_for(("training",)),
         )
-        self._participants[entry] = participant
-        self._participants.move_to_end(entry)
-        pool = self._pools.setdefault((model, network), {})
-        pool[client_id] = participant
-        while len(self._participants) > self.max_participants:
-            (old_model, old_network, old_client), _ = self._participants.popitem(last=False)
-            self._leave(old_model, old_network, old_client)
+        self._pool(model, network, client_id, participant)
+        pool = self._pools[(model, network)]
         for stale in [other for other, p in pool.items() if p.last_seen < horizon]:
-            del self._participants[(model, network, stale)]
             self._leave(model, network, stale)
+        self._bound()
         return self._judge(model, network, at)
+
+    def unknown(self, keys: set[PoolKey]) -> list[PoolKey]:
+        """Those of the pools `keys` this tracker holds nothing of (to `load` from the stored pools)."""
+        return sorted(key for key in keys if key not in self._pools and key not in self._reports)
+
+    def load(self, stored: Mapping[PoolKey, bytes]) -> None:
+        """Take the stored pools in before their keys' next queries are observed (after a restart, a
+        rebalance, or for a key new to this member): a pool is then judged on the query that takes it over
+        the threshold, as in one process that had seen every key."""
+        for key, data in stored.items():
+            self._merge(key, _read_pool(data), touch=False)
+        self._bound()
+
+    def exchange(self, shared: SharedPools) -> tuple[list[Detection], list[str]]:
+        """Share every pool changed since the last `persisted` through `shared` (see the module docstring).
+
+        Returns the detections of pools that the stored keys took over the threshold (detected at the latest
+        query of their keys), and the dedup keys of this tracker's detections since the last `persisted`
+        that another member superseded. Call again after a failed transaction: merging is idempotent.
+        """
+        keys = sorted(self._touched)
+        if not keys:
+            return [], []
+        stored = shared.read_pools(keys)
+        detections: list[Detection] = []
+        superseded: list[str] = []
+        for key in keys:
+            state = _read_pool(stored.get(key))
+            superseded += self._superseded(key, state)
+            self._merge(key, state)
+            pool = self._pools.get(key, {})
+            for stale in [client_id for client_id, p in pool.items() if p.last_seen < self._horizon]:
+                self._leave(*key, stale)
+            if key in self._pools:
+                detections += self._judge(*key, max(p.last_seen for p in pool.values()))
+        self._bound()
+        shared.write_pools({key: self._state(key).to_bytes() for key in keys})
+        return detections, superseded
+
+    def persisted(self) -> None:
+        """What the last `exchange` wrote is durable: start collecting the next changes."""
+        self._touched.clear()
+        self._unconfirmed.clear()
+
+    def clear(self) -> None:
+        """Forget every pool (the stored ones bring their keys back as their pools change again)."""
+        self._participants.clear()
+        self._pools.clear()
+        self._reported.clear()
+        self._reports.clear()
+        self._touched.clear()
+        self._unconfirmed.clear()
 
     def forget(self, watermark: float) -> None:
         """Let go of keys whose last hit, or last query since they were reported, is a window older than
         `watermark` (event time): memory, not detection, since `observe` ignores them already."""
         horizon = watermark - WINDOW_SECONDS
+        self._horizon = max(self._horizon, horizon)
         for model, network, client_id in [
             entry for entry, p in self._participants.items() if p.last_seen < horizon
         ]:
-            del self._participants[(model, network, client_id)]
             self._leave(model, network, client_id)
-        for key in [key for key, last_seen in self._reported.items() if last_seen < horizon]:
-            del self._reported[key]
+        for model, client_id in [key for key, report in self._reported.items() if report.last_seen < horizon]:
+            self._unreport(model, client_id)
+
+    def _pool(
+        self, model: str, network: str, client_id: str, participant: _Participant, touch: bool = True
+    ) -> None:
+        entry = (model, network, client_id)
+        self._participants[entry] = participant
+        self._participants.move_to_end(entry)
+        self._pools.setdefault((model, network), {})[client_id] = participant
+        if touch:
+            self._touched.add((model, network))
+
+    def _bound(self) -> None:
+        while len(self._participants) > self.max_participants:
+            old_model, old_network, old_client = next(iter(self._participants))
+            self._leave(old_model, old_network, old_client)
 
     def _leave(self, model: str, network: str, client_id: str) -> None:
+        del self._participants[(model, network, client_id)]
         pool = self._pools[(model, network)]
         del pool[client_id]
         if not pool:
             del self._pools[(model, network)]
+
+    def _report(self, model: str, network: str, client_id: str, last_seen: float, touch: bool = True) -> None:
+        self._reported[(model, client_id)] = _Report(network, last_seen)
+        self._reports.setdefault((model, network), set()).add(client_id)
+        if touch:
+            self._touched.add((model, network))
+
+    def _unreport(self, model: str, client_id: str) -> None:
+        report = self._reported.pop((model, client_id))
+        keys = self._reports[(model, report.network)]
+        keys.discard(client_id)
+        if not keys:
+            del self._reports[(model, report.network)]
+
+    def _superseded(self, key: PoolKey, state: PoolState) -> list[str]:
+        """The dedup keys of this tracker's unconfirmed detections of pool `key` of which another member
+        reported a key (stored reports are of committed alerts: this member's own are not stored yet). The
+        keys of a withdrawn detection that the other member did not report are pooled again."""
+        model, network = key
+        superseded = []
+        for entry in list(self._unconfirmed):
+            pool, detection, participants = entry
+            if pool != key or not any(client_id in state.reported for client_id in detection.client_ids):
+                continue
+            superseded.append(detection.dedup_key)
+            self._unconfirmed.remove(entry)
+            for client_id, participant in participants.items():
+                if client_id not in state.reported:
+                    if (model, client_id) in self._reported:
+                        self._unreport(model, client_id)
+                    self._pool(model, network, client_id, participant)
+        return superseded
+
+    def _merge(self, key: PoolKey, state: PoolState, touch: bool = True) -> None:
+        """Take the stored pool's reports and keys (the latest of each key's two versions) into this one;
+        `touch`: the merged pool is to be written back at the next `exchange`."""
+        model, network = key
+        for client_id, last_seen in state.reported.items():
+            if last_seen < self._horizon or client_id in self.allowed:
+                continue
+            report = self._reported.get((model, client_id))
+            if report is None:
+                if (model, network, client_id) in self._participants:
+                    self._leave(model, network, client_id)
+                self._report(model, network, client_id, last_seen, touch)
+            elif last_seen > report.last_seen:
+                report.last_seen = last_seen
+        pool = self._pools.get(key, {})
+        for client_id, participant in state.participants.items():
+            if (
+                participant.last_seen < self._horizon
+                or (model, client_id) in self._reported
+                or client_id in self.allowed
+            ):
+                continue
+            mine = pool.get(client_id)
+            if mine is None or participant.last_seen > mine.last_seen:
+                self._pool(model, network, client_id, participant, touch)
+        if touch:
+            self._touched.add(key)
+
+    def _state(self, key: PoolKey) -> PoolState:
+        model, _ = key
+        return PoolState(
+            dict(self._pools.get(key, {})),
+            {
+                client_id: self._reported[(model, client_id)].last_seen
+                for client_id in self._reports.get(key, ())
+            },
+        )
 
     def _judge(self, model: str, network: str, at: float) -> list[Detection]:
         pool = dict(self._pools.get((model, network), {}))
@@ -171,7 +390,17 @@ class CoordinationTracker:
             triage=TRIAGE,
         )
         for client_id, participant in pool.items():
-            self._reported[(model, client_id)] = participant.last_seen
-            del self._participants[(model, network, client_id)]
             self._leave(model, network, client_id)
+            self._report(model, network, client_id, participant.last_seen)
+        self._unconfirmed.append(((model, network), detection, pool))
         return [detection]
+
+
+def _read_pool(data: bytes | None) -> PoolState:
+    """A stored pool's state; an empty one when there is none or it is unreadable (it is written anew)."""
+    if data is None:
+        return PoolState({}, {})
+    try:
+        return PoolState.from_bytes(data)
+    except ValueError:
+        return PoolState({}, {})

@@ -36,6 +36,7 @@ from detector.storage.tables import (
     Base,
     CheckpointRow,
     ClientStateRow,
+    CoordinationPoolRow,
     DeadLetterRow,
     ModelScaleRow,
     PartitionLeaseRow,
@@ -64,6 +65,7 @@ class Checkpoint:
 
 
 Partition = tuple[str, int]  # (topic, partition)
+PoolKey = tuple[str, str]  # (model, network)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,12 @@ class Store(Repository):
                 )
                 found.update({(model, client_id): state for model, client_id, state in rows})
         return found
+
+    def pools(self, keys: Collection[PoolKey]) -> dict[PoolKey, bytes]:
+        """The stored state of each of the (model, network) pools `keys` that has one, unlocked (see
+        `Transaction.read_pools` for the locked read of a commit). Raises `StorageError`."""
+        with storage_errors("reading coordination pools"), self._engine.connect() as connection:
+            return _pools(connection, keys)
 
     def model_scales(self) -> dict[str, bytes]:
         """The input scales learned online and stored, by model: the `MAX_STORED_SCALES` most recently
@@ -404,6 +412,46 @@ class Transaction:
             "records read and not stored are read again by the partitions' owners"
         )
 
+    def read_pools(self, keys: Sequence[PoolKey]) -> dict[PoolKey, bytes]:
+        """The stored state of each of the (model, network) pools `keys` that has one, every one of them
+        locked until the transaction ends, whether it has a state yet or not: another member's commit that
+        shares one of these pools waits for this one, and reads what it wrote."""
+        if not keys:
+            return {}
+        # An empty row for each pool not stored yet: a row to lock (two members creating one pool at once
+        # are serialised on its key).
+        placeholder = self._insert(CoordinationPoolRow).on_conflict_do_nothing(
+            index_elements=["model", "network"]
+        )
+        now = _utc(self._clock())
+        ordered = sorted(set(keys))  # one lock order for every member
+        for chunk in _chunks(ordered):
+            self._connection.execute(
+                placeholder,
+                [
+                    {"model": model, "network": network, "state": b"", "updated_at": now}
+                    for model, network in chunk
+                ],
+            )
+        return _pools(self._connection, ordered, lock=True)
+
+    def write_pools(self, pools: Mapping[PoolKey, bytes]) -> None:
+        """Store the state of each pool, replacing what was stored."""
+        if not pools:
+            return
+        now = _utc(self._clock())
+        statement = self._insert(CoordinationPoolRow)
+        statement = statement.on_conflict_do_update(
+            index_elements=["model", "network"],
+            set_={"state": statement.excluded.state, "updated_at": statement.excluded.updated_at},
+        )
+        rows = [
+            {"model": model, "network": network, "state": state, "updated_at": now}
+            for (model, network), state in sorted(pools.items())
+        ]
+        for chunk in _chunks(rows):
+            self._connection.execute(statement, list(chunk))
+
     def write(self, batch: DurableBatch) -> None:
         """Store `batch`: seen events and dead letters already stored are kept as they are; sessions (by id),
         checkpoints (by group, topic and partition) and client states (by model and client) are
@@ -551,6 +599,22 @@ class Transaction:
         )
         rows = [{"model": model, "state": state, "updated_at": now} for model, state in scales.items()]
         self._connection.execute(statement, rows)
+
+
+def _pools(connection: Connection, keys: Collection[PoolKey], lock: bool = False) -> dict[PoolKey, bytes]:
+    """The non-empty stored states of the pools `keys`; with `lock`, their rows locked (PostgreSQL: FOR
+    UPDATE; a SQLite transaction holds the whole database already)."""
+    found: dict[PoolKey, bytes] = {}
+    for chunk in _chunks(sorted(set(keys))):
+        query = select(
+            CoordinationPoolRow.model, CoordinationPoolRow.network, CoordinationPoolRow.state
+        ).where(tuple_(CoordinationPoolRow.model, CoordinationPoolRow.network).in_(chunk))
+        if lock:
+            query = query.with_for_update()
+        found.update(
+            {(model, network): state for model, network, state in connection.execute(query) if state}
+        )
+    return found
 
 
 def _session_row(session: SessionState, now: datetime) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from detector.storage.tables import (
     AlertRow,
     Base,
     ClientStateRow,
+    CoordinationPoolRow,
     DeadLetterRow,
     ModelScaleRow,
     NotificationRow,
@@ -147,11 +148,15 @@ class Retention(Repository):
     def delete_client_states(
         self, before: datetime, chunk_rows: int, stop: threading.Event | None = None
     ) -> int:
-        """Delete the client states last written before `before` (idle clients), then the input scales
-        learned before `before` that no client state is built on any more; return how many client states."""
+        """Delete the client states last written before `before` (idle clients) and the coordination pools
+        too, then the input scales learned before `before` that no client state is built on any more; return
+        how many client states."""
         keys = (ClientStateRow.model, ClientStateRow.client_id)
         condition = ClientStateRow.updated_at < before
         deleted = self._delete(ClientStateRow, keys, condition, "client states", chunk_rows, stop)
+        pools = (CoordinationPoolRow.model, CoordinationPoolRow.network)
+        idle = CoordinationPoolRow.updated_at < before
+        self._delete(CoordinationPoolRow, pools, idle, "coordination pools", chunk_rows, stop)
         unused = (ModelScaleRow.updated_at < before) & ~exists().where(
             ClientStateRow.model == ModelScaleRow.model
         )

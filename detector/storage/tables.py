@@ -214,6 +214,19 @@ class ModelScaleRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
+class CoordinationPoolRow(Base):
+    """One pool of keys sharing a model and a network, as pooled by every member of a consumer group
+    (`detector.scoring.coordination.PoolState.to_bytes`): its participants and the keys already reported."""
+
+    __tablename__ = "coordination_pools"
+
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    network: Mapped[str] = mapped_column(String(64), primary_key=True)  # an IPv4 /24 or an IPv6 /48
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    # Retention: pools not written for a while (none of their keys has queried since).
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
 class SeenEventRow(Base):
     """An event id already processed: the ledger that makes re-delivered events change nothing."""
 

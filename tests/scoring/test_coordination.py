@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from detector.domain import AlertKind
+from collections.abc import Mapping, Sequence
+
+from detector.domain import AlertKind, Detection
 from detector.features.client import ClientFeatures, TrainingIndexes
 from detector.scoring.coordination import WINDOW_SECONDS, CoordinationTracker
 from tests.streams import SetIndex, Stream, record, warmed_tracker
@@ -93,3 +95,85 @@ def test_reported_keys_are_forgotten_a_window_after_they_went_quiet() -> None:
     assert coordination.observe(("m", "a"), participant("a", back), HITS, back) == []
     [again] = coordination.observe(("m", "c"), participant("c", back), HITS, back)
     assert again.client_ids == ("a", "c")
+
+
+# -- pools shared between the members of a consumer group ----------------------------------------------------
+
+
+class SharedDict:
+    """The database's pools as the members see them through their commits (one at a time)."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple[str, str], bytes] = {}
+
+    def read_pools(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+        return {key: self.pools[key] for key in keys if key in self.pools}
+
+    def write_pools(self, pools: Mapping[tuple[str, str], bytes]) -> None:
+        self.pools.update(pools)
+
+
+def commit(member: CoordinationTracker, shared: SharedDict) -> tuple[list[Detection], list[str]]:
+    """One member's commit: the exchange, then the transaction is durable."""
+    found = member.exchange(shared)
+    member.persisted()
+    return found
+
+
+def hits(count: int) -> dict[str, float]:
+    return {"training.distinct_hits": float(count), "training.exact_hit_rate": 0.1}
+
+
+def test_a_campaign_split_over_two_members_is_alerted_once_when_together_it_reaches_the_threshold() -> None:
+    shared, first, second = SharedDict(), CoordinationTracker(threshold=8), CoordinationTracker(threshold=8)
+    # Each member holds two keys of the campaign (4 hits): below the threshold on either alone.
+    for member, keys in ((first, ("s0", "s2")), (second, ("s1", "s3"))):
+        for index, client_id in enumerate(keys):
+            at = 1000.0 + index
+            assert member.observe(("m", client_id), participant(client_id, at), hits(2), at) == []
+    assert commit(first, shared) == ([], [])  # the pool stored holds s0 and s2
+
+    [detection], superseded = commit(second, shared)  # merged: 8 hits
+    assert superseded == []
+    assert detection.client_ids == ("s0", "s1", "s2", "s3") and detection.score == 8
+    assert detection.detected_at == 1001.0  # the latest query of the keys pooled
+
+    # The first member learns that its keys were reported: no second alert for them, now or later.
+    assert commit(first, shared) == ([], [])
+    assert first.observe(("m", "s0"), participant("s0", 1100.0), hits(3), 1100.0) == []
+    assert commit(first, shared) == ([], [])
+
+
+def test_when_two_members_alert_at_once_the_later_commit_is_withdrawn_and_its_other_keys_pooled_again() -> (
+    None
+):
+    shared, first, second = SharedDict(), CoordinationTracker(threshold=6), CoordinationTracker(threshold=6)
+    for member, client_id in ((first, "a"), (second, "b")):
+        member.observe(("m", client_id), participant(client_id, 1000.0), hits(2), 1000.0)
+        assert commit(member, shared) == ([], [])
+    # Between two commits, each member's own keys take the pool it knows over the threshold: the second
+    # member's knows "a" (merged at its commit), the first member's does not know "b".
+    [by_second] = second.observe(("m", "c"), participant("c", 1010.0), hits(2), 1010.0)
+    [by_first] = first.observe(("m", "d"), participant("d", 1011.0), hits(4), 1011.0)
+    assert by_second.client_ids == ("a", "b", "c") and by_first.client_ids == ("a", "d")
+    assert commit(second, shared) == ([], [])  # committed first: its alert stands
+
+    found, superseded = commit(first, shared)
+    assert superseded == [by_first.dedup_key]  # "a" was reported by the second member meanwhile
+    assert found == []  # "d" (4 hits) is pooled again, alone below the threshold
+    [later] = first.observe(("m", "e"), participant("e", 1020.0), hits(2), 1020.0)
+    assert later.client_ids == ("d", "e")
+
+
+def test_a_restarted_member_loads_the_stored_pool_before_judging_a_query() -> None:
+    shared, before = SharedDict(), CoordinationTracker(threshold=4)
+    before.observe(("m", "a"), participant("a", 1000.0), hits(2), 1000.0)
+    commit(before, shared)
+
+    after = CoordinationTracker(threshold=4)  # a new process: nothing in memory
+    key = ("m", "198.51.100.0/24")
+    assert after.unknown({key}) == [key]
+    after.load(shared.read_pools([key]))
+    assert after.unknown({key}) == []
+    [detection] = after.observe(("m", "b"), participant("b", 1005.0), hits(2), 1005.0)
+    assert detection.client_ids == ("a", "b") and detection.detected_at == 1005.0

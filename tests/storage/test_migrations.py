@@ -31,6 +31,7 @@ from detector.storage.tables import Base
 TABLES = {
     "sessions",
     "client_states",
+    "coordination_pools",
     "model_scales",
     "dead_letters",
     "consumer_checkpoints",
@@ -52,8 +53,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0009"
-    assert current_revision(engine) == "0009"
+    assert head_revision() == "0010"
+    assert current_revision(engine) == "0010"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 

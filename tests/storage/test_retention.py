@@ -34,7 +34,15 @@ from detector.storage import (
     open_store,
     upgrade,
 )
-from detector.storage.tables import AlertRow, Base, ClientStateRow, DeadLetterRow, SeenEventRow, SessionRow
+from detector.storage.tables import (
+    AlertRow,
+    Base,
+    ClientStateRow,
+    CoordinationPoolRow,
+    DeadLetterRow,
+    SeenEventRow,
+    SessionRow,
+)
 from tests.support import make_settings
 from tests.test_cli import cli_env, mia
 
@@ -81,6 +89,8 @@ def store_rows(store: Store, clock: FakeClock, tag: str, count: int = 3) -> None
             dead_letters=[dead_letter(offset + i) for i in range(count)],
         ),
     )
+    with store.transaction() as transaction:
+        transaction.write_pools({("m", f"{tag}-net-{i}"): b"pool" for i in range(count)})
 
 
 def test_rows_past_retention_go_and_newer_rows_stay(store: Store, clock: FakeClock) -> None:
@@ -108,6 +118,8 @@ def test_rows_past_retention_go_and_newer_rows_stay(store: Store, clock: FakeClo
     # Client states are kept 14 days by their last write (the composite key deletes in chunks too).
     assert by_table["client_states"].deleted == 3
     assert ids(engine, ClientStateRow.client_id) == {f"new-{i}" for i in range(3)}
+    # Coordination pools go with them, by their last write.
+    assert ids(engine, CoordinationPoolRow.network) == {f"new-net-{i}" for i in range(3)}
     # The input scale learned for a model goes with the last client state built on it, not before.
     assert store.model_scales() == {"m": b"scale"}
 

@@ -1,5 +1,6 @@
-"""Partition leases on SQLite and PostgreSQL: a claim raises the epoch and reads the stored positions; a
-commit under an older epoch stores nothing; a claim and a commit of the same partition are serialised."""
+"""State shared by the members of a consumer group, on SQLite and PostgreSQL. Partition leases: a claim
+raises the epoch and reads the stored positions; a commit under an older epoch stores nothing; a claim and a
+commit of the same partition are serialised. Coordination pools: two commits sharing one are serialised."""
 
 from __future__ import annotations
 
@@ -81,3 +82,35 @@ def test_a_claim_waits_for_a_commit_in_flight_and_reads_its_positions(store: Sto
         assert not claimed, "the claim went ahead of a commit holding the lease"
     claimer.join(30)
     assert claimed == [{P0: 180}]
+
+
+# -- coordination pools, shared the same way ---------------------------------------------------------------
+
+POOL = ("fraud-v1", "198.51.100.0/24")
+
+
+def test_pools_read_back_what_was_written_and_not_the_rows_made_to_lock(store: Store) -> None:
+    with store.transaction() as transaction:
+        assert transaction.read_pools([POOL, ("fraud-v1", "203.0.113.0/24")]) == {}
+        transaction.write_pools({POOL: b"pool-1"})
+    assert store.pools([POOL, ("fraud-v1", "203.0.113.0/24")]) == {POOL: b"pool-1"}
+
+
+def test_a_pool_read_in_a_commit_waits_for_another_commit_that_holds_it(store: Store) -> None:
+    with store.transaction() as transaction:
+        transaction.write_pools({POOL: b"first"})
+    read: list[dict[tuple[str, str], bytes]] = []
+
+    def other_member() -> None:
+        with store.transaction() as transaction:
+            read.append(transaction.read_pools([POOL]))
+
+    reader = threading.Thread(target=other_member)
+    with store.transaction() as transaction:
+        transaction.read_pools([POOL])
+        transaction.write_pools({POOL: b"second"})
+        reader.start()
+        time.sleep(0.5)  # the other member's read is under way, and must wait for this transaction
+        assert not read, "a pool was read while another commit held it"
+    reader.join(30)
+    assert read == [{POOL: b"second"}]
