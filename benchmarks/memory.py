@@ -5,17 +5,22 @@ fingerprints, counters) against what keeping the client's decoded queries would 
 back at a client's history). The detector's state is bounded per client; the history grows with traffic.
 
 Load: single-row OIP v2 records of 30 features with a probability response, spread over the clients.
-Run: `python benchmarks/memory.py [--clients N] [--events N]`.
+Run: `python benchmarks/memory.py [--clients N] [--events N] [--json]`. With `--json` the last line is one
+JSON object: `kib_per_active_client` (the detector's state), `kib_per_client_query_history` (the baseline)
+and `queries_per_client` they were measured at (`--clients 500` gives 200 queries a client).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import tempfile
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+
+import orjson
 
 from detector.domain import Query
 from detector.ingest.jsonl import read_jsonl_batches
@@ -65,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=2_000)
     parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         events = Path(directory) / "events.jsonl"
@@ -82,6 +88,13 @@ def main() -> None:
     print(f"  baseline: the clients' decoded queries   {history / args.clients / 1024:8.1f} KiB per client")
     print(f"  detector: sessions + streaming features  {state / args.clients / 1024:8.1f} KiB per client")
     print(f"  ratio detector / query history: {state / history:.2f}   (the state is bounded per client)")
+    if args.json:
+        figures = {
+            "kib_per_active_client": round(state / args.clients / 1024, 1),
+            "kib_per_client_query_history": round(history / args.clients / 1024, 1),
+            "queries_per_client": each,
+        }
+        sys.stdout.write(orjson.dumps(figures).decode() + "\n")
 
 
 if __name__ == "__main__":

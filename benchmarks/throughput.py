@@ -5,12 +5,15 @@
 (c) what detection (streaming features + rules) costs per query, against the rest of the replay path.
 
 Load: single-row OIP v2 records of 30 features with a probability response (~1 KB each).
-Run: `python benchmarks/throughput.py [--events N]` (`make bench`).
+Run: `python benchmarks/throughput.py [--events N] [--json]` (`make bench`). With `--json` the last line is
+one JSON object of the figures (rates per second): `replay_queries_per_s`, `json_decode_records_per_s`,
+`detection_queries_per_s`, `kafka_daemon_records_per_s` and `kafka_raw_records_per_s`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +45,10 @@ def report(name: str, count: int, wall: float, cpu: float, unit: str = "records"
     return rate
 
 
-def bench_detection(events: Path, settings: Settings, replay_seconds_per_query: float) -> None:
+Figures = dict[str, float]
+
+
+def bench_detection(events: Path, settings: Settings, replay_seconds_per_query: float) -> float:
     """Time the detection step alone on already decoded queries, in the replay's batches."""
     origin = RawRecord(b"", None, Origin("file", str(events), 0, 0), 0.0)  # what detection never reads
     batches = [[(origin, [query]) for query in batch] for batch in decoded_batches(settings, [str(events)])]
@@ -57,14 +63,17 @@ def bench_detection(events: Path, settings: Settings, replay_seconds_per_query: 
 
     print("(c) detection: streaming features + rules (+ coordination), no model loaded")
     count, wall, cpu = timed(detection)
-    report("detection step alone", count, wall, cpu, unit="queries")
+    rate = report("detection step alone", count, wall, cpu, unit="queries")
     per_query = wall / count
     rest = replay_seconds_per_query - per_query
     ratio = per_query / rest
     print(f"  detection adds {ratio:.2f} of the rest of the replay path's cost per query   (aim: ≤ 0.5)")
+    return rate
 
 
-def bench_replay(events: Path, settings: Settings) -> float:
+def bench_replay(events: Path, settings: Settings) -> tuple[float, float]:
+    """(JSON decode records/s, replay queries/s)."""
+
     def decode_only() -> int:
         count = 0
         with events.open("rb") as lines:
@@ -80,10 +89,12 @@ def bench_replay(events: Path, settings: Settings) -> float:
     baseline = report("baseline: orjson.loads of each line", *timed(decode_only))
     replayed = report("replay: decode+sessions+detect+commit", *timed(full_replay), unit="queries")
     print(f"  ratio replay / JSON decode: {replayed / baseline:.2f}   (aim: ≥ 25,000 queries/s)")
-    return 1.0 / replayed
+    return baseline, replayed
 
 
-def bench_kafka(events: Path, total: int, database_url: str) -> None:
+def bench_kafka(events: Path, total: int, database_url: str) -> tuple[float, float]:
+    """(raw kafka-python records/s, daemon records/s)."""
+
     with EmbeddedBroker() as broker:
         settings = load_settings(
             None,
@@ -136,11 +147,13 @@ def bench_kafka(events: Path, total: int, database_url: str) -> None:
         baseline = report("baseline: kafka-python poll only", *timed(raw_consumption))
         consumed = report("daemon: poll+decode+sessions+detect+commit", *timed(daemon))
         print(f"  ratio daemon / raw consumption: {consumed / baseline:.2f}   (aim: ≥ 0.5)")
+        return baseline, consumed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000, help="records in the load (default 100k)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mia-bench-") as tmp:
         workdir = Path(tmp)
@@ -149,9 +162,20 @@ def main() -> None:
         size = events.stat().st_size / args.events
         print(f"load: {args.events} single-row records, 30 features, {size:.0f} bytes each, 2,000 clients")
         settings = load_settings(None, database={"url": f"sqlite:///{workdir / 'replay.db'}"})
-        seconds_per_query = bench_replay(events, settings)
-        bench_detection(events, settings, seconds_per_query)
-        bench_kafka(events, args.events, f"sqlite:///{workdir / 'kafka.db'}")
+        decoded, replayed = bench_replay(events, settings)
+        detected = bench_detection(events, settings, 1.0 / replayed)
+        raw, daemon = bench_kafka(events, args.events, f"sqlite:///{workdir / 'kafka.db'}")
+    figures: Figures = {
+        "replay_queries_per_s": replayed,
+        "json_decode_records_per_s": decoded,
+        "detection_queries_per_s": detected,
+        "kafka_daemon_records_per_s": daemon,
+        "kafka_raw_records_per_s": raw,
+    }
+    if args.json:
+        sys.stdout.write(
+            orjson.dumps({name: round(value, 1) for name, value in figures.items()}).decode() + "\n"
+        )
 
 
 if __name__ == "__main__":
