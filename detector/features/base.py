@@ -48,13 +48,24 @@ class CounterFeature:
         faster than `dataclasses.asdict`'s deep one (states are stored at every commit)."""
         return {
             name: list(value) if isinstance(value, list) else value
-            for name, value in ((field.name, getattr(self, field.name)) for field in dataclasses.fields(self))
+            for name, value in ((name, getattr(self, name)) for name in _field_names(type(self)))
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Self:
         """A feature continuing from `state`, independent of it."""
         return cls(**copy.deepcopy(state))
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(feature: type) -> tuple[str, ...]:
+    """The field names of a feature class (`dataclasses.fields` builds them anew at every call)."""
+    names = _FIELD_NAMES.get(feature)
+    if names is None:
+        names = _FIELD_NAMES[feature] = tuple(field.name for field in dataclasses.fields(feature))
+    return names
 
 
 class _QualifiedNames(dict[str, str]):

@@ -12,6 +12,7 @@ Search is exact over the bounded set of cluster representatives: O(MAX_CLUSTERS)
 from __future__ import annotations
 
 import math
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntEnum
@@ -227,7 +228,7 @@ class RecordClusters:
         clusters = cls()
         clusters._ids = [int(cluster) for cluster in state["ids"]]
         used = len(clusters._ids)
-        clusters._labels = [None if label is None else str(label) for label in state["labels"]]
+        clusters._labels = [None if label is None else sys.intern(str(label)) for label in state["labels"]]
         clusters._sizes = [int(size) for size in state["sizes"]]
         clusters._touched_at = [int(sequence) for sequence in state["touched_at"]]
         clusters._sequence = int(state["sequence"])

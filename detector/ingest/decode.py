@@ -10,6 +10,7 @@ model inputs themselves.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC
@@ -669,7 +670,9 @@ def _short_label(label: str) -> str:
             DeadLetterReason.SCHEMA_VIOLATION,
             f"a label of {len(label)} characters, more than {MAX_LABEL_CHARS}",
         )
-    return label
+    # One string per distinct label: every cluster of every client keeps its last label, and a model has
+    # few (interned strings are freed with their last reference).
+    return sys.intern(label)
 
 
 # -- what the client asked for -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ first. The stored pools also bring back what a restart, a rebalance or the `max_
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -125,6 +126,12 @@ def network_of(address: str | None) -> str | None:
     """The /24 (IPv4) or /48 (IPv6) network of `address`, or None when unknown or unparsable."""
     if not address:
         return None
+    return _network_of(address)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _network_of(address: str) -> str | None:
+    # Cached: parsing costs tens of microseconds, and a client's address repeats at each of its judgements.
     try:
         parsed = ipaddress.ip_address(address)
     except ValueError:
