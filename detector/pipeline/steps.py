@@ -214,13 +214,17 @@ class DetectStep:
                 {(queries[0].model, queries[0].client_id) for _, queries in batch.fresh}
             )
             if missing:
-                for model, client_id in tracker.restore(self.stored.client_states(missing)):
+                # Both reads before either is taken in: a failed read leaves the clients missing, and the
+                # retried batch reads them again.
+                states = self.stored.client_states(missing)
+                pools = self._stored_pools(self.stored, batch, set(missing))
+                for model, client_id in tracker.restore(states):
                     log.warning(
                         "the stored features of client %s of model %s are unreadable: started afresh",
                         display_name(client_id),
                         display_name(model),
                     )
-                self._load_pools(self.stored, batch, set(missing))
+                self.coordination.load(pools)
         for observation in tracker.observe([query for _, queries in batch.fresh for query in queries]):
             key, client = tracker.update_one(observation)
             at = observation.query.timestamp
@@ -243,9 +247,11 @@ class DetectStep:
             self.coordination.clear()
             self._scales_read = False
 
-    def _load_pools(self, stored: StoredFeatures, batch: Batch, clients: set[ClientKey]) -> None:
-        """Read the `stored` pools of the networks of `clients` (not in memory before this batch) that the
-        coordination tracker holds nothing of, before their queries are observed."""
+    def _stored_pools(
+        self, stored: StoredFeatures, batch: Batch, clients: set[ClientKey]
+    ) -> Mapping[PoolKey, bytes]:
+        """The `stored` pools of the networks of `clients` (not in memory before this batch) that the
+        coordination tracker holds nothing of, to load before their queries are observed."""
         networks: set[PoolKey] = set()
         for _, queries in batch.fresh:
             query = queries[0]
@@ -254,8 +260,7 @@ class DetectStep:
                 if network is not None:
                     networks.add((query.model, network))
         unknown = self.coordination.unknown(networks)
-        if unknown:
-            self.coordination.load(stored.pools(unknown))
+        return stored.pools(unknown) if unknown else {}
 
     def judge(self, watermark: float | None) -> list[Detection]:
         """The anomaly model's detections on the moments judged since the last call, in order (one

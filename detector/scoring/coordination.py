@@ -40,6 +40,8 @@ from detector.scoring.scorer import Snapshot
 WINDOW_SECONDS = 6 * 3600.0
 MIN_HIT_RATE = 0.02  # of exact hits: a key sending training records now and then among its own data
 MIN_CLIENTS = 2
+# Keys a stored pool holds at most (the latest): a bound on the row every commit touching it rewrites.
+MAX_STORED_KEYS = 20_000
 TRIAGE = (
     "Several keys of one model together queried many records of its training set, each key too few to be "
     "alerted alone: a membership-inference attack split over sybil keys. Check whether the keys share an "
@@ -161,6 +163,11 @@ class CoordinationTracker:
         # Since the last `persisted`: the pools changed, and the detections raised (with their pool).
         self._touched: set[PoolKey] = set()
         self._unconfirmed: list[tuple[PoolKey, Detection, dict[str, _Participant]]] = []
+        # Found and withdrawn by an exchange whose pools were not taken yet: returned by the next one.
+        self._found: list[Detection] = []
+        self._withdrawn: list[str] = []
+        # (model, client id) -> the network of the one pool a key is in (its address may move).
+        self._joined: dict[tuple[str, str], str] = {}
         self._horizon = float("-inf")  # event time before which pooled keys and reports are let go
 
     def __len__(self) -> int:
@@ -226,26 +233,27 @@ class CoordinationTracker:
 
         Returns the detections of pools that the stored keys took over the threshold (detected at the latest
         query of their keys), and the dedup keys of this tracker's detections since the last `persisted`
-        that another member superseded. Call again after a failed transaction: merging is idempotent.
+        that another member superseded: each once, when `shared` has taken the pools (what a failed exchange
+        found is returned by the next one). Call again after a failed transaction: merging is idempotent.
         """
         keys = sorted(self._touched)
-        if not keys:
-            return [], []
-        stored = shared.read_pools(keys)
-        detections: list[Detection] = []
-        superseded: list[str] = []
-        for key in keys:
-            state = _read_pool(stored.get(key))
-            superseded += self._superseded(key, state)
-            self._merge(key, state)
-            pool = self._pools.get(key, {})
-            for stale in [client_id for client_id, p in pool.items() if p.last_seen < self._horizon]:
-                self._leave(*key, stale)
-            if key in self._pools:
-                detections += self._judge(*key, max(p.last_seen for p in pool.values()))
-        self._bound()
-        shared.write_pools({key: self._state(key).to_bytes() for key in keys})
-        return detections, superseded
+        if keys:
+            stored = {key: _read_pool(data) for key, data in shared.read_pools(keys).items()}
+            for key in keys:
+                state = stored.get(key, PoolState({}, {}))
+                self._withdrawn += self._superseded(key, state)
+                self._merge(key, state)
+                pool = self._pools.get(key, {})
+                for stale in [client_id for client_id, p in pool.items() if p.last_seen < self._horizon]:
+                    self._leave(*key, stale)
+                if key in self._pools:
+                    self._found += self._judge(*key, max(p.last_seen for p in pool.values()))
+            # Written before this member's own bound lets keys go: they may be another member's.
+            shared.write_pools({key: self._written(key, stored.get(key)).to_bytes() for key in keys})
+            self._bound()
+        found, withdrawn = self._found, self._withdrawn
+        self._found, self._withdrawn = [], []
+        return found, withdrawn
 
     def persisted(self) -> None:
         """What the last `exchange` wrote is durable: start collecting the next changes."""
@@ -256,10 +264,13 @@ class CoordinationTracker:
         """Forget every pool (the stored ones bring their keys back as their pools change again)."""
         self._participants.clear()
         self._pools.clear()
+        self._joined.clear()
         self._reported.clear()
         self._reports.clear()
         self._touched.clear()
         self._unconfirmed.clear()
+        self._found.clear()
+        self._withdrawn.clear()
 
     def forget(self, watermark: float) -> None:
         """Let go of keys whose last hit, or last query since they were reported, is a window older than
@@ -276,10 +287,14 @@ class CoordinationTracker:
     def _pool(
         self, model: str, network: str, client_id: str, participant: _Participant, touch: bool = True
     ) -> None:
+        joined = self._joined.get((model, client_id))
+        if joined is not None and joined != network:
+            self._leave(model, joined, client_id)  # one pool a key: its address moved to another network
         entry = (model, network, client_id)
         self._participants[entry] = participant
         self._participants.move_to_end(entry)
         self._pools.setdefault((model, network), {})[client_id] = participant
+        self._joined[(model, client_id)] = network
         if touch:
             self._touched.add((model, network))
 
@@ -290,12 +305,15 @@ class CoordinationTracker:
 
     def _leave(self, model: str, network: str, client_id: str) -> None:
         del self._participants[(model, network, client_id)]
+        del self._joined[(model, client_id)]
         pool = self._pools[(model, network)]
         del pool[client_id]
         if not pool:
             del self._pools[(model, network)]
 
     def _report(self, model: str, network: str, client_id: str, last_seen: float, touch: bool = True) -> None:
+        if (model, client_id) in self._reported:
+            self._unreport(model, client_id)  # reported again from another network: one report a key
         self._reported[(model, client_id)] = _Report(network, last_seen)
         self._reports.setdefault((model, network), set()).add(client_id)
         if touch:
@@ -355,15 +373,27 @@ class CoordinationTracker:
         if touch:
             self._touched.add(key)
 
-    def _state(self, key: PoolKey) -> PoolState:
+    def _written(self, key: PoolKey, stored: PoolState | None) -> PoolState:
+        """What pool `key` is stored as: the stored pool and this tracker's merged, the latest version of
+        each key, reported keys as reports, no key older than the window, at most `MAX_STORED_KEYS` (the
+        latest). Stored keys this tracker let go for its own bound stay: they may be another member's."""
         model, _ = key
-        return PoolState(
-            dict(self._pools.get(key, {})),
-            {
-                client_id: self._reported[(model, client_id)].last_seen
-                for client_id in self._reports.get(key, ())
-            },
-        )
+        reported = {
+            client_id: self._reported[(model, client_id)].last_seen
+            for client_id in self._reports.get(key, ())
+        }
+        participants = {
+            client_id: p
+            for client_id, p in (stored.participants.items() if stored else ())
+            if p.last_seen >= self._horizon and client_id not in reported and client_id not in self.allowed
+        }
+        for client_id, p in self._pools.get(key, {}).items():
+            if client_id not in participants or p.last_seen >= participants[client_id].last_seen:
+                participants[client_id] = p
+        if len(participants) > MAX_STORED_KEYS:
+            latest = sorted(participants.items(), key=lambda item: item[1].last_seen)[-MAX_STORED_KEYS:]
+            participants = dict(latest)
+        return PoolState(participants, reported)
 
     def _judge(self, model: str, network: str, at: float) -> list[Detection]:
         pool = dict(self._pools.get((model, network), {}))

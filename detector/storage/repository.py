@@ -369,6 +369,18 @@ class Transaction:
         """
         if not epochs:
             return
+        # The rows locked one by one in one order, as every claimer locks them: a single UPDATE would lock
+        # them in the table's order, and a claim of two of them at once could deadlock with it.
+        for partitions in _chunks(sorted(epochs)):
+            self._connection.execute(
+                select(PartitionLeaseRow.epoch)
+                .where(
+                    PartitionLeaseRow.group_id == group_id,
+                    tuple_(PartitionLeaseRow.topic, PartitionLeaseRow.partition).in_(partitions),
+                )
+                .order_by(PartitionLeaseRow.topic, PartitionLeaseRow.partition)
+                .with_for_update()
+            ).all()
         now = _utc(self._clock())
         held = 0
         for chunk in _chunks(sorted(epochs.items())):
@@ -609,8 +621,8 @@ def _pools(connection: Connection, keys: Collection[PoolKey], lock: bool = False
         query = select(
             CoordinationPoolRow.model, CoordinationPoolRow.network, CoordinationPoolRow.state
         ).where(tuple_(CoordinationPoolRow.model, CoordinationPoolRow.network).in_(chunk))
-        if lock:
-            query = query.with_for_update()
+        if lock:  # in one order for every member
+            query = query.order_by(CoordinationPoolRow.model, CoordinationPoolRow.network).with_for_update()
         found.update(
             {(model, network): state for model, network, state in connection.execute(query) if state}
         )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import pytest
+
 from detector.domain import AlertKind, Detection
 from detector.features.client import ClientFeatures, TrainingIndexes
-from detector.scoring.coordination import WINDOW_SECONDS, CoordinationTracker
+from detector.scoring.coordination import WINDOW_SECONDS, CoordinationTracker, PoolState
 from tests.streams import SetIndex, Stream, record, warmed_tracker
 
 
@@ -177,3 +179,59 @@ def test_a_restarted_member_loads_the_stored_pool_before_judging_a_query() -> No
     assert after.unknown({key}) == []
     [detection] = after.observe(("m", "b"), participant("b", 1005.0), hits(2), 1005.0)
     assert detection.client_ids == ("a", "b") and detection.detected_at == 1005.0
+
+
+class FailingOnce(SharedDict):
+    """A database whose first write of the pools fails (a connection lost inside the commit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    def write_pools(self, pools: Mapping[tuple[str, str], bytes]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("connection lost")
+        super().write_pools(pools)
+
+
+def test_what_a_failed_exchange_found_is_returned_by_the_next_one() -> None:
+    shared, first, second = FailingOnce(), CoordinationTracker(threshold=4), CoordinationTracker(threshold=4)
+    shared.failures = 0
+    first.observe(("m", "a"), participant("a", 1000.0), hits(2), 1000.0)
+    commit(first, shared)
+    second.observe(("m", "b"), participant("b", 1001.0), hits(2), 1001.0)
+    shared.failures = 1
+    with pytest.raises(ConnectionError):
+        second.exchange(shared)  # the merged pool crossed, but nothing was stored
+    [detection], superseded = commit(second, shared)  # the retried commit
+    assert detection.client_ids == ("a", "b") and superseded == []
+    assert commit(second, shared) == ([], [])  # returned once
+
+
+def test_a_key_whose_address_moves_to_another_network_is_in_one_pool() -> None:
+    shared, tracker = SharedDict(), CoordinationTracker(threshold=4)
+    tracker.observe(("m", "a"), participant("a", 1000.0, ip="198.51.100.7"), hits(1), 1000.0)
+    tracker.observe(("m", "a"), participant("a", 1001.0, ip="203.0.113.7"), hits(1), 1001.0)
+    assert len(tracker) == 1
+    commit(tracker, shared)
+    # Reported from one network, then from the other: one report, and forgetting it leaves nothing behind.
+    tracker.observe(("m", "b"), participant("b", 1002.0, ip="203.0.113.8"), hits(3), 1002.0)
+    tracker.forget(watermark=1002.0 + 2 * WINDOW_SECONDS)
+    assert len(tracker) == 0
+    tracker.observe(
+        ("m", "c"), participant("c", 1002.0 + 2 * WINDOW_SECONDS, ip="198.51.100.9"), hits(1), 1e9
+    )
+    commit(tracker, shared)  # writes both pools without tripping over a stale report
+
+
+def test_keys_a_member_lets_go_for_its_own_bound_stay_in_the_stored_pool() -> None:
+    shared, wide, narrow = SharedDict(), CoordinationTracker(threshold=100), CoordinationTracker(100, 2)
+    for index in range(3):
+        client_id = f"w{index}"
+        wide.observe(("m", client_id), participant(client_id, 1000.0 + index), hits(1), 1000.0 + index)
+    commit(wide, shared)
+    narrow.observe(("m", "n"), participant("n", 1010.0), hits(1), 1010.0)
+    commit(narrow, shared)  # holds 2 keys of the 4 in memory
+    [state] = shared.pools.values()
+    assert set(PoolState.from_bytes(state).participants) == {"w0", "w1", "w2", "n"}
