@@ -7,8 +7,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
+import orjson
 import pytest
 
 from detector.broker import EmbeddedBroker
@@ -152,3 +154,21 @@ def fresh_postgres_database() -> Iterator[str]:
                 connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         admin.dispose()
+
+
+def events_with_sybils(scenario: Path, keys: int) -> tuple[list[bytes], list[str]]:
+    """A simulated scenario's event records (lines without their newline), its training-set attacker's
+    dealt in turn over `keys` sybil keys (its address kept: one network); and those keys."""
+    truth = [orjson.loads(line) for line in (scenario / "truth.jsonl").read_bytes().splitlines()]
+    attacker = next(client["client_id"] for client in truth if client["kind"] == "training_set_targeting")
+    sybils = [f"{attacker}-sybil-{index}" for index in range(keys)]
+    lines, dealt = [], 0
+    for line in (scenario / "events.jsonl").read_bytes().splitlines():
+        record = orjson.loads(line)
+        if record["client"]["id"] == attacker:
+            record["client"]["id"] = sybils[dealt % keys]
+            dealt += 1
+            line = orjson.dumps(record)
+        lines.append(line)
+    assert dealt >= keys, f"the attacker sent {dealt} records, fewer than {keys} keys"
+    return lines, sybils

@@ -369,34 +369,8 @@ class Transaction:
         """
         if not epochs:
             return
-        # The rows locked one by one in one order, as every claimer locks them: a single UPDATE would lock
-        # them in the table's order, and a claim of two of them at once could deadlock with it.
-        for partitions in _chunks(sorted(epochs)):
-            self._connection.execute(
-                select(PartitionLeaseRow.epoch)
-                .where(
-                    PartitionLeaseRow.group_id == group_id,
-                    tuple_(PartitionLeaseRow.topic, PartitionLeaseRow.partition).in_(partitions),
-                )
-                .order_by(PartitionLeaseRow.topic, PartitionLeaseRow.partition)
-                .with_for_update()
-            ).all()
-        now = _utc(self._clock())
-        held = 0
-        for chunk in _chunks(sorted(epochs.items())):
-            result = self._connection.execute(
-                update(PartitionLeaseRow)
-                .where(
-                    PartitionLeaseRow.group_id == group_id,
-                    tuple_(PartitionLeaseRow.topic, PartitionLeaseRow.partition, PartitionLeaseRow.epoch).in_(
-                        [(topic, partition, epoch) for (topic, partition), epoch in chunk]
-                    ),
-                )
-                .values(committed_at=now)
-            )
-            held += result.rowcount
-        if held == len(epochs):
-            return
+        # One locking read, in one order as every claimer locks them (a single UPDATE would lock the rows in
+        # the table's order, and could deadlock with a claim of two of them), gives the epochs to compare.
         current = {
             (topic, partition): (epoch, owner)
             for chunk in _chunks(sorted(epochs))
@@ -406,12 +380,27 @@ class Transaction:
                     PartitionLeaseRow.partition,
                     PartitionLeaseRow.epoch,
                     PartitionLeaseRow.owner,
-                ).where(
+                )
+                .where(
                     PartitionLeaseRow.group_id == group_id,
                     tuple_(PartitionLeaseRow.topic, PartitionLeaseRow.partition).in_(chunk),
                 )
+                .order_by(PartitionLeaseRow.topic, PartitionLeaseRow.partition)
+                .with_for_update()
             )
         }
+        if all(current.get(key, (0, ""))[0] == epoch != 0 for key, epoch in epochs.items()):
+            now = _utc(self._clock())
+            for chunk in _chunks(sorted(epochs)):
+                self._connection.execute(
+                    update(PartitionLeaseRow)
+                    .where(
+                        PartitionLeaseRow.group_id == group_id,
+                        tuple_(PartitionLeaseRow.topic, PartitionLeaseRow.partition).in_(chunk),
+                    )
+                    .values(committed_at=now)
+                )
+            return
         lost = []
         for key, epoch in sorted(epochs.items()):
             if key not in current:

@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psycopg
 import pytest
 from sqlalchemy import Engine, make_url
@@ -34,7 +33,7 @@ from detector.storage import SilenceStore, open_engine
 from tests.dashboards.templates import VARIABLE, variable_name
 from tests.dashboards.test_build import Query, queries
 from tests.prometheus import JOB, prometheus_binary, query, running_prometheus, wait_for
-from tests.support import fresh_postgres_database, make_settings, missing_tool
+from tests.support import events_with_sybils, fresh_postgres_database, make_settings, missing_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka, pytest.mark.postgres]
 
@@ -85,18 +84,7 @@ def write_events(scenario: Path, directory: Path) -> tuple[Path, Path, list[str]
     """The scenario's events with its training-set attacker dealt over `SYBIL_KEYS` keys and one malformed
     record of each kind mixed in (dead letters), as two files: the first `FIRST_RECORDS` records and the
     rest. Returns both and the sybil keys."""
-    truth = [json.loads(line) for line in (scenario / "truth.jsonl").read_text().splitlines()]
-    attacker = next(client["client_id"] for client in truth if client["kind"] == "training_set_targeting")
-    sybils = [f"{attacker}-sybil-{index}" for index in range(SYBIL_KEYS)]
-    lines, dealt = [], 0
-    for line in (scenario / "events.jsonl").read_bytes().splitlines():
-        record = orjson.loads(line)
-        if record["client"]["id"] == attacker:
-            record["client"]["id"] = sybils[dealt % SYBIL_KEYS]
-            dealt += 1
-            line = orjson.dumps(record)
-        lines.append(line)
-    assert dealt >= SYBIL_KEYS
+    lines, sybils = events_with_sybils(scenario, SYBIL_KEYS)
     for index, bad in enumerate(MALFORMED):
         lines.insert(100 * (index + 1), bad)
     first, rest = directory / "first.jsonl", directory / "rest.jsonl"

@@ -23,7 +23,6 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-import orjson
 import pytest
 
 from detector.broker import EmbeddedBroker
@@ -35,7 +34,7 @@ from detector.settings import Settings
 from detector.simulate.simulator import simulate
 from detector.storage import AlertStore, open_store
 from tests.faults.harness import Daemon, LiveProducer, daemon_env, tally, tracebacks, wait_until
-from tests.support import fresh_postgres_database, make_settings
+from tests.support import events_with_sybils, fresh_postgres_database, make_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.postgres]
 
@@ -43,24 +42,6 @@ PARTITIONS = 4
 SYBIL_KEYS = 4
 STREAM_SECONDS = 45.0
 DAY = 86_400.0
-
-
-def with_sybils(scenario: Path, out: Path) -> list[str]:
-    """Write the scenario's events to `out` with its training-set attacker's records dealt over
-    `SYBIL_KEYS` keys (one network, as the attacker's address is kept); returns the sybil keys."""
-    truth = [orjson.loads(line) for line in (scenario / "truth.jsonl").read_bytes().splitlines()]
-    attacker = next(client["client_id"] for client in truth if client["kind"] == "training_set_targeting")
-    sybils = [f"{attacker}-sybil-{index}" for index in range(SYBIL_KEYS)]
-    lines, dealt = [], 0
-    for line in (scenario / "events.jsonl").read_bytes().splitlines():
-        record = orjson.loads(line)
-        if record["client"]["id"] == attacker:
-            record["client"]["id"] = sybils[dealt % SYBIL_KEYS]
-            dealt += 1
-            line = orjson.dumps(record)
-        lines.append(line)
-    out.write_bytes(b"\n".join(lines) + b"\n")
-    return sybils
 
 
 def queries_per_client(settings: Settings) -> Counter[tuple[str, str]]:
@@ -89,7 +70,8 @@ def test_members_killed_restarted_and_added_give_the_alerts_of_one_replay(
 ) -> None:
     simulation = simulate("smoke", 3, tmp_path / "scenario")
     events = tmp_path / "events.jsonl"
-    sybils = with_sybils(simulation.out, events)
+    lines, sybils = events_with_sybils(simulation.out, SYBIL_KEYS)
+    events.write_bytes(b"\n".join(lines) + b"\n")
     indexes = index_training_sets(simulation.out, tmp_path / "indexes")
     alerts_stay_open = {"resolve_after_seconds": DAY}
     reference_settings = make_settings(f"sqlite:///{tmp_path / 'reference.db'}", alerts=alerts_stay_open)
