@@ -50,6 +50,10 @@ class KafkaSettings(BaseModel):
 
     model_config = _GROUP
     bootstrap_servers: str = "127.0.0.1:9092"
+    # The consumer's client library: kafka-python, or librdkafka through confluent-kafka where volume
+    # demands it (`pip install 'mia-detector[confluent]'`). Producers (dead letters, findings) and topic
+    # administration use kafka-python either way: their volume is small.
+    client: Literal["kafka-python", "confluent"] = "kafka-python"
     topics: list[str] = Field(default_factory=lambda: ["inference-logs"], min_length=1)
     group_id: str = "mia-detector"
     client_id: str = "mia-detector"
@@ -77,6 +81,16 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: SaslMechanism = "PLAIN"
     sasl_username: str | None = Field(default=None, validate_default=True)
     sasl_password: SecretStr | None = Field(default=None, validate_default=True)
+
+    @field_validator("client")
+    @classmethod
+    def _client_installed(cls, value: str) -> str:
+        if value == "confluent":
+            try:
+                import confluent_kafka  # noqa: F401
+            except ImportError:
+                raise ValueError("needs confluent-kafka: pip install 'mia-detector[confluent]'") from None
+        return value
 
     @field_validator(
         "ssl_cafile",

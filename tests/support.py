@@ -18,6 +18,10 @@ from detector.domain import Alert, AlertKind, AlertStatus, Notification, Notific
 from detector.settings import Settings, load_settings
 from detector.storage import create_engine_for
 
+# The Kafka consumer the tests' daemons and sources use: `kafka-python` unless `make test-confluent` runs the
+# Kafka tests again on `confluent`.
+KAFKA_CLIENT = os.environ.get("MIA_TEST_KAFKA_CLIENT", "kafka-python")
+
 
 def unique(prefix: str) -> str:
     """A name no other test uses (topics and groups outlive a test on the shared broker)."""
@@ -32,6 +36,7 @@ def make_settings(
         "topics": [unique("logs")],
         "group_id": unique("group"),
         "session_timeout_ms": 6000,
+        "client": KAFKA_CLIENT,
     }
     if broker is not None:
         kafka["bootstrap_servers"] = broker.bootstrap_servers

@@ -20,11 +20,13 @@ from detector.broker import EmbeddedBroker
 from detector.service import produce_file, replay
 from detector.simulate.sample import START, oip_record, write_sample
 from detector.storage import open_store
-from tests.support import make_settings, unique
+from tests.support import KAFKA_CLIENT, make_settings, unique
 
 
 def cli_env(**variables: str) -> dict[str, str]:
+    """This environment without MIA_ settings, but for the Kafka client under test; then `variables`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("MIA_")}
+    env["MIA_KAFKA_CLIENT"] = KAFKA_CLIENT
     env.update(variables)
     return env
 

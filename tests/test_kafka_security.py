@@ -13,11 +13,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from confluent_kafka import Consumer
 from kafka import KafkaConsumer, KafkaProducer
 
 from detector.broker import EmbeddedBroker, free_port
 from detector.kafka import BOOTSTRAP_TIMEOUT_OPTION, client_options
-from detector.settings import KafkaSettings
+from detector.kafka.confluent import consumer_config
+from detector.settings import ConfigError, KafkaSettings, load_settings
 from detector.simulate.sample import write_sample
 from tests.secured_broker import HOST, BrokerBehindTls, Certificates, make_certificates, start_tansu, stop
 from tests.support import unique
@@ -104,14 +106,16 @@ def events_file(tmp_path: Path) -> Path:
 
 @pytest.mark.kafka
 @pytest.mark.slow
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_records_are_produced_and_consumed_over_tls_with_a_client_certificate(
-    tls_broker: BrokerBehindTls, certificates: Certificates, tmp_path: Path
+    tls_broker: BrokerBehindTls, certificates: Certificates, tmp_path: Path, client: str
 ) -> None:
     env = env_for(
         tls_broker.bootstrap_servers,
         tmp_path,
         **tls_variables(certificates),
         MIA_KAFKA_DEAD_LETTER_TOPIC=unique("dlq"),  # a producer inside the daemon, too
+        MIA_KAFKA_CLIENT=client,
     )
     topic = unique("tls")
     before = tls_broker.proxy.handshakes
@@ -288,24 +292,25 @@ def test_a_sasl_mechanism_the_broker_does_not_enable_fails_fast(sasl_broker: str
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize(
+    ("command", "client"),
+    [(["produce", "EVENTS", "--topic", "t"], "kafka-python"), (["run"], "confluent")],
+    ids=["produce", "run-on-confluent"],
+)
 def test_sasl_credentials_the_broker_rejects_fail_within_the_connect_timeout(
-    sasl_broker: str, tmp_path: Path
+    sasl_broker: str, tmp_path: Path, command: list[str], client: str
 ) -> None:
     variables = {
+        "MIA_KAFKA_CLIENT": client,
         "MIA_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
         "MIA_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
         "MIA_KAFKA_SASL_USERNAME": "nobody",
         "MIA_KAFKA_SASL_PASSWORD": "pw-4-kafka",
         "MIA_KAFKA_CONNECT_TIMEOUT_SECONDS": "3",
     }
+    args = [str(events_file(tmp_path)) if arg == "EVENTS" else arg for arg in command]
     started = time.monotonic()
-    result = mia(
-        "produce",
-        str(events_file(tmp_path)),
-        "--topic",
-        unique("t"),
-        env=env_for(sasl_broker, tmp_path, **variables),
-    )
+    result = mia(*args, env=env_for(sasl_broker, tmp_path, **variables))
 
     line = failure_line(result)
     assert time.monotonic() - started < 25
@@ -358,6 +363,42 @@ def test_every_client_option_is_one_the_installed_kafka_python_knows(certificate
     options = set(client_options(settings))
     assert options <= set(KafkaConsumer.DEFAULT_CONFIG)
     assert options <= set(KafkaProducer.DEFAULT_CONFIG)
+
+
+@pytest.mark.parametrize("protocol", ["SSL", "SASL_SSL", "SASL_PLAINTEXT"])
+def test_the_security_settings_reach_librdkafka_under_its_names(
+    certificates: Certificates, protocol: str
+) -> None:
+    tls = protocol in ("SSL", "SASL_SSL")
+    sasl = protocol.startswith("SASL")
+    settings = KafkaSettings(
+        bootstrap_servers="127.0.0.1:1",
+        security_protocol=protocol,  # type: ignore[arg-type]
+        ssl_check_hostname=False,
+        **(  # type: ignore[arg-type]
+            {
+                "ssl_cafile": certificates.ca,
+                "ssl_certfile": certificates.client_cert,
+                "ssl_keyfile": certificates.client_key,
+                "ssl_password": certificates.client_key_password,
+            }
+            if tls
+            else {}
+        ),
+        **({"sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "u", "sasl_password": "p-7"} if sasl else {}),
+    )
+    config = consumer_config(settings, "g")
+
+    assert config["security.protocol"] == protocol.lower()
+    assert config.get("ssl.ca.location") == (str(certificates.ca) if tls else None)
+    assert config.get("ssl.key.location") == (str(certificates.client_key) if tls else None)
+    assert config.get("ssl.key.password") == (certificates.client_key_password if tls else None)
+    assert config.get("ssl.endpoint.identification.algorithm") == ("none" if tls else None)
+    assert config.get("sasl.mechanism") == ("SCRAM-SHA-512" if sasl else None)
+    assert config.get("sasl.password") == ("p-7" if sasl else None)
+    # librdkafka refuses an unknown or inconsistent option when the client is built (it connects later),
+    # and loads the certificate and key (with its password) there.
+    Consumer(config).close()
 
 
 # -- the settings --------------------------------------------------------------------------------------------
@@ -432,3 +473,16 @@ def test_kafka_security_settings_are_accepted_and_shown(tmp_path: Path) -> None:
     assert kafka["ssl_cafile"] == str(tmp_path / "ca.pem") and kafka["connect_timeout_seconds"] == 10
     assert kafka["sasl_password"] == kafka["ssl_password"] == "**********"
     assert "pw-9" not in result.stdout
+
+
+def test_the_confluent_client_without_confluent_kafka_installed_is_one_line_saying_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # what an import finds when it is absent
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, kafka={"client": "confluent"})
+
+    assert "kafka.client (MIA_KAFKA_CLIENT)" in str(refused.value)
+    assert "pip install 'mia-detector[confluent]'" in str(refused.value)
+    assert load_settings(None, kafka={"client": "kafka-python"}).kafka.client == "kafka-python"

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
-from detector.domain import DeadLetter, Origin, RawRecord
-from detector.kafka import BOOTSTRAP_TIMEOUT_OPTION, KafkaPublisher, open_client, open_connections
+from detector.domain import DeadLetter, RawRecord
+from detector.kafka import KafkaPublisher, open_consumer
+from detector.kafka.consumers import Partition, names
 from detector.metrics import Metrics
 from detector.settings import KafkaSettings
 
@@ -20,42 +18,16 @@ log = logging.getLogger(__name__)
 
 # How often `poll` looks at the consumer's connections to the brokers (no broker round trip).
 CONNECTION_CHECK_SECONDS = 1.0
-# Bounds the end-offset lookup that checks stored positions (kafka-python 3; 2.x uses its request timeout).
-END_OFFSETS_TIMEOUT_MS = 10_000
 
-Positions = dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
+Positions = dict[Partition, int]  # (topic, partition) -> next offset to read
 # Claims partitions assigned for this member (fencing out their previous owner) and returns their stored
 # positions; None when the claim could not be made now (the database is unavailable): asked again later.
-ClaimPartitions = Callable[[list[tuple[str, int]]], Positions | None]
-
-
-def _names(partitions: Iterable[TopicPartition]) -> list[str]:
-    return sorted(f"{tp.topic}/{tp.partition}" for tp in partitions)
-
-
-RebalanceHook = Callable[[list[TopicPartition]], None]
-
-
-class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Hands rebalances to the source. kafka-python 3 calls it on its network thread (while `poll` waits),
-    where a blocking broker call is refused: nothing the hooks do may block on the broker."""
-
-    def __init__(self, revoked: RebalanceHook, assigned: RebalanceHook) -> None:
-        self._revoked = revoked
-        self._assigned = assigned
-
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        if revoked:
-            log.info("partitions revoked: %s", _names(revoked))
-            self._revoked(list(revoked))
-
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        log.info("partitions assigned: %s", _names(assigned))
-        self._assigned(list(assigned))
+ClaimPartitions = Callable[[list[Partition]], Positions | None]
 
 
 class KafkaSource:
-    """Reads raw records from `topics` in a consumer group; offsets move only through `commit`.
+    """Reads raw records from `topics` in a consumer group; offsets move only through `commit`. The client
+    is the one `settings.client` names (`detector.kafka.consumers.open_consumer`).
 
     `on_revoke` runs inside `poll` before partitions are taken away: the pipeline makes its pending results
     durable there (with their checkpoints) and commits, so the next owner of a partition starts after what
@@ -97,30 +69,16 @@ class KafkaSource:
         self._in_rebalance = False
         self._held = False
         # Assigned partitions not claimed yet (the database did not answer), paused until they are.
-        self._unclaimed: list[TopicPartition] = []
+        self._unclaimed: list[Partition] = []
         # Assigned partitions with a stored position, paused until it is checked against the end offsets.
-        self._unchecked: dict[TopicPartition, int] = {}
+        self._unchecked: dict[Partition, int] = {}
         self._connected = True
         self._healthy_checks = 0  # consecutive connection checks that found the brokers reachable
         self._poll_error: KafkaError | None = None  # since the last connection check
         self._disconnected_at = 0.0
         self._connection_checked = time.time()
-        self._consumer = open_client(
-            KafkaConsumer,
-            settings,
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=settings.auto_offset_reset,
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=max(settings.session_timeout_ms // 3, 100),
-            max_poll_records=settings.max_poll_records,
-            fetch_max_bytes=settings.fetch_max_bytes,
-            max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
-            fetch_min_bytes=settings.fetch_min_bytes,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        )
-        self._listener = _RebalanceListener(self._revoked, self._assigned)
-        self._consumer.subscribe(self.topics, listener=self._listener)
+        self._consumer = open_consumer(settings, self.group_id)
+        self._consumer.subscribe(self.topics, self._revoked, self._assigned)
         if metrics is not None:
             metrics.broker_connected.set(1)  # the client bootstrapped: it reached a broker
 
@@ -136,7 +94,7 @@ class KafkaSource:
         if self._unchecked:
             self._resume_at_stored_positions()
         try:
-            fetched = self._consumer.poll(timeout_ms=self._timeout_ms, max_records=self._max_records)
+            records = self._consumer.poll(self._timeout_ms, self._max_records)
         except KafkaError as error:
             if not error.retriable:
                 raise
@@ -145,21 +103,12 @@ class KafkaSource:
             log.debug("polling Kafka failed: %s", error)
             self._poll_error = error
             time.sleep(self._timeout_ms / 1000)
-            fetched = {}
-        received_at = time.time()
-        if received_at - self._connection_checked >= CONNECTION_CHECK_SECONDS:
-            self._connection_checked = received_at
+            records = []
+        now = time.time()
+        if now - self._connection_checked >= CONNECTION_CHECK_SECONDS:
+            self._connection_checked = now
             self._check_connection()
-        return [
-            RawRecord(
-                message.value,
-                message.key,
-                Origin("kafka", message.topic, message.partition, message.offset),
-                received_at,
-            )
-            for messages in fetched.values()
-            for message in messages
-        ]
+        return records
 
     @property
     def assigned(self) -> bool:
@@ -173,11 +122,11 @@ class KafkaSource:
         """
         self._held = held
         if held:
-            self._consumer.pause(*self._consumer.assignment())
+            self._consumer.pause(self._consumer.assignment())
         else:
             # Partitions not claimed, or whose stored position is not checked yet, stay paused.
             waiting = self._unchecked.keys() | set(self._unclaimed)
-            self._consumer.resume(*(set(self._consumer.paused()) - waiting))
+            self._consumer.resume(self._consumer.assignment() - waiting)
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Records behind the high watermark per assigned partition, as of the consumer's last fetch.
@@ -185,16 +134,7 @@ class KafkaSource:
         No broker round trip: the high watermark comes with every fetch response. Partitions not fetched
         yet are left out. (Some brokers, tansu among them, report a high watermark below the true end.)
         """
-        lag: dict[tuple[str, int], int] = {}
-        for tp in self._consumer.assignment():
-            highwater = self._consumer.highwater(tp)
-            if highwater is None:
-                continue
-            # A fetched partition has its position; timeout 0 keeps a lookup that is still due from blocking.
-            position = self._consumer.position(tp, timeout_ms=0)
-            if position is not None:
-                lag[(tp.topic, tp.partition)] = max(highwater - position, 0)
-        return lag
+        return self._consumer.lag()
 
     def commit(self, positions: Mapping[tuple[str, int], int]) -> None:
         """Commit `positions` (next offsets); a no-op when empty.
@@ -202,18 +142,11 @@ class KafkaSource:
         Synchronous, raising `KafkaError` when the broker does not take them; during a rebalance (from
         `on_revoke`) the commit is sent without waiting, and a failure is only logged.
         """
-        if not positions:
-            return
-        offsets = {
-            TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
-            for (topic, partition), offset in positions.items()
-        }
-        if self._in_rebalance:
-            self._consumer.commit_async(offsets, callback=_log_failed_commit)
-        else:
-            self._consumer.commit(offsets)
+        if positions:
+            self._consumer.commit(positions, wait=not self._in_rebalance)
 
-    def _revoked(self, partitions: list[TopicPartition]) -> None:
+    def _revoked(self, partitions: list[Partition]) -> None:
+        log.info("partitions revoked: %s", names(partitions))
         self._in_rebalance = True
         try:
             self._on_revoke()
@@ -229,28 +162,27 @@ class KafkaSource:
         )
         self._consumer.unsubscribe()
         self._unclaimed, self._unchecked = [], {}
-        self._consumer.subscribe(self.topics, listener=self._listener)
+        self._consumer.subscribe(self.topics, self._revoked, self._assigned)
 
-    def _assigned(self, partitions: list[TopicPartition]) -> None:
+    def _assigned(self, partitions: list[Partition]) -> None:
+        log.info("partitions assigned: %s", names(partitions))
         self._unclaimed, self._unchecked = list(partitions), {}
         # Nothing is fetched before the claim: it is made here, on the client's network thread under
         # kafka-python 3 (a database call, no broker round trip), and again at each poll until it succeeds.
-        self._consumer.pause(*partitions)
+        self._consumer.pause(partitions)
         self._claim_assigned()
 
     def _claim_assigned(self) -> None:
         """Claim the assigned partitions not claimed yet; pause those with a stored position until it is
         checked (a broker round trip, refused on the network thread: the next `poll` does it)."""
         unclaimed = self._unclaimed
-        stored = self._claim([(tp.topic, tp.partition) for tp in unclaimed]) if self._claim else {}
+        stored = self._claim(unclaimed) if self._claim else {}
         if stored is None:
             return
         self._unclaimed = []
-        self._unchecked |= {
-            tp: position for tp in unclaimed if (position := stored.get((tp.topic, tp.partition))) is not None
-        }
+        self._unchecked |= {tp: stored[tp] for tp in unclaimed if tp in stored}
         if not self._held:
-            self._consumer.resume(*(tp for tp in unclaimed if tp not in self._unchecked))
+            self._consumer.resume(tp for tp in unclaimed if tp not in self._unchecked)
 
     def _resume_at_stored_positions(self) -> None:
         """Seek each unchecked partition to its stored position unless that lies beyond the broker's end
@@ -265,53 +197,46 @@ class KafkaSource:
             beyond = self._beyond_log_end(unchecked)
         except KafkaError as error:
             log.warning(
-                "end offsets of %s unknown (%s): checked again at the next poll", _names(unchecked), error
+                "end offsets of %s unknown (%s): checked again at the next poll", names(unchecked), error
             )
             return
-        for tp, position in unchecked.items():
-            if tp not in beyond:
-                self._consumer.seek(tp, position)
+        for (topic, partition), position in unchecked.items():
+            if (topic, partition) not in beyond:
+                self._consumer.seek((topic, partition), position)
                 continue
             log.warning(
                 "stored position %d of %s/%d is beyond the broker's end offset %d: the broker lost records; "
                 "resuming where the broker says (committed offset, or auto_offset_reset), records read "
                 "again are de-duplicated",
                 position,
-                tp.topic,
-                tp.partition,
-                beyond[tp],
+                topic,
+                partition,
+                beyond[(topic, partition)],
             )
             if self._metrics is not None:
                 self._metrics.positions_beyond_log_end.inc()
         self._unchecked = {}
         if not self._held:
-            self._consumer.resume(*unchecked)
+            self._consumer.resume(unchecked)
 
-    def _beyond_log_end(self, stored: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+    def _beyond_log_end(self, stored: dict[Partition, int]) -> dict[Partition, int]:
         """The partitions whose stored position lies beyond the broker's end offset, with that end offset;
         raises `KafkaError` when the broker does not answer."""
-        if BOOTSTRAP_TIMEOUT_OPTION == "bootstrap_timeout_ms":  # kafka-python 3 takes a bound
-            ends = self._consumer.end_offsets(list(stored), timeout_ms=END_OFFSETS_TIMEOUT_MS)
-        else:
-            ends = self._consumer.end_offsets(list(stored))
+        ends = self._consumer.end_offsets(list(stored))
         beyond = {}
-        for tp, position in stored.items():
-            end = ends.get(tp)
+        for partition, position in stored.items():
+            end = ends.get(partition)
             # Some brokers (tansu) report an end below the true one; a broker that still holds the offset
             # this group committed there has not lost the log.
-            if (
-                end is not None
-                and position > end
-                and self._consumer.committed(tp, timeout_ms=END_OFFSETS_TIMEOUT_MS) != position
-            ):
-                beyond[tp] = end
+            if end is not None and position > end and self._consumer.committed(partition) != position:
+                beyond[partition] = end
         return beyond
 
     def _check_connection(self) -> None:
         """Log and export the loss of the brokers (no connection left, or a poll that failed to reach them)
         and their return (connected, without a failed poll, on two checks in a row: a connection that the
         network accepts and then resets does not count)."""
-        count = open_connections(self._consumer)
+        count = self._consumer.open_connections()
         if count is None:
             count = 1  # a client that does not tell: judged by its polls alone
         error, self._poll_error = self._poll_error, None
@@ -343,12 +268,7 @@ class KafkaSource:
 
     def close(self) -> None:
         """Leave the group (without committing anything more)."""
-        self._consumer.close(autocommit=False)
-
-
-def _log_failed_commit(offsets: Mapping[TopicPartition, OffsetAndMetadata], response: Any) -> None:
-    if isinstance(response, Exception):
-        log.warning("offsets of %s not committed: %s", _names(offsets), response)
+        self._consumer.close()
 
 
 class DeadLetterTopic:

@@ -1,5 +1,6 @@
 """Kafka clients shared by the source (`detector.ingest.kafka`) and the sinks that write to a topic: options
-and connection checks from the settings (`clients`, `connect`), and the publisher of whole records."""
+and connection checks from the settings (`clients`, `connect`), the consumer-group clients (`consumers`,
+`confluent`), and the publisher of whole records."""
 
 from detector.kafka.clients import (
     BOOTSTRAP_TIMEOUT_OPTION,
@@ -9,10 +10,12 @@ from detector.kafka.clients import (
     open_connections,
 )
 from detector.kafka.connect import KafkaUnreachable, check_connection
+from detector.kafka.consumers import GroupConsumer, open_consumer
 from detector.kafka.topics import TopicLayout, ensure_topic
 
 __all__ = [
     "BOOTSTRAP_TIMEOUT_OPTION",
+    "GroupConsumer",
     "KafkaPublisher",
     "KafkaUnreachable",
     "TopicLayout",
@@ -21,4 +24,5 @@ __all__ = [
     "ensure_topic",
     "open_client",
     "open_connections",
+    "open_consumer",
 ]

@@ -48,14 +48,21 @@ def client_options(settings: KafkaSettings, *, timeout_seconds: float | None = N
     context = ssl_context(settings)
     if context is not None:
         options["ssl_context"] = context
-    if settings.security_protocol in SASL_PROTOCOLS:
-        if settings.sasl_username is None or settings.sasl_password is None:
-            # Settings validation refuses this; settings built without validation must not reach a broker.
-            raise ValueError("SASL needs MIA_KAFKA_SASL_USERNAME and MIA_KAFKA_SASL_PASSWORD")
-        options["sasl_mechanism"] = settings.sasl_mechanism
-        options["sasl_plain_username"] = settings.sasl_username
-        options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    if (sasl := sasl_login(settings)) is not None:
+        mechanism, username, password = sasl
+        options["sasl_mechanism"] = mechanism
+        options["sasl_plain_username"], options["sasl_plain_password"] = username, password
     return options
+
+
+def sasl_login(settings: KafkaSettings) -> tuple[str, str, str] | None:
+    """(mechanism, username, password) when the security protocol uses SASL, else None."""
+    if settings.security_protocol not in SASL_PROTOCOLS:
+        return None
+    if settings.sasl_username is None or settings.sasl_password is None:
+        # Settings validation refuses this; settings built without validation must not reach a broker.
+        raise ValueError("SASL needs MIA_KAFKA_SASL_USERNAME and MIA_KAFKA_SASL_PASSWORD")
+    return settings.sasl_mechanism, settings.sasl_username, settings.sasl_password.get_secret_value()
 
 
 def open_client(
@@ -89,7 +96,7 @@ def open_client(
     except KafkaError as exc:
         for client in clients:
             client.close()
-        raise KafkaUnreachable(_bootstrap_failure(settings, exc, timeout)) from None
+        raise KafkaUnreachable(bootstrap_failure(settings, exc, timeout)) from None
 
 
 def open_connections(consumer: KafkaConsumer) -> int | None:
@@ -135,7 +142,8 @@ def _log_in(settings: KafkaSettings, timeout: float) -> None:
         client.close()
 
 
-def _bootstrap_failure(settings: KafkaSettings, exc: KafkaError, timeout: float) -> str:
+def bootstrap_failure(settings: KafkaSettings, exc: KafkaError, timeout: float) -> str:
+    """The one-line reason a client could not bootstrap within `timeout` seconds: where, over what, why."""
     servers = ",".join(bootstrap_servers(settings))
     reason = (str(exc) or type(exc).__name__).splitlines()[0]
     if settings.security_protocol in SASL_PROTOCOLS:

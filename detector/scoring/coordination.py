@@ -17,8 +17,10 @@ only: at each commit, every pool changed since the last one is exchanged through
 in the commit's transaction, the pools locked). The stored pool's keys join this member's, its reported keys
 leave it, the merged pool is judged (one alert when the keys of several members reach the threshold only
 together) and written back. A detection this member raised since its last commit is withdrawn when another
-member has meanwhile reported one of its keys: a campaign is alerted on once, by whichever member commits
-first. The stored pools also bring back what a restart, a rebalance or the `max_participants` bound let go.
+member has meanwhile reported one of its keys, or other keys of the same pool active at the same time (both
+members crossed the threshold with their own keys of one wave between two commits): a campaign is alerted
+on once, by whichever member commits first. The stored pools also bring back what a restart, a rebalance
+or the `max_participants` bound let go.
 """
 
 from __future__ import annotations
@@ -327,17 +329,31 @@ class CoordinationTracker:
             del self._reports[(model, report.network)]
 
     def _superseded(self, key: PoolKey, state: PoolState) -> list[str]:
-        """The dedup keys of this tracker's unconfirmed detections of pool `key` of which another member
-        reported a key (stored reports are of committed alerts: this member's own are not stored yet). The
-        keys of a withdrawn detection that the other member did not report are pooled again."""
+        """The dedup keys of this tracker's unconfirmed detections of pool `key` that another member's
+        committed alert supersedes (stored reports are of committed alerts: this member's own are not stored
+        yet), withdrawn:
+        - when the other member reported one of the detection's keys, the keys it did not report are pooled
+          again;
+        - when it reported other keys of the pool, new to this member and active during the detection's span,
+          both members crossed the threshold with their own keys of one wave of the campaign between two
+          commits: the detection's keys stay reported, as part of that wave (one alert per wave)."""
         model, network = key
         superseded = []
         for entry in list(self._unconfirmed):
             pool, detection, participants = entry
-            if pool != key or not any(client_id in state.reported for client_id in detection.client_ids):
+            if pool != key:
+                continue
+            shared_keys = any(client_id in state.reported for client_id in detection.client_ids)
+            same_wave = any(
+                (model, client_id) not in self._reported and last_seen >= detection.first_seen
+                for client_id, last_seen in state.reported.items()
+            )
+            if not shared_keys and not same_wave:
                 continue
             superseded.append(detection.dedup_key)
             self._unconfirmed.remove(entry)
+            if not shared_keys:
+                continue
             for client_id, participant in participants.items():
                 if client_id not in state.reported:
                     if (model, client_id) in self._reported:

@@ -235,3 +235,33 @@ def test_keys_a_member_lets_go_for_its_own_bound_stay_in_the_stored_pool() -> No
     commit(narrow, shared)  # holds 2 keys of the 4 in memory
     [state] = shared.pools.values()
     assert set(PoolState.from_bytes(state).participants) == {"w0", "w1", "w2", "n"}
+
+
+def test_when_two_members_alert_on_their_own_keys_of_one_wave_at_once_the_later_alert_is_withdrawn() -> None:
+    shared, first, second = SharedDict(), CoordinationTracker(threshold=6), CoordinationTracker(threshold=6)
+    # Between two commits each member pools two keys of one network, and each pair crosses the threshold.
+    [by_first] = [
+        detection
+        for client_id, at in (("x1", 1000.0), ("x2", 1002.0))
+        for detection in first.observe(("m", client_id), participant(client_id, at), hits(3), at)
+    ]
+    [by_second] = [
+        detection
+        for client_id, at in (("y1", 1001.0), ("y2", 1003.0))
+        for detection in second.observe(("m", client_id), participant(client_id, at), hits(3), at)
+    ]
+    assert commit(first, shared) == ([], [])  # committed first: its alert stands
+
+    assert commit(second, shared) == ([], [by_second.dedup_key])  # one wave, one alert
+    # Its keys stay reported with the wave: not pooled into an alert of their own later.
+    assert second.observe(("m", "y1"), participant("y1", 1010.0), hits(4), 1010.0) == []
+    assert commit(second, shared) == ([], []) and commit(first, shared) == ([], [])
+
+    # A later wave of other keys of the network is alerted on, by either member.
+    late = [
+        detection
+        for client_id, at in (("z1", 1100.0), ("z2", 1101.0))
+        for detection in first.observe(("m", client_id), participant(client_id, 1100.0), hits(3), at)
+    ]
+    assert [detection.client_ids for detection in late] == [("z1", "z2")]
+    assert by_first.client_ids == ("x1", "x2")
