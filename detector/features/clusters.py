@@ -5,15 +5,15 @@ Each query is matched against the client's recent clusters. Its fingerprint seen
 within `INVARIANT_RADIUS` of it in the shift/flip-invariant view) → a variant of that record; otherwise a new
 record starts a cluster. Because a cluster is represented by its *latest* member, a decision-boundary walk
 that drifts step by step stays one cluster. Memory is bounded: at most `MAX_CLUSTERS` clusters (least
-recently matched ones are dropped, their counts kept) and `MAX_FINGERPRINTS` remembered fingerprints.
-Search is exact over the bounded set of cluster representatives: O(MAX_CLUSTERS) per query, never O(n²).
+recently matched ones are dropped, their counts kept) and `MAX_FINGERPRINTS` remembered fingerprints, all
+held in numpy columns that grow by doubling (no Python object per cluster or fingerprint). Search is exact
+over the bounded set of cluster representatives: O(MAX_CLUSTERS) per query, never O(n²).
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -62,25 +62,112 @@ class ClusterMatch:
         return self.kind is MatchKind.VARIANT and self.dense and self.gap <= BURST_GAP
 
 
+def _grown(column: np.ndarray, capacity: int) -> np.ndarray:
+    """`column` in a zeroed array of `capacity` rows (its rows first)."""
+    grown = np.zeros((capacity, *column.shape[1:]), dtype=column.dtype)
+    grown[: column.shape[0]] = column
+    return grown
+
+
+class FingerprintTable:
+    """The cluster id of each of the latest `MAX_FINGERPRINTS` fingerprints, the least recently used dropped
+    first: three numpy columns (24 bytes a fingerprint), looked up by one vector comparison."""
+
+    def __init__(self) -> None:
+        self._fingerprints = np.zeros(16, dtype=np.uint64)
+        self._clusters = np.zeros(16, dtype=np.int64)
+        self._used_at = np.zeros(16, dtype=np.int64)  # the client's query sequence at the last use
+        self._count = 0
+        # The last fingerprint looked up and where: a query's `put` follows its `get`, one scan a query.
+        self._looked_up: tuple[int, int | None] | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _position(self, fingerprint: int) -> int | None:
+        if self._looked_up is not None and self._looked_up[0] == fingerprint:
+            return self._looked_up[1]
+        found = np.flatnonzero(self._fingerprints[: self._count] == np.uint64(fingerprint))
+        position = int(found[0]) if found.size else None
+        self._looked_up = (fingerprint, position)
+        return position
+
+    def get(self, fingerprint: int, now: int) -> int | None:
+        """The cluster id of `fingerprint`, marking it used at `now`; None when it is not remembered."""
+        position = self._position(fingerprint)
+        if position is None:
+            return None
+        self._used_at[position] = now
+        return int(self._clusters[position])
+
+    def put(self, fingerprint: int, cluster: int, now: int) -> None:
+        """Remember `fingerprint` as a member of `cluster`, used at `now` (`now` grows with every call)."""
+        position = self._position(fingerprint)
+        if position is None:
+            if self._count < MAX_FINGERPRINTS:
+                position = self._count
+                self._count += 1
+                if position == self._fingerprints.shape[0]:
+                    capacity = min(position * 2, MAX_FINGERPRINTS)
+                    self._fingerprints = _grown(self._fingerprints, capacity)
+                    self._clusters = _grown(self._clusters, capacity)
+                    self._used_at = _grown(self._used_at, capacity)
+            else:
+                position = int(self._used_at.argmin())
+            self._fingerprints[position] = fingerprint
+        self._looked_up = (fingerprint, position)
+        self._clusters[position] = cluster
+        self._used_at[position] = now
+
+    def items(self) -> list[list[int]]:
+        """[fingerprint, cluster id] pairs, least recently used first."""
+        order = self._used_at[: self._count].argsort(kind="stable")
+        return [
+            [int(fingerprint), int(cluster)]
+            for fingerprint, cluster in zip(self._fingerprints[order], self._clusters[order], strict=True)
+        ]
+
+    @classmethod
+    def of(cls, items: list[list[int]]) -> FingerprintTable:
+        """The table of `items` ([fingerprint, cluster id], least recently used first), used before any
+        query to come."""
+        table = cls()
+        count = min(len(items), MAX_FINGERPRINTS)
+        kept = items[len(items) - count :]
+        capacity = max(16, 1 << max(count - 1, 0).bit_length())
+        table._fingerprints = np.zeros(min(capacity, MAX_FINGERPRINTS), dtype=np.uint64)
+        table._clusters = np.zeros_like(table._fingerprints, dtype=np.int64)
+        table._used_at = np.zeros_like(table._fingerprints, dtype=np.int64)
+        if count:
+            table._fingerprints[:count] = [int(fingerprint) for fingerprint, _ in kept]
+            table._clusters[:count] = [int(cluster) for _, cluster in kept]
+            # Older than every query to come: a restored client's queries go on from its stored sequence.
+            table._used_at[:count] = np.arange(-count, 0)
+        table._count = count
+        return table
+
+
 class RecordClusters:
     """Bounded clusters of one client's queries (see the module docstring)."""
 
     def __init__(self) -> None:
-        # Storage grows by doubling up to MAX_CLUSTERS: most clients never need more than a few slots.
+        # Columns grow by doubling up to MAX_CLUSTERS: most clients never need more than a few slots. A slot
+        # holds one cluster: its id, latest member's point (and invariant view), label, size, and the
+        # query sequence at which it was last matched, which orders clusters from least to most recent.
         self._points = np.zeros((4, PROJECTION_DIM), dtype=np.float32)
         self._invariants: np.ndarray | None = None
         self._labels: list[str | None] = []
-        self._sizes: list[int] = []
-        self._ids: list[int] = []
-        self._touched_at: list[int] = []
+        self._ids = np.zeros(4, dtype=np.int64)
+        self._sizes = np.zeros(4, dtype=np.int64)
+        self._touched_at = np.zeros(4, dtype=np.int64)
+        self._used = 0
         self._sequence = 0
-        self._slots: OrderedDict[int, int] = OrderedDict()  # cluster id -> slot, least recent first
-        self._fingerprints: OrderedDict[int, int] = OrderedDict()  # fingerprint -> cluster id
+        self._fingerprints = FingerprintTable()
         self._next_id = 0
         self._last_raw: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self._slots)
+        return self._used
 
     def assign(self, observation: Observation) -> ClusterMatch:
         """Match `observation` to a cluster (creating one if needed) and remember it; return the match."""
@@ -91,17 +178,16 @@ class RecordClusters:
 
     def _match(self, observation: Observation) -> ClusterMatch:
         label = observation.query.label
-        cluster = self._fingerprints.get(observation.fingerprint)
-        if cluster is not None and cluster in self._slots:
-            self._fingerprints.move_to_end(observation.fingerprint)
-            slot, gap = self._touch(cluster)
-            return ClusterMatch(MatchKind.EXACT, cluster, 0.0, cluster_size=self._sizes[slot], gap=gap)
+        cluster = self._fingerprints.get(observation.fingerprint, self._sequence)
+        if cluster is not None and (slot := self._slot_of(cluster)) is not None:
+            gap = self._touch(slot)
+            return ClusterMatch(MatchKind.EXACT, cluster, 0.0, cluster_size=int(self._sizes[slot]), gap=gap)
 
         nearest, distance = self._nearest(observation)
         if nearest is not None:
             slot = nearest
-            cluster = self._ids[slot]
-            _, gap = self._touch(cluster)
+            cluster = int(self._ids[slot])
+            gap = self._touch(slot)
             flip = label is not None and self._labels[slot] is not None and label != self._labels[slot]
             self._labels[slot] = label
             self._points[slot] = observation.point
@@ -115,7 +201,7 @@ class RecordClusters:
                 distance,
                 dense=self._dense_change(observation.raw),
                 label_flip=flip,
-                cluster_size=self._sizes[slot],
+                cluster_size=int(self._sizes[slot]),
                 gap=gap,
             )
 
@@ -124,7 +210,7 @@ class RecordClusters:
 
     def _nearest(self, observation: Observation) -> tuple[int | None, float]:
         """The slot of the matching cluster (or None) and the distance to the nearest representative."""
-        used = len(self._ids)
+        used = self._used
         if not used:
             return None, float("inf")
         difference = self._points[:used] - observation.point
@@ -134,9 +220,7 @@ class RecordClusters:
         if nearest <= (VARIANT_RADIUS if observation.raw is not None else TEXT_VARIANT_RADIUS):
             return best, nearest
         if observation.invariant is not None and self._invariants is not None:
-            recent = np.fromiter(reversed(self._slots.values()), dtype=np.int64, count=used)[
-                :INVARIANT_RECENT
-            ]
+            recent = self._touched_at[:used].argsort()[::-1][:INVARIANT_RECENT]  # most recent first
             difference = self._invariants[recent] - observation.invariant
             squared = np.einsum("ij,ij->i", difference, difference)
             candidate = int(squared.argmin())
@@ -147,23 +231,20 @@ class RecordClusters:
     def _new_cluster(self, observation: Observation) -> int:
         cluster = self._next_id
         self._next_id += 1
-        if len(self._ids) >= MAX_CLUSTERS:
-            _, slot = self._slots.popitem(last=False)
-            self._ids[slot] = cluster
+        if self._used >= MAX_CLUSTERS:
+            slot = int(self._touched_at[: self._used].argmin())  # the least recently matched gives way
             self._labels[slot] = observation.query.label
-            self._sizes[slot] = 1
-            self._touched_at[slot] = self._sequence
         else:
-            slot = len(self._ids)
-            self._ids.append(cluster)
-            self._touched_at.append(self._sequence)
+            slot = self._used
+            self._used += 1
             self._labels.append(observation.query.label)
-            self._sizes.append(1)
             self._grow(slot + 1, observation)
+        self._ids[slot] = cluster
+        self._sizes[slot] = 1
+        self._touched_at[slot] = self._sequence
         self._points[slot] = observation.point
         if observation.invariant is not None and self._invariants is not None:
             self._invariants[slot] = observation.invariant
-        self._slots[cluster] = slot
         self._remember(observation.fingerprint, cluster)
         return cluster
 
@@ -171,25 +252,28 @@ class RecordClusters:
         capacity = self._points.shape[0]
         if needed > capacity:
             capacity = min(max(capacity * 2, needed), MAX_CLUSTERS)
-            self._points = np.resize(self._points, (capacity, PROJECTION_DIM))
+            self._points = _grown(self._points, capacity)
+            self._ids = _grown(self._ids, capacity)
+            self._sizes = _grown(self._sizes, capacity)
+            self._touched_at = _grown(self._touched_at, capacity)
             if self._invariants is not None:
-                self._invariants = np.resize(self._invariants, (capacity, self._invariants.shape[1]))
+                self._invariants = _grown(self._invariants, capacity)
         if observation.invariant is not None and self._invariants is None:
             self._invariants = np.zeros((capacity, observation.invariant.shape[0]), dtype=np.float32)
 
-    def _touch(self, cluster: int) -> tuple[int, int]:
-        """Mark `cluster` matched now; return its slot and the queries since it was last matched."""
-        self._slots.move_to_end(cluster)
-        slot = self._slots[cluster]
-        gap = self._sequence - self._touched_at[slot]
+    def _slot_of(self, cluster: int) -> int | None:
+        """The slot holding `cluster`; None once it gave way to a newer one."""
+        found = np.flatnonzero(self._ids[: self._used] == cluster)
+        return int(found[0]) if found.size else None
+
+    def _touch(self, slot: int) -> int:
+        """Mark the cluster in `slot` matched now; return the queries since it was last matched."""
+        gap = self._sequence - int(self._touched_at[slot])
         self._touched_at[slot] = self._sequence
-        return slot, gap
+        return gap
 
     def _remember(self, fingerprint: int, cluster: int) -> None:
-        self._fingerprints[fingerprint] = cluster
-        self._fingerprints.move_to_end(fingerprint)
-        if len(self._fingerprints) > MAX_FINGERPRINTS:
-            self._fingerprints.popitem(last=False)
+        self._fingerprints.put(fingerprint, cluster, self._sequence)
 
     def _dense_change(self, raw: np.ndarray | None) -> bool:
         """True when the variant changed most features since the previous query (noise, shifts, walks),
@@ -207,17 +291,16 @@ class RecordClusters:
         """JSON-serialisable state, sharing nothing with the clusters: representatives' points (float32,
         base64), labels, sizes, recency, fingerprints, and the previous query's row, which the next query's
         dense-change test compares against: the one raw input the state holds."""
-        used = len(self._ids)
+        used = self._used
         return {
-            "ids": list(self._ids),
+            "ids": self._ids[:used].tolist(),
             "points": pack(self._points[:used]),
             "invariants": None if self._invariants is None else pack(self._invariants[:used]),
             "labels": list(self._labels),
-            "sizes": list(self._sizes),
-            "touched_at": list(self._touched_at),
+            "sizes": self._sizes[:used].tolist(),
+            "touched_at": self._touched_at[:used].tolist(),
             "sequence": self._sequence,
-            "recency": [[cluster, slot] for cluster, slot in self._slots.items()],
-            "fingerprints": [[fingerprint, cluster] for fingerprint, cluster in self._fingerprints.items()],
+            "fingerprints": self._fingerprints.items(),
             "next_id": self._next_id,
             "last_row": None if self._last_raw is None else pack(self._last_raw),
         }
@@ -226,18 +309,18 @@ class RecordClusters:
     def from_state(cls, state: dict[str, Any]) -> RecordClusters:
         """Clusters continuing from `state` (see `state`), sharing nothing with it."""
         clusters = cls()
-        clusters._ids = [int(cluster) for cluster in state["ids"]]
-        used = len(clusters._ids)
+        used = clusters._used = len(state["ids"])
+        capacity = max(4, used)
+        clusters._ids = _grown(np.array(state["ids"], dtype=np.int64), capacity)
         clusters._labels = [None if label is None else sys.intern(str(label)) for label in state["labels"]]
-        clusters._sizes = [int(size) for size in state["sizes"]]
-        clusters._touched_at = [int(sequence) for sequence in state["touched_at"]]
+        clusters._sizes = _grown(np.array(state["sizes"], dtype=np.int64), capacity)
+        clusters._touched_at = _grown(np.array(state["touched_at"], dtype=np.int64), capacity)
         clusters._sequence = int(state["sequence"])
         if used:
-            clusters._points = unpack(state["points"]).reshape(used, PROJECTION_DIM)
+            clusters._points = _grown(unpack(state["points"]).reshape(used, PROJECTION_DIM), capacity)
         if state["invariants"] is not None:
-            clusters._invariants = unpack(state["invariants"]).reshape(used, -1)
-        clusters._slots = OrderedDict((int(cluster), int(slot)) for cluster, slot in state["recency"])
-        clusters._fingerprints = OrderedDict((int(fp), int(cluster)) for fp, cluster in state["fingerprints"])
+            clusters._invariants = _grown(unpack(state["invariants"]).reshape(used, -1), capacity)
+        clusters._fingerprints = FingerprintTable.of(state["fingerprints"])
         clusters._next_id = int(state["next_id"])
         clusters._last_raw = None if state["last_row"] is None else unpack(state["last_row"])
         return clusters

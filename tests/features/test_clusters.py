@@ -1,0 +1,83 @@
+"""A client's record clusters stay within their bounds at any history length, give way least recently used
+first, and a client restored after the bounds were reached goes on exactly as one that never stopped."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detector.features.clusters import (
+    MAX_CLUSTERS,
+    MAX_FINGERPRINTS,
+    FingerprintTable,
+    MatchKind,
+    RecordClusters,
+)
+from detector.features.embedding import Observation
+from tests.streams import Stream, record, warmed_tracker
+
+
+def distinct_observations(count: int) -> list[Observation]:
+    """`count` observations of unrelated records (each one a new cluster)."""
+    tracker = warmed_tracker()
+    stream = Stream("heavy")
+    return list(tracker.observe([stream.query(record()) for _ in range(count)]))
+
+
+def held_bytes(clusters: RecordClusters) -> int:
+    arrays = [value for value in vars(clusters).values() if isinstance(value, np.ndarray)]
+    arrays += [value for value in vars(clusters._fingerprints).values() if isinstance(value, np.ndarray)]
+    return sum(array.nbytes for array in arrays)
+
+
+def test_clusters_and_fingerprints_stay_within_their_bounds_however_long_the_history() -> None:
+    observations = distinct_observations(MAX_FINGERPRINTS + 500)
+    clusters = RecordClusters()
+    matches = [clusters.assign(observation) for observation in observations]
+
+    assert all(match.kind is MatchKind.NEW for match in matches)
+    assert len(clusters) == MAX_CLUSTERS and len(clusters._fingerprints) == MAX_FINGERPRINTS
+    # Points (float32) and three int64 columns a cluster, three 8-byte columns a fingerprint, the last row.
+    last_row = observations[-1].raw.nbytes if observations[-1].raw is not None else 0
+    bound = MAX_CLUSTERS * (32 * 4 + 3 * 8) + MAX_FINGERPRINTS * 3 * 8 + last_row
+    assert held_bytes(clusters) <= bound
+
+
+def test_the_least_recently_matched_cluster_and_fingerprint_give_way() -> None:
+    observations = distinct_observations(MAX_CLUSTERS + 2)
+    clusters = RecordClusters()
+    for observation in observations[:MAX_CLUSTERS]:
+        clusters.assign(observation)
+    kept = clusters.assign(observations[0])  # matched again: now the most recent
+    assert kept.kind is MatchKind.EXACT and kept.gap == MAX_CLUSTERS
+
+    clusters.assign(observations[MAX_CLUSTERS])  # takes the slot of the least recent: the second record's
+    assert clusters.assign(observations[0]).kind is MatchKind.EXACT
+    assert clusters.assign(observations[1]).kind is MatchKind.NEW
+
+
+def test_a_fingerprint_table_drops_the_least_recently_used_and_keeps_its_order_through_its_items() -> None:
+    table = FingerprintTable()
+    for fingerprint in range(MAX_FINGERPRINTS):
+        table.put(2**63 + fingerprint, fingerprint, now=fingerprint)
+    assert table.get(2**63, now=MAX_FINGERPRINTS) == 0  # used: no longer the oldest
+    table.put(7, 99, now=MAX_FINGERPRINTS + 1)
+
+    assert table.get(2**63 + 1, now=MAX_FINGERPRINTS + 2) is None  # the oldest then, dropped
+    assert table.get(7, now=MAX_FINGERPRINTS + 3) == 99
+    restored = FingerprintTable.of(table.items())
+    assert restored.items() == table.items() and len(restored) == MAX_FINGERPRINTS
+    restored.put(8, 100, now=0)  # drops the least recent of the restored ones
+    assert restored.get(2**63 + 2, now=1) is None and restored.get(2**63, now=2) == 0
+
+
+def test_a_client_restored_past_its_bounds_goes_on_exactly_as_one_that_never_stopped() -> None:
+    observations = distinct_observations(MAX_FINGERPRINTS + 300)
+    # Repeats and near copies of records from well back, some still remembered and some dropped.
+    repeats = [observations[index] for index in range(len(observations) - 1, 0, -97)]
+    original = RecordClusters()
+    for observation in observations:
+        original.assign(observation)
+
+    restored = RecordClusters.from_state(original.state())
+    assert restored.state() == original.state()
+    assert [restored.assign(o) for o in repeats] == [original.assign(o) for o in repeats]
