@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from detector.domain import AlertKind, DeadLetterReason, Severity
-from detector.ingest import kafka as kafka_module
 from detector.ingest.kafka import KafkaSource
+from detector.kafka import consumers as consumers_module
 from detector.metrics import (
     EVENT_LATENCY_BUCKETS,
     PREFIX,
@@ -298,9 +298,9 @@ class FakeConsumer:
 
 def test_source_lag_comes_from_the_last_fetch_and_is_never_negative(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        kafka_module, "open_client", lambda factory, settings, **options: FakeConsumer(**options)
+        consumers_module, "open_client", lambda factory, settings, **options: FakeConsumer(**options)
     )
-    source = KafkaSource(KafkaSettings(topics=["logs"]), on_revoke=lambda: None)
+    source = KafkaSource(KafkaSettings(topics=["logs"], client="kafka-python"), on_revoke=lambda: None)
     assert source.lag() == {("logs", 0): 60, ("logs", 1): 0}
 
 
