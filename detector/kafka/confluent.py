@@ -143,9 +143,11 @@ class ConfluentConsumer:
         except KafkaException as exc:
             raise ConfluentError(exc.args[0]) from None
         received_at = time.time()
-        records = [_record(message, received_at) for message in messages if message.error() is None]
+        records = []
         for message in messages:
-            if (error := message.error()) is not None:
+            if (error := message.error()) is None:
+                records.append(_record(message, received_at))
+            else:
                 self._message_error(message, error)
         errors, self._errors = self._errors, []
         for error in errors:
