@@ -61,49 +61,101 @@ def package_version() -> str:
 
 
 class BatchHistogram:
-    """A histogram observed a whole batch at a time (one numpy pass instead of a Python call per value),
-    exposed exactly like prometheus_client's `Histogram` (`_bucket`, `_count`, `_sum`)."""
+    """A histogram observed a batch at a time (one numpy pass instead of a Python call per value), exposed
+    exactly like prometheus_client's `Histogram` (`_bucket`, `_count`, `_sum`), optionally by labels.
+
+    `observe` keeps single values aside and counts them `BUFFERED` at a time, or when scraped: a value is
+    cheap to observe on the hot path and none is missing from a scrape."""
+
+    BUFFERED = 1024
 
     def __init__(
-        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+        labelnames: Sequence[str] = (),
     ) -> None:
         self._name = name
         self._documentation = documentation
+        self._labelnames = tuple(labelnames)
         self._bounds = np.asarray(sorted(buckets), dtype=np.float64)
-        self._counts = np.zeros(len(self._bounds) + 1, dtype=np.int64)  # the last: above every bound
-        self._sum = 0.0
+        # By label values: counts per bucket (the last: above every bound) and the sum.
+        self._counts: dict[tuple[str, ...], np.ndarray] = {}
+        self._sums: dict[tuple[str, ...], float] = {}
+        self._buffered: dict[tuple[str, ...], list[float]] = {}
         self._lock = threading.Lock()
+        if not self._labelnames:
+            self.labels()
         registry.register(self)
 
-    def observe(self, value: float) -> None:
-        """Count one value."""
-        self.observe_many(np.array([value], dtype=np.float64))
+    def labels(self, *values: str) -> None:
+        """Start the series of these label values at zero (so that rates see it from the start)."""
+        with self._lock:
+            self._start(values)
 
-    def observe_many(self, values: np.ndarray | Sequence[float]) -> None:
+    def _start(self, key: tuple[str, ...]) -> None:
+        if len(key) != len(self._labelnames):
+            raise ValueError(f"{self._name} has the labels {self._labelnames}, given {key}")
+        if key not in self._counts:
+            self._counts[key] = np.zeros(len(self._bounds) + 1, dtype=np.int64)
+            self._sums[key] = 0.0
+            self._buffered[key] = []
+
+    def observe(self, value: float, *labels: str) -> None:
+        """Count one value (NaN is ignored)."""
+        self.observe_each(((value, labels),))
+
+    def observe_each(self, observations: Iterable[tuple[float, tuple[str, ...]]]) -> None:
+        """Count each (value, label values) pair, as `observe` would one by one."""
+        with self._lock:
+            for value, labels in observations:
+                buffered = self._buffered.get(labels)
+                if buffered is None:
+                    self._start(labels)
+                    buffered = self._buffered[labels]
+                buffered.append(value)
+                if len(buffered) >= self.BUFFERED:
+                    self._count(labels, np.asarray(buffered, dtype=np.float64))
+                    buffered.clear()
+
+    def observe_many(self, values: np.ndarray | Sequence[float], *labels: str) -> None:
         """Count every value of `values` (NaN is ignored)."""
         array = np.asarray(values, dtype=np.float64)
+        with self._lock:
+            self._start(labels)
+            self._count(labels, array)
+
+    def _count(self, key: tuple[str, ...], array: np.ndarray) -> None:
         array = array[~np.isnan(array)]
         if not array.size:
             return
         # side="left": a value equal to a bound falls in that bound's bucket (`le` is "less or equal").
-        counts = np.bincount(np.searchsorted(self._bounds, array, side="left"), minlength=len(self._counts))
-        total = float(array.sum())
-        with self._lock:
-            self._counts += counts
-            self._sum += total
+        self._counts[key] += np.bincount(
+            np.searchsorted(self._bounds, array, side="left"), minlength=len(self._bounds) + 1
+        )
+        self._sums[key] += float(array.sum())
 
     def describe(self) -> Iterator[Metric]:
-        yield HistogramMetricFamily(self._name, self._documentation)
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
     def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
         with self._lock:
-            cumulative = np.cumsum(self._counts)
-            total = self._sum
-        buckets = [
-            (str(float(bound)), float(count)) for bound, count in zip(self._bounds, cumulative, strict=False)
-        ]
-        buckets.append(("+Inf", float(cumulative[-1])))
-        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=total)
+            for key, buffered in self._buffered.items():
+                if buffered:
+                    self._count(key, np.asarray(buffered, dtype=np.float64))
+                    buffered.clear()
+            series = [(key, np.cumsum(counts), self._sums[key]) for key, counts in self._counts.items()]
+        for key, cumulative, total in series:
+            buckets = [
+                (str(float(bound)), float(count))
+                for bound, count in zip(self._bounds, cumulative, strict=False)
+            ]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric(list(key), buckets, total)
+        yield family
 
 
 class ComputedGauge:
@@ -286,18 +338,18 @@ class Metrics:
         )
 
         # -- detection and alerts -------------------------------------------------------------------------
-        self.score_ratio = Histogram(
+        self.score_ratio = BatchHistogram(
             f"{PREFIX}_score_ratio",
             "Each judged client's score divided by its threshold, by alert kind (the strongest rule of the "
             "kind, or the anomaly model); 1 or more alerts unless allow-listed",
-            ["kind"],
-            buckets=SCORE_RATIO_BUCKETS,
-            registry=self.registry,
+            SCORE_RATIO_BUCKETS,
+            self.registry,
+            labelnames=["kind"],
         )
-        # Bound children: a ratio is observed for every kind of every judged client.
-        self._score_ratio: dict[AlertKind, Histogram] = {
-            kind: self.score_ratio.labels(kind=kind.value) for kind in SCORED_KINDS
-        }
+        # A ratio is observed for every kind of every judged client: kept aside, counted in batches.
+        self._score_kinds: dict[AlertKind, str] = {kind: kind.value for kind in SCORED_KINDS}
+        for scored in SCORED_KINDS:
+            self.score_ratio.labels(scored.value)
         self.alerts_opened = Counter(
             f"{PREFIX}_alerts_opened_total",
             "Alerts opened, by kind and severity",
@@ -434,10 +486,10 @@ class Metrics:
 
     def observe_score_ratio(self, verdicts: Iterable[Verdict]) -> None:
         """Each verdict on a judged client: its score over its threshold, under its alert kind."""
-        for verdict in verdicts:
-            child = self._score_ratio.get(verdict.kind)
-            if child is not None:
-                child.observe(verdict.ratio)
+        kinds = self._score_kinds
+        self.score_ratio.observe_each(
+            (verdict.ratio, (kinds[verdict.kind],)) for verdict in verdicts if verdict.kind in kinds
+        )
 
     def set_model(self, version: str | None, trained_at: float | None = None) -> None:
         """The scoring model in use (None: none), trained at `trained_at` (epoch seconds); without it, the

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from detector.domain import DeadLetterReason, InvalidRecord, Origin, Query, RawRecord, Requested, rfc3339
 from detector.ingest.decode import MAX_LABEL_CHARS, RecordDecoder
-from detector.schemas import EXAMPLE_RECORDS, MAX_NAME_CHARS, MAX_TENSOR_DIMS
+from detector.ingest.wire import Envelope, from_contract, read_envelope
+from detector.schemas import EXAMPLE_RECORDS, MAX_NAME_CHARS, MAX_TENSOR_DIMS, QueryLogRecord
 from detector.settings import IngestSettings
 from detector.simulate.sample import START, sample_records
 
@@ -84,6 +86,22 @@ def check_queries(queries: list[Query], record: RawRecord, limits: IngestSetting
         assert query.text is None or isinstance(query.text, str)
         assert query.label is None or (isinstance(query.label, str) and len(query.label) <= MAX_LABEL_CHARS)
     assert len(widths) <= 1, f"rows of one record have different widths: {widths}"
+
+
+def by_contract(value: bytes) -> Envelope | None:
+    """The envelope of `value` as the published contract reads it; None when it rejects it."""
+    try:
+        return from_contract(QueryLogRecord.model_validate_json(value))
+    except ValidationError:
+        return None
+
+
+def check_strict_reading(value: bytes) -> Envelope | None:
+    """The strict reading of `value` (msgspec), checked to be the contract's reading whenever it takes it."""
+    strict = read_envelope(value)
+    if strict is not None:
+        assert by_contract(value) == strict, "the strict reading took what the contract reads otherwise"
+    return strict
 
 
 def check_vector(vector: np.ndarray) -> None:

@@ -172,6 +172,33 @@ def test_a_batch_histogram_counts_exactly_like_prometheus_client() -> None:
     assert got == expected
 
 
+def test_a_labelled_batch_histogram_counts_every_single_value_by_the_next_scrape() -> None:
+    registry = CollectorRegistry()
+    reference = Histogram("reference", "reference", ["kind"], buckets=(0.5, 1.0, 2.0), registry=registry)
+    batch = BatchHistogram("batch", "batch", (0.5, 1.0, 2.0), registry, labelnames=["kind"])
+    batch.labels("idle")
+    # More than one buffer's worth of one kind, and a few of another: both complete at the scrape.
+    for index in range(BatchHistogram.BUFFERED + 7):
+        number, kind = index % 5 * 0.5, "busy" if index % 3 else "rare"
+        batch.observe(number, kind)
+        reference.labels(kind=kind).observe(number)
+
+    def sample(name: str, suffix: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name + suffix, labels)
+
+    for kind in ("busy", "rare"):
+        for le in ("0.5", "1.0", "2.0", "+Inf"):
+            assert sample("batch", "_bucket", kind=kind, le=le) == sample(
+                "reference", "_bucket", kind=kind, le=le
+            )
+        assert sample("batch", "_sum", kind=kind) == pytest.approx(sample("reference", "_sum", kind=kind))
+    assert sample("batch", "_count", kind="idle") == 0
+    with pytest.raises(ValueError, match="labels"):
+        batch.labels()
+    with pytest.raises(ValueError, match="labels"):
+        batch.observe(1.0, "busy", "extra")
+
+
 # -- values move as expected ---------------------------------------------------------------------------------
 
 

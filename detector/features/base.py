@@ -34,8 +34,16 @@ class CounterFeature:
 
     def snapshot(self) -> dict[str, float]:
         """The feature's current values, named `<feature name>.<value>`."""
+        values: dict[str, float] = {}
+        self.snapshot_into(values)
+        return values
+
+    def snapshot_into(self, values: dict[str, float]) -> None:
+        """Add the feature's current values to `values`, as `snapshot` names them: a client's snapshot is
+        one dict, filled by each of its features in turn."""
         qualified = self._qualified
-        return {qualified[key]: float(value) for key, value in self.values().items()}
+        for key, value in self.values().items():
+            values[qualified[key]] = float(value)
 
     def values(self) -> dict[str, float]:
         """The current values, unprefixed."""

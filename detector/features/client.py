@@ -118,7 +118,7 @@ class ClientFeatures:
         """Every feature's values, by name."""
         values: dict[str, float] = {}
         for feature in self.features:
-            values.update(feature.snapshot())
+            feature.snapshot_into(values)
         return values
 
     def evidence_for(self, kinds: Iterable[str]) -> list[str]:

@@ -1,10 +1,11 @@
 """Turn one raw record (a JSON query-log envelope) into one `Query` per input row, or reject it.
 
-Parsing and envelope validation happen in pydantic's Rust core (`QueryLogRecord.model_validate_json`), and
-tensor data goes to numpy in one call after one C-level check; only rejected or unusual data is looked at
-element by element, to say precisely what is wrong. Every rejection is an `InvalidRecord` with a
-`DeadLetterReason` and a one-line detail that says where in the record the problem is, without quoting the
-model inputs themselves.
+Parsing and envelope validation happen in compiled code: msgspec's strict reading (`detector.ingest.wire`)
+and, for what it declines, the published pydantic contract (`QueryLogRecord.model_validate_json`), which
+rejects with its own error report. Tensor data goes to numpy in one call after one C-level check; only
+rejected or unusual data is looked at element by element, to say precisely what is wrong. Every rejection
+is an `InvalidRecord` with a `DeadLetterReason` and a one-line detail that says where in the record the
+problem is, without quoting the model inputs themselves.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any
 
 import numpy as np
@@ -21,14 +21,16 @@ import numpy.typing as npt
 from pydantic import ValidationError
 
 from detector.domain import DeadLetterReason, InvalidRecord, Query, RawRecord, Requested
-from detector.schemas import (
-    InferTensor,
-    KServeV1Request,
-    KServeV1Response,
-    OipRequest,
-    OipResponse,
-    QueryLogRecord,
+from detector.ingest.wire import (
+    JSON_MAX_DEPTH,
+    Envelope,
+    Request,
+    Response,
+    Tensor,
+    from_contract,
+    read_envelope,
 )
+from detector.schemas import KServeV1Request, KServeV1Response, OipRequest, OipResponse, QueryLogRecord
 from detector.settings import IngestSettings
 
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
@@ -55,10 +57,6 @@ _F32_MAX = float(np.finfo(np.float32).max)
 # A label is a class index or a class name. Clusters keep one per record they remember, so a response that
 # sent a megabyte as its label would multiply into every client's state.
 MAX_LABEL_CHARS = 256
-# pydantic's JSON parser (jiter) stops at about this depth (counting the record's own levels) with a clean
-# error, "recursion limit exceeded", so a deeply nested `data` or `parameters` costs nothing and cannot
-# exhaust the stack. The decoder relies on that (tests/ingest/test_hostile.py pins it) and names it.
-JSON_MAX_DEPTH = 200
 
 Vector = npt.NDArray[np.float32]
 
@@ -120,25 +118,19 @@ class RecordDecoder:
         NaN or infinities.
         """
         envelope = self._parse(record.value)
-        moment = envelope.timestamp
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        timestamp = moment.timestamp()
+        timestamp = envelope.timestamp
         self._check_time(timestamp, record.received_at)
         request = envelope.request
-        inputs = (
-            self._oip_inputs(request) if isinstance(request, OipRequest) else self._kserve_inputs(request)
-        )
+        inputs = self._oip_inputs(request) if request.is_oip else self._kserve_inputs(request)
         batch = inputs.batch_size
         response = envelope.response
         if response is None:
             outputs = _Outputs([None] * batch, [None] * batch)
-        elif isinstance(response, OipResponse):
+        elif response.is_oip:
             outputs = self._oip_outputs(response, batch)
         else:
             outputs = self._kserve_outputs(response, batch)
 
-        model, client = envelope.model, envelope.client
         vectors = inputs.vectors if inputs.vectors is not None else [None] * batch
         texts = inputs.texts if inputs.texts is not None else [None] * batch
         queries: list[Query] = []
@@ -154,11 +146,11 @@ class RecordDecoder:
                     row=row,
                     batch_size=batch,
                     timestamp=timestamp,
-                    model=model.name,
-                    model_version=model.version,
-                    client_id=client.id,
-                    client_ip=client.ip,
-                    user_agent=client.user_agent,
+                    model=envelope.model,
+                    model_version=envelope.model_version,
+                    client_id=envelope.client_id,
+                    client_ip=envelope.client_ip,
+                    user_agent=envelope.user_agent,
                     vector=vector,
                     text=text,
                     requested=requested,
@@ -188,22 +180,25 @@ class RecordDecoder:
             return
         raise InvalidRecord(DeadLetterReason.IMPLAUSIBLE_TIMESTAMP, f"timestamp {problem}")
 
-    def _parse(self, value: bytes) -> QueryLogRecord:
+    def _parse(self, value: bytes) -> Envelope:
         limit = self._limits.max_record_bytes
         if len(value) > limit:
             raise InvalidRecord(
                 DeadLetterReason.RECORD_TOO_LARGE,
                 f"record is {len(value)} bytes, more than ingest.max_record_bytes ({limit})",
             )
+        envelope = read_envelope(value)
+        if envelope is not None:
+            return envelope
         try:
-            return QueryLogRecord.model_validate_json(value)
+            return from_contract(QueryLogRecord.model_validate_json(value))
         except ValidationError as exc:
             raise _rejection(value, exc) from None
 
     # -- requests ----------------------------------------------------------------------------------------
 
-    def _oip_inputs(self, request: OipRequest) -> _Inputs:
-        tensors = request.inputs
+    def _oip_inputs(self, request: Request) -> _Inputs:
+        tensors = request.inputs or []
         batch = tensors[0].shape[0]
         width = 0
         blocks: list[Vector] = []
@@ -237,8 +232,8 @@ class RecordDecoder:
             raise InvalidRecord(DeadLetterReason.SCHEMA_VIOLATION, "request.inputs: the rows hold no values")
         return _Inputs(batch, vectors if width else None, texts, _asked(request))
 
-    def _kserve_inputs(self, request: KServeV1Request) -> _Inputs:
-        instances = request.instances
+    def _kserve_inputs(self, request: Request) -> _Inputs:
+        instances = request.instances or []
         batch = len(instances)  # at least 1: the model requires it
         vectors: Sequence[Vector] | None = None
         texts: list[str] | None = None
@@ -267,10 +262,10 @@ class RecordDecoder:
 
     # -- responses ---------------------------------------------------------------------------------------
 
-    def _oip_outputs(self, response: OipResponse, batch: int) -> _Outputs:
-        confidence: tuple[int, InferTensor] | None = None
-        label: tuple[int, InferTensor] | None = None
-        for index, tensor in enumerate(response.outputs):
+    def _oip_outputs(self, response: Response, batch: int) -> _Outputs:
+        confidence: tuple[int, Tensor] | None = None
+        label: tuple[int, Tensor] | None = None
+        for index, tensor in enumerate(response.outputs or []):
             # A known name decides; an unknown one is judged by datatype and shape.
             name = tensor.name.lower()
             shape, datatype = tensor.shape, tensor.datatype
@@ -315,8 +310,8 @@ class RecordDecoder:
                 raise problem.at(_tensor_where("response.outputs", index, tensor)) from None
         return _Outputs([None] * batch if labels is None else labels, probabilities)
 
-    def _kserve_outputs(self, response: KServeV1Response, batch: int) -> _Outputs:
-        predictions = response.predictions
+    def _kserve_outputs(self, response: Response, batch: int) -> _Outputs:
+        predictions = response.predictions or []
         try:
             if len(predictions) != batch:
                 raise _Problem(
@@ -423,7 +418,7 @@ class RecordDecoder:
 # -- tensors -----------------------------------------------------------------------------------------------
 
 
-def _layout(tensor: InferTensor, batch: int, max_per_row: int) -> int:
+def _layout(tensor: Tensor, batch: int, max_per_row: int) -> int:
     """The number of values per row of `tensor` (at least 1, at most `max_per_row`), after checking its
     datatype and that it has `batch` rows. Works from the declared shape alone: nothing is allocated."""
     if tensor.datatype not in _DATATYPES:
@@ -469,7 +464,7 @@ def _values_per_row(shape: list[int], cap: int) -> int:
     return count
 
 
-def _tensor_values(tensor: InferTensor, expected: int) -> Vector:
+def _tensor_values(tensor: Tensor, expected: int) -> Vector:
     """The numeric data of `tensor`, flattened in row-major order, checked to hold `expected` elements."""
     values = _float32(tensor.data)
     if values.size != expected:
@@ -547,7 +542,7 @@ def _leaves(data: list[Any]) -> list[Any] | None:
     return level
 
 
-def _texts(tensor: InferTensor, batch: int, per_row: int) -> list[str]:
+def _texts(tensor: Tensor, batch: int, per_row: int) -> list[str]:
     """The BYTES data of `tensor` as one string per row (a row's several elements joined with newlines)."""
     leaves = _leaves(tensor.data)
     if leaves is None:
@@ -616,7 +611,7 @@ def _named_rows(instances: list[Any]) -> list[list[Any]]:
 # -- labels ------------------------------------------------------------------------------------------------
 
 
-def _label_tensor(tensor: InferTensor, batch: int, max_per_row: int) -> list[str]:
+def _label_tensor(tensor: Tensor, batch: int, max_per_row: int) -> list[str]:
     """One label per row from an output tensor (class indices, class names or booleans)."""
     if _layout(tensor, batch, max_per_row) != 1:
         raise _Problem(
@@ -678,7 +673,7 @@ def _short_label(label: str) -> str:
 # -- what the client asked for -----------------------------------------------------------------------------
 
 
-def _asked(request: OipRequest) -> Requested | None:
+def _asked(request: Request) -> Requested | None:
     """What an OIP request asks for, from its output names and parameters; None when it does not say."""
     asked = _asked_by_parameters(None, request.parameters)
     for output in request.outputs or ():
@@ -712,7 +707,7 @@ def _stronger(current: Requested | None, candidate: Requested) -> Requested:
 # -- error reporting ---------------------------------------------------------------------------------------
 
 
-def _tensor_where(array: str, index: int, tensor: InferTensor) -> str:
+def _tensor_where(array: str, index: int, tensor: Tensor) -> str:
     return f"{array}[{index}] ({_quote(tensor.name)})"
 
 

@@ -5,8 +5,9 @@
 
 An empty corpus directory is first seeded with the valid records of `detector.schemas.EXAMPLE_RECORDS` and
 `detector.simulate.sample` (and a few malformed ones). Any exception other than `InvalidRecord`, a rejection
-whose detail is not one printable line, or decoded queries that break the invariants of `tests/hostile.py`
-is a crash: libFuzzer writes the input to `crash-<sha1>` and exits non-zero.
+whose detail is not one printable line, decoded queries that break the invariants of `tests/hostile.py`, or
+a record the strict reading (msgspec) takes but the published contract reads otherwise, is a crash:
+libFuzzer writes the input to `crash-<sha1>` and exits non-zero.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: 
 with atheris.instrument_imports(include=["detector"]):
     from detector.domain import InvalidRecord
     from detector.ingest.decode import RecordDecoder
-    from tests.hostile import LIMITS, SEEDS, check_queries, check_rejection, raw
+    from tests.hostile import LIMITS, SEEDS, check_queries, check_rejection, check_strict_reading, raw
 
 DECODER = RecordDecoder(LIMITS)
 
@@ -29,6 +30,7 @@ DECODER = RecordDecoder(LIMITS)
 def test_one_input(data: bytes) -> None:
     """Decode `data` as one record; raise (a crash) unless the outcome is one the pipeline can handle."""
     record = raw(data)
+    check_strict_reading(data)
     try:
         queries = DECODER.decode(record)
     except InvalidRecord as error:

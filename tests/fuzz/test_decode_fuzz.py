@@ -1,5 +1,6 @@
 """The decoder under coverage-guided fuzzing (tests/fuzz/decode_fuzz.py) for a bounded time: any exception
-other than `InvalidRecord`, or queries breaking their invariants, fails the test with the input at fault."""
+other than `InvalidRecord`, queries breaking their invariants, or a strict reading (msgspec) that differs
+from the contract's, fails the test with the input at fault."""
 
 from __future__ import annotations
 
