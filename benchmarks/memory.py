@@ -10,7 +10,8 @@ held by the daemon's own trackers; beside it, the same process before any client
 
 Load: single-row OIP v2 records of 30 features with a probability response, spread over the clients.
 Run: `python benchmarks/memory.py [--clients N] [--events N] [--rss-clients N] [--json]`. With `--json` the
-last line is one JSON object: `kib_per_active_client` (the detector's state), `kib_per_client_query_history`
+last line is one JSON object: `kib_per_active_client` (the detector's state), `kib_per_idle_client` (the
+same clients once idle: their features stored, out of memory), `kib_per_client_query_history`
 (the baseline), `queries_per_client` they were measured at (`--clients 500` gives 200 queries a client),
 `rss_mib_100k_clients` (the RSS at `--rss-clients`, scaled to 100,000 when another count was asked) and
 `rss_mib_no_clients`.
@@ -24,19 +25,21 @@ import gc
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
-from detector.domain import Query
+from detector.domain import Origin, Query, RawRecord
 from detector.ingest.jsonl import read_jsonl_batches
 from detector.metrics import Metrics
 from detector.service import build_pipeline, decoded_batches
 from detector.settings import Settings, load_settings
-from detector.simulate.sample import write_sample
+from detector.simulate.sample import START, oip_record, write_sample
 from detector.storage import open_store
 
 
@@ -52,13 +55,21 @@ def held_bytes(build: Callable[[], object]) -> tuple[int, object]:
     return after - before, kept
 
 
-def detector_state(settings: Settings, events: Path) -> Callable[[], object]:
+def detector_state(settings: Settings, events: Path, *, idle: bool = False) -> Callable[[], object]:
+    """What the daemon keeps once it read `events`; with `idle`, once the stream's event time moved on
+    three hours past the load (one more record, of another client) and the load's clients went idle."""
+
     def build() -> object:
         store = open_store(settings)
         pipeline = build_pipeline(settings, store, Metrics())
         for batch in read_jsonl_batches([str(events)], settings.kafka.max_poll_records):
             pipeline.submit(batch)
         pipeline.commit()
+        if idle:
+            later = oip_record("later", START + 3 * 3600.0, "later", np.ones((1, 30)), np.ones((1, 2)) / 2)
+            origin = Origin("file", "later", 0, 0)
+            pipeline.submit([RawRecord(orjson.dumps(later), None, origin, time.time())])
+            pipeline.commit()
         store.close()
         return pipeline  # its session tracker and feature tracker: the state kept per client
 
@@ -158,12 +169,15 @@ def main() -> None:
         each = args.events // args.clients
         print(f"load: {args.events} single-row records of 30 features, {args.clients} clients, {each} each")
         state, _ = held_bytes(detector_state(settings, events))
+        idle, _ = held_bytes(detector_state(settings, events, idle=True))
         history, _ = held_bytes(query_history(settings, events))
     print(f"  baseline: the clients' decoded queries   {history / args.clients / 1024:8.1f} KiB per client")
     print(f"  detector: sessions + streaming features  {state / args.clients / 1024:8.1f} KiB per client")
     print(f"  ratio detector / query history: {state / history:.2f}   (the state is bounded per client)")
+    print(f"  the same clients once idle (stored)      {idle / args.clients / 1024:8.1f} KiB per client")
     figures: dict[str, float] = {
         "kib_per_active_client": round(state / args.clients / 1024, 1),
+        "kib_per_idle_client": round(idle / args.clients / 1024, 2),
         "kib_per_client_query_history": round(history / args.clients / 1024, 1),
         "queries_per_client": each,
     }

@@ -327,13 +327,20 @@ class Metrics:
         self.new_clients = Counter(
             f"{PREFIX}_new_clients_total",
             "(model, client) keys the detector started tracking: a first query, or the first since the key "
-            "was evicted",
+            "was evicted or released",
             registry=self.registry,
         )
         self.client_evictions = Counter(
             f"{PREFIX}_client_evictions_total",
-            "Keys whose features were dropped, least recently active first, to stay within "
-            "MIA_DETECTION_MAX_CLIENTS: what they showed so far is forgotten",
+            "Keys whose features left memory, least recently active first, to stay within "
+            "MIA_DETECTION_MAX_CLIENTS: stored at the next commit, they come back from storage with their "
+            "next query (without a database to store in, what they showed is forgotten)",
+            registry=self.registry,
+        )
+        self.clients_released = Counter(
+            f"{PREFIX}_clients_released_total",
+            "Idle keys (no query for the session gap and the allowed lateness, in event time) whose stored "
+            "features left memory at a commit: they come back from storage with their next query",
             registry=self.registry,
         )
 

@@ -76,6 +76,7 @@ EXPECTED = {
     "tracked_clients": "gauge",
     "new_clients": "counter",
     "client_evictions": "counter",
+    "clients_released": "counter",
     "score_ratio": "histogram",
     "alerts_opened": "counter",
     "alerts_resolved": "counter",

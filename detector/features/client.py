@@ -180,8 +180,9 @@ class FeatureTracker:
     """Features of the active clients, at most `max_clients` of them (least recently active evicted).
 
     `admitted` and `evicted` count, since the tracker was made, the keys it started tracking (a first query,
-    or the first since the key was evicted) and the keys it evicted: a stream of fresh client ids shows as
-    both growing with the queries. An evicted client whose change is not stored yet is kept aside until it
+    or the first since the key was evicted or released) and the keys it evicted: a stream of fresh client ids
+    shows as both growing with the queries. `released` counts the idle keys let go once stored
+    (`release_idle`). An evicted client whose change is not stored yet is kept aside until it
     is (`changed`, `stored`), and comes back from there, or from its stored state (`restore`).
     """
 
@@ -196,6 +197,7 @@ class FeatureTracker:
         self.max_clients = max_clients
         self.admitted = 0
         self.evicted = 0
+        self.released = 0
         self._clients: OrderedDict[ClientKey, ClientFeatures] = OrderedDict()
         # Changed since their state was last stored: keys in memory, and evicted clients kept aside.
         self._changed: set[ClientKey] = set()
@@ -235,6 +237,24 @@ class FeatureTracker:
         self._changed.difference_update(keys)
         for key in keys:
             self._evicted.pop(key, None)
+
+    def release_idle(self, horizon: float) -> int:
+        """Let go of the clients whose latest query is older than `horizon` (event time) and whose state is
+        stored (not changed since): an idle client costs no memory, and comes back from its stored state
+        with its next query. Returns how many were let go.
+
+        Looks from the least recently updated client and stops at the first that is not idle: the order
+        of updates follows event time closely enough, and a client missed is let go at a later call."""
+        idle = []
+        for key, client in self._clients.items():
+            if client.last_seen >= horizon:
+                break
+            if key not in self._changed:
+                idle.append(key)
+        for key in idle:
+            del self._clients[key]
+        self.released += len(idle)
+        return len(idle)
 
     def clear(self) -> None:
         """Forget every client, changed or not (their partitions moved away, or their changes will be

@@ -6,7 +6,7 @@ within `INVARIANT_RADIUS` of it in the shift/flip-invariant view) → a variant 
 record starts a cluster. Because a cluster is represented by its *latest* member, a decision-boundary walk
 that drifts step by step stays one cluster. Memory is bounded: at most `MAX_CLUSTERS` clusters (least
 recently matched ones are dropped, their counts kept) and `MAX_FINGERPRINTS` remembered fingerprints, all
-held in numpy columns that grow by doubling (no Python object per cluster or fingerprint). Search is exact
+held in numpy columns that grow by half again (no Python object per cluster or fingerprint). Search is exact
 over the bounded set of cluster representatives: O(MAX_CLUSTERS) per query, never O(n²).
 """
 
@@ -28,7 +28,11 @@ TEXT_VARIANT_RADIUS = 0.35
 INVARIANT_RADIUS = 0.12
 INVARIANT_RECENT = 16
 MAX_CLUSTERS = 256
-MAX_FINGERPRINTS = 4096
+# Beyond the clusters' own bound, fingerprints serve only repeats of the older variants of clusters still
+# held: 512 of them keep a key's clusters and fingerprints within 50 KiB.
+MAX_FINGERPRINTS = 512
+# Columns grow by half again (not by doubling) up to their bound: less slack in a client's memory.
+GROWTH = 1.5
 # A variant changing at least this share of the features is "dense" (noise, shifts, walks), not a what-if.
 DENSE_CHANGE_SHARE = 0.5
 # A variant arriving within this many queries of its cluster's previous member is part of a burst; benign
@@ -62,6 +66,17 @@ class ClusterMatch:
         return self.kind is MatchKind.VARIANT and self.dense and self.gap <= BURST_GAP
 
 
+def _row_norms(rows: np.ndarray) -> np.ndarray:
+    """The squared norm of each row of `rows`."""
+    norms: np.ndarray = np.einsum("ij,ij->i", rows, rows)
+    return norms
+
+
+def _grown_capacity(capacity: int) -> int:
+    """The next capacity of a column of `capacity` rows (before its bound)."""
+    return max(capacity + 1, int(capacity * GROWTH))
+
+
 def _grown(column: np.ndarray, capacity: int) -> np.ndarray:
     """`column` in a zeroed array of `capacity` rows (its rows first)."""
     grown = np.zeros((capacity, *column.shape[1:]), dtype=column.dtype)
@@ -87,8 +102,10 @@ class FingerprintTable:
     def _position(self, fingerprint: int) -> int | None:
         if self._looked_up is not None and self._looked_up[0] == fingerprint:
             return self._looked_up[1]
-        found = np.flatnonzero(self._fingerprints[: self._count] == np.uint64(fingerprint))
-        position = int(found[0]) if found.size else None
+        # argmax of the comparison: the first match, in two array calls (flatnonzero takes four).
+        matches = self._fingerprints[: self._count] == np.uint64(fingerprint)
+        first = int(matches.argmax()) if self._count else 0
+        position = first if self._count and matches[first] else None
         self._looked_up = (fingerprint, position)
         return position
 
@@ -108,7 +125,7 @@ class FingerprintTable:
                 position = self._count
                 self._count += 1
                 if position == self._fingerprints.shape[0]:
-                    capacity = min(position * 2, MAX_FINGERPRINTS)
+                    capacity = min(_grown_capacity(position), MAX_FINGERPRINTS)
                     self._fingerprints = _grown(self._fingerprints, capacity)
                     self._clusters = _grown(self._clusters, capacity)
                     self._used_at = _grown(self._used_at, capacity)
@@ -134,7 +151,7 @@ class FingerprintTable:
         table = cls()
         count = min(len(items), MAX_FINGERPRINTS)
         kept = items[len(items) - count :]
-        capacity = max(16, 1 << max(count - 1, 0).bit_length())
+        capacity = max(16, count)
         table._fingerprints = np.zeros(min(capacity, MAX_FINGERPRINTS), dtype=np.uint64)
         table._clusters = np.zeros_like(table._fingerprints, dtype=np.int64)
         table._used_at = np.zeros_like(table._fingerprints, dtype=np.int64)
@@ -214,7 +231,7 @@ class RecordClusters:
         if not used:
             return None, float("inf")
         difference = self._points[:used] - observation.point
-        squared = np.einsum("ij,ij->i", difference, difference)
+        squared = _row_norms(difference)
         best = int(squared.argmin())
         nearest = math.sqrt(float(squared[best]))
         if nearest <= (VARIANT_RADIUS if observation.raw is not None else TEXT_VARIANT_RADIUS):
@@ -222,7 +239,7 @@ class RecordClusters:
         if observation.invariant is not None and self._invariants is not None:
             recent = self._touched_at[:used].argsort()[::-1][:INVARIANT_RECENT]  # most recent first
             difference = self._invariants[recent] - observation.invariant
-            squared = np.einsum("ij,ij->i", difference, difference)
+            squared = _row_norms(difference)
             candidate = int(squared.argmin())
             if squared[candidate] <= INVARIANT_RADIUS**2:
                 return int(recent[candidate]), math.sqrt(float(squared[candidate]))
@@ -251,7 +268,7 @@ class RecordClusters:
     def _grow(self, needed: int, observation: Observation) -> None:
         capacity = self._points.shape[0]
         if needed > capacity:
-            capacity = min(max(capacity * 2, needed), MAX_CLUSTERS)
+            capacity = min(max(_grown_capacity(capacity), needed), MAX_CLUSTERS)
             self._points = _grown(self._points, capacity)
             self._ids = _grown(self._ids, capacity)
             self._sizes = _grown(self._sizes, capacity)
@@ -263,8 +280,9 @@ class RecordClusters:
 
     def _slot_of(self, cluster: int) -> int | None:
         """The slot holding `cluster`; None once it gave way to a newer one."""
-        found = np.flatnonzero(self._ids[: self._used] == cluster)
-        return int(found[0]) if found.size else None
+        matches = self._ids[: self._used] == cluster
+        slot = int(matches.argmax()) if self._used else 0
+        return slot if self._used and matches[slot] else None
 
     def _touch(self, slot: int) -> int:
         """Mark the cluster in `slot` matched now; return the queries since it was last matched."""

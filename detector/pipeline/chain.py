@@ -368,6 +368,10 @@ class Pipeline:
         # Durable from here on: only now may anything leave the pending state.
         self.sessions.persisted()
         tracker.stored(changed.keys())
+        if watermark is not None:
+            # Idle as their sessions are: stored now, so that memory holds the active clients only.
+            self.metrics.clients_released.inc(self.detect.release_idle(self.sessions.idle_horizon(watermark)))
+            self.metrics.tracked_clients.set(len(tracker))
         tracker.embedder.stored(learned.keys())
         self.detect.coordination.persisted()
         self._pending = PendingWork(since=self._clock())

@@ -247,6 +247,12 @@ class DetectStep:
             self.coordination.clear()
             self._scales_read = False
 
+    def release_idle(self, horizon: float) -> int:
+        """Let go of the features of clients idle since before `horizon` (event time) whose state is stored;
+        they come back from storage with their next query. Nothing is let go without a store to read from.
+        Returns how many clients were let go."""
+        return self.tracker.release_idle(horizon) if self.stored is not None else 0
+
     def _stored_pools(
         self, stored: StoredFeatures, batch: Batch, clients: set[ClientKey]
     ) -> Mapping[PoolKey, bytes]:

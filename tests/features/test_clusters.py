@@ -3,8 +3,12 @@ first, and a client restored after the bounds were reached goes on exactly as on
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import numpy as np
 
+from detector.features.client import ClientFeatures
 from detector.features.clusters import (
     MAX_CLUSTERS,
     MAX_FINGERPRINTS,
@@ -40,6 +44,28 @@ def test_clusters_and_fingerprints_stay_within_their_bounds_however_long_the_his
     last_row = observations[-1].raw.nbytes if observations[-1].raw is not None else 0
     bound = MAX_CLUSTERS * (32 * 4 + 3 * 8) + MAX_FINGERPRINTS * 3 * 8 + last_row
     assert held_bytes(clusters) <= bound
+
+
+def test_a_client_holds_at_most_64_kib_however_long_its_history() -> None:
+    tracker = warmed_tracker()
+    stream = Stream("heavy")
+    rng = np.random.default_rng(5)
+    queries = [
+        stream.query(record(), label=str(rng.integers(10)), probabilities=np.array([0.3, 0.7]))
+        for _ in range(3 * MAX_FINGERPRINTS)
+    ]
+    observations = tracker.observe(queries)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    client = ClientFeatures()
+    for observation in observations:
+        client.update(observation)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(client.clusters) == MAX_CLUSTERS
+    assert held <= 64 * 1024, held
 
 
 def test_the_least_recently_matched_cluster_and_fingerprint_give_way() -> None:

@@ -93,3 +93,21 @@ def test_a_learned_input_scale_is_stored_while_it_learns_and_adopted_back() -> N
     assert given.scales["m"].count == WARMUP_QUERIES and not given.scales["m"].mean.any()
     with pytest.raises(ValueError, match="not a stored input scale"):
         ModelScale.from_bytes(b"{}")
+
+
+def test_only_idle_clients_whose_state_is_stored_are_released() -> None:
+    tracker = FeatureTracker(warmed_tracker().embedder)
+    old, unstored, recent = Stream("old"), Stream("unstored"), Stream("recent")
+    recent.clock += 3600.0
+    tracker.update([old.query(record()), unstored.query(record())])
+    tracker.stored([("m", "old")])  # "unstored" changed since: releasing it would lose that change
+    tracker.update([recent.query(record())])
+    tracker.stored([("m", "recent")])
+
+    assert tracker.release_idle(horizon=old.clock + 1.0) == 1
+    assert tracker.get(("m", "old")) is None and tracker.released == 1
+    assert tracker.get(("m", "unstored")) is not None and tracker.get(("m", "recent")) is not None
+    assert tracker.missing([("m", "old")]) == {("m", "old")}  # to be restored from storage when it returns
+    tracker.stored([("m", "unstored")])
+    assert tracker.release_idle(horizon=recent.clock) == 1  # the recent one stops the look
+    assert len(tracker) == 1
