@@ -23,11 +23,11 @@ from detector.storage import open_store
 from tests.support import KAFKA_CLIENT, make_settings, unique
 
 
-def cli_env(**variables: str) -> dict[str, str]:
+def cli_env(**variables: str | Path) -> dict[str, str]:
     """This environment without MIA_ settings, but for the Kafka client under test; then `variables`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("MIA_")}
     env["MIA_KAFKA_CLIENT"] = KAFKA_CLIENT
-    env.update(variables)
+    env.update({name: str(value) for name, value in variables.items()})
     return env
 
 

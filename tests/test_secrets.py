@@ -20,14 +20,9 @@ from tests.grafana_server import FakeGrafana
 from tests.receivers import RecordingReceiver
 from tests.secured_broker import HOST, start_tansu, stop
 from tests.support import fresh_postgres_database, unique
+from tests.test_cli import cli_env
 
 COMMAND_SECONDS = 120
-
-
-def cli_env(**variables: str | Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MIA_")}
-    env.update({name: str(value) for name, value in variables.items()})
-    return env
 
 
 def mia(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -283,7 +278,7 @@ def test_no_secret_reaches_the_output_even_at_debug_level(
         # goes.
         user, _, rest = database.partition("://")[2].partition("@")
         database_url = f"postgresql://{user.split(':')[0]}:{secrets['database']}@{rest}"
-        common = {
+        common: dict[str, str | Path] = {
             "MIA_LOG_LEVEL": "DEBUG",
             "MIA_DATABASE_URL": database_url,
             "MIA_METRICS_ADDR": "",
