@@ -117,8 +117,7 @@ class BatchHistogram:
                     buffered = self._buffered[labels]
                 buffered.append(value)
                 if len(buffered) >= self.BUFFERED:
-                    self._count(labels, np.asarray(buffered, dtype=np.float64))
-                    buffered.clear()
+                    self._flush(labels)
 
     def observe_many(self, values: np.ndarray | Sequence[float], *labels: str) -> None:
         """Count every value of `values` (NaN is ignored)."""
@@ -126,6 +125,13 @@ class BatchHistogram:
         with self._lock:
             self._start(labels)
             self._count(labels, array)
+
+    def _flush(self, key: tuple[str, ...]) -> None:
+        """Count the values kept aside under `key`."""
+        buffered = self._buffered[key]
+        if buffered:
+            self._count(key, np.asarray(buffered, dtype=np.float64))
+            buffered.clear()
 
     def _count(self, key: tuple[str, ...], array: np.ndarray) -> None:
         array = array[~np.isnan(array)]
@@ -143,10 +149,8 @@ class BatchHistogram:
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
         with self._lock:
-            for key, buffered in self._buffered.items():
-                if buffered:
-                    self._count(key, np.asarray(buffered, dtype=np.float64))
-                    buffered.clear()
+            for key in self._buffered:
+                self._flush(key)
             series = [(key, np.cumsum(counts), self._sums[key]) for key, counts in self._counts.items()]
         for key, cumulative, total in series:
             buckets = [
@@ -355,8 +359,8 @@ class Metrics:
         )
         # A ratio is observed for every kind of every judged client: kept aside, counted in batches.
         self._score_kinds: dict[AlertKind, str] = {kind: kind.value for kind in SCORED_KINDS}
-        for scored in SCORED_KINDS:
-            self.score_ratio.labels(scored.value)
+        for label in self._score_kinds.values():
+            self.score_ratio.labels(label)
         self.alerts_opened = Counter(
             f"{PREFIX}_alerts_opened_total",
             "Alerts opened, by kind and severity",

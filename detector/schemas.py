@@ -194,11 +194,17 @@ class QueryLogRecord(BaseModel):
     def _epoch_seconds(cls, value: Any) -> Any:
         # pydantic reads large numbers as milliseconds; the contract says epoch *seconds*.
         if isinstance(value, int | float) and not isinstance(value, bool):
-            try:
-                return datetime.fromtimestamp(float(value), tz=UTC)
-            except (OverflowError, OSError, ValueError):  # NaN, infinity, beyond year 9999
-                raise ValueError("epoch seconds out of range") from None
+            return epoch_moment(value)
         return value
+
+
+def epoch_moment(seconds: float) -> datetime:
+    """The UTC moment `seconds` after the epoch, as the contract reads a numeric timestamp; raises
+    `ValueError` for NaN, infinities and moments beyond what `datetime` holds."""
+    try:
+        return datetime.fromtimestamp(float(seconds), tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError("epoch seconds out of range") from None
 
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {

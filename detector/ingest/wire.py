@@ -27,6 +27,7 @@ from detector.schemas import (
     OipRequest,
     OipResponse,
     QueryLogRecord,
+    epoch_moment,
 )
 
 # The contract's `StoredText`: no NUL character.
@@ -206,8 +207,8 @@ def _epoch_seconds(timestamp: str | int | float) -> float | None:
             if _RFC3339.fullmatch(timestamp) is None:
                 return None
             return datetime.fromisoformat(timestamp).timestamp()
-        return datetime.fromtimestamp(float(timestamp), tz=UTC).timestamp()
-    except (OverflowError, OSError, ValueError):
+        return epoch_moment(timestamp).timestamp()
+    except ValueError:
         return None
 
 
