@@ -370,7 +370,6 @@ def _opened(detection: Detection, now: datetime) -> Alert:
         id=0,
         dedup_key=detection.dedup_key,
         model=detection.model,
-        client_ids=list(detection.client_ids),
         kind=detection.kind,
         status=AlertStatus.OPEN,
         raised_at=now,
@@ -404,6 +403,7 @@ def _resolved(alert: Alert, now: datetime) -> Alert:
 def _evidence_values(detection: Detection) -> dict[str, object]:
     """The alert values a detection sets: what combining detections can change."""
     return {
+        "client_ids": list(detection.client_ids),  # a group's alert names the clients of every detection
         "severity": detection.severity,
         "rule_id": detection.rule_id,
         "score": detection.score,

@@ -2,8 +2,9 @@
 the one shape of an alert (`Alert`: stored, notified, listed and exported alike), its explanation
 (`Reason`, with its one written form), and the operators' silences.
 
-A detection names its alert by `dedup_key` (model, clients, kind): while an alert with that key is open,
-further detections update it instead of raising another one.
+A detection names its alert by `dedup_key` (model, clients, kind; or model, group, kind for a detection of a
+group of clients): while an alert with that key is open, further detections update it instead of raising
+another one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from detector.text import shorten, visible
 MAX_EVIDENCE = 20
 # Longest dedup key stored verbatim; longer ones (large coordinated groups) are shortened to a digest.
 MAX_DEDUP_KEY_LENGTH = 1024
+# How a dedup key names a group of clients (`Detection.group`) instead of its client list.
+GROUP_PREFIX = "group:"
 
 DEFAULT_ATLAS_TECHNIQUE = "AML.T0024"  # MITRE ATLAS: Exfiltration via ML Inference API
 # The reasons a detection on a known client gives for departing from its own baseline profile begin so
@@ -124,6 +127,10 @@ class Detection:
     speed it was consumed at. A detection that did not fire (`fired` False) is a verdict still within the
     hold band below its threshold (`HOLD_RATIO`): it keeps an open alert of its key alive and opens none.
 
+    A detection of a `group` (a coordinated campaign's pool) names its alert by the group, not by the
+    clients: the detections of one group while its alert is open are one incident, whichever clients each
+    names (a campaign's later keys, or the share another replica held), and the alert names them all.
+
     On construction `client_ids` is sorted and de-duplicated (the first is the primary `client_id`) and
     `evidence` (event ids, oldest first) is cut to its newest `MAX_EVIDENCE` distinct ids. Raises
     `ValueError` on no client, a non-finite score or threshold, `first_seen` after `last_seen` (event time,
@@ -153,6 +160,8 @@ class Detection:
     # The `last_seen` of the earliest detection combined into this one (NaN: its own): where the incident it
     # stands for began, to tell whether it continues an alert that went before it.
     began_at: float = math.nan
+    # The group of clients the detection is of ("" for a client, or clients named by their list).
+    group: str = ""
 
     def __post_init__(self) -> None:
         self.client_ids = tuple(sorted(set(self.client_ids)))
@@ -175,10 +184,13 @@ class Detection:
 
     @property
     def dedup_key(self) -> str:
-        """`model|client,ids|kind`, the same for every detection of one alert.
+        """`model|client,ids|kind` (`model|group:GROUP|kind` for a group), the same for every detection
+        of one alert.
 
         Beyond `MAX_DEDUP_KEY_LENGTH` characters the client list is replaced by its SHA-256 digest.
         """
+        if self.group:
+            return f"{self.model}|{GROUP_PREFIX}{self.group}|{self.kind}"
         clients = ",".join(self.client_ids)
         key = f"{self.model}|{clients}|{self.kind}"
         if len(key) <= MAX_DEDUP_KEY_LENGTH:
@@ -189,12 +201,13 @@ class Detection:
     def combined(self, other: Detection) -> Detection:
         """This detection and `other`, of the same alert, as one.
 
-        The peak score, the higher severity, the widest time span and the most queries; the explanation
-        (rule, threshold, reasons, technique, triage note) of the newer detection, the one with the later
-        `last_seen` (`other` on a tie); the evidence of both, newest kept; the detection time of the earlier
-        one that fired (of the earlier one when neither did), fired when either did; departed when either
-        did, the older one's departure reasons kept when the newer has none. Raises `ValueError` when the
-        dedup keys differ.
+        The clients of both (the same but for a group's); the peak score, the higher severity, the widest
+        time span and the most queries; the explanation (rule, threshold, reasons, technique, triage note)
+        of the newer detection, the one with the later `last_seen` (`other` on a tie); the evidence of both,
+        newest kept; the detection time of the earlier one that fired (of the earlier one when neither
+        did), fired when either did; departed when either did, the older one's departure reasons kept when
+        the newer has none. The queries of a group's detections naming disjoint clients (a campaign's
+        waves, or shares of replicas) add up. Raises `ValueError` when the dedup keys differ.
         """
         if other.dedup_key != self.dedup_key:
             raise ValueError(f"cannot combine {self.dedup_key!r} with {other.dedup_key!r}")
@@ -203,9 +216,10 @@ class Detection:
         reasons = list(newer.reasons)
         if older.departed and not newer.departed:
             reasons += [reason for reason in older.reasons if reason.feature.startswith(OWN_BASELINE_PREFIX)]
+        disjoint = not set(self.client_ids) & set(other.client_ids)
         return Detection(
             model=self.model,
-            client_ids=self.client_ids,
+            client_ids=(*self.client_ids, *other.client_ids),
             kind=self.kind,
             severity=max(self.severity, other.severity, key=lambda severity: severity.rank),
             rule_id=newer.rule_id,
@@ -215,7 +229,7 @@ class Detection:
             evidence=[*older.evidence, *newer.evidence],
             first_seen=min(self.first_seen, other.first_seen),
             last_seen=newer.last_seen,
-            queries=max(self.queries, other.queries),
+            queries=self.queries + other.queries if disjoint else max(self.queries, other.queries),
             detected_at=first.detected_at,
             detected_after_queries=first.detected_after_queries,
             atlas_technique=newer.atlas_technique,
@@ -223,6 +237,7 @@ class Detection:
             fired=self.fired or other.fired,
             departed=self.departed or other.departed,
             began_at=min(self.began_at, other.began_at),
+            group=self.group,
         )
 
     def continues(self, last_seen: float, quiet_seconds: float) -> bool:
@@ -305,6 +320,16 @@ class Alert(BaseModel):
         """The first line of the explanation (`Reason.text`), or "" when there is none."""
         return self.reasons[0].text if self.reasons else ""
 
+    @property
+    def group(self) -> str:
+        """The group of clients a coordinated alert is of, as its dedup key names it; "" for an alert named
+        by its client list."""
+        subject = self.dedup_key[len(self.model) + 1 : -(len(self.kind) + 1)]
+        grouped = subject.startswith(GROUP_PREFIX) and "," not in subject
+        if self.kind is AlertKind.COORDINATED_CLIENTS and grouped:
+            return subject[len(GROUP_PREFIX) :]
+        return ""
+
     def as_detection(self) -> Detection:
         """The alert as the one detection that all its detections combine into."""
         return Detection(
@@ -324,6 +349,7 @@ class Alert(BaseModel):
             detected_after_queries=self.detected_after_queries,
             atlas_technique=self.atlas_technique,
             triage=self.triage,
+            group=self.group,
         )
 
 

@@ -346,10 +346,7 @@ class Pipeline:
                     # First, so that no other row is locked while a claimer holds a lease.
                     transaction.hold_leases(self._group_id, leases_held(self._leases, pending.positions))
                 # Then the pools shared with the other members (locked before any alert is).
-                found, superseded = self.detect.coordination.exchange(transaction)
-                for key in superseded:
-                    pending.incidents.pop(key, None)
-                for detection in found:
+                for detection in self.detect.coordination.exchange(transaction):
                     pending.record(detection, self._quiet_seconds)
                 # Event time alone resolves alerts here: the stream is flowing, and a backlog read for longer
                 # than the quiet period must not resolve the alerts of partitions not read yet.

@@ -3,10 +3,11 @@
 Sybil keys deal the attack's candidate records between them, so each key alone shows too little. What they
 share is the target — exact records of the model's training set — and, usually, the network they come from.
 Over a sliding window of event time, the keys of one model and one network (IPv4 /24, IPv6 /48) that sent
-exact training records are pooled; when together they reach the training-set rule's threshold, one alert
-names all of them, raised on the query that took the pool over it. Keys already pooled into an alert are not
-pooled again, so a campaign that grows raises one alert per wave, never one per key. Keys without a known
-address are not pooled.
+exact training records are pooled; when together they reach the training-set rule's threshold, a detection
+names all of them, raised on the query that took the pool over it. Keys already pooled into a detection are
+not pooled again, so a campaign that grows is detected once per wave, never once per key; every detection
+of a pool names the pool's alert (`Detection.group`), so that the waves of a campaign while its alert is
+open update that one alert, which names all their keys. Keys without a known address are not pooled.
 
 Memory is bounded whatever the keys do: a key leaves the pool once its last hit is older than the window,
 the keys already reported are forgotten after the window too, and at most `max_participants` keys are
@@ -15,12 +16,10 @@ pooled at once (least recently seen let go first), like the feature tracker's `m
 Pools are shared between the members of a consumer group, each of which sees the keys of its own partitions
 only: at each commit, every pool changed since the last one is exchanged through the database (`exchange`,
 in the commit's transaction, the pools locked). The stored pool's keys join this member's, its reported keys
-leave it, the merged pool is judged (one alert when the keys of several members reach the threshold only
-together) and written back. A detection this member raised since its last commit is withdrawn when another
-member has meanwhile reported one of its keys, or other keys of the same pool active at the same time (both
-members crossed the threshold with their own keys of one wave between two commits): a campaign is alerted
-on once, by whichever member commits first. The stored pools also bring back what a restart, a rebalance
-or the `max_participants` bound let go.
+leave it, the merged pool is judged (a detection when the keys of several members reach the threshold only
+together) and written back. When members each cross the threshold with their own keys of one campaign, each
+raises a detection of the same pool: they update one alert, whichever commits first opening it. The stored
+pools also bring back what a restart, a rebalance or the `max_participants` bound let go.
 """
 
 from __future__ import annotations
@@ -162,12 +161,10 @@ class CoordinationTracker:
         # reported, by pool.
         self._reported: dict[tuple[str, str], _Report] = {}
         self._reports: dict[PoolKey, set[str]] = {}
-        # Since the last `persisted`: the pools changed, and the detections raised (with their pool).
+        # Since the last `persisted`: the pools changed.
         self._touched: set[PoolKey] = set()
-        self._unconfirmed: list[tuple[PoolKey, Detection, dict[str, _Participant]]] = []
-        # Found and withdrawn by an exchange whose pools were not taken yet: returned by the next one.
+        # Found by an exchange whose pools were not taken yet: returned by the next one.
         self._found: list[Detection] = []
-        self._withdrawn: list[str] = []
         # (model, client id) -> the network of the one pool a key is in (its address may move).
         self._joined: dict[tuple[str, str], str] = {}
         self._horizon = float("-inf")  # event time before which pooled keys and reports are let go
@@ -230,21 +227,18 @@ class CoordinationTracker:
             self._merge(key, _read_pool(data), touch=False)
         self._bound()
 
-    def exchange(self, shared: SharedPools) -> tuple[list[Detection], list[str]]:
+    def exchange(self, shared: SharedPools) -> list[Detection]:
         """Share every pool changed since the last `persisted` through `shared` (see the module docstring).
 
         Returns the detections of pools that the stored keys took over the threshold (detected at the latest
-        query of their keys), and the dedup keys of this tracker's detections since the last `persisted`
-        that another member superseded: each once, when `shared` has taken the pools (what a failed exchange
-        found is returned by the next one). Call again after a failed transaction: merging is idempotent.
+        query of their keys), each once, when `shared` has taken the pools (what a failed exchange found is
+        returned by the next one). Call again after a failed transaction: merging is idempotent.
         """
         keys = sorted(self._touched)
         if keys:
             stored = {key: _read_pool(data) for key, data in shared.read_pools(keys).items()}
             for key in keys:
-                state = stored.get(key, PoolState({}, {}))
-                self._withdrawn += self._superseded(key, state)
-                self._merge(key, state)
+                self._merge(key, stored.get(key, PoolState({}, {})))
                 pool = self._pools.get(key, {})
                 for stale in [client_id for client_id, p in pool.items() if p.last_seen < self._horizon]:
                     self._leave(*key, stale)
@@ -253,14 +247,12 @@ class CoordinationTracker:
             # Written before this member's own bound lets keys go: they may be another member's.
             shared.write_pools({key: self._written(key, stored.get(key)).to_bytes() for key in keys})
             self._bound()
-        found, withdrawn = self._found, self._withdrawn
-        self._found, self._withdrawn = [], []
-        return found, withdrawn
+        found, self._found = self._found, []
+        return found
 
     def persisted(self) -> None:
         """What the last `exchange` wrote is durable: start collecting the next changes."""
         self._touched.clear()
-        self._unconfirmed.clear()
 
     def clear(self) -> None:
         """Forget every pool (the stored ones bring their keys back as their pools change again)."""
@@ -270,9 +262,7 @@ class CoordinationTracker:
         self._reported.clear()
         self._reports.clear()
         self._touched.clear()
-        self._unconfirmed.clear()
         self._found.clear()
-        self._withdrawn.clear()
 
     def forget(self, watermark: float) -> None:
         """Let go of keys whose last hit, or last query since they were reported, is a window older than
@@ -327,39 +317,6 @@ class CoordinationTracker:
         keys.discard(client_id)
         if not keys:
             del self._reports[(model, report.network)]
-
-    def _superseded(self, key: PoolKey, state: PoolState) -> list[str]:
-        """The dedup keys of this tracker's unconfirmed detections of pool `key` that another member's
-        committed alert supersedes (stored reports are of committed alerts: this member's own are not stored
-        yet), withdrawn:
-        - when the other member reported one of the detection's keys, the keys it did not report are pooled
-          again;
-        - when it reported other keys of the pool, new to this member and active during the detection's span,
-          both members crossed the threshold with their own keys of one wave of the campaign between two
-          commits: the detection's keys stay reported, as part of that wave (one alert per wave)."""
-        model, network = key
-        superseded = []
-        for entry in list(self._unconfirmed):
-            pool, detection, participants = entry
-            if pool != key:
-                continue
-            shared_keys = any(client_id in state.reported for client_id in detection.client_ids)
-            same_wave = any(
-                (model, client_id) not in self._reported and last_seen >= detection.first_seen
-                for client_id, last_seen in state.reported.items()
-            )
-            if not shared_keys and not same_wave:
-                continue
-            superseded.append(detection.dedup_key)
-            self._unconfirmed.remove(entry)
-            if not shared_keys:
-                continue
-            for client_id, participant in participants.items():
-                if client_id not in state.reported:
-                    if (model, client_id) in self._reported:
-                        self._unreport(model, client_id)
-                    self._pool(model, network, client_id, participant)
-        return superseded
 
     def _merge(self, key: PoolKey, state: PoolState, touch: bool = True) -> None:
         """Take the stored pool's reports and keys (the latest of each key's two versions) into this one;
@@ -441,11 +398,11 @@ class CoordinationTracker:
             detected_after_queries=queries,
             atlas_technique=ATLAS_EXFILTRATION_VIA_INFERENCE_API,
             triage=TRIAGE,
+            group=network,
         )
         for client_id, participant in pool.items():
             self._leave(model, network, client_id)
             self._report(model, network, client_id, participant.last_seen)
-        self._unconfirmed.append(((model, network), detection, pool))
         return [detection]
 
 

@@ -39,6 +39,8 @@ _ALERTS = AlertRow.__table__
 
 # What a later detection or an operator may change on an alert; the rest is fixed when it opens.
 _MUTABLE = (
+    "client_id",
+    "client_ids",
     "severity",
     "status",
     "rule_id",
@@ -237,8 +239,6 @@ def _row(alert: Alert) -> dict[str, Any]:
     return {
         "dedup_key": alert.dedup_key,
         "model": alert.model,
-        "client_id": alert.client_id,
-        "client_ids": list(alert.client_ids),
         "kind": alert.kind.value,
         "raised_at": alert.raised_at,
         "notified_at": None,

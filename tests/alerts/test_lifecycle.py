@@ -247,6 +247,29 @@ def test_detections_sharing_a_key_in_one_call_become_one_alert(alerts: Alerts) -
     assert alerts.upsert([]) == []
 
 
+def test_detections_of_one_group_update_its_one_alert_which_names_every_client(alerts: Alerts) -> None:
+    # A coordinated campaign: a first wave of keys, then keys of the same pool that another replica held.
+    first = replace(
+        detection("s1", "s2", kind=AlertKind.COORDINATED_CLIENTS, queries=40), group="198.51.100.0/24"
+    )
+    second = replace(
+        detection("s0", "s3", kind=AlertKind.COORDINATED_CLIENTS, queries=30, last_seen=START + 90),
+        group="198.51.100.0/24",
+    )
+    [opened] = alerts.upsert([first])
+
+    [updated] = alerts.upsert([second])
+
+    [alert] = alerts.list_alerts()
+    assert updated.change is Change.UPDATED and alert.id == opened.alert.id
+    assert alert.dedup_key == "fraud-v1|group:198.51.100.0/24|coordinated_clients" == second.dedup_key
+    assert (alert.client_ids, alert.client_id) == (["s0", "s1", "s2", "s3"], "s0")  # as stored
+    assert alert.group == "198.51.100.0/24" and alert.as_detection().dedup_key == alert.dedup_key
+    assert (alert.queries, alert.detected_at) == (70, utc(START + 60))  # the first wave crossed first
+    assert alerts.upsert([first]) == [AlertChange(alert, Change.UNCHANGED)]  # sent again: nothing new
+    assert alerts.list_alerts(client_id="s0") == [alert]  # the primary client moved to the new first one
+
+
 def test_a_detection_after_the_alert_was_resolved_opens_a_new_alert(alerts: Alerts, clock: FakeClock) -> None:
     [first] = alerts.upsert([detection(last_seen=START + 60)])
     clock.now += 3600

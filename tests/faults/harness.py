@@ -316,7 +316,12 @@ class LiveProducer:
                 except Exception as error:  # the broker is down or restarting: a new producer, later
                     self.failures.append(f"{type(error).__name__}: {error}")
                     if self._publisher is not None:
-                        self._publisher.close()
+                        # Let go, closed aside: kafka-python's close waits for the batches in flight, which
+                        # a producer that lost its broker only gives up when they expire (2 minutes), and
+                        # raises when given a shorter timeout. The slice goes out again with a new producer.
+                        threading.Thread(
+                            target=self._publisher.close, name="producer-close", daemon=True
+                        ).start()
                         self._publisher = None
                     time.sleep(1.0)
         self._idle.set()

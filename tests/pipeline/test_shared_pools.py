@@ -99,4 +99,5 @@ def test_a_campaign_split_over_two_members_is_alerted_once_naming_keys_of_both(
     [alert] = split
     assert {owner_of for owner_of in (SYBILS.index(client) % 2 for client in alert.client_ids)} == {0, 1}
     assert set(alert.client_ids) <= set(SYBILS) and alert.score >= 5
+    assert alert.dedup_key == alone.dedup_key == f"{MODEL}|group:198.51.100.0/24|coordinated_clients"
     assert set(alone.client_ids) <= set(SYBILS) and alone.score >= 5

@@ -115,7 +115,7 @@ class SharedDict:
         self.pools.update(pools)
 
 
-def commit(member: CoordinationTracker, shared: SharedDict) -> tuple[list[Detection], list[str]]:
+def commit(member: CoordinationTracker, shared: SharedDict) -> list[Detection]:
     """One member's commit: the exchange, then the transaction is durable."""
     found = member.exchange(shared)
     member.persisted()
@@ -133,38 +133,34 @@ def test_a_campaign_split_over_two_members_is_alerted_once_when_together_it_reac
         for index, client_id in enumerate(keys):
             at = 1000.0 + index
             assert member.observe(("m", client_id), participant(client_id, at), hits(2), at) == []
-    assert commit(first, shared) == ([], [])  # the pool stored holds s0 and s2
+    assert commit(first, shared) == []  # the pool stored holds s0 and s2
 
-    [detection], superseded = commit(second, shared)  # merged: 8 hits
-    assert superseded == []
+    [detection] = commit(second, shared)  # merged: 8 hits
     assert detection.client_ids == ("s0", "s1", "s2", "s3") and detection.score == 8
     assert detection.detected_at == 1001.0  # the latest query of the keys pooled
 
     # The first member learns that its keys were reported: no second alert for them, now or later.
-    assert commit(first, shared) == ([], [])
+    assert commit(first, shared) == []
     assert first.observe(("m", "s0"), participant("s0", 1100.0), hits(3), 1100.0) == []
-    assert commit(first, shared) == ([], [])
+    assert commit(first, shared) == []
 
 
-def test_when_two_members_alert_at_once_the_later_commit_is_withdrawn_and_its_other_keys_pooled_again() -> (
-    None
-):
+def test_when_two_members_detect_one_pool_at_once_both_detections_name_its_one_alert() -> None:
     shared, first, second = SharedDict(), CoordinationTracker(threshold=6), CoordinationTracker(threshold=6)
     for member, client_id in ((first, "a"), (second, "b")):
         member.observe(("m", client_id), participant(client_id, 1000.0), hits(2), 1000.0)
-        assert commit(member, shared) == ([], [])
+        assert commit(member, shared) == []
     # Between two commits, each member's own keys take the pool it knows over the threshold: the second
     # member's knows "a" (merged at its commit), the first member's does not know "b".
     [by_second] = second.observe(("m", "c"), participant("c", 1010.0), hits(2), 1010.0)
     [by_first] = first.observe(("m", "d"), participant("d", 1011.0), hits(4), 1011.0)
     assert by_second.client_ids == ("a", "b", "c") and by_first.client_ids == ("a", "d")
-    assert commit(second, shared) == ([], [])  # committed first: its alert stands
-
-    found, superseded = commit(first, shared)
-    assert superseded == [by_first.dedup_key]  # "a" was reported by the second member meanwhile
-    assert found == []  # "d" (4 hits) is pooled again, alone below the threshold
-    [later] = first.observe(("m", "e"), participant("e", 1020.0), hits(2), 1020.0)
-    assert later.client_ids == ("d", "e")
+    assert by_first.dedup_key == by_second.dedup_key == "m|group:198.51.100.0/24|coordinated_clients"
+    assert commit(second, shared) == [] and commit(first, shared) == []  # nothing withdrawn, nothing new
+    # Every key of both stays reported: a later key alone is below the threshold.
+    assert first.observe(("m", "e"), participant("e", 1020.0), hits(2), 1020.0) == []
+    combined = by_second.combined(by_first)
+    assert combined.client_ids == ("a", "b", "c", "d")
 
 
 def test_a_restarted_member_loads_the_stored_pool_before_judging_a_query() -> None:
@@ -204,9 +200,9 @@ def test_what_a_failed_exchange_found_is_returned_by_the_next_one() -> None:
     shared.failures = 1
     with pytest.raises(ConnectionError):
         second.exchange(shared)  # the merged pool crossed, but nothing was stored
-    [detection], superseded = commit(second, shared)  # the retried commit
-    assert detection.client_ids == ("a", "b") and superseded == []
-    assert commit(second, shared) == ([], [])  # returned once
+    [detection] = commit(second, shared)  # the retried commit
+    assert detection.client_ids == ("a", "b")
+    assert commit(second, shared) == []  # returned once
 
 
 def test_a_key_whose_address_moves_to_another_network_is_in_one_pool() -> None:
@@ -237,7 +233,7 @@ def test_keys_a_member_lets_go_for_its_own_bound_stay_in_the_stored_pool() -> No
     assert set(PoolState.from_bytes(state).participants) == {"w0", "w1", "w2", "n"}
 
 
-def test_when_two_members_alert_on_their_own_keys_of_one_wave_at_once_the_later_alert_is_withdrawn() -> None:
+def test_two_members_detecting_their_own_keys_of_one_pool_at_once_name_one_alert() -> None:
     shared, first, second = SharedDict(), CoordinationTracker(threshold=6), CoordinationTracker(threshold=6)
     # Between two commits each member pools two keys of one network, and each pair crosses the threshold.
     [by_first] = [
@@ -250,12 +246,11 @@ def test_when_two_members_alert_on_their_own_keys_of_one_wave_at_once_the_later_
         for client_id, at in (("y1", 1001.0), ("y2", 1003.0))
         for detection in second.observe(("m", client_id), participant(client_id, at), hits(3), at)
     ]
-    assert commit(first, shared) == ([], [])  # committed first: its alert stands
-
-    assert commit(second, shared) == ([], [by_second.dedup_key])  # one wave, one alert
-    # Its keys stay reported with the wave: not pooled into an alert of their own later.
+    assert by_first.dedup_key == by_second.dedup_key  # the pool's alert
+    assert commit(first, shared) == [] and commit(second, shared) == []
+    # Its keys stay reported with the wave: not pooled into a detection of their own later.
     assert second.observe(("m", "y1"), participant("y1", 1010.0), hits(4), 1010.0) == []
-    assert commit(second, shared) == ([], []) and commit(first, shared) == ([], [])
+    assert commit(second, shared) == [] and commit(first, shared) == []
 
     # A later wave of other keys of the network is alerted on, by either member.
     late = [
@@ -264,4 +259,4 @@ def test_when_two_members_alert_on_their_own_keys_of_one_wave_at_once_the_later_
         for detection in first.observe(("m", client_id), participant(client_id, 1100.0), hits(3), at)
     ]
     assert [detection.client_ids for detection in late] == [("z1", "z2")]
-    assert by_first.client_ids == ("x1", "x2")
+    assert by_first.client_ids == ("x1", "x2") and late[0].dedup_key == by_first.dedup_key
