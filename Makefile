@@ -109,6 +109,7 @@ bench: install
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/hostile.py
 	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/risk_endpoint.py
 
 schemas: install  ## regenerate schemas/*.schema.json from the pydantic models
 	$(BIN)/mia-detector schemas export --out schemas

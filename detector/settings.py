@@ -353,7 +353,31 @@ class GrafanaSettings(_ReceiverGroup):
         return value
 
 
-class MetricsSettings(BaseModel):
+class _Listening(BaseModel):
+    """A server's address, `addr` (host:port; empty turns the server off)."""
+
+    model_config = _GROUP
+    addr: str = ""
+
+    @field_validator("addr")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port such as 127.0.0.1:9108, got {value!r}")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when the server is turned off."""
+        if not self.addr:
+            return None
+        host, _, port = self.addr.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class MetricsSettings(_Listening):
     """The Prometheus endpoint of `mia-detector run` (`MIA_METRICS_ADDR`, host:port; empty turns it off),
     optionally behind HTTP basic authentication (`MIA_METRICS_USERNAME` and `MIA_METRICS_PASSWORD`, both or
     neither) and TLS (`MIA_METRICS_TLS_CERTFILE`, PEM, with `MIA_METRICS_TLS_KEYFILE` when the key is not in
@@ -396,22 +420,27 @@ class MetricsSettings(BaseModel):
             raise ValueError("belongs to a certificate: set MIA_METRICS_TLS_CERTFILE too")
         return value
 
-    @field_validator("addr")
-    @classmethod
-    def _host_and_port(cls, value: str) -> str:
-        if value:
-            host, _, port = value.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"expected host:port such as 127.0.0.1:9108, got {value!r}")
-        return value
 
-    @property
-    def host_port(self) -> tuple[str, int] | None:
-        """(host, port) to listen on, or None when metrics are turned off."""
-        if not self.addr:
-            return None
-        host, _, port = self.addr.rpartition(":")
-        return host.strip("[]"), int(port)
+
+class RiskSettings(_Listening):
+    """The risk feed: the policy that decides what gateways do with the clients of open alerts
+    (`MIA_RISK_POLICY_PATH`, default the packaged `risk_policy.toml`); the endpoint that answers gateways
+    (`MIA_RISK_ADDR`, host:port; empty, the default, turns it off), optionally asking for `Authorization:
+    Bearer MIA_RISK_TOKEN`; the compacted topic the decisions are published to (`MIA_RISK_TOPIC`; empty,
+    the default, publishes none). Both read the stored decisions every `MIA_RISK_REFRESH_SECONDS` (an
+    operator's decision from another process is served and published within that)."""
+
+    model_config = _GROUP
+    policy_path: Path | None = None
+    topic: str = ""
+    token: SecretStr | None = None
+    refresh_seconds: float = Field(default=1.0, gt=0, le=300)
+
+    @field_validator("policy_path", "token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return _none_if_blank(value)
+
 
 
 class RetentionSettings(BaseModel):
@@ -488,6 +517,7 @@ class Settings(BaseSettings):
     grafana: GrafanaSettings = Field(default_factory=GrafanaSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    risk: RiskSettings = Field(default_factory=RiskSettings)
     # Fixed names operators' manifests rely on: MIA_MODEL_PATH, MIA_TRAINING_INDEX, MIA_TRAINING_INDEX_KEY.
     model_path: Path | None = None
     training_index: Path | None = None

@@ -130,6 +130,7 @@ def test_the_secret_settings_are_every_secret_field() -> None:
         "MIA_GRAFANA_POSTGRES_PASSWORD",
         "MIA_METRICS_PASSWORD",
         "MIA_TRAINING_INDEX_KEY",
+        "MIA_RISK_TOKEN",
     } == set(secret_variables())
 
 

@@ -10,7 +10,8 @@ receiver keeps an incident open forever.
 
 The lifecycle works on values: it reads and writes through an `AlertRecords` inside the transaction the
 caller owns (the pipeline's commit point, or an operator's command), so alerts, notifications and the
-results they were derived from are stored together or not at all.
+results they were derived from are stored together or not at all. With a risk policy, the risk decisions on
+the alerts' clients change in the same transaction (`detector.alerts.risk`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from detector.alerts.risk import RiskPolicy, RiskRecords
 from detector.alerts.sinks import configured_sink_names
 from detector.domain import (
     DEFAULT_ATLAS_TECHNIQUE,
@@ -42,7 +44,7 @@ from detector.domain import (
     dashboard_link,
     utc,
 )
-from detector.settings import Settings
+from detector.settings import ConfigError, Settings
 
 # Lookup-and-insert rounds per commit: a conflict means a concurrent writer opened the alert, which the second
 # round updates; a third covers that alert being resolved in between. More means the schema is wrong.
@@ -69,6 +71,9 @@ class AlertRecords(Protocol):
     def silences(self, now: datetime) -> list[Silence]: ...
 
     def enqueue(self, notifications: Sequence[Notification], sinks: Sequence[str], now: datetime) -> None: ...
+
+    @property
+    def risk(self) -> RiskRecords: ...
 
 
 @dataclass(frozen=True)
@@ -150,17 +155,23 @@ class AlertLifecycle:
         policy: NotificationPolicy | None = None,
         allowlist: AllowList | None = None,
         clock: Callable[[], float] = time.time,
+        risk: RiskPolicy | None = None,
     ) -> None:
         self.policy = policy or NotificationPolicy()
         self.allowlist = allowlist or AllowList()
         self._clock = clock
+        self.risk = risk
 
     @classmethod
     def from_settings(cls, settings: Settings, sinks: Sequence[str] | None = None) -> AlertLifecycle:
         """The lifecycle of `settings` (allow-list, quiet period, renotify interval, dashboard link),
         notifying `sinks` (by default every configured sink)."""
         names = configured_sink_names(settings) if sinks is None else sinks
-        return cls(NotificationPolicy.from_settings(settings, names), settings.detection.allow_list())
+        return cls(
+            NotificationPolicy.from_settings(settings, names),
+            settings.detection.allow_list(),
+            risk=load_risk_policy(settings),
+        )
 
     def apply(
         self,
@@ -217,6 +228,7 @@ class AlertLifecycle:
         outcome.resolved += resolved
         records.enqueue(resolutions, self.policy.sinks, now)
         outcome.notifications += resolutions
+        self._respond(records, outcome, now)
         return outcome
 
     def acknowledge(self, records: AlertRecords, alert_id: int) -> AlertOutcome:
@@ -361,7 +373,23 @@ class AlertLifecycle:
         if self.policy.sinks and tracked.notified.notified_at is not None:
             outcome.notifications.append(build_notification(event, alert, now, self.policy))
             records.enqueue(outcome.notifications, self.policy.sinks, now)
+        self._respond(records, outcome, now)
         return outcome
+
+    def _respond(self, records: AlertRecords, outcome: AlertOutcome, now: datetime) -> None:
+        """Bring the risk decisions in step with what `outcome` did to the alerts (with a risk policy)."""
+        if self.risk is None:
+            return
+        changed = [change.alert for _, change in outcome.changes if change.change is not Change.UNCHANGED]
+        self.risk.apply(records.risk, changed, outcome.resolved, now)
+
+
+def load_risk_policy(settings: Settings) -> RiskPolicy:
+    """The risk policy `settings` name; raises `ConfigError` (one line, naming the setting) on a bad one."""
+    try:
+        return RiskPolicy.load(settings.risk.policy_path)
+    except ValueError as error:
+        raise ConfigError(f"risk policy (MIA_RISK_POLICY_PATH): {error}") from None
 
 
 def _opened(detection: Detection, now: datetime) -> Alert:

@@ -17,7 +17,7 @@ from typing import NoReturn
 import click
 
 from detector import __version__
-from detector.cli import admin, alerts, dashboards, models, records, stream
+from detector.cli import admin, alerts, dashboards, models, records, risk, stream
 from detector.cli.context import RuntimeFailure
 from detector.cli.output import stderr
 from detector.settings import ConfigError
@@ -60,7 +60,7 @@ def app(
 
 
 # Every module of a command group lists, in `COMMANDS`, what it adds to `mia-detector`.
-for _module in (stream, models, alerts, records, admin, dashboards):
+for _module in (stream, models, alerts, risk, records, admin, dashboards):
     for _command in _module.COMMANDS:
         app.add_command(_command)
 

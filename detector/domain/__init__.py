@@ -32,6 +32,14 @@ from detector.domain.notifications import (
 )
 from detector.domain.queries import Query, Requested
 from detector.domain.records import DeadLetter, DeadLetterReason, InvalidRecord, Origin, RawRecord
+from detector.domain.risk import (
+    Coarsening,
+    RiskAction,
+    RiskDecision,
+    RiskParameters,
+    in_force,
+    risk_document,
+)
 from detector.domain.sessions import SessionKey, SessionState, SessionStatus
 from detector.domain.times import rfc3339, utc
 from detector.domain.verdicts import HOLD_RATIO, Verdict, Verdicts
@@ -51,6 +59,7 @@ __all__ = [
     "AllowEntry",
     "AllowList",
     "Backpressure",
+    "Coarsening",
     "DeadLetter",
     "DeadLetterReason",
     "Detection",
@@ -63,6 +72,9 @@ __all__ = [
     "RawRecord",
     "Reason",
     "Requested",
+    "RiskAction",
+    "RiskDecision",
+    "RiskParameters",
     "SessionKey",
     "SessionState",
     "SessionStatus",
@@ -74,6 +86,8 @@ __all__ = [
     "add_to_incidents",
     "dashboard_link",
     "display_name",
+    "in_force",
     "rfc3339",
+    "risk_document",
     "utc",
 ]

@@ -11,7 +11,7 @@ from detector.kafka.clients import (
 )
 from detector.kafka.connect import KafkaUnreachable, check_connection
 from detector.kafka.consumers import GroupConsumer, open_consumer
-from detector.kafka.topics import TopicLayout, ensure_topic
+from detector.kafka.topics import TopicLayout, ensure_topic, latest_values
 
 __all__ = [
     "BOOTSTRAP_TIMEOUT_OPTION",
@@ -22,6 +22,7 @@ __all__ = [
     "check_connection",
     "client_options",
     "ensure_topic",
+    "latest_values",
     "open_client",
     "open_connections",
     "open_consumer",

@@ -172,8 +172,9 @@ class KafkaPublisher:
         )
         self._pending: list[Any] = []
 
-    def send(self, topic: str, value: bytes, key: bytes | None) -> None:
-        """Queue one message; `flush` makes it durable."""
+    def send(self, topic: str, value: bytes | None, key: bytes | None) -> None:
+        """Queue one message (`value` None: a tombstone, which a compacted topic keeps until it deletes the
+        key); `flush` makes it durable."""
         self._pending.append(self._producer.send(topic, value=value, key=key))
 
     def send_dead_letter(self, topic: str, letter: DeadLetter) -> None:

@@ -27,6 +27,7 @@ from detector.service.wiring import (
     load_training_indexes,
     persisting,
     serve_metrics,
+    serve_risk,
 )
 from detector.settings import Settings
 from detector.storage import Fenced, Retention, RetentionPolicy, StorageError, Store
@@ -129,6 +130,8 @@ def run_daemon(
         store, dispatcher = resources.enter_context(persisting(settings, metrics))
         if settings.metrics.host_port is not None:
             resources.callback(serve_metrics(metrics, settings.metrics))
+        if settings.risk.host_port is not None or settings.risk.topic:
+            resources.callback(serve_risk(settings, store.engine))
         if settings.retention.interval_seconds is not None:
             retention = ScheduledRetention(
                 Retention(store.engine),

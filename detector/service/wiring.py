@@ -6,19 +6,24 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import Engine
 
 from detector.alerts.dispatcher import Dispatcher, RetryPolicy
 from detector.alerts.lifecycle import AlertLifecycle
+from detector.alerts.risk_endpoint import PREFIX, RiskEndpoint
+from detector.alerts.risk_feed import RiskFeed, RiskView
+from detector.alerts.risk_topic import TOPIC_CONFIGS, RiskTopic
 from detector.alerts.sinks import build_sinks
 from detector.domain import AlertKind
 from detector.eventtime import Watermark
 from detector.features.client import FeatureTracker, TrainingIndexes, TrainingLookup
 from detector.features.embedding import ModelScale, QueryEmbedder
 from detector.ingest.decode import RecordDecoder
+from detector.kafka import KafkaPublisher, ensure_topic, latest_values
 from detector.metrics import BasicAuth, Metrics
 from detector.pipeline import (
     CommitPolicy,
@@ -35,7 +40,7 @@ from detector.scoring.model import ScoringModel
 from detector.scoring.rules import load_rules
 from detector.sessions import SessionTracker
 from detector.settings import MetricsSettings, Settings
-from detector.storage import OutboxStore, Store, open_store
+from detector.storage import OutboxStore, RiskStore, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,42 @@ def serve_metrics(metrics: Metrics, settings: MetricsSettings) -> Callable[[], N
     scheme = "https" if tls is not None else "http"
     log.info("metrics at %s://%s/metrics%s", scheme, settings.addr, " (basic authentication)" if auth else "")
     return stop
+
+
+def serve_risk(settings: Settings, engine: Engine) -> Callable[[], None]:
+    """The risk feed of `settings.risk`, started: the decisions stored through `engine`, read again every
+    refresh, answered on `MIA_RISK_ADDR` and published to the compacted topic `MIA_RISK_TOPIC` (each when
+    set; the topic is created when absent). Returns the function that stops it all. Raises `OSError` with a
+    one-line message naming the setting when the address cannot be bound, `KafkaUnreachable` when the
+    topic's brokers do not answer (and `ValueError` when both are off)."""
+    risk = settings.risk
+    if risk.host_port is None and not risk.topic:
+        raise ValueError("the risk feed is turned off (MIA_RISK_ADDR and MIA_RISK_TOPIC are empty)")
+    view = RiskView(RiskStore(engine).decisions)
+    with ExitStack() as started:
+        listeners = []
+        if risk.topic:
+            ensure_topic(settings.kafka, risk.topic, 1, configs=TOPIC_CONFIGS)
+            publisher = KafkaPublisher(settings.kafka)
+            started.callback(publisher.close)
+            listeners.append(RiskTopic(publisher, risk.topic, latest_values(settings.kafka, risk.topic)))
+            log.info("risk decisions published to topic %s", risk.topic)
+        started.callback(RiskFeed(view, risk.refresh_seconds, listeners).start().close)
+        if risk.host_port is not None:
+            host, port = risk.host_port
+            token = risk.token.get_secret_value() if risk.token is not None else None
+            if token is None and not _loopback(host):
+                log.warning("the risk endpoint answers anyone on the network: set MIA_RISK_TOKEN")
+            try:
+                endpoint = RiskEndpoint(view, host, port, token)
+            except OSError as error:
+                raise OSError(
+                    f"cannot serve risk decisions on {risk.addr} (MIA_RISK_ADDR): {error.strerror or error}"
+                ) from None
+            started.callback(endpoint.start().close)
+            guarded = " (bearer token)" if token else ""
+            log.info("risk decisions at http://%s%s{model}/{client}%s", risk.addr, PREFIX, guarded)
+        return started.pop_all().close
 
 
 def server_tls_context(certfile: Path, keyfile: Path | None) -> ssl.SSLContext:

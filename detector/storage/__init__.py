@@ -17,6 +17,7 @@ from detector.storage.repository import (
     open_store,
 )
 from detector.storage.retention import Purge, Retention, RetentionPolicy, open_retention
+from detector.storage.risk import RiskRepository, RiskStore, open_risk_store
 from detector.storage.silences import SilenceStore
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "QueuedNotification",
     "Retention",
     "RetentionPolicy",
+    "RiskRepository",
+    "RiskStore",
     "SeenEvent",
     "SilenceStore",
     "SinkBacklog",
@@ -48,6 +51,7 @@ __all__ = [
     "open_alert_store",
     "open_engine",
     "open_retention",
+    "open_risk_store",
     "open_store",
     "upgrade",
 ]

@@ -5,10 +5,9 @@ outbox inside a transaction someone else owns (the pipeline's commit point, or a
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import bindparam, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -29,6 +28,7 @@ from detector.settings import Settings
 from detector.storage.base import Repository
 from detector.storage.database import open_engine
 from detector.storage.outbox import enqueue
+from detector.storage.risk import RiskRepository
 from detector.storage.silences import active_silences
 from detector.storage.tables import OPEN_ALERT_CONDITION, AlertRow
 
@@ -68,6 +68,7 @@ class AlertRepository:
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+        self.risk = RiskRepository(connection)
 
     def lock_open(self, keys: Sequence[str]) -> dict[str, TrackedAlert]:
         """The open alerts of the dedup `keys`, by key, locked in key order (two writers of overlapping keys
@@ -210,17 +211,6 @@ class AlertStore(Repository):
             query = query.where(AlertRow.kind == kind)
         with self._engine.connect() as connection:
             return [_alert(row) for row in connection.execute(query)]
-
-
-def lock_sqlite(connection: Connection) -> None:
-    """On SQLite, take the database's write lock now, at the start of the transaction."""
-    # pysqlite begins a transaction only at the first write, so another writer could change an alert between
-    # this transaction reading it and writing it back: take SQLite's write lock before reading. (PostgreSQL
-    # locks the rows read instead, with FOR UPDATE.)
-    if connection.dialect.name != "sqlite":
-        return
-    if not cast(sqlite3.Connection, connection.connection.dbapi_connection).in_transaction:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _values(alert: Alert, columns: Sequence[str]) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
-from typing import Self
+from typing import Self, cast
 
 from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
 
 
 class Repository:
@@ -34,3 +36,14 @@ class Repository:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def lock_sqlite(connection: Connection) -> None:
+    """On SQLite, take the database's write lock now, at the start of the transaction."""
+    # pysqlite begins a transaction only at the first write, so another writer could change an alert between
+    # this transaction reading it and writing it back: take SQLite's write lock before reading. (PostgreSQL
+    # locks the rows read instead, with FOR UPDATE.)
+    if connection.dialect.name != "sqlite":
+        return
+    if not cast(sqlite3.Connection, connection.connection.dbapi_connection).in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

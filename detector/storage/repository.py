@@ -28,8 +28,8 @@ from sqlalchemy.engine import Connection, Row
 
 from detector.domain import DeadLetter, SessionKey, SessionState, SessionStatus
 from detector.settings import Settings
-from detector.storage.alerts import AlertRepository, AlertStore, lock_sqlite
-from detector.storage.base import Repository
+from detector.storage.alerts import AlertRepository, AlertStore
+from detector.storage.base import Repository, lock_sqlite
 from detector.storage.database import open_engine
 from detector.storage.errors import Fenced, storage_errors
 from detector.storage.tables import (

@@ -227,6 +227,47 @@ class CoordinationPoolRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
+class RiskDecisionRow(Base):
+    """A risk decision on a (model, client) (`detector.domain.RiskDecision`): the policy's for one open alert
+    (`origin` `alert:<id>`, withdrawn when the alert resolves), or the operator's (`origin` `operator`)."""
+
+    __tablename__ = "risk_decisions"
+
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    origin: Mapped[str] = mapped_column(String(32), primary_key=True)
+    alert_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(256))
+    reason: Mapped[str] = mapped_column(Text)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class RiskAuditRow(Base):
+    """One change to the risk decisions, as it happened: who (`actor`), why, what (`change`: decided,
+    changed, withdrawn, overridden, cleared) and the decision as it then stood."""
+
+    __tablename__ = "risk_audit"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    model: Mapped[str] = mapped_column(String(256))
+    client_id: Mapped[str] = mapped_column(String(256))
+    change: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(16))
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(16))
+    alert_id: Mapped[int | None] = mapped_column(BigInteger)
+    actor: Mapped[str] = mapped_column(String(256))
+    reason: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class SeenEventRow(Base):
     """An event id already processed: the ledger that makes re-delivered events change nothing."""
 

@@ -5,7 +5,6 @@ allow-list drops. Storing alerts is tested in `tests/storage/test_alerts.py`, th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -135,22 +134,6 @@ def test_a_notification_survives_its_json_round_trip() -> None:
 
 
 # -- on a database: opening, updating and resolving alerts ---------------------------------------------------
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(database_url: str, clock: FakeClock) -> Iterator[Store]:
-    """A store on an empty database migrated to head."""
-    engine = create_engine_for(database_url)
-    try:
-        upgrade(engine)
-        yield Store(engine, clock=clock)
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine
 
 from detector.alerts.lifecycle import AlertChange, AlertLifecycle, AlertOutcome, NotificationPolicy
+from detector.alerts.risk import RiskPolicy
 from detector.domain import Alert, AllowList, Detection
 from detector.storage import DurableBatch, Store, create_engine_for, upgrade
 
@@ -37,9 +38,10 @@ class Alerts:
         policy: NotificationPolicy | None = None,
         allowlist: AllowList | None = None,
         clock: Callable[[], float] = time.time,
+        risk: RiskPolicy | None = None,
     ) -> None:
         self.store = store
-        self.lifecycle = AlertLifecycle(policy, allowlist, clock)
+        self.lifecycle = AlertLifecycle(policy, allowlist, clock, risk)
 
     def record(self, detections: Sequence[Detection], watermark: float | None = None) -> AlertOutcome:
         """Apply `detections` and resolve what is quiet at `watermark`, in one transaction."""

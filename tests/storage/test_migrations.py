@@ -32,6 +32,8 @@ TABLES = {
     "sessions",
     "client_states",
     "coordination_pools",
+    "risk_decisions",
+    "risk_audit",
     "model_scales",
     "dead_letters",
     "consumer_checkpoints",
@@ -53,8 +55,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0010"
-    assert current_revision(engine) == "0010"
+    assert head_revision() == "0011"
+    assert current_revision(engine) == "0011"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 
