@@ -77,8 +77,8 @@ test-confluent: install tools
 	MIA_TEST_KAFKA_CLIENT=confluent $(BIN)/pytest -m kafka
 
 lint: install
-	$(BIN)/ruff check detector tests benchmarks
-	$(BIN)/ruff format --check detector tests benchmarks
+	$(BIN)/ruff check detector tests benchmarks deploy/gateway
+	$(BIN)/ruff format --check detector tests benchmarks deploy/gateway
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	@if reason=$$($(BIN)/python -c "$$AUDIT_PROBE_PY" '$(AUDIT_PROBE)' 2>&1); then \

@@ -421,7 +421,6 @@ class MetricsSettings(_Listening):
         return value
 
 
-
 class RiskSettings(_Listening):
     """The risk feed: the policy that decides what gateways do with the clients of open alerts
     (`MIA_RISK_POLICY_PATH`, default the packaged `risk_policy.toml`); the endpoint that answers gateways
@@ -440,7 +439,6 @@ class RiskSettings(_Listening):
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return _none_if_blank(value)
-
 
 
 class RetentionSettings(BaseModel):
