@@ -39,7 +39,7 @@ class RiskRecords(Protocol):
 
     def of_alerts(self, alert_ids: Iterable[int]) -> list[RiskDecision]: ...
 
-    def put(self, decision: RiskDecision) -> RiskDecision | None: ...
+    def put(self, decision: RiskDecision) -> None: ...
 
     def remove(self, decisions: Iterable[RiskDecision]) -> None: ...
 
@@ -130,7 +130,7 @@ class RiskPolicy:
                 records.put(decision)
                 change = "decided" if before is None else "changed"
                 records.audit(change, decision, now, POLICY_ACTOR, decision.reason)
-        ended = {alert.id: alert for alert in resolved}
+        ended = {alert.id for alert in resolved}
         withdrawn = records.of_alerts(ended) if ended else []
         records.remove(withdrawn)
         for decision in withdrawn:

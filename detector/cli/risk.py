@@ -17,7 +17,6 @@ from detector.domain import (
     RiskAction,
     RiskDecision,
     RiskParameters,
-    in_force,
     rfc3339,
     risk_document,
     utc,
@@ -50,25 +49,20 @@ def risk_group() -> None:
 @click.pass_context
 def risk_list(ctx: click.Context, model: str | None, client: str | None, every: bool, fmt: str) -> None:
     """The decision in force on each client that has one (an operator's over the policy's)."""
+    from detector.alerts.risk_feed import RiskView
     from detector.storage import RiskStore
 
     with RiskStore(open_store(settings_of(ctx)).engine) as store:
         decisions = store.decisions(model, client)
-    now = utc(time.time())
     if every:
         rows = [
             risk_document(d.model, d.client_id, d, [d.alert_id] if d.alert_id is not None else [])
             for d in decisions
         ]
     else:
-        by_client: dict[tuple[str, str], list[RiskDecision]] = {}
-        for decision in decisions:
-            by_client.setdefault((decision.model, decision.client_id), []).append(decision)
-        rows = []
-        for (model_name, client_id), theirs in sorted(by_client.items()):
-            forced, alert_ids = in_force(theirs, now)
-            if forced is not None:
-                rows.append(risk_document(model_name, client_id, forced, alert_ids))
+        view = RiskView(lambda: decisions)
+        view.refresh()
+        rows = [document for _, document in sorted(view.in_force().items())]
     print_rows(rows, fmt, DECISION_COLUMNS, "risk decisions")
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Self, cast
+from typing import Any, Self, cast
 
 from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 
@@ -47,3 +48,10 @@ def lock_sqlite(connection: Connection) -> None:
         return
     if not cast(sqlite3.Connection, connection.connection.dbapi_connection).in_transaction:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def dialect_insert(connection: Connection, table: type[Any]) -> sqlite.Insert | postgresql.Insert:
+    """An INSERT into `table` in the dialect of `connection`, so that it can take an ON CONFLICT clause."""
+    if connection.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    return postgresql.insert(table)

@@ -23,13 +23,12 @@ from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from sqlalchemy import Engine, delete, func, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 from detector.domain import DeadLetter, SessionKey, SessionState, SessionStatus
 from detector.settings import Settings
 from detector.storage.alerts import AlertRepository, AlertStore
-from detector.storage.base import Repository, lock_sqlite
+from detector.storage.base import Repository, dialect_insert, lock_sqlite
 from detector.storage.database import open_engine
 from detector.storage.errors import Fenced, storage_errors
 from detector.storage.tables import (
@@ -323,7 +322,7 @@ class Transaction:
         if not partitions:
             return Claim({}, {})
         now = _utc(self._clock())
-        statement = self._insert(PartitionLeaseRow)
+        statement = dialect_insert(self._connection, PartitionLeaseRow)
         statement = statement.on_conflict_do_update(
             index_elements=["group_id", "topic", "partition"],
             set_={
@@ -421,7 +420,7 @@ class Transaction:
             return {}
         # An empty row for each pool not stored yet: a row to lock (two members creating one pool at once
         # are serialised on its key).
-        placeholder = self._insert(CoordinationPoolRow).on_conflict_do_nothing(
+        placeholder = dialect_insert(self._connection, CoordinationPoolRow).on_conflict_do_nothing(
             index_elements=["model", "network"]
         )
         now = _utc(self._clock())
@@ -441,7 +440,7 @@ class Transaction:
         if not pools:
             return
         now = _utc(self._clock())
-        statement = self._insert(CoordinationPoolRow)
+        statement = dialect_insert(self._connection, CoordinationPoolRow)
         statement = statement.on_conflict_do_update(
             index_elements=["model", "network"],
             set_={"state": statement.excluded.state, "updated_at": statement.excluded.updated_at},
@@ -478,11 +477,6 @@ class Transaction:
             cutoff = _utc(self._clock() - batch.forget_seen_after_seconds)
             self._connection.execute(delete(SeenEventRow).where(SeenEventRow.seen_at < cutoff))
 
-    def _insert(self, table: type[Base]) -> sqlite.Insert | postgresql.Insert:
-        if self._connection.dialect.name == "sqlite":
-            return sqlite.insert(table)
-        return postgresql.insert(table)
-
     def _insert_seen_events(self, events: Sequence[SeenEvent], now: datetime) -> None:
         # The one per-event write of the pipeline: it goes to the driver directly (one executemany on SQLite,
         # one array statement on PostgreSQL), which costs a fraction of SQLAlchemy's per-row parameter work.
@@ -517,7 +511,7 @@ class Transaction:
             return
         # One row per id, the last state winning: PostgreSQL refuses to update a row twice in one statement.
         rows = {session.id: _session_row(session, now) for session in sessions}
-        statement = self._insert(SessionRow)
+        statement = dialect_insert(self._connection, SessionRow)
         statement = statement.on_conflict_do_update(
             index_elements=["id"],
             set_={name: statement.excluded[name] for name in _SESSION_COLUMNS if name != "id"},
@@ -546,7 +540,9 @@ class Transaction:
                     "created_at": now,
                 },
             )
-        statement = self._insert(DeadLetterRow).on_conflict_do_nothing(index_elements=["source_key"])
+        statement = dialect_insert(self._connection, DeadLetterRow).on_conflict_do_nothing(
+            index_elements=["source_key"]
+        )
         self._connection.execute(statement, list(rows.values()))
 
     def _upsert_checkpoints(self, checkpoints: Sequence[Checkpoint], now: datetime) -> None:
@@ -562,7 +558,7 @@ class Transaction:
             }
             for checkpoint in checkpoints
         }
-        statement = self._insert(CheckpointRow)
+        statement = dialect_insert(self._connection, CheckpointRow)
         statement = statement.on_conflict_do_update(
             index_elements=["group_id", "topic", "partition"],
             set_={"next_offset": statement.excluded.next_offset, "updated_at": statement.excluded.updated_at},
@@ -582,7 +578,7 @@ class Transaction:
             }
             for state in states
         }
-        statement = self._insert(ClientStateRow)
+        statement = dialect_insert(self._connection, ClientStateRow)
         statement = statement.on_conflict_do_update(
             index_elements=["model", "client_id"],
             set_={name: statement.excluded[name] for name in ("state", "last_seen", "updated_at")},
@@ -593,7 +589,7 @@ class Transaction:
     def _upsert_model_scales(self, scales: Mapping[str, bytes], now: datetime) -> None:
         if not scales:
             return
-        statement = self._insert(ModelScaleRow)
+        statement = dialect_insert(self._connection, ModelScaleRow)
         statement = statement.on_conflict_do_update(
             index_elements=["model"],
             set_={"state": statement.excluded.state, "updated_at": statement.excluded.updated_at},

@@ -9,12 +9,12 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, tuple_, update
+from sqlalchemy import delete, insert, select, tuple_
 from sqlalchemy.engine import Connection, Row
 
 from detector.domain import RiskAction, RiskDecision, RiskParameters, utc
 from detector.settings import Settings
-from detector.storage.base import Repository, lock_sqlite
+from detector.storage.base import Repository, dialect_insert, lock_sqlite
 from detector.storage.database import open_engine
 from detector.storage.tables import RiskAuditRow, RiskDecisionRow
 
@@ -34,19 +34,14 @@ class RiskRepository:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
 
-    def decisions(
-        self, model: str | None = None, client_id: str | None = None, *, lock: bool = False
-    ) -> list[RiskDecision]:
-        """The stored decisions, of one model and client when given, oldest first; `lock`: locked until the
-        transaction ends (a writer of the same client queues)."""
+    def decisions(self, model: str | None = None, client_id: str | None = None) -> list[RiskDecision]:
+        """The stored decisions, of one model and client when given, oldest first."""
         query = select(RiskDecisionRow.__table__)
         if model is not None:
             query = query.where(RiskDecisionRow.model == model)
         if client_id is not None:
             query = query.where(RiskDecisionRow.client_id == client_id)
         query = query.order_by(RiskDecisionRow.decided_at, RiskDecisionRow.origin)
-        if lock:
-            query = query.with_for_update()
         return [_decision(row) for row in self._connection.execute(query)]
 
     def of_alerts(self, alert_ids: Iterable[int]) -> list[RiskDecision]:
@@ -60,16 +55,17 @@ class RiskRepository:
             found += [_decision(row) for row in self._connection.execute(query)]
         return found
 
-    def put(self, decision: RiskDecision) -> RiskDecision | None:
-        """Store `decision` in place of the one of its client and origin; returns that one, if any."""
-        key = (decision.model, decision.client_id, origin_of(decision))
-        previous = self.get(*key)
+    def put(self, decision: RiskDecision) -> None:
+        """Store `decision` in place of the one of its client and origin, if any (one statement)."""
         values = _values(decision)
-        if previous is None:
-            self._connection.execute(insert(RiskDecisionRow).values(values))
-        else:
-            self._connection.execute(update(RiskDecisionRow).where(*_key_clause(*key)).values(values))
-        return previous
+        statement = dialect_insert(self._connection, RiskDecisionRow).values(values)
+        statement = statement.on_conflict_do_update(
+            index_elements=["model", "client_id", "origin"],
+            set_={
+                name: value for name, value in values.items() if name not in ("model", "client_id", "origin")
+            },
+        )
+        self._connection.execute(statement)
 
     def remove(self, decisions: Iterable[RiskDecision]) -> None:
         """Delete `decisions` (by client and origin)."""
@@ -110,7 +106,11 @@ class RiskRepository:
 
     def get(self, model: str, client_id: str, origin: str) -> RiskDecision | None:
         """The decision of one client and origin (`origin_of`), locked until the transaction ends."""
-        query = select(RiskDecisionRow.__table__).where(*_key_clause(model, client_id, origin))
+        query = select(RiskDecisionRow.__table__).where(
+            RiskDecisionRow.model == model,
+            RiskDecisionRow.client_id == client_id,
+            RiskDecisionRow.origin == origin,
+        )
         row = self._connection.execute(query.with_for_update()).first()
         return _decision(row) if row is not None else None
 
@@ -143,7 +143,8 @@ class RiskStore(Repository):
         with self._engine.begin() as connection:
             lock_sqlite(connection)
             repository = RiskRepository(connection)
-            previous = repository.put(decision)
+            previous = repository.get(decision.model, decision.client_id, OPERATOR_ORIGIN)
+            repository.put(decision)
             repository.audit("overridden", decision, decision.decided_at, decision.actor, decision.reason)
             return previous
 
@@ -159,14 +160,6 @@ class RiskStore(Repository):
             repository.remove([found])
             repository.audit("cleared", found, utc(self._clock()), actor, reason)
             return found
-
-
-def _key_clause(model: str, client_id: str, origin: str) -> tuple[Any, ...]:
-    return (
-        RiskDecisionRow.model == model,
-        RiskDecisionRow.client_id == client_id,
-        RiskDecisionRow.origin == origin,
-    )
 
 
 def _values(decision: RiskDecision) -> dict[str, Any]:
