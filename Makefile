@@ -48,13 +48,15 @@ lock:
 	$(UV_COMPILE) requirements/build.in -c requirements/dev.txt -o requirements/build.txt
 	$(UV_COMPILE) requirements/kafka2.in -o requirements/kafka2.txt
 
-# Prometheus, promtool, Alertmanager and docker-compose (Debian packages) for the tests that run or check
-# them for real.
+# Prometheus, promtool, Alertmanager, docker-compose and nginx (Debian packages) for the tests that run or
+# check them for real. nginx is looked for in /usr/sbin too, off an unprivileged user's PATH; its package
+# may start the system's nginx on port 80, which no test uses (tests/deploy/test_nginx_gateway.py runs its
+# own on a free port).
 tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
-	  && command -v docker-compose >/dev/null \
+	  && command -v docker-compose >/dev/null && { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null \
 	  || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	       --no-install-recommends prometheus prometheus-alertmanager docker-compose >/dev/null; }
+	       --no-install-recommends prometheus prometheus-alertmanager docker-compose nginx >/dev/null; }
 
 run demo: install  ## the daemon end to end: embedded broker + SQLite + a sample stream
 	$(BIN)/mia-detector --config examples/simulation.toml demo

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -19,14 +20,17 @@ STARTUP_SECONDS = 20.0
 
 
 @contextmanager
-def running_server(name: str, command: list[str], url: str, log_path: Path) -> Iterator[str]:
-    """Run `command` (its output to `log_path`) until `{url}/-/ready` answers 200; yield `url`; stop it
-    on exit (terminate, then kill). Raises `RuntimeError` with the end of the log when it exits or is
-    not ready within `STARTUP_SECONDS`."""
+def running_server(
+    name: str, command: list[str], url: str, log_path: Path, ready_path: str | None = "/-/ready"
+) -> Iterator[str]:
+    """Run `command` (its output to `log_path`) until `{url}{ready_path}` answers 200 (until it accepts
+    connections when `ready_path` is None: no request that the server would pass on); yield `url`; stop it
+    on exit (terminate, then kill). Raises `RuntimeError` with the end of the log when it exits or is not
+    ready within `STARTUP_SECONDS`."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        _wait_ready(name, process, url, log_path)
+        _wait_ready(name, process, url, log_path, ready_path)
         yield url
     finally:
         process.terminate()
@@ -37,16 +41,22 @@ def running_server(name: str, command: list[str], url: str, log_path: Path) -> I
             process.wait()
 
 
-def _wait_ready(name: str, process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+def _wait_ready(
+    name: str, process: subprocess.Popen[bytes], url: str, log_path: Path, ready_path: str | None
+) -> None:
     deadline = time.monotonic() + STARTUP_SECONDS
     with httpx.Client(timeout=1.0) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}:\n{_tail(log_path)}")
             try:
-                if client.get(f"{url}/-/ready").status_code == 200:
+                if ready_path is None:
+                    address = httpx.URL(url)
+                    socket.create_connection((address.host, address.port or 80), timeout=1).close()
                     return
-            except httpx.TransportError:
+                if client.get(f"{url}{ready_path}").status_code == 200:
+                    return
+            except (httpx.TransportError, OSError):
                 pass
             time.sleep(0.05)
     raise RuntimeError(f"{name} not ready after {STARTUP_SECONDS} s:\n{_tail(log_path)}")

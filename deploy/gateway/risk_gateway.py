@@ -17,6 +17,14 @@ detector outage must not take the model down unless the operators choose so. Sta
 that it runs beside any model server. Nginx or Envoy in front keep TLS and authentication; this process
 only decides.
 
+It also answers nginx's `auth_request` subrequests on `/authz` (deploy/nginx/mia-risk.conf), so that
+nginx sends only coarsened clients through this proxy: the request to judge is the one named by
+`X-Original-URI` with the client header, and the answer is 204 for `allow` and `coarsen`, and for
+`throttle` within the rate; 403 for `block`, for `throttle` beyond the rate (with `Retry-After`) and, with
+`--fail-closed`, when the risk endpoint does not answer. `X-Risk-Action` says which: the decision's action,
+or `unavailable` for the last case (auth_request passes on nothing but 2xx, 401 and 403, so the action is
+what tells nginx which refusal to answer).
+
     python deploy/gateway/risk_gateway.py --listen 127.0.0.1:8081 --upstream http://127.0.0.1:8080 \
         --risk http://127.0.0.1:9109 [--risk-token-file /run/secrets/mia-risk-token]
 """
@@ -36,6 +44,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +54,8 @@ log = logging.getLogger("risk_gateway")
 
 OIP_INFER = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/[^/]+)?/infer$")
 KSERVE_PREDICT = re.compile(r"^/v1/models/(?P<model>[^/:]+):predict$")
+AUTHZ_PATH = "/authz"
+ACTIONS = {"allow", "coarsen", "throttle", "block"}
 FLOAT_TYPES = {"FP16", "FP32", "FP64", "BF16"}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection"}
 
@@ -187,6 +198,23 @@ class RiskClient:
 # -- the proxy ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What a request gets before the model server sees it: `action` is the decision's (`allow` for a
+    request that cannot be attributed, an unknown action, or a detector that does not answer), or
+    `unavailable` when the detector does not answer and the gateway fails closed; `retry_after` (seconds)
+    is above 0 when a throttled client is beyond its rate."""
+
+    action: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    retry_after: int = 0
+
+    @property
+    def refused(self) -> bool:
+        """Whether the request must not reach the model server."""
+        return self.action in ("block", "unavailable") or self.retry_after > 0
+
+
 class Gateway:
     """Decides on and forwards one request at a time (thread-safe)."""
 
@@ -202,38 +230,66 @@ class Gateway:
         self.fail_closed = fail_closed
         self.buckets = buckets
 
-    def handle(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
-        """The status, headers and body to answer a request with."""
+    def verdict(self, path: str, headers: dict[str, str]) -> Verdict:
+        """The verdict on a request for `path` with `headers` (names in lower case); a throttled client's
+        request within the rate takes a token."""
         route = urllib.parse.urlsplit(path).path
         match = OIP_INFER.match(route) or KSERVE_PREDICT.match(route)
         client_id = headers.get(self.client_header.lower(), "")
-        decision: Decision = {"action": "allow"}
-        if match and client_id:
-            model = urllib.parse.unquote(match["model"])
-            asked = self.risk.decision(model, client_id)
-            if asked is None and self.fail_closed:
-                return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the risk decision is unavailable")
-            decision = asked or decision
-            action = decision.get("action")
-            if action == "block":
-                return _error(HTTPStatus.FORBIDDEN, "this client is blocked")
-            if action == "throttle":
-                rate = int(decision.get("parameters", {}).get("requests_per_minute", 1))
-                wait = self.buckets.take((model, client_id), rate)
-                if wait > 0:
-                    status, extra, text = _error(HTTPStatus.TOO_MANY_REQUESTS, "rate limited")
-                    return status, extra | {"Retry-After": str(math.ceil(wait))}, text
+        if not (match and client_id):
+            return Verdict("allow")
+        model = urllib.parse.unquote(match["model"])
+        decision = self.risk.decision(model, client_id)
+        if decision is None:
+            return Verdict("unavailable" if self.fail_closed else "allow")
+        action = decision.get("action")
+        if action not in ACTIONS:
+            return Verdict("allow")
+        parameters = decision.get("parameters") or {}
+        if action == "throttle":
+            wait = self.buckets.take((model, client_id), int(parameters.get("requests_per_minute", 1)))
+            return Verdict(action, parameters, math.ceil(wait))
+        return Verdict(action, parameters)
+
+    def handle(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """The status, headers and body to answer a request with (`headers`' names in lower case)."""
+        if urllib.parse.urlsplit(path).path == AUTHZ_PATH:
+            return self.authorize(headers)
+        verdict = self.verdict(path, headers)
+        if verdict.action == "unavailable":
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the risk decision is unavailable")
+        if verdict.action == "block":
+            return _error(HTTPStatus.FORBIDDEN, "this client is blocked")
+        if verdict.retry_after:
+            status, extra, text = _error(HTTPStatus.TOO_MANY_REQUESTS, "rate limited")
+            return status, extra | {"Retry-After": str(verdict.retry_after)}, text
         status, answer_headers, answer = self._forward(method, path, headers, body)
-        if decision.get("action") == "coarsen" and status == HTTPStatus.OK:
+        if verdict.action == "coarsen" and status == HTTPStatus.OK:
             try:
-                reduced = coarsen(json.loads(answer), decision.get("parameters", {}))
+                reduced = coarsen(json.loads(answer), verdict.parameters)
             except ValueError:
                 return _error(HTTPStatus.BAD_GATEWAY, "the model server's answer is not JSON; not passed")
             answer = json.dumps(reduced, separators=(",", ":")).encode()
             answer_headers["Content-Type"] = "application/json"
         return status, answer_headers, answer
+
+    def authorize(self, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        """The answer to an nginx `auth_request` subrequest on the request named by `X-Original-URI`:
+        204 when it may go on, 403 when it is refused; `X-Risk-Action` the verdict's action, `Retry-After`
+        for a throttled client beyond its rate. 400 without `X-Original-URI`: nginx is not configured to
+        send it, and every request would pass unjudged."""
+        original = headers.get("x-original-uri", "")
+        if not original:
+            return _error(
+                HTTPStatus.BAD_REQUEST, "X-Original-URI is missing (see deploy/nginx/mia-risk.conf)"
+            )
+        verdict = self.verdict(original, headers)
+        answer = {"X-Risk-Action": verdict.action}
+        if verdict.retry_after:
+            answer["Retry-After"] = str(verdict.retry_after)
+        return (HTTPStatus.FORBIDDEN if verdict.refused else HTTPStatus.NO_CONTENT), answer, b""
 
     def _forward(
         self, method: str, path: str, headers: dict[str, str], body: bytes
@@ -282,7 +338,8 @@ def server(gateway: Gateway, host: str, port: int) -> ThreadingHTTPServer:
             self.send_response(status)
             for name, value in answer_headers.items():
                 self.send_header(name, value)
-            self.send_header("Content-Length", str(len(answer)))
+            if status != HTTPStatus.NO_CONTENT:  # a 204 has no body and must not say it has one
+                self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
             self.wfile.write(answer)
 

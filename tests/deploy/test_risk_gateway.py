@@ -165,8 +165,9 @@ def operator(client_id: str, action: RiskAction, **parameters: Any) -> RiskDecis
     )
 
 
-@pytest.fixture
-def stack() -> Iterator[tuple[Any, ModelServer, RiskEndpoint]]:
+def deciding_endpoint() -> tuple[RiskEndpoint, Any]:
+    """The real risk endpoint, serving the operators' decisions on a harvester (coarsen to labels), a
+    blocked client and a prober (throttled to 2 requests a minute), with a gateway's client of it."""
     decisions = [
         operator("harvester", RiskAction.COARSEN, coarsening=Coarsening.LABELS),
         operator("blocked", RiskAction.BLOCK),
@@ -175,8 +176,15 @@ def stack() -> Iterator[tuple[Any, ModelServer, RiskEndpoint]]:
     view = RiskView(lambda: decisions)
     view.refresh()
     endpoint = RiskEndpoint(view, "127.0.0.1", 0, token="t0ken").start()
+    return endpoint, gateway_module.RiskClient(
+        f"http://127.0.0.1:{endpoint.port}", "t0ken", cache_seconds=0.0
+    )
+
+
+@pytest.fixture
+def stack() -> Iterator[tuple[Any, ModelServer, RiskEndpoint]]:
+    endpoint, risk = deciding_endpoint()
     model = ModelServer()
-    risk = gateway_module.RiskClient(f"http://127.0.0.1:{endpoint.port}", "t0ken", cache_seconds=0.0)
     gateway = gateway_module.Gateway(model.url, risk, "X-Client-Id", False, gateway_module.TokenBuckets())
     httpd = gateway_module.server(gateway, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -219,6 +227,35 @@ def test_the_gateway_coarsens_blocks_and_throttles_as_the_detector_decided(
     assert [infer(httpd, "prober")[0] for _ in range(3)] == [200, 200, 429]
 
 
+def authz(httpd: Any, client: str, original: str = f"/v2/models/{MODEL}/infer") -> tuple[Any, ...]:
+    """The status, `X-Risk-Action` and `Retry-After` of the gateway's answer to nginx's subrequest on a
+    request of `client` for `original`."""
+    connection = http.client.HTTPConnection("127.0.0.1", httpd.server_address[1], timeout=10)
+    try:
+        connection.request("GET", "/authz", headers={"X-Client-Id": client, "X-Original-URI": original})
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.getheader("X-Risk-Action"), response.getheader("Retry-After")
+    finally:
+        connection.close()
+
+
+def test_the_authz_answer_tells_nginx_to_pass_or_refuse_and_why(
+    stack: tuple[Any, ModelServer, RiskEndpoint],
+) -> None:
+    httpd, model, _ = stack
+    assert authz(httpd, "anyone") == (204, "allow", None)
+    assert authz(httpd, "harvester", f"/v1/models/{MODEL}:predict") == (204, "coarsen", None)
+    assert authz(httpd, "blocked") == (403, "block", None)
+    assert authz(httpd, "blocked", f"/v2/models/{MODEL}") == (204, "allow", None)  # not an inference
+    assert [authz(httpd, "prober") for _ in range(3)] == [
+        (204, "throttle", None),
+        (204, "throttle", None),
+        (403, "throttle", "30"),
+    ]
+    assert model.requests == 0  # judged only
+
+
 def test_without_the_detector_requests_pass_unless_the_gateway_fails_closed(
     stack: tuple[Any, ModelServer, RiskEndpoint],
 ) -> None:
@@ -234,3 +271,6 @@ def test_without_the_detector_requests_pass_unless_the_gateway_fails_closed(
     )
     status, _, _ = closed.handle("POST", f"/v2/models/{MODEL}/infer", {"x-client-id": "blocked"}, b"{}")
     assert status == 503
+    subrequest = {"x-client-id": "blocked", "x-original-uri": f"/v2/models/{MODEL}/infer"}
+    assert closed.handle("GET", "/authz", subrequest, b"") == (403, {"X-Risk-Action": "unavailable"}, b"")
+    assert closed.handle("GET", "/authz", {"x-client-id": "blocked"}, b"")[0] == 400  # nginx misconfigured
