@@ -29,7 +29,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from detector.domain import AlertKind, DeadLetterReason, Severity, Verdict
+from detector.domain import AlertKind, DeadLetterReason, Exposure, RiskAction, Severity, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,15 @@ PREFIX = "mia_detector"
 
 SOURCES = ("kafka", "file")  # `Origin.kind`
 # What `detector.storage.retention` deletes past its retention, one table each.
-RETENTION_TABLES = ("sessions", "client_states", "dead_letters", "seen_events", "alerts", "notifications")
+RETENTION_TABLES = (
+    "sessions", "client_states", "dead_letters", "seen_events", "alerts", "notifications", "risk_audit",
+)  # fmt: skip
 RETENTION_OUTCOMES = ("completed", "failed")
 # Kinds judged per client with a score and a threshold (coordination judges groups of clients).
 SCORED_KINDS = tuple(kind for kind in AlertKind if kind is not AlertKind.COORDINATED_CLIENTS)
 NOTIFICATION_OUTCOMES = ("delivered", "retried", "failed")
+EXPOSURE_KINDS = tuple(Exposure.model_fields)
+RISK_ACTIONS = tuple(action.value for action in RiskAction if action is not RiskAction.ALLOW)
 
 # From a second (an event delivered at once) to an hour (a consumer catching up on a backlog).
 EVENT_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -341,6 +345,17 @@ class Metrics:
             "next query (without a database to store in, what they showed is forgotten)",
             registry=self.registry,
         )
+        self.exposure = Counter(
+            f"{PREFIX}_exposure_total",
+            "What clients were given by the models, summed over every client (per client: `mia-detector "
+            "clients show`): probability_records (distinct records answered with a confidence vector), "
+            "training_records (of those, in the training-set index), label_only_answers, probes "
+            "(near-duplicate variants in bursts)",
+            labelnames=["kind"],
+            registry=self.registry,
+        )
+        for kind in EXPOSURE_KINDS:
+            self.exposure.labels(kind=kind)
         self.clients_released = Counter(
             f"{PREFIX}_clients_released_total",
             "Idle keys (no query for the session gap and the allowed lateness, in event time) whose stored "
@@ -439,6 +454,39 @@ class Metrics:
         self.build_info.info({"version": package_version(), "python": platform.python_version()})
 
         # -- housekeeping -----------------------------------------------------------------------------------
+        self.risk_refreshed = Gauge(
+            f"{PREFIX}_risk_refreshed_timestamp_seconds",
+            "When the risk feed last read the decisions from the database (wall time): the endpoint and "
+            "the topic answer what was read then",
+            registry=self.registry,
+        )
+        self.risk_refresh_failures = Counter(
+            f"{PREFIX}_risk_refresh_failures_total",
+            "Reads of the risk decisions that failed (the feed serves the last ones read meanwhile)",
+            registry=self.registry,
+        )
+        self.risk_in_force = Gauge(
+            f"{PREFIX}_risk_decisions_in_force",
+            "Clients with a risk decision in force, by action, as of the last refresh",
+            labelnames=["action"],
+            registry=self.registry,
+        )
+        for action in RISK_ACTIONS:
+            self.risk_in_force.labels(action=action)
+        self.risk_published = Counter(
+            f"{PREFIX}_risk_records_published_total",
+            "Records sent to the risk topic (MIA_RISK_TOPIC): a client's decision, or a tombstone when it "
+            "went back to allow",
+            labelnames=["record"],
+            registry=self.registry,
+        )
+        for record in ("decision", "tombstone"):
+            self.risk_published.labels(record=record)
+        self.risk_publish_failures = Counter(
+            f"{PREFIX}_risk_publish_failures_total",
+            "Refreshes whose changes could not be published to the risk topic (published again at the next)",
+            registry=self.registry,
+        )
         self.retention_deleted = Counter(
             f"{PREFIX}_retention_deleted_rows_total",
             "Rows deleted because they were older than their retention, by table",
@@ -456,6 +504,27 @@ class Metrics:
         )
         for outcome in RETENTION_OUTCOMES:
             self.retention_runs.labels(outcome=outcome)
+        # Detection canaries: NaN until one is injected or settles (always, with canaries off), so that the
+        # alerting rules on them stay quiet where there are none.
+        self.canary_last_run = Gauge(
+            f"{PREFIX}_canary_last_run_timestamp_seconds",
+            "When the daemon last injected a detection canary (Unix time)",
+            registry=self.registry,
+        )
+        self.canary_last_outcome = Gauge(
+            f"{PREFIX}_canary_last_outcome",
+            "The last detection canary settled: 1 its alert was raised within the deadline, 0 it was not "
+            "(canary_missed was raised through the sinks)",
+            registry=self.registry,
+        )
+        self.canary_last_latency = Gauge(
+            f"{PREFIX}_canary_last_latency_seconds",
+            "Wall time from the injection of the last canary whose alert was raised to that alert being "
+            "raised (stored with its transaction)",
+            registry=self.registry,
+        )
+        for gauge in (self.canary_last_run, self.canary_last_outcome, self.canary_last_latency):
+            gauge.set(float("nan"))
         self.metrics_unauthorized = Counter(
             f"{PREFIX}_metrics_unauthorized_requests_total",
             "Requests for /metrics refused for missing or wrong basic-auth credentials",

@@ -35,7 +35,7 @@ from pydantic_settings import (
 )
 
 from detector.allowlists import read_allowlist_file
-from detector.domain import AlertKind, AllowEntry, AllowList, Severity
+from detector.domain import AlertKind, AllowEntry, AllowList, CanaryClients, Severity
 
 _GROUP = ConfigDict(extra="forbid")
 
@@ -441,6 +441,44 @@ class RiskSettings(_Listening):
         return _none_if_blank(value)
 
 
+class CanarySettings(BaseModel):
+    """Detection canaries (docs/canaries.md): every `MIA_CANARY_INTERVAL_SECONDS` (unset, the default, injects
+    none) the daemon publishes one synthetic attack to its own input topic as a client named by the reserved
+    `MIA_CANARY_CLIENT_PREFIX` and tagged with `MIA_CANARY_KEY`, and raises `canary_missed` through the sinks
+    when its alert is not raised within `MIA_CANARY_DEADLINE_SECONDS`. Every process given the key (each
+    replica, `replay`) keeps the alerts of canaries from the incident sinks and the risk feed."""
+
+    model_config = _GROUP
+    interval_seconds: float | None = Field(default=None, gt=0)
+    deadline_seconds: float = Field(default=60.0, gt=0)
+    key: SecretStr | None = Field(default=None, validate_default=True)
+    # Letters, digits and `._-`: a prefix that no escaping in a receiver or a dashboard can change.
+    client_prefix: str = Field(
+        default="mia-canary-", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$"
+    )
+
+    @field_validator("interval_seconds", "key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return _none_if_blank(value)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # A canary's id keeps its alerts from the responders: a guess must not find the key that tags it.
+        if value is None and info.data.get("interval_seconds") is not None:
+            raise ValueError("required with MIA_CANARY_INTERVAL_SECONDS: it tags the canaries' clients")
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("the canary key must be at least 16 characters")
+        return value
+
+    def clients(self) -> CanaryClients | None:
+        """The canary clients of the key; None without a key (then no client is a canary)."""
+        if self.key is None:
+            return None
+        return CanaryClients(self.client_prefix, self.key.get_secret_value().encode())
+
+
 class RetentionSettings(BaseModel):
     """How long stored data is kept (`mia-detector retention run`, and the daemon every
     `MIA_RETENTION_INTERVAL_SECONDS`). Each period is in days; unset (blank) keeps that data for good. The
@@ -459,13 +497,16 @@ class RetentionSettings(BaseModel):
     alerts_days: float | None = Field(default=365.0, gt=0)
     # Notifications the sink accepted, by when it did; pending and failed ones stay.
     notifications_days: float | None = Field(default=30.0, gt=0)
+    # The risk feed's audit (who decided what on which client, and why), by when each change was made; and
+    # risk decisions, by when they expired.
+    risk_days: float | None = Field(default=365.0, gt=0)
     # How often the daemon deletes what is past retention, from its own thread and connection; unset turns
     # the scheduled run off (then run `mia-detector retention run` from cron).
     interval_seconds: float | None = Field(default=3600.0, gt=0)
 
     @field_validator(
         "sessions_days", "client_states_days", "dead_letters_days", "alerts_days", "notifications_days",
-        "interval_seconds", mode="before",
+        "risk_days", "interval_seconds", mode="before",
     )  # fmt: skip
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
@@ -516,6 +557,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     risk: RiskSettings = Field(default_factory=RiskSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
     # Fixed names operators' manifests rely on: MIA_MODEL_PATH, MIA_TRAINING_INDEX, MIA_TRAINING_INDEX_KEY.
     model_path: Path | None = None
     training_index: Path | None = None

@@ -14,7 +14,16 @@ import orjson
 import pytest
 
 from detector.broker import EmbeddedBroker
-from detector.domain import Alert, AlertKind, AlertStatus, Notification, NotificationEvent, Reason, Severity
+from detector.domain import (
+    Alert,
+    AlertKind,
+    AlertStatus,
+    Exposure,
+    Notification,
+    NotificationEvent,
+    Reason,
+    Severity,
+)
 from detector.settings import Settings, load_settings
 from detector.storage import create_engine_for
 
@@ -120,6 +129,7 @@ def make_notification(
         queries=136,
         detected_at=now - timedelta(minutes=16),
         detected_after_queries=61,
+        exposure=Exposure(probability_records=120, training_records=57, label_only_answers=16, probes=0),
     )
     return Notification(
         idempotency_key=f"mia-{alert_id}-{sequence}",

@@ -17,8 +17,10 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from detector.broker import EmbeddedBroker
+from detector.protocols import index_training_sets
 from detector.service import produce_file, replay
 from detector.simulate.sample import START, oip_record, write_sample
+from detector.simulate.simulator import simulate
 from detector.storage import open_store
 from tests.support import KAFKA_CLIENT, make_settings, unique
 
@@ -435,3 +437,42 @@ def test_read_only_commands_start_without_scikit_learn_scipy_or_matplotlib(
     packages = imported_packages("-m", "detector", *command, env=cli_env(MIA_DATABASE_URL=sqlite_url))
     assert "detector" in packages and "click" in packages
     assert not packages & HEAVY_PACKAGES, f"{' '.join(command)} imports {sorted(packages & HEAVY_PACKAGES)}"
+
+
+@pytest.mark.slow
+def test_clients_show_tells_what_an_attacker_was_given_beside_its_alerts(tmp_path: Path) -> None:
+    simulate("smoke", 3, tmp_path / "scenario")
+    truth = [orjson.loads(line) for line in (tmp_path / "scenario" / "truth.jsonl").read_bytes().splitlines()]
+    url = f"sqlite:///{tmp_path / 'mia.db'}"
+    settings = make_settings(url, alerts={"resolve_after_seconds": 86_400}).model_copy(
+        update={"training_index": index_training_sets(tmp_path / "scenario", tmp_path / "indexes")}
+    )
+    replay(settings, [str(tmp_path / "scenario" / "events.jsonl")])
+    env = cli_env(MIA_DATABASE_URL=url)
+
+    alerts = [
+        orjson.loads(line) for line in mia("alerts", "list", "--format", "jsonl", env=env).stdout.splitlines()
+    ]
+    attackers = {entry["client_id"] for entry in truth if entry["role"] == "attacker"}
+    exposed = [alert for alert in alerts if alert["exposure"] and alert["client_id"] in attackers]
+    assert exposed, alerts
+    alert = max(exposed, key=lambda alert: alert["exposure"]["training_records"])
+    shown = mia("clients", "show", alert["client_id"], "--format", "jsonl", env=env)
+    assert shown.returncode == 0, shown.stderr
+    [row] = [orjson.loads(line) for line in shown.stdout.splitlines()]
+    assert row["model"] == alert["model"] and alert["id"] in row["open_alerts"]
+    # The client's exposure by the end of the stream, as much as by the alert's latest detection at least.
+    for count in ("probability_records", "training_records", "label_only_answers", "probes"):
+        assert row[count] >= alert["exposure"][count], count
+    assert row["first_seen"] <= alert["first_seen"] <= alert["last_seen"] <= row["last_seen"]
+    assert row["training_records"] > 0
+    assert row["risk_action"] in ("coarsen", "throttle", "block")  # the packaged policy's, on an open alert
+
+    benign = next(entry["client_id"] for entry in truth if entry["role"] == "benign")
+    table = mia("clients", "show", benign, env=env)
+    assert table.returncode == 0 and "label_only_answers" in table.stdout
+    unknown = mia("clients", "show", "nobody", env=env)
+    assert (
+        unknown.returncode == 1
+        and unknown.stderr.strip() == "mia-detector: error: no stored state for client 'nobody'"
+    )

@@ -131,6 +131,7 @@ def test_the_secret_settings_are_every_secret_field() -> None:
         "MIA_METRICS_PASSWORD",
         "MIA_TRAINING_INDEX_KEY",
         "MIA_RISK_TOKEN",
+        "MIA_CANARY_KEY",
     } == set(secret_variables())
 
 

@@ -80,6 +80,9 @@ def test_a_blank_value_leaves_a_receiver_unset(clean_env: pytest.MonkeyPatch) ->
         ("MIA_KAFKA_TOPICS", '"logs"', "(MIA_KAFKA_TOPICS): Input should be a valid list; it must be"),
         ("MIA_WEBHOOK_HEADERS", "X-Team: security", "MIA_WEBHOOK_HEADERS must be a JSON object"),
         ("MIA_LOG_LEVEL", "chatty", "invalid configuration log.level (MIA_LOG_LEVEL)"),
+        # Canaries are told from real clients by the key's tag: none without a key, none with a guessable one.
+        ("MIA_CANARY_INTERVAL_SECONDS", "300", "canary.key (MIA_CANARY_KEY): Value error, required with"),
+        ("MIA_CANARY_KEY", "short", "canary.key (MIA_CANARY_KEY): Value error, the canary key must be"),
     ],
 )
 def test_bad_values_are_one_line(clean_env: pytest.MonkeyPatch, name: str, value: str, expected: str) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 
 from detector.alerts.lifecycle import AlertChange
-from detector.domain import Detection, Severity, rfc3339
+from detector.domain import CanaryClients, Detection, Severity, rfc3339
+from detector.settings import Settings
 from detector.text import visible
 
 alert_log = logging.getLogger("detector.alerts")
@@ -16,8 +17,9 @@ class AlertLog:
     """Logs every alert opened or escalated (the pipeline's `AlertListener`): one record per alert on the
     logger `detector.alerts`, one line in either log format: who, what, how sure, and the top reasons, with
     names shown as `visible` shows them. An alert is logged as `ALERT` at WARNING, or as `EXPOSURE` at INFO
-    when its severity is below `min_severity` (it is recorded, not delivered); an escalation is logged as
-    `ALERT` again, with the severity it rose from.
+    when its severity is below `min_severity` (it is recorded, not delivered), or as `CANARY` at INFO when it
+    is a detection canary's (of `canaries`: no incident); an escalation is logged again, with the severity
+    it rose from.
 
     The record's fields hold the facts exactly, for JSON logs: `alert_id`, `kind`, `severity`, `model`,
     `client_ids`, `rule_id`, `score`, `threshold`, `queries`, `detected_after_queries`, `top_reason`,
@@ -25,8 +27,16 @@ class AlertLog:
     on which the rule crossed).
     """
 
-    def __init__(self, min_severity: Severity = Severity.MEDIUM) -> None:
+    def __init__(
+        self, min_severity: Severity = Severity.MEDIUM, canaries: CanaryClients | None = None
+    ) -> None:
         self.min_severity = min_severity
+        self.canaries = canaries
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AlertLog:
+        """The log of `settings`: their minimum severity to page, and their canaries."""
+        return cls(settings.alerts.min_severity, settings.canary.clients())
 
     def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
         """Log the alerts just opened, each with the detection that opened it."""
@@ -41,12 +51,13 @@ class AlertLog:
     def _log(self, change: AlertChange, detection: Detection, escalated_from: Severity | None) -> None:
         alert = change.alert
         reasons = [reason.describe(visible) for reason in detection.reasons[:3]]
-        paged = alert.severity.reaches(self.min_severity)
+        canary = self.canaries is not None and self.canaries.covers(alert)
+        paged = alert.severity.reaches(self.min_severity) and not canary
         rose = f" (escalated from {escalated_from.value})" if escalated_from is not None else ""
         alert_log.log(
             logging.WARNING if paged else logging.INFO,
             "%s %-8s %-22s client=%s model=%s score=%.4g (threshold %.4g) %s%s",
-            "ALERT" if paged else "EXPOSURE",
+            "CANARY" if canary else "ALERT" if paged else "EXPOSURE",
             alert.severity.value,
             detection.kind.value,
             visible(",".join(detection.client_ids)),
@@ -68,6 +79,7 @@ class AlertLog:
                 "detected_after_queries": alert.detected_after_queries,
                 "top_reason": reasons[0] if reasons else None,
                 "escalated_from": escalated_from.value if escalated_from is not None else None,
+                "exposure": alert.exposure.model_dump() if alert.exposure is not None else None,
                 "first_seen": rfc3339(detection.first_seen),
                 "detected_at": rfc3339(alert.detected_at.timestamp()),
             },

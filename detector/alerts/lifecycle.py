@@ -32,6 +32,7 @@ from detector.domain import (
     AlertKind,
     AlertStatus,
     AllowList,
+    CanaryClients,
     Detection,
     Notification,
     NotificationEvent,
@@ -85,10 +86,16 @@ class NotificationPolicy:
     resolve_after_seconds: float = 1800.0
     dashboard_url: str | None = None
     min_severity: Severity = Severity.MEDIUM
+    canaries: CanaryClients | None = None
 
     def pages(self, alert: Alert) -> bool:
-        """True when `alert` is severe enough to be delivered (below `min_severity` it is only recorded)."""
-        return alert.severity.reaches(self.min_severity)
+        """True when `alert` is severe enough to be delivered (below `min_severity` it is only recorded) and
+        not a canary's (`is_canary`)."""
+        return alert.severity.reaches(self.min_severity) and not self.is_canary(alert)
+
+    def is_canary(self, alert: Alert) -> bool:
+        """True when every client of `alert` is a detection canary: recorded, never an incident."""
+        return self.canaries is not None and self.canaries.covers(alert)
 
     @classmethod
     def from_settings(cls, settings: Settings, sinks: Sequence[str]) -> NotificationPolicy:
@@ -99,6 +106,7 @@ class NotificationPolicy:
             resolve_after_seconds=settings.alerts.resolve_after_seconds,
             dashboard_url=settings.dashboard.url,
             min_severity=settings.alerts.min_severity,
+            canaries=settings.canary.clients(),
         )
 
 
@@ -377,10 +385,15 @@ class AlertLifecycle:
         return outcome
 
     def _respond(self, records: AlertRecords, outcome: AlertOutcome, now: datetime) -> None:
-        """Bring the risk decisions in step with what `outcome` did to the alerts (with a risk policy)."""
+        """Bring the risk decisions in step with what `outcome` did to the alerts (with a risk policy); a
+        canary's alert takes none: gateways must let canaries through (allow)."""
         if self.risk is None:
             return
-        changed = [change.alert for _, change in outcome.changes if change.change is not Change.UNCHANGED]
+        changed = [
+            change.alert
+            for _, change in outcome.changes
+            if change.change is not Change.UNCHANGED and not self.policy.is_canary(change.alert)
+        ]
         self.risk.apply(records.risk, changed, outcome.resolved, now)
 
 
@@ -447,6 +460,7 @@ def _evidence_values(detection: Detection) -> dict[str, object]:
         "queries": detection.queries,
         "detected_at": utc(detection.detected_at),
         "detected_after_queries": detection.detected_after_queries,
+        "exposure": detection.exposure,
     }
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from detector.domain import RiskDecision, in_force, risk_document, utc
+from detector.metrics import RISK_ACTIONS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,20 @@ RiskListener = Callable[[RiskView], None]
 
 class RiskFeed:
     """Refreshes `view` every `refresh_seconds` from a background thread, then calls each of `listeners`
-    with it (a listener that fails is logged and called again at the next refresh)."""
+    with it (a listener that fails is logged, counted and called again at the next refresh); `metrics` are
+    told when it refreshed, what failed and the decisions in force by action."""
 
     def __init__(
-        self, view: RiskView, refresh_seconds: float, listeners: Iterable[RiskListener] = ()
+        self,
+        view: RiskView,
+        refresh_seconds: float,
+        listeners: Iterable[RiskListener] = (),
+        metrics: Metrics | None = None,
     ) -> None:
         self.view = view
         self._refresh_seconds = refresh_seconds
         self._listeners = list(listeners)
+        self._metrics = metrics or Metrics()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="risk-feed", daemon=True)
 
@@ -98,10 +105,17 @@ class RiskFeed:
             self._refresh()
 
     def _refresh(self) -> None:
+        metrics = self._metrics
         if not self.view.refresh():
+            metrics.risk_refresh_failures.inc()
             return
+        metrics.risk_refreshed.set(time.time())
+        actions = Counter(document["action"] for document in self.view.in_force().values())
+        for action in RISK_ACTIONS:
+            metrics.risk_in_force.labels(action=action).set(actions[action])
         for listener in self._listeners:
             try:
                 listener(self.view)
             except Exception as error:  # a broker outage must not stop the endpoint's refreshes
+                metrics.risk_publish_failures.inc()
                 log.warning("risk feed: %s failed: %s", getattr(listener, "__name__", listener), error)

@@ -16,6 +16,7 @@ from typing import Protocol
 import orjson
 
 from detector.alerts.risk_feed import RiskView
+from detector.metrics import Metrics
 
 # What the topic is created with when absent: keys compacted to their latest value, tombstones kept a day
 # (a gateway that was down for less than that still sees a key go).
@@ -37,12 +38,20 @@ def risk_key(model: str, client_id: str) -> bytes:
 
 class RiskTopic:
     """Publishes what changed in a `RiskView` since the last call to `topic` through `publisher`;
-    `published` is what the topic holds already (`detector.kafka.latest_values`)."""
+    `published` is what the topic holds already (`detector.kafka.latest_values`). `metrics` count the
+    records published."""
 
-    def __init__(self, publisher: RecordPublisher, topic: str, published: Mapping[bytes, bytes]) -> None:
+    def __init__(
+        self,
+        publisher: RecordPublisher,
+        topic: str,
+        published: Mapping[bytes, bytes],
+        metrics: Metrics | None = None,
+    ) -> None:
         self._publisher = publisher
         self.topic = topic
         self._published = dict(published)
+        self._metrics = metrics or Metrics()
 
     def __str__(self) -> str:
         return f"publishing to risk topic {self.topic}"
@@ -61,3 +70,5 @@ class RiskTopic:
             self._publisher.send(self.topic, None, key)
         self._publisher.flush()
         self._published = current
+        self._metrics.risk_published.labels(record="decision").inc(len(changed))
+        self._metrics.risk_published.labels(record="tombstone").inc(len(gone))

@@ -44,7 +44,7 @@ def alerts_group() -> None:
 
 @alerts_group.command("list")
 @ALERT_STATUS_OPTION
-@click.option("--client", help="Only alerts whose primary client is this id.")
+@click.option("--client", help="Only alerts naming this client id (alone or in a coordinated group).")
 @click.option("--kind", type=click.Choice([k.value for k in AlertKind]), help="Only this kind of attack.")
 @LIMIT_OPTION
 @FORMAT_OPTION

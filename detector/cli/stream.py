@@ -37,7 +37,7 @@ def run(
     stop = StopFlag()
     with stop.on_signals():
         stats = run_daemon(
-            settings, stop, idle_exit_seconds=exit_when_idle, alerts=AlertLog(settings.alerts.min_severity)
+            settings, stop, idle_exit_seconds=exit_when_idle, alerts=AlertLog.from_settings(settings)
         )
     log.info("stopped: %s", stats.summary())
 
@@ -56,7 +56,7 @@ def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
             raise click.BadParameter(f"no such file: {name}", param_hint="FILES")
     settings = settings_of(ctx)
     with progress("replaying", total_bytes(files), unit_bytes=True) as advance:
-        stats = replay_files(settings, files, progress=advance, alerts=AlertLog(settings.alerts.min_severity))
+        stats = replay_files(settings, files, progress=advance, alerts=AlertLog.from_settings(settings))
     log.info("replayed: %s", stats.summary())
 
 
@@ -151,7 +151,7 @@ def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_secon
             seed,
             idle_seconds,
             stop,
-            alerts=AlertLog(settings.alerts.min_severity),
+            alerts=AlertLog.from_settings(settings),
         )
     stderr.print(
         f"{result.simulation.scenario}: {result.produced} records streamed through the broker at "

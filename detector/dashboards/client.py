@@ -1,5 +1,5 @@
-"""Client investigation: one client's sessions, activity, alerts with their explanation and evidence, the
-clients it was seen acting with, the notifications sent about it and the silences that cover it.
+"""Client investigation: one client's sessions, activity, exposure, alerts with their explanation and
+evidence, the clients it was seen acting with, the notifications sent about it and the silences that cover it.
 
 Notifications link here (`MIA_DASHBOARD_URL` + `?var-model=...&var-client=...`), and so do the client
 columns of the other dashboards' tables.
@@ -139,6 +139,26 @@ LIMIT 200
                 )
             ],
             width=16,
+        ),
+        table(
+            "Exposure",
+            "What the client was given by each model since its first query (all time, not the range): "
+            "distinct records answered with a confidence vector, those among them in the training-set "
+            "index, label-only answers and near-duplicate probes; as of the detector's last commit.",
+            [
+                sql(
+                    f"""
+SELECT
+  model, first_seen AS "first query", last_seen AS "last query",
+  training_records AS "training records with confidence", probability_records AS "records with confidence",
+  label_only_answers AS "label-only answers", probes, updated_at AS "as of"
+FROM client_states
+WHERE client_id = ${{{CLIENT}:sqlstring}} AND {in_models()}
+ORDER BY training_records DESC, model
+"""
+                )
+            ],
+            height=5,
         ),
     )
 

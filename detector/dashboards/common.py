@@ -20,6 +20,7 @@ from detector.dashboards.builder import (
     sql_annotation,
     textbox_variable,
 )
+from detector.domain import CANARY_MODEL
 from detector.metrics import PREFIX
 
 FOLDER_TITLE = "mia-detector"  # the Grafana folder the dashboards belong in
@@ -67,7 +68,9 @@ JOB_VARIABLE = query_variable(
 MODEL_VARIABLE = query_variable(
     MODEL,
     "Model",
-    sql("SELECT DISTINCT model FROM sessions ORDER BY 1"),
+    # Every database panel reads the chosen models (`in_models`), and "All" is every model listed here:
+    # the detection canaries' model is left out, so that none shows canaries as clients, alerts or traffic.
+    sql(f"SELECT DISTINCT model FROM sessions WHERE model <> '{CANARY_MODEL}' ORDER BY 1"),
     multi=True,
     include_all=True,
 )

@@ -22,7 +22,9 @@ from detector.domain.alerts import (
     add_to_incidents,
     display_name,
 )
+from detector.domain.canary import CANARY_MODEL, Canary, CanaryClients
 from detector.domain.errors import Backpressure
+from detector.domain.exposure import Exposure
 from detector.domain.notifications import (
     MAX_SUMMARY_CHARS,
     PRODUCT,
@@ -45,6 +47,7 @@ from detector.domain.times import rfc3339, utc
 from detector.domain.verdicts import HOLD_RATIO, Verdict, Verdicts
 
 __all__ = [
+    "CANARY_MODEL",
     "DEFAULT_ATLAS_TECHNIQUE",
     "HOLD_RATIO",
     "MAX_DEDUP_KEY_LENGTH",
@@ -59,10 +62,13 @@ __all__ = [
     "AllowEntry",
     "AllowList",
     "Backpressure",
+    "Canary",
+    "CanaryClients",
     "Coarsening",
     "DeadLetter",
     "DeadLetterReason",
     "Detection",
+    "Exposure",
     "InvalidRecord",
     "Notification",
     "NotificationEvent",

@@ -18,6 +18,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_serializer, model_validator
 
+from detector.domain.exposure import Exposure
 from detector.domain.times import rfc3339
 from detector.text import shorten, visible
 
@@ -162,6 +163,8 @@ class Detection:
     began_at: float = math.nan
     # The group of clients the detection is of ("" for a client, or clients named by their list).
     group: str = ""
+    # What the client was given by the model by `last_seen` (None: not accounted, as for a group).
+    exposure: Exposure | None = None
 
     def __post_init__(self) -> None:
         self.client_ids = tuple(sorted(set(self.client_ids)))
@@ -206,8 +209,9 @@ class Detection:
         of the newer detection, the one with the later `last_seen` (`other` on a tie); the evidence of both,
         newest kept; the detection time of the earlier one that fired (of the earlier one when neither
         did), fired when either did; departed when either did, the older one's departure reasons kept when
-        the newer has none. The queries of a group's detections naming disjoint clients (a campaign's
-        waves, or shares of replicas) add up. Raises `ValueError` when the dedup keys differ.
+        the newer has none; the newer one's exposure (the older one's when the newer has none). The queries
+        of a group's detections naming disjoint clients (a campaign's waves, or shares of replicas) add up.
+        Raises `ValueError` when the dedup keys differ.
         """
         if other.dedup_key != self.dedup_key:
             raise ValueError(f"cannot combine {self.dedup_key!r} with {other.dedup_key!r}")
@@ -238,6 +242,7 @@ class Detection:
             departed=self.departed or other.departed,
             began_at=min(self.began_at, other.began_at),
             group=self.group,
+            exposure=newer.exposure if newer.exposure is not None else older.exposure,
         )
 
     def continues(self, last_seen: float, quiet_seconds: float) -> bool:
@@ -301,6 +306,11 @@ class Alert(BaseModel):
     )
     detected_after_queries: int = Field(ge=0, description="the client's queries up to `detected_at`")
     updates: int = Field(default=0, ge=0, description="how many times new evidence changed the alert")
+    exposure: Exposure | None = Field(
+        default=None,
+        description="what the client had been given by the model by `last_seen`; null for a coordinated "
+        "group, and for alerts raised before exposure was accounted",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -350,6 +360,7 @@ class Alert(BaseModel):
             atlas_technique=self.atlas_technique,
             triage=self.triage,
             group=self.group,
+            exposure=self.exposure,
         )
 
 

@@ -29,6 +29,13 @@ class NotificationEvent(StrEnum):
     ACKNOWLEDGED = "acknowledged"  # a responder took it (`mia-detector alerts acknowledge`)
     RESOLVED = "resolved"  # quiet for the configured period, or resolved by hand
     TEST = "test"  # `mia-detector alerts test`: proves the sink works, reports no attack
+    # A detection canary's attack raised no alert within its deadline: detection may be blind
+    # (`detector.alerts.canary`); the alert is the one that was expected, never stored.
+    CANARY_MISSED = "canary_missed"
+
+
+# Notifications that report no attack say so first.
+_TITLE_PREFIXES = {NotificationEvent.TEST: "[TEST] ", NotificationEvent.CANARY_MISSED: "[CANARY MISSED] "}
 
 
 class Notification(BaseModel):
@@ -62,7 +69,7 @@ class Notification(BaseModel):
         else:
             clients = f"{len(alert.client_ids)} clients"
         kind = alert.kind.value.replace("_", " ")
-        prefix = "[TEST] " if self.event is NotificationEvent.TEST else ""
+        prefix = _TITLE_PREFIXES.get(self.event, "")
         return f"{prefix}[{alert.severity.value.upper()}] {kind} on {display_name(alert.model)} by {clients}"
 
     @property

@@ -21,9 +21,10 @@ import orjson
 
 from detector.domain import Query
 from detector.features.base import CounterFeature
-from detector.features.clusters import MatchKind, RecordClusters
+from detector.features.clusters import ClusterMatch, MatchKind, RecordClusters
 from detector.features.confidence import ConfidenceHarvesting
 from detector.features.embedding import Observation, QueryEmbedder
+from detector.features.exposure import ExposureCounts
 from detector.features.probing import NearDuplicateProbing
 from detector.features.proximity import TrainingSetProximity
 from detector.features.similarity import QuerySimilarity
@@ -70,7 +71,7 @@ def evidence_of(evidence: dict[str, list[str]], kinds: Iterable[str]) -> list[st
 
 
 class ClientFeatures:
-    """The clusters, features and a little evidence (event ids) of one (model, client) key.
+    """The clusters, features, exposure and a little evidence (event ids) of one (model, client) key.
 
     `state()` holds everything the client's future depends on, `from_state()` continues from it: a client
     moved to another process (or restored after a restart) goes on exactly as it would have.
@@ -81,9 +82,11 @@ class ClientFeatures:
         clusters: RecordClusters | None = None,
         features: list[CounterFeature] | None = None,
         evidence: dict[str, list[str]] | None = None,
+        exposure: ExposureCounts | None = None,
     ) -> None:
         self.clusters = clusters or RecordClusters()
         self.features = features or [feature_type() for feature_type in FEATURE_TYPES]
+        self.exposure = exposure or ExposureCounts()
         self.evidence: dict[str, list[str]] = evidence or {}
         self.first_seen = 0.0  # event time of the earliest and latest query; meaningless before the first
         self.last_seen = 0.0
@@ -94,11 +97,13 @@ class ClientFeatures:
         self.evaluated_time = 0.0
         self.client_ip: str | None = None
 
-    def update(self, observation: Observation) -> None:
-        """Match the observation to the client's clusters, then update every feature with it and its match."""
+    def update(self, observation: Observation) -> ClusterMatch:
+        """Match the observation to the client's clusters, then update every feature and the exposure with it
+        and its match; return the match."""
         match = self.clusters.assign(observation)
         for feature in self.features:
             feature.update(observation, match)
+        self.exposure.update(observation, match)
         query = observation.query
         if self.queries == 0:
             self.first_seen = self.last_seen = query.timestamp
@@ -113,6 +118,7 @@ class ClientFeatures:
             self._keep("training", query.event_id)
         if match.kind is MatchKind.NEW and query.requested.is_confidence:
             self._keep("confidence", query.event_id)
+        return match
 
     def snapshot(self) -> dict[str, float]:
         """Every feature's values, by name."""
@@ -137,6 +143,7 @@ class ClientFeatures:
         return {
             "clusters": self.clusters.state(),
             "features": {feature.name: feature.state() for feature in self.features},
+            "exposure": self.exposure.state(),
             "evidence": {kind: list(events) for kind, events in self.evidence.items()},
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
@@ -166,7 +173,9 @@ class ClientFeatures:
             feature_type.from_state(state["features"][feature_type.name]) for feature_type in FEATURE_TYPES
         ]
         evidence = {str(kind): [str(event) for event in events] for kind, events in state["evidence"].items()}
-        restored = cls(RecordClusters.from_state(state["clusters"]), features, evidence)
+        # States stored before exposure was accounted for start counting it from their restore.
+        exposure = ExposureCounts.from_state(state["exposure"]) if "exposure" in state else None
+        restored = cls(RecordClusters.from_state(state["clusters"]), features, evidence, exposure)
         restored.first_seen = float(state["first_seen"])
         restored.last_seen = float(state["last_seen"])
         restored.queries = int(state["queries"])
@@ -183,7 +192,8 @@ class FeatureTracker:
     or the first since the key was evicted or released) and the keys it evicted: a stream of fresh client ids
     shows as both growing with the queries. `released` counts the idle keys let go once stored
     (`release_idle`). An evicted client whose change is not stored yet is kept aside until it
-    is (`changed`, `stored`), and comes back from there, or from its stored state (`restore`).
+    is (`changed`, `stored`), and comes back from there, or from its stored state (`restore`). `exposure`
+    counts what every client was given since the tracker was made (for metrics without client ids).
     """
 
     def __init__(
@@ -198,6 +208,7 @@ class FeatureTracker:
         self.admitted = 0
         self.evicted = 0
         self.released = 0
+        self.exposure = ExposureCounts()  # of every client since the tracker was made
         self._clients: OrderedDict[ClientKey, ClientFeatures] = OrderedDict()
         # Changed since their state was last stored: keys in memory, and evicted clients kept aside.
         self._changed: set[ClientKey] = set()
@@ -288,7 +299,7 @@ class FeatureTracker:
             client = self._admit(key, aside if aside is not None else ClientFeatures())
         else:
             self._clients.move_to_end(key)
-        client.update(observation)
+        self.exposure.update(observation, client.update(observation))
         self._changed.add(key)
         return key, client
 

@@ -9,6 +9,8 @@ from detector.features.base import CounterFeature, ratio
 from detector.features.clusters import ClusterMatch
 from detector.features.embedding import Observation
 
+QUERIES_FEATURE = "volume.queries"  # a client's query count, as its snapshot names it
+
 
 @dataclasses.dataclass
 class VolumeTiming(CounterFeature):

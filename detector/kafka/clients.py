@@ -1,11 +1,12 @@
 """Kafka clients built from the settings, under option names kafka-python 2.3 and 3.0 both take, each
 reaching a broker (`detector.kafka.connect.check_connection`) before it is built; and the publisher of whole
-records (`produce`, dead letters, findings)."""
+records (`produce`, dead letters, findings, canaries)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -172,10 +173,12 @@ class KafkaPublisher:
         )
         self._pending: list[Any] = []
 
-    def send(self, topic: str, value: bytes | None, key: bytes | None) -> None:
+    def send(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
+    ) -> None:
         """Queue one message (`value` None: a tombstone, which a compacted topic keeps until it deletes the
-        key); `flush` makes it durable."""
-        self._pending.append(self._producer.send(topic, value=value, key=key))
+        key), with `headers`; `flush` makes it durable."""
+        self._pending.append(self._producer.send(topic, value=value, key=key, headers=list(headers) or None))
 
     def send_dead_letter(self, topic: str, letter: DeadLetter) -> None:
         """Queue a dead letter: the raw (truncated) bytes, with reason and origin as headers."""

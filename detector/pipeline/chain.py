@@ -232,6 +232,7 @@ class Pipeline:
         self._partitions: OrderedDict[tuple[str, str], Partition] = OrderedDict()
         self._max_clients = detect.tracker.max_clients
         self._clients_admitted = self._clients_evicted = 0  # the feature tracker's totals, as last reported
+        self._exposure_reported: dict[str, float] = {}  # and its exposure's
         # The lease epoch of each partition assigned (`claimed`); None until a claim: not fenced at all.
         self._leases: dict[tuple[str, int], int] | None = None
 
@@ -333,7 +334,14 @@ class Pipeline:
                 for (topic, partition), offset in pending.positions.items()
             ],
             client_states=[
-                StoredClientState(model, client_id, features.to_bytes(), features.last_seen)
+                StoredClientState(
+                    model,
+                    client_id,
+                    features.to_bytes(),
+                    features.last_seen,
+                    features.first_seen,
+                    features.exposure.exposure(),
+                )
                 for (model, client_id), features in changed.items()
             ],
             model_scales={model: scale.to_bytes() for model, scale in learned.items()},
@@ -472,6 +480,10 @@ class Pipeline:
         metrics.new_clients.inc(tracker.admitted - self._clients_admitted)
         metrics.client_evictions.inc(tracker.evicted - self._clients_evicted)
         self._clients_admitted, self._clients_evicted = tracker.admitted, tracker.evicted
+        exposure = tracker.exposure.values()
+        for kind, total in exposure.items():
+            metrics.exposure.labels(kind=kind).inc(total - self._exposure_reported.get(kind, 0.0))
+        self._exposure_reported = exposure
 
     def _alert_watermark(self, alert: Alert) -> float | None:
         """How far the stream has got for `alert`: the least event time of its clients' partitions (the

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 from detector.domain import AlertKind, Query
 from detector.features.client import ClientKey, FeatureTracker
+from detector.features.volume import QUERIES_FEATURE
 from detector.scoring.model import ScoringModel, fires_at_floor, floor_outliers, rule_maximum
 from detector.scoring.profiles import WHOLE_DAY_SECONDS, ClientProfile, hour_bit
 from detector.scoring.rules import Rule
-from detector.scoring.scorer import ANOMALY_MIN_QUERIES, ANOMALY_RULE_ID, QUERIES_FEATURE
+from detector.scoring.scorer import ANOMALY_MIN_QUERIES, ANOMALY_RULE_ID
 
 SNAPSHOT_GROWTH = 1.25  # a new snapshot once a client's query count grew by a quarter: log-spaced in time
 EVIDENCE_EVENTS = 3  # event ids kept per snapshot: the client's latest by then

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from detector.domain import AlertKind, Detection, Reason, Verdict
 from detector.features.client import ClientFeatures, ClientKey, evidence_of
+from detector.features.exposure import Counts, exposure_of
 from detector.scoring.model import ScoringModel
 from detector.scoring.rules import Rule
 from detector.scoring.scorer import ANOMALY_MIN_QUERIES, ANOMALY_RULE_ID, Scorer, Snapshot
@@ -43,6 +44,7 @@ class Moment:
     first_seen: float
     last_seen: float
     evidence: dict[str, list[str]]  # the client's evidence event ids by evidence kind, as they were
+    exposure: Counts  # what the client was given by then (`ExposureCounts.counts`)
 
     @classmethod
     def of(cls, key: ClientKey, client: ClientFeatures, at: float) -> Moment:
@@ -57,6 +59,7 @@ class Moment:
             # A copy of a few short lists: most moments give no detection, so ids are gathered per alert
             # kind only for those that do.
             {kind: list(events) for kind, events in client.evidence.items()},
+            client.exposure.counts(),
         )
 
 
@@ -133,6 +136,7 @@ class Detector:
             triage=verdict.triage,
             fired=verdict.fired,
             departed=departed,
+            exposure=exposure_of(moment.exposure),
         )
 
     def _against_own_profile(self, moment: Moment, verdict: Verdict) -> tuple[list[Reason], bool]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from detector.domain import OWN_BASELINE_PREFIX, Reason
+from detector.features.volume import QUERIES_FEATURE
 
 # A rule score more than twice the client's own baseline maximum departs: a heavy job can double from one
 # night to the next, as the calibration's margin allows (`scoring.model`).
@@ -39,7 +40,6 @@ PROFILE_MIN_QUERIES = 20
 WHOLE_DAY_SECONDS = 23 * 3600.0
 HOURS = 24
 
-QUERIES_FEATURE = "volume.queries"
 RATE_FEATURE = "volume.rate_per_minute"
 OUTPUT_FEATURE = "confidence.asked_share"
 

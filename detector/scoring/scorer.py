@@ -23,12 +23,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from detector.domain import AlertKind, Reason, Severity, Verdict, Verdicts
+from detector.features.volume import QUERIES_FEATURE
 from detector.scoring.model import ScoringModel
 from detector.scoring.rules import ATLAS_EXFILTRATION_VIA_INFERENCE_API, Rule
 
 Snapshot = Mapping[str, float]  # a client's feature values by name (`ClientFeatures.snapshot`)
 
-QUERIES_FEATURE = "volume.queries"  # the client's query count, as its snapshot holds it
 ANOMALY_MIN_QUERIES = 20  # the forest judges behaviour, and a handful of queries shows none
 ANOMALY_RULE_ID = "MIA-ANOMALY"
 ANOMALY_CONTRIBUTIONS = 5

@@ -1,5 +1,6 @@
 """`run`: the daemon. Consumes a Kafka topic in a consumer group until stopped, serving metrics,
-delivering alert notifications and deleting what is past retention meanwhile."""
+delivering alert notifications, deleting what is past retention and checking itself with detection canaries
+meanwhile."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from detector.ingest.kafka import DeadLetterTopic, KafkaSource
 from detector.kafka import KafkaPublisher
 from detector.metrics import Metrics
 from detector.pipeline import AlertListener, Outputs, Pipeline, PipelineStats
+from detector.service.canary import start_canaries
 from detector.service.consume import Pressure, Progress, consume
 from detector.service.process import prepare_process
 from detector.service.retention import ScheduledRetention
@@ -115,8 +117,9 @@ def run_daemon(
 ) -> PipelineStats:
     """Consume, process and commit until `stop` is set (or, with `idle_exit_seconds`, the stream is idle).
 
-    Serves metrics, delivers alert notifications and deletes what is past retention (every
-    `retention.interval_seconds`) meanwhile. On the way out the current batch is
+    Serves metrics, delivers alert notifications, deletes what is past retention (every
+    `retention.interval_seconds`) and injects detection canaries (every `canary.interval_seconds`)
+    meanwhile. On the way out the current batch is
     finished, everything pending is persisted and offsets committed; when the database cannot take it,
     raises `StorageError` with nothing committed (the records are read again at the next start).
     """
@@ -131,7 +134,7 @@ def run_daemon(
         if settings.metrics.host_port is not None:
             resources.callback(serve_metrics(metrics, settings.metrics))
         if settings.risk.host_port is not None or settings.risk.topic:
-            resources.callback(serve_risk(settings, store.engine))
+            resources.callback(serve_risk(settings, store.engine, metrics))
         if settings.retention.interval_seconds is not None:
             retention = ScheduledRetention(
                 Retention(store.engine),
@@ -159,6 +162,8 @@ def run_daemon(
                     metrics=metrics,
                 )
                 resources.callback(source.close)
+                if settings.canary.interval_seconds is not None:
+                    resources.callback(start_canaries(settings, source.topics[0], store, metrics, dispatcher))
         except Interrupted:
             log.info("stopped before consuming anything")
             return PipelineStats()

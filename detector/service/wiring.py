@@ -107,12 +107,12 @@ def serve_metrics(metrics: Metrics, settings: MetricsSettings) -> Callable[[], N
     return stop
 
 
-def serve_risk(settings: Settings, engine: Engine) -> Callable[[], None]:
+def serve_risk(settings: Settings, engine: Engine, metrics: Metrics) -> Callable[[], None]:
     """The risk feed of `settings.risk`, started: the decisions stored through `engine`, read again every
     refresh, answered on `MIA_RISK_ADDR` and published to the compacted topic `MIA_RISK_TOPIC` (each when
-    set; the topic is created when absent). Returns the function that stops it all. Raises `OSError` with a
-    one-line message naming the setting when the address cannot be bound, `KafkaUnreachable` when the
-    topic's brokers do not answer (and `ValueError` when both are off)."""
+    set; the topic is created when absent), told to `metrics`. Returns the function that stops it all.
+    Raises `OSError` with a one-line message naming the setting when the address cannot be bound,
+    `KafkaUnreachable` when the topic's brokers do not answer (and `ValueError` when both are off)."""
     risk = settings.risk
     if risk.host_port is None and not risk.topic:
         raise ValueError("the risk feed is turned off (MIA_RISK_ADDR and MIA_RISK_TOPIC are empty)")
@@ -123,9 +123,10 @@ def serve_risk(settings: Settings, engine: Engine) -> Callable[[], None]:
             ensure_topic(settings.kafka, risk.topic, 1, configs=TOPIC_CONFIGS)
             publisher = KafkaPublisher(settings.kafka)
             started.callback(publisher.close)
-            listeners.append(RiskTopic(publisher, risk.topic, latest_values(settings.kafka, risk.topic)))
+            published = latest_values(settings.kafka, risk.topic)
+            listeners.append(RiskTopic(publisher, risk.topic, published, metrics))
             log.info("risk decisions published to topic %s", risk.topic)
-        started.callback(RiskFeed(view, risk.refresh_seconds, listeners).start().close)
+        started.callback(RiskFeed(view, risk.refresh_seconds, listeners, metrics).start().close)
         if risk.host_port is not None:
             host, port = risk.host_port
             token = risk.token.get_secret_value() if risk.token is not None else None

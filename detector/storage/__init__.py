@@ -8,6 +8,7 @@ from detector.storage.outbox import DeliveryStatus, OutboxStore, QueuedNotificat
 from detector.storage.repository import (
     Checkpoint,
     Claim,
+    ClientExposure,
     DurableBatch,
     SeenEvent,
     Store,
@@ -25,6 +26,7 @@ __all__ = [
     "AlertStore",
     "Checkpoint",
     "Claim",
+    "ClientExposure",
     "DeliveryStatus",
     "DurableBatch",
     "Fenced",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, text, update
+from sqlalchemy import ColumnElement, bindparam, exists, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
@@ -17,6 +17,7 @@ from detector.domain import (
     Alert,
     AlertKind,
     AlertStatus,
+    Exposure,
     Notification,
     NotificationState,
     Reason,
@@ -59,6 +60,7 @@ _MUTABLE = (
     "detected_at",
     "detected_after_queries",
     "updates",
+    "exposure",
 )
 
 
@@ -198,19 +200,24 @@ class AlertStore(Repository):
         kind: str | None = None,
         limit: int | None = 1000,
     ) -> list[Alert]:
-        """Up to `limit` alerts (None: all), optionally of one status, client and kind, newest raised first.
-
-        `client_id` matches an alert's primary client only.
-        """
+        """Up to `limit` alerts (None: all), optionally of one status, kind and client (alone, or among the
+        clients of a coordinated alert), newest raised first."""
         query = select(_ALERTS).order_by(AlertRow.raised_at.desc(), AlertRow.id.desc()).limit(limit)
         if status is not None:
             query = query.where(AlertRow.status == status)
         if client_id is not None:
-            query = query.where(AlertRow.client_id == client_id)
+            query = query.where(or_(AlertRow.client_id == client_id, self._names(client_id)))
         if kind is not None:
             query = query.where(AlertRow.kind == kind)
         with self._engine.connect() as connection:
             return [_alert(row) for row in connection.execute(query)]
+
+    def _names(self, client_id: str) -> ColumnElement[bool]:
+        """True for an alert whose `client_ids` hold `client_id` (a JSON array: unindexed, read row by row;
+        the primary client, indexed, is matched apart)."""
+        elements = "json_each" if self._engine.dialect.name == "sqlite" else "json_array_elements_text"
+        ids = getattr(func, elements)(AlertRow.client_ids).table_valued("value")
+        return exists().select_from(ids).where(ids.c.value == client_id)
 
 
 def _values(alert: Alert, columns: Sequence[str]) -> dict[str, Any]:
@@ -219,6 +226,8 @@ def _values(alert: Alert, columns: Sequence[str]) -> dict[str, Any]:
         value = getattr(alert, name)
         if name == "reasons":
             value = [reason.model_dump(mode="json") for reason in alert.reasons]
+        elif name == "exposure":
+            value = alert.exposure.model_dump() if alert.exposure is not None else None
         elif name in ("severity", "status", "kind"):
             value = value.value
         values[name] = value
@@ -263,6 +272,7 @@ def _alert(row: Row[Any]) -> Alert:
         detected_at=row.detected_at,
         detected_after_queries=row.detected_after_queries,
         updates=row.updates,
+        exposure=Exposure(**row.exposure) if row.exposure is not None else None,
     )
 
 

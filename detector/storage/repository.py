@@ -25,7 +25,7 @@ import orjson
 from sqlalchemy import Engine, delete, func, select, tuple_, update
 from sqlalchemy.engine import Connection, Row
 
-from detector.domain import DeadLetter, SessionKey, SessionState, SessionStatus
+from detector.domain import DeadLetter, Exposure, SessionKey, SessionState, SessionStatus
 from detector.settings import Settings
 from detector.storage.alerts import AlertRepository, AlertStore
 from detector.storage.base import Repository, dialect_insert, lock_sqlite
@@ -51,6 +51,10 @@ MAX_STORED_SCALES = 256
 _T = TypeVar("_T")
 
 _SESSION_COLUMNS = tuple(column.name for column in SessionRow.__table__.columns)
+# What a later commit writes over a client's stored state: all but its key.
+_CLIENT_STATE_UPDATED = tuple(
+    column.name for column in ClientStateRow.__table__.columns if column.name not in ("model", "client_id")
+)
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,27 @@ class Claim:
 
 class StoredClientState(NamedTuple):
     """One (model, client) key's streaming features as stored (opaque bytes, see
-    `detector.features.client.ClientFeatures.to_bytes`), with the event time of its latest query."""
+    `detector.features.client.ClientFeatures.to_bytes`), with the event time of its latest query, and what it
+    was given by the model since its first (stored apart for people to query)."""
 
     model: str
     client_id: str
     state: bytes
     last_seen: float
+    first_seen: float | None = None
+    exposure: Exposure = Exposure()
+
+
+class ClientExposure(NamedTuple):
+    """What one (model, client) key was given by the model (see `StoredClientState`), as of its last
+    stored change (wall time `updated_at`) and the event time of its first and latest query."""
+
+    model: str
+    client_id: str
+    first_seen: datetime | None
+    last_seen: datetime
+    exposure: Exposure
+    updated_at: datetime
 
 
 class SeenEvent(NamedTuple):
@@ -252,6 +271,25 @@ class Store(Repository):
             query = query.where(SessionRow.model == model)
         with self._engine.connect() as connection:
             return [_session_state(row) for row in connection.execute(query)]
+
+    def client_exposures(self, client_id: str, model: str | None = None) -> list[ClientExposure]:
+        """What the client was given, one entry per model it queried (or `model`'s only), by model name."""
+        query = select(ClientStateRow.__table__).where(ClientStateRow.client_id == client_id)
+        if model is not None:
+            query = query.where(ClientStateRow.model == model)
+        with self._engine.connect() as connection:
+            rows = connection.execute(query.order_by(ClientStateRow.model))
+            return [
+                ClientExposure(
+                    row.model,
+                    row.client_id,
+                    row.first_seen,
+                    row.last_seen,
+                    Exposure(**{name: getattr(row, name) for name in Exposure.model_fields}),
+                    row.updated_at,
+                )
+                for row in rows
+            ]
 
     def count_sessions(self) -> int:
         """How many sessions are stored, open or closed."""
@@ -574,6 +612,8 @@ class Transaction:
                 "client_id": state.client_id,
                 "state": state.state,
                 "last_seen": _utc(state.last_seen),
+                "first_seen": _utc(state.first_seen) if state.first_seen is not None else None,
+                **state.exposure.model_dump(),
                 "updated_at": now,
             }
             for state in states
@@ -581,7 +621,7 @@ class Transaction:
         statement = dialect_insert(self._connection, ClientStateRow)
         statement = statement.on_conflict_do_update(
             index_elements=["model", "client_id"],
-            set_={name: statement.excluded[name] for name in ("state", "last_seen", "updated_at")},
+            set_={name: statement.excluded[name] for name in _CLIENT_STATE_UPDATED},
         )
         for chunk in _chunks(list(rows.values())):
             self._connection.execute(statement, list(chunk))

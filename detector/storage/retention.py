@@ -32,6 +32,8 @@ from detector.storage.tables import (
     DeadLetterRow,
     ModelScaleRow,
     NotificationRow,
+    RiskAuditRow,
+    RiskDecisionRow,
     SeenEventRow,
     SessionRow,
 )
@@ -53,6 +55,7 @@ class RetentionPolicy:
     seen_events: float | None
     alerts: float | None
     notifications: float | None
+    risk: float | None
     chunk_rows: int = 1000
 
     @classmethod
@@ -71,6 +74,7 @@ class RetentionPolicy:
             seen_events=settings.database.seen_events_retention_hours * 3600.0,
             alerts=seconds(retention.alerts_days),
             notifications=seconds(retention.notifications_days),
+            risk=seconds(retention.risk_days),
         )
 
 
@@ -96,8 +100,9 @@ class Retention(Repository):
     it, so about the time its client's latest query reached the detector), a dead letter's storing
     (`created_at`), an event id's processing (`seen_at`), an alert's resolution (`resolved_at`; open and
     acknowledged alerts are never deleted), a notification's delivery (`delivered_at`; pending and failed
-    ones are never deleted). All are wall-clock times of this detector, never a record's own timestamp,
-    which its sender controls.
+    ones are never deleted), a risk audit entry's making (`at`) and a risk decision's expiry (`expires_at`;
+    decisions without one, or not yet expired, are never deleted). All are wall-clock times of this
+    detector, never a record's own timestamp, which its sender controls.
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class Retention(Repository):
             ("seen_events", policy.seen_events, self.delete_seen_events),
             ("alerts", policy.alerts, self.delete_resolved_alerts),
             ("notifications", policy.notifications, self.delete_delivered_notifications),
+            ("risk_audit", policy.risk, self.delete_risk_history),
         ]
         purges = []
         for table, keep, delete_before in steps:
@@ -195,6 +201,17 @@ class Retention(Repository):
         )
         what = "delivered notifications"
         return self._delete(NotificationRow, (NotificationRow.id,), condition, what, chunk_rows, stop)
+
+    def delete_risk_history(
+        self, before: datetime, chunk_rows: int, stop: threading.Event | None = None
+    ) -> int:
+        """Delete the risk audit entries made before `before`, and the risk decisions that expired before
+        it (in force no longer, kept meanwhile to be listed); return how many audit entries."""
+        expired = RiskDecisionRow.expires_at < before
+        keys = (RiskDecisionRow.model, RiskDecisionRow.client_id, RiskDecisionRow.origin)
+        self._delete(RiskDecisionRow, keys, expired, "expired risk decisions", chunk_rows, stop)
+        condition = RiskAuditRow.at < before
+        return self._delete(RiskAuditRow, (RiskAuditRow.id,), condition, "risk audit", chunk_rows, stop)
 
     def _delete(
         self,

@@ -199,6 +199,13 @@ class ClientStateRow(Base):
     client_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     state: Mapped[bytes] = mapped_column(LargeBinary)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime())  # event time of the client's latest query
+    # What the client was given by the model (`detector.domain.Exposure`) since `first_seen` (event time),
+    # as columns that operators and dashboards query; null first_seen for states stored before.
+    first_seen: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    probability_records: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    training_records: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    label_only_answers: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    probes: Mapped[int] = mapped_column(BigInteger, server_default="0")
     # Retention: states not written for a while (the client has been idle that long).
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
@@ -324,6 +331,7 @@ class AlertRow(Base):
     # first (an alert opened under a silence has none).
     notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     notified_severity: Mapped[str | None] = mapped_column(String(16))
+    exposure: Mapped[dict[str, int] | None] = mapped_column(JSON)  # `detector.domain.Exposure`
 
     __table_args__ = (
         # Never two open alerts for one key, even from concurrent writers; also finds a key's open alert.

@@ -18,6 +18,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from detector.alerts.risk import RiskPolicy
 from detector.alerts.risk_endpoint import RiskEndpoint, RiskView
+from detector.alerts.risk_feed import RiskFeed
 from detector.alerts.risk_topic import TOPIC_CONFIGS, RiskTopic, risk_key
 from detector.broker import EmbeddedBroker, free_port
 from detector.domain import (
@@ -31,6 +32,7 @@ from detector.domain import (
     utc,
 )
 from detector.kafka import KafkaPublisher, ensure_topic, latest_values
+from detector.metrics import RISK_ACTIONS, Metrics
 from detector.protocols import index_training_sets, train_as_operator
 from detector.service import StopFlag, produce_file, run_daemon
 from detector.settings import Settings
@@ -258,6 +260,36 @@ def test_a_failed_refresh_keeps_serving_the_last_decisions(clock: FakeClock) -> 
     assert view.document(MODEL, "client-a")["action"] == "block"
 
 
+def test_the_feed_tells_its_metrics_when_it_refreshed_what_is_in_force_and_what_failed(
+    store: Store, alerts: Alerts, clock: FakeClock
+) -> None:
+    alerts.upsert([detection(severity=Severity.HIGH), detection("client-b", severity=Severity.CRITICAL)])
+    reads = iter([risk_store(store).decisions()])
+
+    def read() -> list[RiskDecision]:
+        return next(reads)  # then StopIteration: the database gone
+
+    def publish(view: RiskView) -> None:
+        raise ConnectionError("broker gone")
+
+    metrics = Metrics()
+    sample = metrics.registry.get_sample_value
+    before = time.time()
+    feed = RiskFeed(RiskView(read, clock), 0.02, [publish], metrics).start()
+    try:
+        wait_until(
+            lambda: (sample("mia_detector_risk_refresh_failures_total") or 0) >= 2, 10, "failed refreshes"
+        )
+    finally:
+        feed.close()
+    assert (sample("mia_detector_risk_refreshed_timestamp_seconds") or 0) >= before
+    in_force = {
+        action: sample("mia_detector_risk_decisions_in_force", {"action": action}) for action in RISK_ACTIONS
+    }
+    assert sum(in_force.values()) == 2 and in_force["throttle"] == 0  # type: ignore[arg-type]
+    assert sample("mia_detector_risk_publish_failures_total") == 1  # the one refresh that succeeded
+
+
 @pytest.mark.kafka
 def test_the_topic_gets_each_change_once_and_a_tombstone_when_a_client_goes_back_to_allow(
     broker: EmbeddedBroker, alerts: Alerts, store: Store, clock: FakeClock, tmp_path: Path
@@ -267,6 +299,7 @@ def test_the_topic_gets_each_change_once_and_a_tombstone_when_a_client_goes_back
     ensure_topic(settings.kafka, topic, 1, configs=TOPIC_CONFIGS)
     view = RiskView(risk_store(store).decisions, clock)
     publisher = KafkaPublisher(settings.kafka)
+    metrics = Metrics()
     try:
         [opened] = alerts.upsert([detection(severity=Severity.HIGH)])
         alerts.upsert([detection("client-b", severity=Severity.HIGH)])
@@ -281,11 +314,14 @@ def test_the_topic_gets_each_change_once_and_a_tombstone_when_a_client_goes_back
         # A later process: it starts from what the topic holds, and publishes only what changed since.
         alerts.resolve(opened.alert.id)
         view.refresh()
-        RiskTopic(publisher, topic, held)(view)
+        RiskTopic(publisher, topic, held, metrics)(view)
         assert set(latest_values(settings.kafka, topic)) == {risk_key(MODEL, "client-b")}
         sent_before = _records(settings, topic)
         RiskTopic(publisher, topic, latest_values(settings.kafka, topic))(view)  # nothing changed
         assert _records(settings, topic) == sent_before == 3  # two decisions, one tombstone
+        published = metrics.registry.get_sample_value
+        assert published("mia_detector_risk_records_published_total", {"record": "tombstone"}) == 1
+        assert published("mia_detector_risk_records_published_total", {"record": "decision"}) == 0
     finally:
         publisher.close()
 

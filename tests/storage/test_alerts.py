@@ -20,7 +20,7 @@ from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from detector.alerts.lifecycle import AlertChange, Change, NotificationPolicy
-from detector.domain import MAX_EVIDENCE, AlertKind, AlertStatus, Detection, Reason, Severity
+from detector.domain import MAX_EVIDENCE, AlertKind, AlertStatus, Detection, Exposure, Reason, Severity
 from detector.storage import DurableBatch, SeenEvent, Store, create_engine_for, upgrade
 from detector.storage.tables import AlertRow
 
@@ -181,6 +181,17 @@ def test_a_first_detection_opens_an_alert_holding_every_value(alerts: Alerts) ->
     assert alerts.open_alert_count() == 1
 
 
+def test_an_alert_carries_its_clients_latest_exposure(alerts: Alerts) -> None:
+    early = Exposure(probability_records=40, training_records=12, label_only_answers=3, probes=0)
+    later = Exposure(probability_records=90, training_records=31, label_only_answers=3, probes=5)
+    alerts.upsert([dataclasses.replace(detection(), exposure=early)])
+    alerts.upsert([dataclasses.replace(detection(last_seen=START + 120, evidence=["e3"]), exposure=later)])
+
+    [alert] = alerts.list_alerts()
+    assert alert.exposure == later and alert.updates == 1
+    assert alert.as_detection().exposure == later
+
+
 def test_the_same_detection_again_changes_nothing(alerts: Alerts, engine: Engine, clock: FakeClock) -> None:
     # Event times finer than the microseconds stored: the comparison must not see a change.
     again = detection(first_seen=START + 0.1234567, last_seen=START + 60.7654321)
@@ -257,6 +268,10 @@ def test_list_alerts_filters_and_puts_the_newest_raised_first(alerts: Alerts, cl
     assert listed(status="resolved") == []
     assert listed(limit=1) == [("a", "anomalous_session")]
     assert len(listed(limit=None)) == 3
+    # A client among a coordinated group's, not its primary one (nor a prefix of another's id).
+    alerts.upsert([detection("a", "c", "bb", kind=AlertKind.COORDINATED_CLIENTS)])
+    assert listed(client_id="c") == [("a", "coordinated_clients")]
+    assert listed(client_id="b") == [("b", "confidence_harvesting")]
 
 
 # -- transactions and concurrency ----------------------------------------------------------------------------

@@ -55,8 +55,8 @@ def test_upgrade_from_empty_reaches_head(engine: Engine) -> None:
 
     upgrade(engine)
 
-    assert head_revision() == "0011"
-    assert current_revision(engine) == "0011"
+    assert head_revision() == "0012"
+    assert current_revision(engine) == "0012"
     assert set(inspect(engine).get_table_names()) == {*TABLES, "alembic_version"}
 
 

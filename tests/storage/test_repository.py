@@ -10,7 +10,15 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from detector.domain import DeadLetter, DeadLetterReason, Origin, SessionState, SessionStatus
+from detector.domain import (
+    DeadLetter,
+    DeadLetterReason,
+    Exposure,
+    Origin,
+    SessionState,
+    SessionStatus,
+    utc,
+)
 from detector.storage import Checkpoint, DurableBatch, SeenEvent, Store, StoredClientState
 from detector.storage.errors import StorageFailed
 from detector.storage.tables import SeenEventRow
@@ -315,6 +323,31 @@ def test_client_states_and_learned_scales_are_overwritten_and_read_back(store: S
     assert len(read) == 1200 and read[("m", "c1")] == b"newer" and read[("m", "c7")] == b"\x07" * 3
     assert store.client_states([]) == {}
     assert store.model_scales() == {"m": b"scale-2", "other": b"s"}
+
+
+def test_a_clients_exposure_is_stored_with_its_state_per_model(store: Store) -> None:
+    exposed = Exposure(probability_records=300, training_records=41, label_only_answers=7, probes=12)
+    write(
+        store,
+        DurableBatch(
+            client_states=[
+                StoredClientState("m", "c1", b"s", START + 60, START, exposed),
+                StoredClientState("n", "c1", b"s", START + 5),  # a state as stored before exposure was kept
+                StoredClientState("m", "c2", b"s", START + 60, START, exposed),
+            ]
+        ),
+    )
+
+    first, second = store.client_exposures("c1")
+    assert (first.model, first.exposure, first.first_seen, first.last_seen) == (
+        "m",
+        exposed,
+        utc(START),
+        utc(START + 60),
+    )
+    assert (second.model, second.exposure, second.first_seen) == ("n", Exposure(), None)
+    assert [entry.model for entry in store.client_exposures("c1", model="n")] == ["n"]
+    assert store.client_exposures("nobody") == []
 
 
 def test_a_failed_write_stores_nothing(store: Store) -> None:

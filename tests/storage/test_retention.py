@@ -17,7 +17,7 @@ from sqlalchemy import Engine, event, func, select
 
 from detector.alerts.lifecycle import NotificationPolicy
 from detector.broker import EmbeddedBroker
-from detector.domain import AlertStatus
+from detector.domain import AlertStatus, RiskAction, RiskDecision, utc
 from detector.metrics import RETENTION_TABLES, Metrics
 from detector.service import StopFlag, run_daemon
 from detector.service.retention import ScheduledRetention
@@ -27,6 +27,7 @@ from detector.storage import (
     OutboxStore,
     Retention,
     RetentionPolicy,
+    RiskStore,
     StorageError,
     Store,
     StoredClientState,
@@ -58,6 +59,7 @@ POLICY = RetentionPolicy(
     seen_events=3 * DAY,
     alerts=90 * DAY,
     notifications=30 * DAY,
+    risk=180 * DAY,
 )
 
 
@@ -168,10 +170,49 @@ def test_only_resolved_alerts_and_delivered_notifications_go(store: Store, clock
     )
 
 
+def test_the_risk_audit_and_decisions_expired_long_ago_go(store: Store, clock: FakeClock) -> None:
+    risk = RiskStore(store.engine, clock=clock)
+
+    def decide(client_id: str, decided_at: float, expires_at: float | None) -> None:
+        risk.override(
+            RiskDecision(
+                model="m",
+                client_id=client_id,
+                action=RiskAction.BLOCK,
+                source="operator",
+                actor="alice",
+                reason="probing",
+                decided_at=utc(decided_at),
+                expires_at=utc(expires_at) if expires_at is not None else None,
+            )
+        )
+
+    decide("expired-long-ago", START, START + DAY)
+    decide("for-good", START, None)
+    decide("expired-lately", START + 130 * DAY, START + 150 * DAY)
+    clock.now = START + 250 * DAY
+    risk.clear("m", "for-good", "bob", "a false alarm")  # audited at the clock's time
+    decide("for-good", START + 250 * DAY, None)
+
+    purges = Retention(store.engine, clock=at(FakeClock(), START + 300 * DAY)).apply(POLICY)
+
+    # Kept 180 days: the audit entries made 300 days ago go, and the decision that expired 299 days ago.
+    assert {purge.table: purge.deleted for purge in purges}["risk_audit"] == 2
+    assert [(d.client_id, d.expires_at) for d in risk.decisions()] == [
+        ("expired-lately", utc(START + 150 * DAY)),  # expired 150 days ago: listed, within retention
+        ("for-good", None),
+    ]
+    assert [(entry["client_id"], entry["change"]) for entry in risk.audit_log()] == [
+        ("for-good", "overridden"),
+        ("for-good", "cleared"),
+        ("expired-lately", "overridden"),
+    ]
+
+
 def test_unset_retention_keeps_a_table_for_good(store: Store, clock: FakeClock) -> None:
     at(clock, START)
     store_rows(store, clock, "old")
-    keep_all = RetentionPolicy(None, None, None, None, None, None)
+    keep_all = RetentionPolicy(None, None, None, None, None, None, None)
     purges = Retention(store.engine, clock=at(FakeClock(), START + 1000 * DAY)).apply(keep_all)
     assert [(purge.before, purge.deleted) for purge in purges] == [(None, 0)] * len(RETENTION_TABLES)
     assert count(store.engine, SessionRow) == count(store.engine, DeadLetterRow) == 3
@@ -229,6 +270,7 @@ def test_the_policy_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> 
         seen_events=48 * 3600,
         alerts=None,
         notifications=30 * DAY,
+        risk=365 * DAY,
     )
     assert load_settings().retention.interval_seconds == 3600
     monkeypatch.setenv("MIA_RETENTION_DEAD_LETTERS_DAYS", "0")

@@ -94,8 +94,10 @@ class AlertmanagerSink:
     def _alert(self, notification: Notification, severity: str, ends_at: datetime) -> dict[str, Any]:
         alert = notification.alert
         test = notification.event is NotificationEvent.TEST
+        # A missed canary is named for what happened (MiaDetectorCanaryMissed), not for the attack it was.
+        named = notification.event if notification.event is NotificationEvent.CANARY_MISSED else alert.kind
         labels = {
-            "alertname": "MiaDetectorTest" if test else alert_name(alert.kind.value),
+            "alertname": "MiaDetectorTest" if test else alert_name(named.value),
             "severity": severity,
             "model": display_name(alert.model),
             "kind": alert.kind.value,
@@ -116,6 +118,8 @@ class AlertmanagerSink:
             "detected_at": rfc3339(alert.detected_at.timestamp()),
             "detected_after_queries": str(alert.detected_after_queries),
         }
+        if alert.exposure is not None:
+            annotations["exposure"] = alert.exposure.summary()
         if alert.acknowledged_at is not None:
             annotations["acknowledged_at"] = rfc3339(alert.acknowledged_at.timestamp())
         # Alertmanager refuses an alert that ends before it starts (clocks of two hosts may disagree).

@@ -88,6 +88,8 @@ def annotation_text(notification: Notification) -> str:
     if len(alert.client_ids) > MAX_CLIENTS:
         clients += f" and {len(alert.client_ids) - MAX_CLIENTS} more"
     lines.append(f"Clients: {escape(clients)}")
+    if alert.exposure is not None:
+        lines.append(f"Exposure: {escape(alert.exposure.summary())}")
     lines.extend(f"• {escape(reason.text)}" for reason in notification.top_reasons(REASONS))
     link = dashboard_link(notification)
     if link is not None:

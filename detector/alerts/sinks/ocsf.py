@@ -63,9 +63,18 @@ _ACTIVITIES: dict[NotificationEvent, tuple[int, str]] = {
     NotificationEvent.ESCALATED: (2, "Update"),
     NotificationEvent.ACKNOWLEDGED: (2, "Update"),
     NotificationEvent.RESOLVED: (3, "Close"),
+    NotificationEvent.CANARY_MISSED: (1, "Create"),
 }
-# Events that report an attack going on; acknowledgements, resolutions and tests are no alertable signal.
-_ALERTING = frozenset({NotificationEvent.OPENED, NotificationEvent.UPDATED, NotificationEvent.ESCALATED})
+# Events that report an attack going on, or detection gone blind (a missed canary); acknowledgements,
+# resolutions and tests are no alertable signal.
+_ALERTING = frozenset(
+    {
+        NotificationEvent.OPENED,
+        NotificationEvent.UPDATED,
+        NotificationEvent.ESCALATED,
+        NotificationEvent.CANARY_MISSED,
+    }
+)
 _SEVERITIES: dict[Severity, tuple[int, str]] = {
     Severity.LOW: (2, "Low"),
     Severity.MEDIUM: (3, "Medium"),
@@ -143,6 +152,8 @@ def detection_finding(notification: Notification, *, product_version: str) -> di
         "detected_at": epoch_ms(alert.detected_at),
         "detected_after_queries": alert.detected_after_queries,
     }
+    if alert.exposure is not None:
+        unmapped["exposure"] = alert.exposure.model_dump()
     if notification.previous_severity is not None:
         unmapped["previous_severity"] = notification.previous_severity.value
     finding: dict[str, Any] = {

@@ -128,6 +128,8 @@ def _details(notification: Notification) -> dict[str, Any]:
         "alert_id": alert.id,
         "idempotency_key": notification.idempotency_key,
     }
+    if alert.exposure is not None:
+        details["exposure"] = alert.exposure.model_dump()
     if notification.previous_severity is not None:
         details["previous_severity"] = notification.previous_severity.value
     return details

@@ -81,6 +81,8 @@ def headline(notification: Notification, name: Callable[[str], str] = display_na
             return f"Resolved: [{severity}] {what}"
         case NotificationEvent.TEST:
             return f"Test notification from {PRODUCT}, not an attack: {what}"
+        case NotificationEvent.CANARY_MISSED:
+            return f"Detection canary missed, detection may be blind (not an attack): {what}"
         case _:
             return f"[{severity}] {what}"
 
@@ -130,6 +132,8 @@ class SlackSink:
         reasons = [f"• {reason.describe(code)}" for reason in notification.top_reasons(REASONS)]
         if reasons:
             blocks.append(_section("Top reasons", "\n".join(reasons)))
+        if alert.exposure is not None:
+            blocks.append(_section("Exposure", escape(alert.exposure.summary())))
         if alert.triage:
             blocks.append(_section("Triage", escape(alert.triage)))
         url = notification.dashboard_url

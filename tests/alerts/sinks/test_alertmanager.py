@@ -101,6 +101,7 @@ def test_an_open_alert_is_held_active_with_its_labels_and_annotations(
     assert annotations["evidence"] == "evt-0000,evt-0001,evt-0002,evt-0003,evt-0004"
     assert annotations["triage"] == notification.alert.triage
     assert annotations["clients"] == "client-17"
+    assert annotations["exposure"] == notification.alert.exposure.summary()  # type: ignore[union-attr]
     assert annotations["dashboard"] == alert["generatorURL"] == notification.dashboard_url
     raised_at = notification.alert.raised_at
     assert abs(parse_time(alert["startsAt"]) - raised_at) < timedelta(milliseconds=1)

@@ -37,7 +37,12 @@ from tests.support import make_notification, unique
 
 VERSION = "9.8.7"
 EVENTS = list(NotificationEvent)
-ALERTING = {NotificationEvent.OPENED, NotificationEvent.UPDATED, NotificationEvent.ESCALATED}
+ALERTING = {
+    NotificationEvent.OPENED,
+    NotificationEvent.UPDATED,
+    NotificationEvent.ESCALATED,
+    NotificationEvent.CANARY_MISSED,
+}
 # Event -> (activity_id, status_id): 1 Create / 2 Update / 3 Close; 1 New / 2 In Progress / 4 Resolved.
 LIFECYCLE = {
     NotificationEvent.OPENED: (1, 1),
@@ -46,6 +51,7 @@ LIFECYCLE = {
     NotificationEvent.ESCALATED: (2, 1),
     NotificationEvent.ACKNOWLEDGED: (2, 2),
     NotificationEvent.RESOLVED: (3, 4),
+    NotificationEvent.CANARY_MISSED: (1, 1),
 }
 
 
@@ -470,7 +476,9 @@ def kafka_sink(broker: EmbeddedBroker) -> Iterator[OcsfKafkaSink]:
 def test_kafka_sink_sends_each_finding_keyed_by_its_alerts_finding_in_order(
     broker: EmbeddedBroker, kafka_sink: OcsfKafkaSink
 ) -> None:
-    sent = [notification_of(event, sequence=i) for i, event in enumerate(EVENTS)]
+    # The test notification, keyed apart and so maybe in another partition, last: as it is read back.
+    events = sorted(EVENTS, key=lambda event: event is NotificationEvent.TEST)
+    sent = [notification_of(event, sequence=i) for i, event in enumerate(events)]
     for notification in sent:
         kafka_sink.deliver(notification)
     records = consume(broker.bootstrap_servers, kafka_sink.topic, len(sent))

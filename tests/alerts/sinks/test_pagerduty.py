@@ -170,6 +170,12 @@ def test_a_trigger_carries_what_a_responder_needs(sink: PagerDutySink, receiver:
     details = payload["custom_details"]
     assert details["model"] == "credit-risk"
     assert details["clients"] == ["client-17"]
+    assert details["exposure"] == {
+        "probability_records": 120,
+        "training_records": 57,
+        "label_only_answers": 16,
+        "probes": 0,
+    }
     assert details["kind"] == "training_set_targeting"
     assert details["rule"] == "MIA-003"
     assert (details["score"], details["threshold"], details["queries"]) == (0.42, 0.1, 136)

@@ -164,7 +164,10 @@ def test_the_message_carries_the_facts_reasons_triage_and_a_link(
     assert shown["Score"] == "0.42 (threshold 0.1)"
     assert shown["Queries"] == "136"
     assert shown["First seen"].endswith("Z") and shown["Last seen"] >= shown["First seen"]
-    [reasons, triage] = sections(message)
+    [reasons, exposure, triage] = sections(message)
+    assert exposure == (
+        "*Exposure*\n57 training records with probabilities (120 records), 16 label-only answers, 0 probes"
+    )
     assert reasons.splitlines() == [
         "*Top reasons*",
         "• `feature_0` = 0 (p90 of baseline)",

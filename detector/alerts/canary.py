@@ -1,0 +1,198 @@
+"""Detection canaries, checked: each canary injected is watched until the alert its attack must raise is
+stored (passed, its latency recorded) or its deadline passes without it (missed: `canary_missed` is queued
+in the outbox for every sink, as an alert change would be, and delivered by the dispatcher).
+
+The alert is looked up in the database rather than heard of in this process: in a consumer group the
+canary's records may land on a partition another member reads, and only a stored alert has been raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from detector.domain import (
+    DEFAULT_ATLAS_TECHNIQUE,
+    Alert,
+    AlertStatus,
+    Canary,
+    Notification,
+    NotificationEvent,
+    Reason,
+    Severity,
+    rfc3339,
+    utc,
+)
+from detector.metrics import Metrics
+from detector.storage import StorageError, Store
+from detector.storage.errors import describe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    """How one canary settled: `latency_seconds` from its injection to its alert being raised (None when
+    no alert was found), passed when that is within the deadline."""
+
+    canary: Canary
+    latency_seconds: float | None
+    passed: bool
+
+
+class CanaryMonitor:
+    """Watches canaries (`watch`) and settles them (`check`, called every second or so).
+
+    A canary passes when the alert of its client and kind is stored no later than `deadline_seconds`
+    after its injection; otherwise, once that time has passed, it is missed and `canary_missed` is queued
+    for `sinks` (`wake` tells the dispatcher). A database that cannot be read or written delays nothing:
+    a canary not confirmed by its deadline is missed, and a `canary_missed` that cannot be queued is logged
+    (the metrics still say it). `clock` returns the wall time in epoch seconds.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        deadline_seconds: float,
+        *,
+        sinks: Sequence[str] = (),
+        wake: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._deadline = deadline_seconds
+        self._sinks = tuple(sinks)
+        self._wake = wake
+        self._clock = clock
+        self._watched: list[Canary] = []
+
+    @property
+    def watched(self) -> list[Canary]:
+        """The canaries not settled yet, oldest first."""
+        return list(self._watched)
+
+    def watch(self, canary: Canary) -> None:
+        """Watch `canary` from now on (its deadline runs from its injection)."""
+        self._watched.append(canary)
+        self._metrics.canary_last_run.set(canary.injected_at)
+
+    def check(self) -> list[CanaryResult]:
+        """Settle every canary whose alert is stored or whose deadline has passed; return those results."""
+        settled = []
+        for canary in self.watched:
+            raised = self._raised_at(canary)
+            overdue = self._clock() >= canary.injected_at + self._deadline
+            if raised is None and not overdue:
+                continue
+            latency = max(0.0, raised - canary.injected_at) if raised is not None else None
+            result = CanaryResult(canary, latency, latency is not None and latency <= self._deadline)
+            self._watched.remove(canary)
+            self._settle(result)
+            settled.append(result)
+        return settled
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _raised_at(self, canary: Canary) -> float | None:
+        """When the alert of `canary` was raised (epoch seconds), or None when none is stored (or the
+        database cannot say now)."""
+        try:
+            found = self._store.alerts.list_alerts(client_id=canary.client_id, kind=canary.kind, limit=1)
+        except SQLAlchemyError as error:
+            log.warning("canary %s: alerts unreadable (%s)", canary.client_id, describe(error))
+            return None
+        return found[0].raised_at.timestamp() if found else None
+
+    def _settle(self, result: CanaryResult) -> None:
+        canary = result.canary
+        self._metrics.canary_last_outcome.set(1.0 if result.passed else 0.0)
+        if result.latency_seconds is not None:
+            self._metrics.canary_last_latency.set(result.latency_seconds)
+        if result.passed:
+            log.info(
+                "canary %s passed: alert raised %.2f s after injection",
+                canary.client_id,
+                result.latency_seconds,
+            )
+            return
+        if result.latency_seconds is None:
+            log.error(
+                "canary %s missed: no %s alert within %g s of its injection",
+                canary.client_id,
+                canary.kind,
+                self._deadline,
+            )
+        else:
+            log.error(
+                "canary %s missed: its %s alert came %.1f s after its injection, past the %g s deadline",
+                canary.client_id,
+                canary.kind,
+                result.latency_seconds,
+                self._deadline,
+            )
+        self._raise_missed(canary)
+
+    def _raise_missed(self, canary: Canary) -> None:
+        if not self._sinks:
+            return
+        now = self._clock()
+        try:
+            with self._store.transaction("queueing canary_missed") as transaction:
+                transaction.alerts.enqueue(
+                    [canary_missed(canary, self._deadline, now)], self._sinks, utc(now)
+                )
+        except StorageError as error:
+            log.error("canary_missed for %s not queued: %s", canary.client_id, error)
+            return
+        if self._wake is not None:
+            self._wake()
+
+
+def canary_missed(canary: Canary, deadline_seconds: float, now: float) -> Notification:
+    """The notification that `canary`'s attack raised no alert within `deadline_seconds`: it carries the
+    alert that was expected (never stored: id 0), named so that every miss of one kind on the canary model
+    is one incident at the receivers that fold alerts by key (PagerDuty)."""
+    injected, raised = utc(canary.injected_at), utc(now)
+    alert = Alert(
+        id=0,
+        dedup_key=f"{canary.model}|canary|{canary.kind}",
+        model=canary.model,
+        client_ids=[canary.client_id],
+        kind=canary.kind,
+        severity=Severity.HIGH,
+        status=AlertStatus.OPEN,
+        rule_id="CANARY",
+        score=0.0,
+        threshold=1.0,
+        reasons=[Reason(feature="canary.deadline_seconds", value=deadline_seconds)],
+        evidence=[],
+        atlas_technique=DEFAULT_ATLAS_TECHNIQUE,
+        triage=(
+            f"The detector's own canary, {canary.queries} queries of {canary.kind.value.replace('_', ' ')} "
+            f"injected into its input topic at {rfc3339(canary.injected_at)}, raised no alert within "
+            f"{deadline_seconds:g} s: detection may be blind. Check the daemon's log and metrics (consumer "
+            "lag, broker connection, database, outbox back-pressure) and that the rules in force still "
+            "detect this attack. Not an attack; mia_detector_canary_last_outcome returns to 1 once a canary "
+            "passes again."
+        ),
+        first_seen=injected,
+        last_seen=injected,
+        raised_at=raised,
+        updated_at=raised,
+        queries=canary.queries,
+        detected_at=injected,
+        detected_after_queries=0,
+    )
+    return Notification(
+        idempotency_key=uuid.uuid4().hex,
+        event=NotificationEvent.CANARY_MISSED,
+        created_at=raised,
+        alert=alert,
+    )
