@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from detector.alerts.lifecycle import AlertChange
-from detector.domain import CanaryClients, Detection, Severity, rfc3339
-from detector.settings import Settings
+from detector.alerts.lifecycle import AlertChange, NotificationPolicy
+from detector.domain import Detection, Severity, rfc3339
 from detector.text import visible
 
 alert_log = logging.getLogger("detector.alerts")
@@ -16,10 +15,10 @@ alert_log = logging.getLogger("detector.alerts")
 class AlertLog:
     """Logs every alert opened or escalated (the pipeline's `AlertListener`): one record per alert on the
     logger `detector.alerts`, one line in either log format: who, what, how sure, and the top reasons, with
-    names shown as `visible` shows them. An alert is logged as `ALERT` at WARNING, or as `EXPOSURE` at INFO
-    when its severity is below `min_severity` (it is recorded, not delivered), or as `CANARY` at INFO when it
-    is a detection canary's (of `canaries`: no incident); an escalation is logged again, with the severity
-    it rose from.
+    names shown as `visible` shows them. An alert is logged as `ALERT` at WARNING when `policy` pages it, as
+    `CANARY` at INFO when it is a detection canary's (`NotificationPolicy.is_canary`: no incident), or else
+    as `EXPOSURE` at INFO (its severity is below the policy's minimum: it is recorded, not delivered); an
+    escalation is logged again, with the severity it rose from.
 
     The record's fields hold the facts exactly, for JSON logs: `alert_id`, `kind`, `severity`, `model`,
     `client_ids`, `rule_id`, `score`, `threshold`, `queries`, `detected_after_queries`, `top_reason`,
@@ -27,16 +26,8 @@ class AlertLog:
     on which the rule crossed).
     """
 
-    def __init__(
-        self, min_severity: Severity = Severity.MEDIUM, canaries: CanaryClients | None = None
-    ) -> None:
-        self.min_severity = min_severity
-        self.canaries = canaries
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> AlertLog:
-        """The log of `settings`: their minimum severity to page, and their canaries."""
-        return cls(settings.alerts.min_severity, settings.canary.clients())
+    def __init__(self, policy: NotificationPolicy) -> None:
+        self.policy = policy
 
     def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
         """Log the alerts just opened, each with the detection that opened it."""
@@ -51,8 +42,8 @@ class AlertLog:
     def _log(self, change: AlertChange, detection: Detection, escalated_from: Severity | None) -> None:
         alert = change.alert
         reasons = [reason.describe(visible) for reason in detection.reasons[:3]]
-        canary = self.canaries is not None and self.canaries.covers(alert)
-        paged = alert.severity.reaches(self.min_severity) and not canary
+        canary = self.policy.is_canary(alert)
+        paged = self.policy.pages(alert)
         rose = f" (escalated from {escalated_from.value})" if escalated_from is not None else ""
         alert_log.log(
             logging.WARNING if paged else logging.INFO,

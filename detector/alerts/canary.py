@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import SQLAlchemyError
 
 from detector.domain import (
-    DEFAULT_ATLAS_TECHNIQUE,
     Alert,
-    AlertStatus,
     Canary,
     Notification,
     NotificationEvent,
@@ -159,21 +157,15 @@ def canary_missed(canary: Canary, deadline_seconds: float, now: float) -> Notifi
     """The notification that `canary`'s attack raised no alert within `deadline_seconds`: it carries the
     alert that was expected (never stored: id 0), named so that every miss of one kind on the canary model
     is one incident at the receivers that fold alerts by key (PagerDuty)."""
-    injected, raised = utc(canary.injected_at), utc(now)
-    alert = Alert(
-        id=0,
+    raised = utc(now)
+    alert = Alert.notice(
         dedup_key=f"{canary.model}|canary|{canary.kind}",
         model=canary.model,
-        client_ids=[canary.client_id],
+        client_id=canary.client_id,
         kind=canary.kind,
         severity=Severity.HIGH,
-        status=AlertStatus.OPEN,
         rule_id="CANARY",
-        score=0.0,
-        threshold=1.0,
-        reasons=[Reason(feature="canary.deadline_seconds", value=deadline_seconds)],
-        evidence=[],
-        atlas_technique=DEFAULT_ATLAS_TECHNIQUE,
+        reason=Reason(feature="canary.deadline_seconds", value=deadline_seconds),
         triage=(
             f"The detector's own canary, {canary.queries} queries of {canary.kind.value.replace('_', ' ')} "
             f"injected into its input topic at {rfc3339(canary.injected_at)}, raised no alert within "
@@ -182,13 +174,9 @@ def canary_missed(canary: Canary, deadline_seconds: float, now: float) -> Notifi
             "detect this attack. Not an attack; mia_detector_canary_last_outcome returns to 1 once a canary "
             "passes again."
         ),
-        first_seen=injected,
-        last_seen=injected,
+        seen_at=utc(canary.injected_at),
         raised_at=raised,
-        updated_at=raised,
         queries=canary.queries,
-        detected_at=injected,
-        detected_after_queries=0,
     )
     return Notification(
         idempotency_key=uuid.uuid4().hex,

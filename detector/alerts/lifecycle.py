@@ -27,7 +27,6 @@ from typing import Protocol
 from detector.alerts.risk import RiskPolicy, RiskRecords
 from detector.alerts.sinks import configured_sink_names
 from detector.domain import (
-    DEFAULT_ATLAS_TECHNIQUE,
     Alert,
     AlertKind,
     AlertStatus,
@@ -510,28 +509,17 @@ def build_notification(
 
 def connectivity_check(now: datetime, dashboard_url: str | None = None) -> Notification:
     """A notification that reports no attack: proves that a sink is configured and reachable."""
-    alert = Alert(
-        id=0,
+    alert = Alert.notice(
         dedup_key="mia-detector|test|test",
         model="mia-detector-test",
-        client_ids=["mia-detector-test"],
+        client_id="mia-detector-test",
         kind=AlertKind.ANOMALOUS_SESSION,
         severity=Severity.LOW,
-        status=AlertStatus.OPEN,
         rule_id="TEST",
-        score=0.0,
-        threshold=1.0,
-        reasons=[Reason(feature="test", value=1.0)],
-        evidence=[],
-        atlas_technique=DEFAULT_ATLAS_TECHNIQUE,
+        reason=Reason(feature="test", value=1.0),
         triage="A test notification sent by `mia-detector alerts test`: no action needed.",
-        first_seen=now,
-        last_seen=now,
+        seen_at=now,
         raised_at=now,
-        updated_at=now,
-        queries=0,
-        detected_at=now,
-        detected_after_queries=0,
     )
     return Notification(
         idempotency_key=uuid.uuid4().hex,

@@ -1,8 +1,8 @@
 """The risk feed in memory: every stored decision (`RiskView`), read again from the database every
-`MIA_RISK_REFRESH_SECONDS` by `RiskFeed`'s background thread, which then hands the view to its listeners
-(the compacted topic). So the endpoint never waits on the database, and the decisions of every replica and
-of the operators' commands are served and published within one refresh. A failed refresh keeps the last
-view (logged once until a refresh succeeds again), and tells the listeners nothing.
+`MIA_RISK_REFRESH_SECONDS` by `RiskFeed`'s background thread, which then hands the decisions in force to
+its listeners (the compacted topic). So the endpoint never waits on the database, and the decisions of
+every replica and of the operators' commands are served and published within one refresh. A failed refresh
+keeps the last view (logged once until a refresh succeeds again), and tells the listeners nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from detector.domain import RiskDecision, in_force, risk_document, utc
@@ -20,6 +20,7 @@ from detector.metrics import RISK_ACTIONS, Metrics
 log = logging.getLogger(__name__)
 
 ClientKey = tuple[str, str]  # (model, client id)
+InForce = Mapping[ClientKey, dict[str, Any]]  # the document of every client with a decision in force
 
 
 class RiskView:
@@ -67,13 +68,14 @@ class RiskView:
         return documents
 
 
-RiskListener = Callable[[RiskView], None]
+RiskListener = Callable[[InForce], None]
 
 
 class RiskFeed:
     """Refreshes `view` every `refresh_seconds` from a background thread, then calls each of `listeners`
-    with it (a listener that fails is logged, counted and called again at the next refresh); `metrics` are
-    told when it refreshed, what failed and the decisions in force by action."""
+    with the view's decisions in force (`RiskView.in_force`, computed once a refresh). A listener that fails
+    is logged, counted and called again at the next refresh; `metrics` are told when it refreshed, what
+    failed and the decisions in force by action."""
 
     def __init__(
         self,
@@ -110,12 +112,14 @@ class RiskFeed:
             metrics.risk_refresh_failures.inc()
             return
         metrics.risk_refreshed.set(time.time())
-        actions = Counter(document["action"] for document in self.view.in_force().values())
+        # Once per refresh: the metrics and every listener see the same decisions, judged at one moment.
+        in_force = self.view.in_force()
+        actions = Counter(document["action"] for document in in_force.values())
         for action in RISK_ACTIONS:
             metrics.risk_in_force.labels(action=action).set(actions[action])
         for listener in self._listeners:
             try:
-                listener(self.view)
+                listener(in_force)
             except Exception as error:  # a broker outage must not stop the endpoint's refreshes
                 metrics.risk_publish_failures.inc()
                 log.warning("risk feed: %s failed: %s", getattr(listener, "__name__", listener), error)

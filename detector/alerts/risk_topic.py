@@ -15,7 +15,7 @@ from typing import Protocol
 
 import orjson
 
-from detector.alerts.risk_feed import RiskView
+from detector.alerts.risk_feed import InForce
 from detector.metrics import Metrics
 
 # What the topic is created with when absent: keys compacted to their latest value, tombstones kept a day
@@ -37,9 +37,9 @@ def risk_key(model: str, client_id: str) -> bytes:
 
 
 class RiskTopic:
-    """Publishes what changed in a `RiskView` since the last call to `topic` through `publisher`;
-    `published` is what the topic holds already (`detector.kafka.latest_values`). `metrics` count the
-    records published."""
+    """Publishes what changed in the decisions in force (`RiskView.in_force`) since the last call to `topic`
+    through `publisher`; `published` is what the topic holds already (`detector.kafka.latest_values`).
+    `metrics` count the records published."""
 
     def __init__(
         self,
@@ -56,10 +56,10 @@ class RiskTopic:
     def __str__(self) -> str:
         return f"publishing to risk topic {self.topic}"
 
-    def __call__(self, view: RiskView) -> None:
-        """Send a record for every client whose document changed, a tombstone for every client no longer
-        with a decision in force; flush. What is published is remembered only once the flush succeeded."""
-        current = {risk_key(*key): orjson.dumps(document) for key, document in view.in_force().items()}
+    def __call__(self, in_force: InForce) -> None:
+        """Send a record for every client whose document in `in_force` changed, a tombstone for every client
+        no longer in it; flush. What is published is remembered only once the flush succeeded."""
+        current = {risk_key(*key): orjson.dumps(document) for key, document in in_force.items()}
         changed = {key: value for key, value in current.items() if self._published.get(key) != value}
         gone = [key for key in self._published if key not in current]
         if not changed and not gone:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,6 +13,10 @@ from detector.cli.context import RuntimeFailure, settings_of
 from detector.cli.evaluation import print_evaluation
 from detector.cli.models import SCENARIO_NAMES
 from detector.cli.output import progress, stderr
+
+if TYPE_CHECKING:
+    from detector.alerts.alert_log import AlertLog
+    from detector.settings import Settings
 
 log = logging.getLogger("detector")
 
@@ -29,16 +34,13 @@ def run(
     ctx: click.Context, topics: tuple[str, ...], group_id: str | None, exit_when_idle: float | None
 ) -> None:
     """Consume query logs from Kafka, process them and commit, until SIGTERM or SIGINT."""
-    from detector.alerts.alert_log import AlertLog
     from detector.service.daemon import run_daemon
     from detector.service.stop import StopFlag
 
     settings = settings_of(ctx, kafka={"topics": list(topics) or None, "group_id": group_id})
     stop = StopFlag()
     with stop.on_signals():
-        stats = run_daemon(
-            settings, stop, idle_exit_seconds=exit_when_idle, alerts=AlertLog.from_settings(settings)
-        )
+        stats = run_daemon(settings, stop, idle_exit_seconds=exit_when_idle, alerts=_alert_log(settings))
     log.info("stopped: %s", stats.summary())
 
 
@@ -47,7 +49,6 @@ def run(
 @click.pass_context
 def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
     """Process JSON Lines files exactly as the daemon processes a topic."""
-    from detector.alerts.alert_log import AlertLog
     from detector.ingest.jsonl import total_bytes
     from detector.service.replay import replay as replay_files
 
@@ -56,7 +57,7 @@ def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
             raise click.BadParameter(f"no such file: {name}", param_hint="FILES")
     settings = settings_of(ctx)
     with progress("replaying", total_bytes(files), unit_bytes=True) as advance:
-        stats = replay_files(settings, files, progress=advance, alerts=AlertLog.from_settings(settings))
+        stats = replay_files(settings, files, progress=advance, alerts=_alert_log(settings))
     log.info("replayed: %s", stats.summary())
 
 
@@ -137,7 +138,6 @@ def broker(port: int) -> None:
 def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_seconds: float) -> None:
     """Simulate traffic, train on its baseline, stream it through a local broker into the daemon (alerts
     shown live), then evaluate what was caught against the ground truth."""
-    from detector.alerts.alert_log import AlertLog
     from detector.demo import run_demo
     from detector.service.stop import StopFlag
 
@@ -151,7 +151,7 @@ def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_secon
             seed,
             idle_seconds,
             stop,
-            alerts=AlertLog.from_settings(settings),
+            alerts=_alert_log(settings),
         )
     stderr.print(
         f"{result.simulation.scenario}: {result.produced} records streamed through the broker at "
@@ -169,6 +169,16 @@ def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_secon
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _alert_log(settings: Settings) -> AlertLog:
+    """The log of the alerts found, paging as the lifecycle of `settings` notifies (its minimum severity,
+    its canaries)."""
+    from detector.alerts.alert_log import AlertLog
+    from detector.alerts.lifecycle import NotificationPolicy
+    from detector.alerts.sinks import configured_sink_names
+
+    return AlertLog(NotificationPolicy.from_settings(settings, configured_sink_names(settings)))
 
 
 COMMANDS = [run, replay, produce, broker, demo]

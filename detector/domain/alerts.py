@@ -363,6 +363,50 @@ class Alert(BaseModel):
             exposure=self.exposure,
         )
 
+    @classmethod
+    def notice(
+        cls,
+        *,
+        dedup_key: str,
+        model: str,
+        client_id: str,
+        kind: AlertKind,
+        severity: Severity,
+        rule_id: str,
+        reason: Reason,
+        triage: str,
+        seen_at: datetime,
+        raised_at: datetime,
+        queries: int = 0,
+    ) -> Alert:
+        """An alert that reports no attack but something about the detector itself (a test notification, a
+        missed canary), for a notification to carry: never stored (id 0), open, of one client, explained by
+        one `reason`, scoring 0 against a threshold of 1, with no evidence; first and last seen and detected
+        at `seen_at` (event time), raised and updated at `raised_at` (wall time)."""
+        return cls(
+            id=0,
+            dedup_key=dedup_key,
+            model=model,
+            client_ids=[client_id],
+            kind=kind,
+            severity=severity,
+            status=AlertStatus.OPEN,
+            rule_id=rule_id,
+            score=0.0,
+            threshold=1.0,
+            reasons=[reason],
+            evidence=[],
+            atlas_technique=DEFAULT_ATLAS_TECHNIQUE,
+            triage=triage,
+            first_seen=seen_at,
+            last_seen=seen_at,
+            raised_at=raised_at,
+            updated_at=raised_at,
+            queries=queries,
+            detected_at=seen_at,
+            detected_after_queries=0,
+        )
+
 
 @dataclass(frozen=True)
 class NotificationState:

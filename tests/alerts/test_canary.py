@@ -84,7 +84,9 @@ def test_a_canarys_alert_is_logged_as_canary_not_as_an_alert(
     )
 
     with caplog.at_level(logging.INFO, logger="detector.alerts"):
-        AlertLog(canaries=CLIENTS).opened([(change, found) for found, change in outcome.opened])
+        AlertLog(NotificationPolicy(canaries=CLIENTS)).opened(
+            [(change, found) for found, change in outcome.opened]
+        )
 
     assert sorted((record.levelname, record.getMessage().split()[0]) for record in caplog.records) == [
         ("INFO", "CANARY"),

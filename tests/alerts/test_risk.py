@@ -18,7 +18,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from detector.alerts.risk import RiskPolicy
 from detector.alerts.risk_endpoint import RiskEndpoint, RiskView
-from detector.alerts.risk_feed import RiskFeed
+from detector.alerts.risk_feed import InForce, RiskFeed
 from detector.alerts.risk_topic import TOPIC_CONFIGS, RiskTopic, risk_key
 from detector.broker import EmbeddedBroker, free_port
 from detector.domain import (
@@ -269,7 +269,7 @@ def test_the_feed_tells_its_metrics_when_it_refreshed_what_is_in_force_and_what_
     def read() -> list[RiskDecision]:
         return next(reads)  # then StopIteration: the database gone
 
-    def publish(view: RiskView) -> None:
+    def publish(in_force: InForce) -> None:
         raise ConnectionError("broker gone")
 
     metrics = Metrics()
@@ -304,7 +304,7 @@ def test_the_topic_gets_each_change_once_and_a_tombstone_when_a_client_goes_back
         [opened] = alerts.upsert([detection(severity=Severity.HIGH)])
         alerts.upsert([detection("client-b", severity=Severity.HIGH)])
         view.refresh()
-        RiskTopic(publisher, topic, {})(view)
+        RiskTopic(publisher, topic, {})(view.in_force())
         held = latest_values(settings.kafka, topic)
         assert {orjson.loads(key)[1]: orjson.loads(value)["action"] for key, value in held.items()} == {
             "client-a": "coarsen",
@@ -314,10 +314,10 @@ def test_the_topic_gets_each_change_once_and_a_tombstone_when_a_client_goes_back
         # A later process: it starts from what the topic holds, and publishes only what changed since.
         alerts.resolve(opened.alert.id)
         view.refresh()
-        RiskTopic(publisher, topic, held, metrics)(view)
+        RiskTopic(publisher, topic, held, metrics)(view.in_force())
         assert set(latest_values(settings.kafka, topic)) == {risk_key(MODEL, "client-b")}
         sent_before = _records(settings, topic)
-        RiskTopic(publisher, topic, latest_values(settings.kafka, topic))(view)  # nothing changed
+        RiskTopic(publisher, topic, latest_values(settings.kafka, topic))(view.in_force())  # nothing changed
         assert _records(settings, topic) == sent_before == 3  # two decisions, one tombstone
         published = metrics.registry.get_sample_value
         assert published("mia_detector_risk_records_published_total", {"record": "tombstone"}) == 1

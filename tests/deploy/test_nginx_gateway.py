@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,9 @@ from tests.deploy.test_risk_gateway import (
     MODEL,
     PROBABILITIES,
     ModelServer,
-    deciding_endpoint,
     gateway_module,
     oip,
+    served_gateway,
 )
 from tests.servers import running_server
 
@@ -105,27 +104,21 @@ class Stack:
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     binary = nginx_binary()
-    endpoint, risk = deciding_endpoint()
-    model = ModelServer()
-    gateway = CountingGateway(model.url, risk, "X-Client-Id", False, gateway_module.TokenBuckets())
-    gateway_server = gateway_module.server(gateway, "127.0.0.1", 0)
-    threading.Thread(target=gateway_server.serve_forever, daemon=True).start()
-    port = free_port()
-    config = render(tmp_path, port, model.httpd.server_address[1], gateway_server.server_address[1])
-    error_log = tmp_path / "error.log"
-    # -e: nginx opens its error log before it reads the configuration; the compiled-in one is in /var/log.
-    command = [binary, "-p", str(tmp_path), "-c", str(config), "-e", str(error_log)]
-    try:
-        # Ready once it listens: a request would leave a kept-alive connection to the gateway behind.
-        with running_server("nginx", command, f"http://127.0.0.1:{port}", tmp_path / "nginx.out", None):
-            yield Stack(port, model, endpoint, gateway, gateway_server)
-    finally:
-        # Captured: pytest shows it with a failing test.
-        print(error_log.read_text(errors="replace") if error_log.exists() else "no error log")
-        gateway_server.shutdown()
-        gateway_server.server_close()
-        model.close()
-        endpoint.close()
+    with served_gateway(CountingGateway) as served:
+        port = free_port()
+        config = render(
+            tmp_path, port, served.model.httpd.server_address[1], served.gateway_server.server_address[1]
+        )
+        error_log = tmp_path / "error.log"
+        # -e: nginx opens its error log before it reads the configuration; the compiled-in one is in /var/log.
+        command = [binary, "-p", str(tmp_path), "-c", str(config), "-e", str(error_log)]
+        try:
+            # Ready once it listens: a request would leave a kept-alive connection to the gateway behind.
+            with running_server("nginx", command, f"http://127.0.0.1:{port}", tmp_path / "nginx.out", None):
+                yield Stack(port, served.model, served.endpoint, served.gateway, served.gateway_server)
+        finally:
+            # Captured: pytest shows it with a failing test.
+            print(error_log.read_text(errors="replace") if error_log.exists() else "no error log")
 
 
 def infer(

@@ -9,6 +9,8 @@ import json
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
@@ -181,18 +183,38 @@ def deciding_endpoint() -> tuple[RiskEndpoint, Any]:
     )
 
 
-@pytest.fixture
-def stack() -> Iterator[tuple[Any, ModelServer, RiskEndpoint]]:
+@dataclass
+class ServedGateway:
+    """A gateway (`gateway` deciding, `gateway_server` serving it) between `model` and the risk `endpoint`."""
+
+    gateway: Any
+    gateway_server: Any
+    model: ModelServer
+    endpoint: RiskEndpoint
+
+
+@contextmanager
+def served_gateway(gateway_class: type = gateway_module.Gateway) -> Iterator[ServedGateway]:
+    """A gateway of `gateway_class` (failing open) served on 127.0.0.1, in front of a `ModelServer` and the
+    `deciding_endpoint`; all three stopped on the way out."""
     endpoint, risk = deciding_endpoint()
     model = ModelServer()
-    gateway = gateway_module.Gateway(model.url, risk, "X-Client-Id", False, gateway_module.TokenBuckets())
-    httpd = gateway_module.server(gateway, "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield httpd, model, endpoint
-    httpd.shutdown()
-    httpd.server_close()
-    model.close()
-    endpoint.close()
+    gateway = gateway_class(model.url, risk, "X-Client-Id", False, gateway_module.TokenBuckets())
+    gateway_server = gateway_module.server(gateway, "127.0.0.1", 0)
+    threading.Thread(target=gateway_server.serve_forever, daemon=True).start()
+    try:
+        yield ServedGateway(gateway, gateway_server, model, endpoint)
+    finally:
+        gateway_server.shutdown()
+        gateway_server.server_close()
+        model.close()
+        endpoint.close()
+
+
+@pytest.fixture
+def stack() -> Iterator[tuple[Any, ModelServer, RiskEndpoint]]:
+    with served_gateway() as served:
+        yield served.gateway_server, served.model, served.endpoint
 
 
 def infer(httpd: Any, client: str, path: str = f"/v2/models/{MODEL}/infer") -> tuple[int, dict[str, Any]]:
