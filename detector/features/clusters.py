@@ -2,12 +2,13 @@
 
 Each query is matched against the client's recent clusters. Its fingerprint seen before → an exact repeat
 (retries, polling dashboards); within `VARIANT_RADIUS` of a cluster's latest member (or, for image-like rows,
-within `INVARIANT_RADIUS` of it in the shift/flip-invariant view) → a variant of that record; otherwise a new
-record starts a cluster. Because a cluster is represented by its *latest* member, a decision-boundary walk
-that drifts step by step stays one cluster. Memory is bounded: at most `MAX_CLUSTERS` clusters (least
-recently matched ones are dropped, their counts kept) and `MAX_FINGERPRINTS` remembered fingerprints, all
-held in numpy columns that grow by half again (no Python object per cluster or fingerprint). Search is exact
-over the bounded set of cluster representatives: O(MAX_CLUSTERS) per query, never O(n²).
+within `INVARIANT_RADIUS` of one of the 16 most recent in the shift/flip-invariant view) → a variant of that
+record; otherwise a new record starts a cluster. Because a cluster is represented by its *latest* member, a
+decision-boundary walk that drifts step by step stays one cluster. Memory is bounded: at most
+`MAX_CLUSTERS` clusters (least recently matched ones are dropped, their counts kept) and `MAX_FINGERPRINTS`
+remembered fingerprints, all held in numpy columns that grow by half again (no Python object per cluster or
+fingerprint); older clusters' points are quantised (see `Representatives`). Search is exhaustive over the
+bounded set of cluster representatives: O(MAX_CLUSTERS) per query, never O(n²).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from typing import Any
 import numpy as np
 
 from detector.features.embedding import PROJECTION_DIM, Observation, pack, unpack
+from detector.features.representatives import Representatives
 
 VARIANT_RADIUS = 0.12
 # Trigram sketches of two prompts that differ by a few words are ~0.2-0.3 apart, unrelated prompts ~1.
 TEXT_VARIANT_RADIUS = 0.35
 INVARIANT_RADIUS = 0.12
-INVARIANT_RECENT = 16
 MAX_CLUSTERS = 256
 # Beyond the clusters' own bound, fingerprints serve only repeats of the older variants of clusters still
 # held: 512 of them keep a key's clusters and fingerprints within 50 KiB.
@@ -64,12 +65,6 @@ class ClusterMatch:
     def in_burst(self) -> bool:
         """True for a dense variant that follows its cluster's previous member closely (see BURST_GAP)."""
         return self.kind is MatchKind.VARIANT and self.dense and self.gap <= BURST_GAP
-
-
-def _row_norms(rows: np.ndarray) -> np.ndarray:
-    """The squared norm of each row of `rows`."""
-    norms: np.ndarray = np.einsum("ij,ij->i", rows, rows)
-    return norms
 
 
 def _grown_capacity(capacity: int) -> int:
@@ -168,11 +163,11 @@ class RecordClusters:
     """Bounded clusters of one client's queries (see the module docstring)."""
 
     def __init__(self) -> None:
-        # Columns grow by doubling up to MAX_CLUSTERS: most clients never need more than a few slots. A slot
-        # holds one cluster: its id, latest member's point (and invariant view), label, size, and the
-        # query sequence at which it was last matched, which orders clusters from least to most recent.
-        self._points = np.zeros((4, PROJECTION_DIM), dtype=np.float32)
-        self._invariants: np.ndarray | None = None
+        # Columns grow by half again up to MAX_CLUSTERS: most clients never need more than a few slots. A
+        # slot holds one cluster: its id, latest member's point (and invariant view, see
+        # `Representatives`), label, size, and the query sequence at which it was last matched, which
+        # orders clusters from least to most recent.
+        self._representatives = Representatives()
         self._labels: list[str | None] = []
         self._ids = np.zeros(4, dtype=np.int64)
         self._sizes = np.zeros(4, dtype=np.int64)
@@ -198,6 +193,7 @@ class RecordClusters:
         cluster = self._fingerprints.get(observation.fingerprint, self._sequence)
         if cluster is not None and (slot := self._slot_of(cluster)) is not None:
             gap = self._touch(slot)
+            self._representatives.touch(slot, observation.invariant, self._sequence)
             return ClusterMatch(MatchKind.EXACT, cluster, 0.0, cluster_size=int(self._sizes[slot]), gap=gap)
 
         nearest, distance = self._nearest(observation)
@@ -207,9 +203,7 @@ class RecordClusters:
             gap = self._touch(slot)
             flip = label is not None and self._labels[slot] is not None and label != self._labels[slot]
             self._labels[slot] = label
-            self._points[slot] = observation.point
-            if observation.invariant is not None and self._invariants is not None:
-                self._invariants[slot] = observation.invariant
+            self._representatives.put(slot, observation.point, observation.invariant, self._sequence)
             self._sizes[slot] += 1
             self._remember(observation.fingerprint, cluster)
             return ClusterMatch(
@@ -230,19 +224,14 @@ class RecordClusters:
         used = self._used
         if not used:
             return None, float("inf")
-        difference = self._points[:used] - observation.point
-        squared = _row_norms(difference)
-        best = int(squared.argmin())
-        nearest = math.sqrt(float(squared[best]))
+        best, squared = self._representatives.nearest(observation.point, used)
+        nearest = math.sqrt(squared)
         if nearest <= (VARIANT_RADIUS if observation.raw is not None else TEXT_VARIANT_RADIUS):
             return best, nearest
-        if observation.invariant is not None and self._invariants is not None:
-            recent = self._touched_at[:used].argsort()[::-1][:INVARIANT_RECENT]  # most recent first
-            difference = self._invariants[recent] - observation.invariant
-            squared = _row_norms(difference)
-            candidate = int(squared.argmin())
-            if squared[candidate] <= INVARIANT_RADIUS**2:
-                return int(recent[candidate]), math.sqrt(float(squared[candidate]))
+        if observation.invariant is not None:
+            recent = self._representatives.nearest_invariant(observation.invariant)
+            if recent is not None and recent[1] <= INVARIANT_RADIUS**2:
+                return recent[0], math.sqrt(recent[1])
         return None, nearest
 
     def _new_cluster(self, observation: Observation) -> int:
@@ -255,28 +244,22 @@ class RecordClusters:
             slot = self._used
             self._used += 1
             self._labels.append(observation.query.label)
-            self._grow(slot + 1, observation)
+            self._grow(slot + 1)
         self._ids[slot] = cluster
         self._sizes[slot] = 1
         self._touched_at[slot] = self._sequence
-        self._points[slot] = observation.point
-        if observation.invariant is not None and self._invariants is not None:
-            self._invariants[slot] = observation.invariant
+        self._representatives.put(slot, observation.point, observation.invariant, self._sequence)
         self._remember(observation.fingerprint, cluster)
         return cluster
 
-    def _grow(self, needed: int, observation: Observation) -> None:
-        capacity = self._points.shape[0]
+    def _grow(self, needed: int) -> None:
+        capacity = self._ids.shape[0]
         if needed > capacity:
             capacity = min(max(_grown_capacity(capacity), needed), MAX_CLUSTERS)
-            self._points = _grown(self._points, capacity)
+            self._representatives.grow(capacity)
             self._ids = _grown(self._ids, capacity)
             self._sizes = _grown(self._sizes, capacity)
             self._touched_at = _grown(self._touched_at, capacity)
-            if self._invariants is not None:
-                self._invariants = _grown(self._invariants, capacity)
-        if observation.invariant is not None and self._invariants is None:
-            self._invariants = np.zeros((capacity, observation.invariant.shape[0]), dtype=np.float32)
 
     def _slot_of(self, cluster: int) -> int | None:
         """The slot holding `cluster`; None once it gave way to a newer one."""
@@ -306,14 +289,13 @@ class RecordClusters:
     # -- state ---------------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """JSON-serialisable state, sharing nothing with the clusters: representatives' points (float32,
-        base64), labels, sizes, recency, fingerprints, and the previous query's row, which the next query's
-        dense-change test compares against: the one raw input the state holds."""
+        """JSON-serialisable state, sharing nothing with the clusters: representatives (see
+        `Representatives.state`), labels, sizes, recency, fingerprints, and the previous query's row, which
+        the next query's dense-change test compares against: the one raw input the state holds."""
         used = self._used
         return {
             "ids": self._ids[:used].tolist(),
-            "points": pack(self._points[:used]),
-            "invariants": None if self._invariants is None else pack(self._invariants[:used]),
+            "representatives": self._representatives.state(used),
             "labels": list(self._labels),
             "sizes": self._sizes[:used].tolist(),
             "touched_at": self._touched_at[:used].tolist(),
@@ -325,7 +307,8 @@ class RecordClusters:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> RecordClusters:
-        """Clusters continuing from `state` (see `state`), sharing nothing with it."""
+        """Clusters continuing from `state` (see `state`), sharing nothing with it. A state stored with exact
+        float32 points for every cluster (before `Representatives`) comes back with them quantised."""
         clusters = cls()
         used = clusters._used = len(state["ids"])
         capacity = max(4, used)
@@ -334,10 +317,15 @@ class RecordClusters:
         clusters._sizes = _grown(np.array(state["sizes"], dtype=np.int64), capacity)
         clusters._touched_at = _grown(np.array(state["touched_at"], dtype=np.int64), capacity)
         clusters._sequence = int(state["sequence"])
-        if used:
-            clusters._points = _grown(unpack(state["points"]).reshape(used, PROJECTION_DIM), capacity)
-        if state["invariants"] is not None:
-            clusters._invariants = _grown(unpack(state["invariants"]).reshape(used, -1), capacity)
+        if "representatives" in state:
+            clusters._representatives = Representatives.from_state(state["representatives"], used, capacity)
+        else:
+            points = unpack(state["points"]).reshape(used, PROJECTION_DIM)
+            stored = state["invariants"]
+            invariants = None if stored is None else unpack(stored).reshape(used, -1)
+            clusters._representatives = Representatives.of_points(
+                points, invariants, clusters._touched_at[:used], capacity
+            )
         clusters._fingerprints = FingerprintTable.of(state["fingerprints"])
         clusters._next_id = int(state["next_id"])
         clusters._last_raw = None if state["last_row"] is None else unpack(state["last_row"])

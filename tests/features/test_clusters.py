@@ -17,6 +17,7 @@ from detector.features.clusters import (
     RecordClusters,
 )
 from detector.features.embedding import Observation
+from detector.features.representatives import HOT
 from tests.streams import Stream, record, warmed_tracker
 
 
@@ -28,8 +29,8 @@ def distinct_observations(count: int) -> list[Observation]:
 
 
 def held_bytes(clusters: RecordClusters) -> int:
-    arrays = [value for value in vars(clusters).values() if isinstance(value, np.ndarray)]
-    arrays += [value for value in vars(clusters._fingerprints).values() if isinstance(value, np.ndarray)]
+    held = [clusters, clusters._fingerprints, clusters._representatives]
+    arrays = [value for part in held for value in vars(part).values() if isinstance(value, np.ndarray)]
     return sum(array.nbytes for array in arrays)
 
 
@@ -40,9 +41,16 @@ def test_clusters_and_fingerprints_stay_within_their_bounds_however_long_the_his
 
     assert all(match.kind is MatchKind.NEW for match in matches)
     assert len(clusters) == MAX_CLUSTERS and len(clusters._fingerprints) == MAX_FINGERPRINTS
-    # Points (float32) and three int64 columns a cluster, three 8-byte columns a fingerprint, the last row.
+    # A cluster: 32 int8 codes, a float32 scale and norm, its exact row (int8), three int64 columns; up to
+    # 2 * HOT exact rows: a float32 point and norm, slot and time; a fingerprint: three 8-byte columns; and
+    # the last row.
     last_row = observations[-1].raw.nbytes if observations[-1].raw is not None else 0
-    bound = MAX_CLUSTERS * (32 * 4 + 3 * 8) + MAX_FINGERPRINTS * 3 * 8 + last_row
+    bound = (
+        MAX_CLUSTERS * (32 + 4 + 4 + 1 + 3 * 8)
+        + 2 * HOT * (32 * 4 + 4 + 2 * 8)
+        + MAX_FINGERPRINTS * 3 * 8
+        + last_row
+    )
     assert held_bytes(clusters) <= bound
 
 

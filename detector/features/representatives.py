@@ -1,0 +1,239 @@
+"""The points that stand for a client's record clusters, kept small: the recent exact, the others quantised.
+
+A cluster is represented by its latest member's point. Held as float32 those points were most of a client's
+memory (256 x 32 x 4 bytes). Here only the `HOT` (to `2 * HOT`) most recently matched slots keep their point
+exact, with its shift/flip-invariant view: those are where probing happens (a boundary walk's steps shrink
+far below the quantisation error, an augmentation burst follows its record within a few queries), and the
+`HOT` most recent are the only slots the invariant view is compared against. The other slots keep their
+point as 32 int8 codes, a float32 scale and norm (41 bytes with their exact row's index; distances off by
+about 0.005 of the unit): enough to tell whether a query returns to an old record (`VARIANT_RADIUS` is 0.12).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from detector.features.embedding import PROJECTION_DIM, pack, unpack
+
+# The slots kept exact: the recent clusters a probing burst returns to (and the invariant view's reach).
+HOT = 16
+_CODE_MAX = 127.0
+
+
+def quantised(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `points` as int8 codes and one float32 scale a row (code x scale ≈ point)."""
+    scales = np.abs(points).max(axis=1) / _CODE_MAX
+    # A zero (or underflowing) row keeps scale 1: its codes are all zero either way.
+    scales = np.where((scales > 0) & np.isfinite(scales), scales, 1.0).astype(np.float32)
+    codes = np.rint(points / scales[:, None]).astype(np.int8)
+    return codes, scales
+
+
+def _half_norms(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Half the squared norm of each quantised point (codes x scale)."""
+    halves: np.ndarray = np.einsum("ij,ij->i", codes, codes, dtype=np.float32) * (scales * scales / 2)
+    return halves
+
+
+def _half_norm(point: np.ndarray) -> float:
+    """Half the squared norm of one exact point."""
+    return float(point @ point) / 2
+
+
+def _extended(column: np.ndarray, rows: int, fill: float) -> np.ndarray:
+    """`column` with at least `rows` rows: itself when it has them, else a copy filled on with `fill`."""
+    if column.shape[0] >= rows:
+        return column
+    extended = np.full((rows, *column.shape[1:]), fill, dtype=column.dtype)
+    extended[: column.shape[0]] = column
+    return extended
+
+
+class Representatives:
+    """One point a slot: exact (with the invariant view) for at least the `HOT` most recently put or touched,
+    quantised for the others. Slots are numbered by the caller, from 0, and grown with `grow`.
+
+    Exact rows are filled in order; when all `2 * HOT` are in use the least recent half is quantised at once
+    (one batch of array calls for `HOT` new records, not one each) and the recent half moves to the front.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        # Quantised points, valid for the slots without an exact row.
+        self._codes = np.zeros((capacity, PROJECTION_DIM), dtype=np.int8)
+        self._scales = np.ones(capacity, dtype=np.float32)
+        # Half each quantised point's squared norm: the nearest slot then takes one product (codes @ point).
+        # +inf for a slot with an exact row: it is measured there instead.
+        self._half_norms = np.full(capacity, np.inf, dtype=np.float32)
+        self._row_of = np.full(capacity, -1, dtype=np.int8)  # each slot's exact row, -1 for none
+        # As many exact rows as slots, up to 2 * HOT; the first `_exact_count` are in use.
+        rows = min(2 * HOT, capacity)
+        self._exact_count = 0
+        self._exact_slots = np.zeros(rows, dtype=np.int64)
+        self._exact_points = np.zeros((rows, PROJECTION_DIM), dtype=np.float32)
+        self._exact_half_norms = np.zeros(rows, dtype=np.float32)
+        self._exact_touched = np.zeros(rows, dtype=np.int64)
+        # Rows without an invariant view hold +inf: never within any radius of a query's.
+        self._exact_invariants: np.ndarray | None = None
+
+    def grow(self, capacity: int) -> None:
+        """Hold `capacity` slots (more than now), the present ones unchanged."""
+        self._codes = _extended(self._codes, capacity, 0)
+        self._scales = _extended(self._scales, capacity, 1.0)
+        self._half_norms = _extended(self._half_norms, capacity, np.inf)
+        self._row_of = _extended(self._row_of, capacity, -1)
+        rows = min(2 * HOT, capacity)
+        self._exact_slots = _extended(self._exact_slots, rows, 0)
+        self._exact_points = _extended(self._exact_points, rows, 0.0)
+        self._exact_half_norms = _extended(self._exact_half_norms, rows, 0.0)
+        self._exact_touched = _extended(self._exact_touched, rows, 0)
+        if self._exact_invariants is not None:
+            self._exact_invariants = _extended(self._exact_invariants, rows, np.inf)
+
+    def put(self, slot: int, point: np.ndarray, invariant: np.ndarray | None, now: int) -> None:
+        """`point` (and its invariant view) now represents `slot`, put at query sequence `now`."""
+        self._keep_exact(slot, point, invariant, now)
+
+    def touch(self, slot: int, invariant: np.ndarray | None, now: int) -> None:
+        """`slot` was matched at `now` without a new point (an exact repeat): it becomes one of the recent.
+        Brought back from the quantised column, its exact point is lost; `invariant` is the repeat's."""
+        row = int(self._row_of[slot])
+        if row >= 0:
+            self._exact_touched[row] = now
+            return
+        self._keep_exact(slot, self._codes[slot] * self._scales[slot], invariant, now)
+
+    def nearest(self, point: np.ndarray, used: int) -> tuple[int, float]:
+        """The slot nearest `point` among the first `used` (at least one) and its squared distance, exact
+        to a slot with an exact row, within the quantisation error to the others."""
+        # |x - p|^2 = 2 (|x|^2 / 2 - x . p) + |p|^2: the nearest slot minimises the bracket.
+        exact = self._exact_count
+        slot, row, best = 0, -1, math.inf
+        if exact:
+            brackets = self._exact_points[:exact] @ point
+            np.subtract(self._exact_half_norms[:exact], brackets, out=brackets)
+            row = int(brackets.argmin())
+            slot, best = int(self._exact_slots[row]), float(brackets[row])
+        if used > exact:
+            brackets = self._codes[:used] @ point
+            brackets *= self._scales[:used]
+            np.subtract(self._half_norms[:used], brackets, out=brackets)
+            older = int(brackets.argmin())
+            if brackets[older] < best:
+                slot, row, best = older, -1, float(brackets[older])
+        if row >= 0:
+            # Measured again on the difference: the bracket's float32 sums lose the steps of a walk.
+            difference = self._exact_points[row] - point
+            return slot, float(difference @ difference)
+        return slot, max(2.0 * best + float(point @ point), 0.0)  # never below 0 however the sums round
+
+    def nearest_invariant(self, invariant: np.ndarray) -> tuple[int, float] | None:
+        """Among the `HOT` most recent slots, the one whose invariant view is nearest `invariant`, with the
+        squared distance; None when none of them has one."""
+        if self._exact_invariants is None or invariant.shape[0] != self._exact_invariants.shape[1]:
+            return None
+        exact = self._exact_count
+        if exact > HOT:
+            rows = np.argpartition(self._exact_touched[:exact], exact - HOT)[exact - HOT :]
+            difference = self._exact_invariants[rows] - invariant
+        else:
+            rows = np.arange(exact)
+            difference = self._exact_invariants[:exact] - invariant
+        squared = np.einsum("ij,ij->i", difference, difference)
+        nearest = int(squared.argmin())
+        if not np.isfinite(squared[nearest]):
+            return None
+        return int(self._exact_slots[rows[nearest]]), float(squared[nearest])
+
+    def _keep_exact(self, slot: int, point: np.ndarray, invariant: np.ndarray | None, now: int) -> None:
+        row = int(self._row_of[slot])
+        if row < 0:
+            if self._exact_count == self._exact_slots.shape[0]:
+                self._quantise_least_recent()
+            row = self._exact_count
+            self._exact_count += 1
+            self._exact_slots[row] = slot
+            self._row_of[slot] = row
+            self._half_norms[slot] = np.inf
+        self._exact_points[row] = point
+        self._exact_half_norms[row] = _half_norm(point)
+        self._exact_touched[row] = now
+        if invariant is not None and self._exact_invariants is None:
+            rows = self._exact_slots.shape[0]
+            self._exact_invariants = np.full((rows, invariant.shape[0]), np.inf, dtype=np.float32)
+        if self._exact_invariants is not None:
+            usable = invariant is not None and invariant.shape[0] == self._exact_invariants.shape[1]
+            self._exact_invariants[row] = invariant if usable else np.inf
+
+    def _quantise_least_recent(self) -> None:
+        """Quantise the slots of all exact rows but the `HOT` most recent; move those to the front."""
+        count = self._exact_count
+        order = self._exact_touched[:count].argsort(kind="stable")
+        older, recent = order[: count - HOT], order[count - HOT :]
+        slots = self._exact_slots[older]
+        codes, scales = quantised(self._exact_points[older])
+        self._codes[slots], self._scales[slots] = codes, scales
+        self._half_norms[slots] = _half_norms(codes, scales)
+        self._row_of[slots] = -1
+        for column in (self._exact_slots, self._exact_points, self._exact_half_norms, self._exact_touched):
+            column[:HOT] = column[recent]
+        if self._exact_invariants is not None:
+            self._exact_invariants[:HOT] = self._exact_invariants[recent]
+        self._row_of[self._exact_slots[:HOT]] = np.arange(HOT)
+        self._exact_count = HOT
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def state(self, used: int) -> dict[str, Any]:
+        """JSON-serialisable state of the first `used` slots, sharing nothing with this object."""
+        exact = slice(0, self._exact_count)
+        invariants = self._exact_invariants
+        return {
+            "codes": pack(self._codes[:used], "<i1"),
+            "scales": pack(self._scales[:used]),
+            "exact_slots": self._exact_slots[exact].tolist(),
+            "exact_points": pack(self._exact_points[exact]),
+            "exact_invariants": None if invariants is None else pack(invariants[exact]),
+            "exact_touched": self._exact_touched[exact].tolist(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], used: int, capacity: int) -> Representatives:
+        """The representatives `state` holds (see `state`), for `used` slots in a column of `capacity`."""
+        kept = cls(capacity)
+        if used:
+            kept._codes[:used] = unpack(state["codes"], "<i1").reshape(used, PROJECTION_DIM)
+            kept._scales[:used] = unpack(state["scales"])
+            kept._half_norms[:used] = _half_norms(kept._codes[:used], kept._scales[:used])
+        exact = kept._exact_count = len(state["exact_slots"])
+        kept._exact_slots[:exact] = state["exact_slots"]
+        kept._row_of[kept._exact_slots[:exact]] = np.arange(exact)
+        kept._half_norms[kept._exact_slots[:exact]] = np.inf
+        kept._exact_touched[:exact] = state["exact_touched"]
+        if exact:
+            kept._exact_points[:exact] = unpack(state["exact_points"]).reshape(exact, PROJECTION_DIM)
+            kept._exact_half_norms[:exact] = [_half_norm(point) for point in kept._exact_points[:exact]]
+        if state["exact_invariants"] is not None:
+            invariants = unpack(state["exact_invariants"]).reshape(exact, -1)
+            rows = kept._exact_slots.shape[0]
+            kept._exact_invariants = np.full((rows, invariants.shape[1]), np.inf, dtype=np.float32)
+            kept._exact_invariants[:exact] = invariants
+        return kept
+
+    @classmethod
+    def of_points(
+        cls, points: np.ndarray, invariants: np.ndarray | None, touched_at: np.ndarray, capacity: int
+    ) -> Representatives:
+        """The representatives of exact `points` (and `invariants`), one a slot, matched at `touched_at`:
+        what a state stored with float32 points comes back as."""
+        kept = cls(capacity)
+        used = points.shape[0]
+        if used:
+            kept._codes[:used], kept._scales[:used] = quantised(points)
+            kept._half_norms[:used] = _half_norms(kept._codes[:used], kept._scales[:used])
+        for slot in touched_at.argsort(kind="stable")[-HOT:]:  # the most recent put last, as they were
+            invariant = None if invariants is None else invariants[slot]
+            kept._keep_exact(int(slot), points[slot], invariant, int(touched_at[slot]))
+        return kept

@@ -1,0 +1,163 @@
+"""Cluster representatives: quantised within a known error for every slot, exact for the recent ones (where
+a boundary walk's tiny steps are measured), the invariant view compared only among the recent, and a state
+that restores them exactly; a state stored with float32 points for every slot still restores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detector.features.clusters import MatchKind, RecordClusters
+from detector.features.embedding import PROJECTION_DIM, pack
+from detector.features.representatives import HOT, Representatives, quantised
+from tests.streams import Stream, boundary_walk, warmed_tracker
+
+
+def points(count: int, seed: int = 3) -> np.ndarray:
+    """`count` points of unrelated records (~1 apart)."""
+    return np.random.default_rng(seed).normal(0.0, 0.125, (count, PROJECTION_DIM)).astype(np.float32)
+
+
+def filled(rows: np.ndarray) -> Representatives:
+    """Representatives of `rows`, slot i put at time i + 1."""
+    kept = Representatives(capacity=rows.shape[0])
+    for slot, point in enumerate(rows):
+        kept.put(slot, point, None, slot + 1)
+    return kept
+
+
+def test_quantised_rows_are_within_half_a_step_of_each_coordinate() -> None:
+    rows = np.vstack([points(50), np.zeros((1, PROJECTION_DIM)), np.full((1, PROJECTION_DIM), 3e38)])
+    codes, scales = quantised(rows.astype(np.float32))
+    assert codes.dtype == np.int8 and scales.dtype == np.float32
+    error = np.abs(codes * scales[:, None] - rows)
+    assert np.all(error <= scales[:, None] / 2 * 1.001)
+    assert scales[50] == 1.0 and not codes[50].any()  # a zero row
+    assert np.isfinite(codes * scales[:, None]).all()
+
+
+def test_the_nearest_slot_is_measured_exactly_when_recent_and_within_the_quantisation_error_when_older() -> (
+    None
+):
+    rows = points(3 * HOT + 8)
+    used = rows.shape[0]
+    kept = filled(rows)
+    for slot in (0, HOT, used - 2 * HOT - 1, used - HOT, used - 1):
+        query = rows[slot] + np.float32(1e-4)  # a boundary walk's step: far below the quantisation error
+        exact = float(((rows[slot] - query) ** 2).sum())
+        found, squared = kept.nearest(query, used)
+        assert found == slot
+        if slot >= used - HOT:  # at least the HOT put last are exact
+            assert squared == pytest.approx(exact, rel=1e-4)
+        else:  # and at most the 2 * HOT put last
+            assert squared != pytest.approx(exact, rel=1e-2) and np.sqrt(squared) < 0.02
+    far = points(1, seed=11)[0]
+    found, squared = kept.nearest(far, used)
+    distances = np.sqrt(((rows - far) ** 2).sum(axis=1))
+    assert abs(np.sqrt(squared) - distances.min()) < 0.02 and distances[found] - distances.min() < 0.02
+
+
+def test_a_touched_old_slot_becomes_exact_again_and_the_least_recent_are_quantised_together() -> None:
+    rows = points(2 * HOT + 1)
+    used = rows.shape[0]
+    kept = filled(rows)  # the 33rd put quantised the HOT put first
+    query = rows[0] + np.float32(1e-4)
+    assert kept.nearest(query, used)[0] == 0 and kept.nearest(query, used)[1] > 1e-6  # known quantised
+    kept.touch(0, None, now=used + 1)
+    assert kept.nearest(query, used)[1] > 1e-6  # exact again, but its exact point was lost
+    kept.put(0, rows[0], None, now=used + 2)
+    assert kept.nearest(query, used)[1] < 1e-6
+    assert kept.nearest(rows[HOT - 1], used) != (HOT - 1, 0.0)  # quantised with the first
+    assert kept.nearest(rows[HOT], used) == (HOT, 0.0)  # the oldest of those kept exact
+
+
+def test_the_invariant_view_is_compared_only_among_the_recent_slots() -> None:
+    rows = points(HOT + 1)
+    kept = Representatives(capacity=HOT + 1)
+    for slot, point in enumerate(rows):
+        kept.put(slot, point, point, slot + 1)  # each point its own invariant view
+    assert kept.nearest_invariant(rows[0]) != (0, 0.0)  # slot 0 is no longer recent
+    slot, squared = kept.nearest_invariant(rows[HOT]) or (-1, 1.0)
+    assert slot == HOT and squared == 0.0
+    text = Representatives()
+    text.put(0, rows[0], None, 1)
+    assert text.nearest_invariant(rows[0]) is None
+
+
+def test_a_boundary_walk_of_steps_finer_than_the_quantisation_stays_one_cluster_measured_exactly() -> None:
+    tracker = warmed_tracker()
+    observations = list(tracker.observe(boundary_walk(Stream("walker"), steps=200)))
+    clusters = RecordClusters()
+    matches = [clusters.assign(observation) for observation in observations]
+    variants = [match for match in matches if match.kind is MatchKind.VARIANT]
+    assert len(variants) >= 150 and len({match.cluster for match in variants}) <= 3
+    previous = [observations[index - 1].point for index, match in enumerate(matches) if index]
+    steps = [float(np.linalg.norm(o.point - p)) for o, p in zip(observations[1:], previous, strict=True)]
+    # The distance a variant reports is the exact step from its cluster's latest member.
+    for match, step in zip(matches[1:], steps, strict=True):
+        if match.kind is MatchKind.VARIANT and match.gap == 1:
+            assert abs(match.distance - step) < 1e-5
+
+
+def test_state_round_trips_exactly() -> None:
+    rows = points(2 * HOT + 10)
+    used = rows.shape[0]
+    kept = Representatives(capacity=used)
+    for slot, point in enumerate(rows):
+        kept.put(slot, point, point, slot + 1)
+    kept.put(used - 1, rows[3], rows[3], now=100)
+    restored = Representatives.from_state(kept.state(used), used, capacity=used + 10)
+    assert restored.state(used) == kept.state(used)
+    for query in [*points(5, seed=9), rows[0], rows[-1], rows[3] + np.float32(1e-4)]:
+        assert restored.nearest(query, used) == kept.nearest(query, used)
+        assert restored.nearest_invariant(query) == kept.nearest_invariant(query)
+    for other in (restored, kept):  # both go on alike
+        other.put(0, rows[5], rows[5], now=101)
+    assert restored.state(used) == kept.state(used)
+
+
+def test_a_state_stored_with_exact_points_for_every_cluster_restores_them_quantised_the_recent_exact() -> (
+    None
+):
+    rows = points(HOT + 20)
+    clusters = RecordClusters()
+    state = clusters.state()
+    used = rows.shape[0]
+    touched = list(range(1, used + 1))
+    state |= {
+        "ids": list(range(used)),
+        "labels": [None] * used,
+        "sizes": [1] * used,
+        "touched_at": touched,
+        "sequence": used,
+        "next_id": used,
+    }
+    del state["representatives"]
+    state |= {"points": pack(rows), "invariants": None}  # as stored before representatives were quantised
+
+    restored = RecordClusters.from_state(state)
+    assert len(restored) == used
+    representatives = restored._representatives
+    assert representatives.nearest(rows[-1], used) == (used - 1, 0.0)  # the most recent: exact
+    slot, squared = representatives.nearest(rows[0], used)
+    assert slot == 0 and 0.0 < squared < 0.02**2
+    assert restored.state()["representatives"]["exact_slots"] == list(range(used - HOT, used))
+
+
+def test_the_exact_rows_grow_with_the_slots_up_to_twice_hot() -> None:
+    rows = points(2 * HOT + 8)
+    kept = Representatives()  # four slots, as a client's clusters start
+    held = [kept._exact_points.shape[0]]
+    for slot, point in enumerate(rows):
+        if slot == kept._codes.shape[0]:
+            kept.grow(slot + slot // 2)
+            held.append(kept._exact_points.shape[0])
+        kept.put(slot, point, point, slot + 1)
+    assert held[0] == 4 and held[-1] == 2 * HOT and held == sorted(held)
+    for slot in (0, 2 * HOT + 7):
+        assert kept.nearest(rows[slot], rows.shape[0])[0] == slot
+    assert kept.nearest(rows[2 * HOT + 7], rows.shape[0])[1] == 0.0
+    # Slots 16 to 39 are exact; the invariant view reaches the HOT most recent only.
+    assert kept.nearest(rows[20], rows.shape[0]) == (20, 0.0)
+    assert kept.nearest_invariant(rows[30]) == (30, 0.0)
+    assert kept.nearest_invariant(rows[20]) != (20, 0.0)
