@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from detector.features.columns import extended
 from detector.features.embedding import PROJECTION_DIM, Observation, pack, unpack
 from detector.features.representatives import Representatives
 
@@ -72,13 +73,6 @@ def _grown_capacity(capacity: int) -> int:
     return max(capacity + 1, int(capacity * GROWTH))
 
 
-def _grown(column: np.ndarray, capacity: int) -> np.ndarray:
-    """`column` in a zeroed array of `capacity` rows (its rows first)."""
-    grown = np.zeros((capacity, *column.shape[1:]), dtype=column.dtype)
-    grown[: column.shape[0]] = column
-    return grown
-
-
 class FingerprintTable:
     """The cluster id of each of the latest `MAX_FINGERPRINTS` fingerprints, the least recently used dropped
     first: three numpy columns (24 bytes a fingerprint), looked up by one vector comparison."""
@@ -121,9 +115,9 @@ class FingerprintTable:
                 self._count += 1
                 if position == self._fingerprints.shape[0]:
                     capacity = min(_grown_capacity(position), MAX_FINGERPRINTS)
-                    self._fingerprints = _grown(self._fingerprints, capacity)
-                    self._clusters = _grown(self._clusters, capacity)
-                    self._used_at = _grown(self._used_at, capacity)
+                    self._fingerprints = extended(self._fingerprints, capacity)
+                    self._clusters = extended(self._clusters, capacity)
+                    self._used_at = extended(self._used_at, capacity)
             else:
                 position = int(self._used_at.argmin())
             self._fingerprints[position] = fingerprint
@@ -257,9 +251,9 @@ class RecordClusters:
         if needed > capacity:
             capacity = min(max(_grown_capacity(capacity), needed), MAX_CLUSTERS)
             self._representatives.grow(capacity)
-            self._ids = _grown(self._ids, capacity)
-            self._sizes = _grown(self._sizes, capacity)
-            self._touched_at = _grown(self._touched_at, capacity)
+            self._ids = extended(self._ids, capacity)
+            self._sizes = extended(self._sizes, capacity)
+            self._touched_at = extended(self._touched_at, capacity)
 
     def _slot_of(self, cluster: int) -> int | None:
         """The slot holding `cluster`; None once it gave way to a newer one."""
@@ -312,10 +306,10 @@ class RecordClusters:
         clusters = cls()
         used = clusters._used = len(state["ids"])
         capacity = max(4, used)
-        clusters._ids = _grown(np.array(state["ids"], dtype=np.int64), capacity)
+        clusters._ids = extended(np.array(state["ids"], dtype=np.int64), capacity)
         clusters._labels = [None if label is None else sys.intern(str(label)) for label in state["labels"]]
-        clusters._sizes = _grown(np.array(state["sizes"], dtype=np.int64), capacity)
-        clusters._touched_at = _grown(np.array(state["touched_at"], dtype=np.int64), capacity)
+        clusters._sizes = extended(np.array(state["sizes"], dtype=np.int64), capacity)
+        clusters._touched_at = extended(np.array(state["touched_at"], dtype=np.int64), capacity)
         clusters._sequence = int(state["sequence"])
         if "representatives" in state:
             clusters._representatives = Representatives.from_state(state["representatives"], used, capacity)

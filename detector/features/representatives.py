@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from detector.features.columns import extended
 from detector.features.embedding import PROJECTION_DIM, pack, unpack
 
 # The slots kept exact: the recent clusters a probing burst returns to (and the invariant view's reach).
@@ -41,15 +42,6 @@ def _half_norms(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def _half_norm(point: np.ndarray) -> float:
     """Half the squared norm of one exact point."""
     return float(point @ point) / 2
-
-
-def _extended(column: np.ndarray, rows: int, fill: float) -> np.ndarray:
-    """`column` with at least `rows` rows: itself when it has them, else a copy filled on with `fill`."""
-    if column.shape[0] >= rows:
-        return column
-    extended = np.full((rows, *column.shape[1:]), fill, dtype=column.dtype)
-    extended[: column.shape[0]] = column
-    return extended
 
 
 class Representatives:
@@ -80,17 +72,17 @@ class Representatives:
 
     def grow(self, capacity: int) -> None:
         """Hold `capacity` slots (more than now), the present ones unchanged."""
-        self._codes = _extended(self._codes, capacity, 0)
-        self._scales = _extended(self._scales, capacity, 1.0)
-        self._half_norms = _extended(self._half_norms, capacity, np.inf)
-        self._row_of = _extended(self._row_of, capacity, -1)
+        self._codes = extended(self._codes, capacity, 0)
+        self._scales = extended(self._scales, capacity, 1.0)
+        self._half_norms = extended(self._half_norms, capacity, np.inf)
+        self._row_of = extended(self._row_of, capacity, -1)
         rows = min(2 * HOT, capacity)
-        self._exact_slots = _extended(self._exact_slots, rows, 0)
-        self._exact_points = _extended(self._exact_points, rows, 0.0)
-        self._exact_half_norms = _extended(self._exact_half_norms, rows, 0.0)
-        self._exact_touched = _extended(self._exact_touched, rows, 0)
+        self._exact_slots = extended(self._exact_slots, rows, 0)
+        self._exact_points = extended(self._exact_points, rows, 0.0)
+        self._exact_half_norms = extended(self._exact_half_norms, rows, 0.0)
+        self._exact_touched = extended(self._exact_touched, rows, 0)
         if self._exact_invariants is not None:
-            self._exact_invariants = _extended(self._exact_invariants, rows, np.inf)
+            self._exact_invariants = extended(self._exact_invariants, rows, np.inf)
 
     def put(self, slot: int, point: np.ndarray, invariant: np.ndarray | None, now: int) -> None:
         """`point` (and its invariant view) now represents `slot`, put at query sequence `now`."""
