@@ -35,7 +35,10 @@ class SessionTracker:
         self.allowed_lateness_seconds = allowed_lateness_seconds
         self._active: OrderedDict[SessionKey, SessionState] = OrderedDict()
         self._evicted: dict[SessionKey, SessionState] = {}
-        self._closed: list[SessionState] = []
+        self._closed: dict[str, SessionState] = {}  # by session id, until persisted
+        # The sessions `close_idle` ended, by key, until persisted: the latest session of a key with none
+        # active, newer than what storage holds of it, so it is continued from here, never restored.
+        self._idle: dict[SessionKey, SessionState] = {}
 
     def __len__(self) -> int:
         return len(self._active)
@@ -54,7 +57,11 @@ class SessionTracker:
 
     def missing(self, keys: Iterable[SessionKey]) -> set[SessionKey]:
         """Those of `keys` the tracker holds no session for: candidates for `restore`."""
-        return {key for key in keys if key not in self._active and key not in self._evicted}
+        return {
+            key
+            for key in keys
+            if key not in self._active and key not in self._evicted and key not in self._idle
+        }
 
     def restore(self, session: SessionState) -> None:
         """Take back the latest session of a key read from storage (evicted, or ended by idleness)."""
@@ -65,7 +72,7 @@ class SessionTracker:
     def update(self, query: Query) -> SessionState:
         """Add `query` to its key's session, ending the session and starting a new one when it must."""
         key = (query.model, query.client_id)
-        session = self._active.get(key) or self._evicted.pop(key, None)
+        session = self._active.get(key) or self._evicted.pop(key, None) or self._idle.pop(key, None)
         if session is not None and not session.accepts(query, self.gap_seconds, self.max_duration_seconds):
             self._close(session)
             session = None
@@ -75,6 +82,7 @@ class SessionTracker:
             # Closed for idleness while this key's partition lagged behind the others: its own events say
             # the session goes on, and the key's events alone decide.
             session.status = SessionStatus.OPEN
+            self._closed.pop(session.id, None)
         self._active[key] = session
         self._active.move_to_end(key)
         session.add(query)
@@ -88,12 +96,13 @@ class SessionTracker:
         idle = [session for session in self._active.values() if session.last_seen < horizon]
         for session in idle:
             self._close(session)
+            self._idle[session.key] = session
         return len(idle)
 
     def changed(self) -> list[SessionState]:
         """Sessions changed since they were last persisted: persist them all, in this order, then call
         `persisted`. Until then they stay pending, so a failed write loses none of them."""
-        changed = self._closed + list(self._evicted.values())
+        changed = [*self._closed.values(), *self._evicted.values()]
         changed.extend(session for session in self._active.values() if session.dirty)
         return changed
 
@@ -101,8 +110,9 @@ class SessionTracker:
         """Mark every session `changed` returned as durably stored (closed and evicted ones are let go)."""
         for session in self.changed():
             session.dirty = False
-        self._closed = []
+        self._closed = {}
         self._evicted = {}
+        self._idle = {}
 
     def clear(self) -> None:
         """Forget every in-memory session, persisted or not (the records behind the unpersisted ones must be
@@ -110,12 +120,13 @@ class SessionTracker:
         self._active.clear()
         self._evicted.clear()
         self._closed.clear()
+        self._idle.clear()
 
     def _close(self, session: SessionState) -> None:
         session.status = SessionStatus.CLOSED
         session.dirty = True
         self._active.pop(session.key, None)
-        self._closed.append(session)
+        self._closed[session.id] = session
 
     def _evict_over_limit(self) -> None:
         # Evicted sessions stay open in storage: when the client comes back within the gap the pipeline

@@ -116,6 +116,31 @@ def test_restored_sessions_continue_and_idle_closed_ones_reopen_when_their_own_e
     assert state.id == "s1" and state.queries == 5 and state.status is SessionStatus.OPEN
 
 
+def test_a_session_closed_as_idle_and_not_persisted_is_the_one_its_client_goes_on_from() -> None:
+    # Storage holds an older state of it until the next commit: restoring that would undo what was counted.
+    sessions = tracker(gap_seconds=100.0)
+    first = sessions.update(query("a", 0.0))
+    sessions.update(query("a", 10.0))
+    assert sessions.close_idle(watermark=200.0) == 1
+    assert sessions.missing({("m", "a"), ("m", "b")}) == {("m", "b")}
+
+    late = sessions.update(query("a", 60.0))  # its partition lagged: within the gap, the session goes on
+    assert (late.id, late.queries, late.status) == (first.id, 3, SessionStatus.OPEN)
+    assert [(s.id, s.queries) for s in sessions.changed()] == [(first.id, 3)]
+
+    sessions.close_idle(watermark=300.0)
+    after = sessions.update(query("a", 400.0))  # beyond the gap: a new session, the closed one kept
+    assert after.id != first.id
+    assert [(s.id, s.queries, s.status.value) for s in sessions.changed()] == [
+        (first.id, 3, "closed"),
+        (after.id, 1, "open"),
+    ]
+    sessions.persisted()
+    sessions.close_idle(watermark=600.0)
+    sessions.persisted()
+    assert sessions.missing({("m", "a")}) == {("m", "a")}  # stored now: read back from storage
+
+
 def test_close_idle_uses_the_watermark_and_allowed_lateness() -> None:
     sessions = tracker(gap_seconds=100.0, allowed_lateness_seconds=50.0)
     sessions.update(query("a", 0.0))

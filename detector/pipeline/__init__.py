@@ -1,5 +1,5 @@
-"""The processing chain (`steps`: Decode, Deduplicate, Sessionize, Detect) and its commit point (`chain`):
-the only package that knows every step."""
+"""The processing chain (`steps`: Decode, Deduplicate, Restore, Sessionize, Detect) and its commit point
+(`chain`): the only package that knows every step."""
 
 from detector.pipeline.chain import (
     AlertListener,
@@ -17,6 +17,7 @@ from detector.pipeline.steps import (
     DecodeStep,
     DeduplicateStep,
     DetectStep,
+    RestoreStep,
     SessionizeStep,
     Step,
     record_digest,
@@ -36,6 +37,7 @@ __all__ = [
     "Pipeline",
     "PipelineStats",
     "PositionCommitter",
+    "RestoreStep",
     "SessionizeStep",
     "Step",
     "record_digest",

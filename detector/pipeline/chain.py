@@ -1,8 +1,8 @@
 """The pipeline: the chain of steps run on each polled batch, and the commit point.
 
-    raw records ─> Decode ─> Deduplicate ─> Sessionize ─> Detect ─┐ pending until the commit point:
-         (bad records ─> dead letters)                            └─> Judge ─> Alert lifecycle ─┐
-                                                                      Commit positions <─ Persist <─┘
+    raw records ─> Decode ─> Deduplicate ─> Restore ─> Sessionize ─> Detect ─┐ pending until the commit:
+       (bad records ─> dead letters)                                         └─> Judge ─> Alert lifecycle ─┐
+                                                                           Commit positions <─ Persist <─┘
 
 Each batch's results stay pending until the commit policy says the commit is due, or the batch holds a
 detection that fired for a key with no open alert (a new alert waits for no policy). Then, in order: dead
@@ -24,9 +24,10 @@ together are exchanged in the same transaction (`detector.scoring.coordination`)
 whole however its keys are spread over the members.
 
 Nothing leaves the pending state before the transaction is durable. When the database is unreachable a
-batch's reads fail before any step changed its state, and the batch is held; a failed write leaves everything
-pending. Both raise `StorageUnavailable`, a `Backpressure`: the source holds its records, and `resume` carries
-on where the pipeline stopped. Too many undelivered notifications raise `OutboxFull`, another `Backpressure`.
+batch's reads fail before any step counted anything (see `detector.pipeline.steps`), and the batch is
+held; a failed write leaves everything pending. Both raise `StorageUnavailable`, a `Backpressure`: the
+source holds its records, and `resume` carries on where the pipeline stopped. Too many undelivered
+notifications raise `OutboxFull`, another `Backpressure`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The steps a polled batch goes through, in order: Decode, Deduplicate, Sessionize, Detect.
+"""The steps a polled batch goes through, in order: Decode, Deduplicate, Restore, Sessionize, Detect.
 
 Every step has one signature, `process(batch) -> batch`: it reads what the steps before it put in the
-`Batch` and adds its own results. A step that reads storage does so before it changes any state of its own,
-so that a database failure (`StorageUnavailable`) leaves the batch unprocessed and the steps as they were:
-the pipeline holds the batch and offers it again later.
+`Batch` and adds its own results. Storage is read by Deduplicate and Restore only, and they change nothing a
+second run would change again; Sessionize and Detect, which count and learn, read nothing. So a database
+failure (`StorageUnavailable`) can only come before any count was taken: the pipeline holds the batch and
+offers it again later, and its queries are counted once.
 """
 
 from __future__ import annotations
@@ -126,21 +127,36 @@ class DeduplicateStep:
         return batch
 
 
-class SessionizeStep:
-    """Counts queries into their (model, client) sessions, first restoring sessions held only in storage."""
+class RestoreStep:
+    """Takes back from storage what memory no longer holds of the batch's clients: their latest sessions, then
+    their features (`DetectStep.restore`). Taking back is all it changes, and a client taken back is no longer
+    missing: a batch retried after a failed read reads only what it has not got yet."""
 
-    def __init__(self, tracker: SessionTracker, store: Store) -> None:
-        self._tracker = tracker
+    def __init__(self, sessions: SessionTracker, detect: DetectStep, store: Store) -> None:
+        self._sessions = sessions
+        self._detect = detect
         self._store = store
 
     def process(self, batch: Batch) -> Batch:
-        # Storage first: restoring is the only read, and it changes nothing a retry would repeat.
-        missing = self._tracker.missing(
+        if not batch.fresh:
+            return batch
+        missing = self._sessions.missing(
             {(queries[0].model, queries[0].client_id) for _, queries in batch.fresh}
         )
         if missing:
             for session in self._store.latest_sessions(missing):
-                self._tracker.restore(session)
+                self._sessions.restore(session)
+        self._detect.restore(batch.fresh)
+        return batch
+
+
+class SessionizeStep:
+    """Counts queries into their (model, client) sessions (restored by the Restore step before it)."""
+
+    def __init__(self, tracker: SessionTracker) -> None:
+        self._tracker = tracker
+
+    def process(self, batch: Batch) -> Batch:
         for _, queries in batch.fresh:
             for query in queries:
                 self._tracker.update(query)
@@ -167,8 +183,8 @@ class DetectStep:
     detections, and their `detected_at`, are the same however the stream was batched (live, a backlog, a
     replay). `observe_ratio`, when set (the pipeline's metrics), is handed the verdicts of every client
     judged. With `stored` set (the store), a client whose features are not in memory goes on from its stored
-    state, on the input scales stored with it: a restart, a partition move or an eviction loses nothing
-    committed.
+    state, on the input scales stored with it (`restore`, run by the Restore step): a restart, a partition
+    move or an eviction loses nothing committed.
     """
 
     def __init__(
@@ -201,30 +217,34 @@ class DetectStep:
             or at - client.evaluated_time >= self.revisit_seconds
         )
 
+    def restore(self, fresh: list[Decoded]) -> None:
+        """Take back from `stored` (if set) the features of the clients of `fresh` not in memory, the pools
+        of their networks and, once, the input scales. Reads storage (the Restore step calls it, before any
+        query is counted); a failed read leaves the clients missing, to be read again on the retry."""
+        stored, tracker = self.stored, self.tracker
+        if stored is None:
+            return
+        if not self._scales_read:
+            tracker.embedder.adopt(stored.model_scales())
+            self._scales_read = True
+        missing = tracker.missing({(queries[0].model, queries[0].client_id) for _, queries in fresh})
+        if not missing:
+            return
+        # Both reads before either is taken in.
+        states = stored.client_states(missing)
+        pools = self._stored_pools(stored, fresh, missing)
+        for model, client_id in tracker.restore(states):
+            log.warning(
+                "the stored features of client %s of model %s are unreadable: started afresh",
+                display_name(client_id),
+                display_name(model),
+            )
+        self.coordination.load(pools)
+
     def process(self, batch: Batch) -> Batch:
         if not batch.fresh:
             return batch
         tracker = self.tracker
-        if self.stored is not None:
-            # Storage first, as for sessions: restoring is the only read, and a retry repeats nothing.
-            if not self._scales_read:
-                tracker.embedder.adopt(self.stored.model_scales())
-                self._scales_read = True
-            missing = tracker.missing(
-                {(queries[0].model, queries[0].client_id) for _, queries in batch.fresh}
-            )
-            if missing:
-                # Both reads before either is taken in: a failed read leaves the clients missing, and the
-                # retried batch reads them again.
-                states = self.stored.client_states(missing)
-                pools = self._stored_pools(self.stored, batch, set(missing))
-                for model, client_id in tracker.restore(states):
-                    log.warning(
-                        "the stored features of client %s of model %s are unreadable: started afresh",
-                        display_name(client_id),
-                        display_name(model),
-                    )
-                self.coordination.load(pools)
         for observation in tracker.observe([query for _, queries in batch.fresh for query in queries]):
             key, client = tracker.update_one(observation)
             at = observation.query.timestamp
@@ -254,12 +274,12 @@ class DetectStep:
         return self.tracker.release_idle(horizon) if self.stored is not None else 0
 
     def _stored_pools(
-        self, stored: StoredFeatures, batch: Batch, clients: set[ClientKey]
+        self, stored: StoredFeatures, fresh: list[Decoded], clients: set[ClientKey]
     ) -> Mapping[PoolKey, bytes]:
         """The `stored` pools of the networks of `clients` (not in memory before this batch) that the
         coordination tracker holds nothing of, to load before their queries are observed."""
         networks: set[PoolKey] = set()
-        for _, queries in batch.fresh:
+        for _, queries in fresh:
             query = queries[0]
             if (query.model, query.client_id) in clients:
                 network = network_of(query.client_ip)

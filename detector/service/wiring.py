@@ -32,6 +32,7 @@ from detector.pipeline import (
     DetectStep,
     Outputs,
     Pipeline,
+    RestoreStep,
     SessionizeStep,
 )
 from detector.scoring.coordination import CoordinationTracker
@@ -251,7 +252,8 @@ def build_pipeline(
         [
             DecodeStep(RecordDecoder(settings.ingest), keep_raw_bytes),
             DeduplicateStep(store, keep_raw_bytes),
-            SessionizeStep(sessions, store),
+            RestoreStep(sessions, detect, store),
+            SessionizeStep(sessions),
             detect,
         ],
         detect=detect,

@@ -117,6 +117,72 @@ def test_a_batch_whose_reads_fail_is_held_and_processed_once_the_database_is_bac
                 assert stored_counts(store) == (pipeline.stats.queries, 600)
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("cut_after", ["seen_digests", "latest_sessions"])
+def test_a_batch_whose_read_fails_after_another_succeeded_counts_its_queries_once(cut_after: str) -> None:
+    # The connection went down between the read of the batch's sessions and that of its clients' features:
+    # the sessions had counted the batch's queries already, and counted them again when it was retried.
+    with fresh_postgres_database() as url:
+        parsed = make_url(url)
+        with TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432) as proxy:
+            settings = settings_for(parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(False))
+            newcomers = [
+                raw(record(f"new-{index}", NOW - 600 + index, client_id=f"newcomer-{index % 5}"), 300 + index)
+                for index in range(40)
+            ]
+            with pipeline_on(settings) as (pipeline, store):
+                pipeline.submit(sample(300, seed=1))
+                pipeline.commit()
+                read = getattr(store, cut_after)
+
+                def read_then_cut(*args: Any) -> Any:
+                    found = read(*args)
+                    proxy.cut()  # the next read of the batch fails
+                    return found
+
+                setattr(store, cut_after, read_then_cut)
+                with pytest.raises(StorageUnavailable):
+                    pipeline.submit(newcomers)
+                setattr(store, cut_after, read)
+                assert pipeline.stats.events == 300  # nothing of the batch counted
+                proxy.restore()
+                pipeline.resume()
+                pipeline.flush()
+
+                assert pipeline.stats.events == 340
+                assert stored_counts(store) == (pipeline.stats.queries, 340)
+
+
+def test_a_session_closed_by_a_failed_commit_is_not_replaced_by_its_stored_past(tmp_path: Path) -> None:
+    # The commit closed an idle session, then failed (the database locked); the client came back before the
+    # next commit and its session was read from storage, older than the one closed: the queries counted
+    # since the last commit were overwritten by the stored count.
+    path = tmp_path / "mia.db"
+    settings = settings_for(
+        f"sqlite:///{path}", database={"busy_timeout_seconds": 0.2}, sessions={"gap_seconds": 600.0}
+    )
+    start = NOW - 3600
+    with pipeline_on(settings) as (pipeline, store):
+        pipeline.submit([raw(record("a-1", start), 0)])
+        pipeline.commit()
+        later = [raw(record(f"a-{index}", start + 10 * index), index) for index in range(2, 5)]
+        idle = [raw(record("b-1", start + 1500, client_id="client-b"), 5)]  # client-a idle from here
+        pipeline.submit([*later, *idle])
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StorageUnavailable):
+            pipeline.commit()  # client-a's session closed as idle, not stored
+
+        pipeline.submit([raw(record("a-back", start + 1510), 6)])  # reads work while the lock is held
+        other.execute("ROLLBACK")
+        other.close()
+        pipeline.commit()
+
+        sessions = sorted((s.client_id, s.queries, s.status.value) for s in store.list_sessions())
+        assert sessions == [("client-a", 1, "open"), ("client-a", 4, "closed"), ("client-b", 1, "open")]
+        assert stored_counts(store) == (pipeline.stats.queries, 6)
+
+
 def test_implausible_timestamps_are_dead_letters_and_do_not_move_event_time(tmp_path: Path) -> None:
     # One record stamped in year 9999 used to prune the seen-event ledger, close every session and resolve
     # every alert; one stamped in year 0001 crashed the daemon in a loop.
