@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 import numpy as np
 
-from detector.features.columns import extended
+from detector.features.columns import REBASED_SEQUENCE, SEQUENCE_LIMIT, extended, sequences
 from detector.features.embedding import PROJECTION_DIM, Observation, pack, unpack
 from detector.features.representatives import Representatives
 
@@ -33,6 +34,8 @@ MAX_CLUSTERS = 256
 # Beyond the clusters' own bound, fingerprints serve only repeats of the older variants of clusters still
 # held: 512 of them keep a key's clusters and fingerprints within 50 KiB.
 MAX_FINGERPRINTS = 512
+# A cluster's size saturates here (an int32 column).
+SIZE_LIMIT = 2**31 - 1
 # Columns grow by half again (not by doubling) up to their bound: less slack in a client's memory.
 GROWTH = 1.5
 # A variant changing at least this share of the features is "dense" (noise, shifts, walks), not a what-if.
@@ -74,13 +77,14 @@ def _grown_capacity(capacity: int) -> int:
 
 
 class FingerprintTable:
-    """The cluster id of each of the latest `MAX_FINGERPRINTS` fingerprints, the least recently used dropped
-    first: three numpy columns (24 bytes a fingerprint), looked up by one vector comparison."""
+    """The slot of the cluster of each of the latest `MAX_FINGERPRINTS` fingerprints, the least recently used
+    dropped first: three numpy columns (14 bytes a fingerprint), looked up by one vector comparison. A slot
+    given to another cluster is forgotten (`forget_slot`): its fingerprints then find nothing."""
 
     def __init__(self) -> None:
         self._fingerprints = np.zeros(16, dtype=np.uint64)
-        self._clusters = np.zeros(16, dtype=np.int64)
-        self._used_at = np.zeros(16, dtype=np.int64)  # the client's query sequence at the last use
+        self._slots = np.zeros(16, dtype=np.int16)  # -1: the cluster gave way
+        self._used_at = np.zeros(16, dtype=np.int32)  # the client's query sequence at the last use
         self._count = 0
         # The last fingerprint looked up and where: a query's `put` follows its `get`, one scan a query.
         self._looked_up: tuple[int, int | None] | None = None
@@ -99,15 +103,18 @@ class FingerprintTable:
         return position
 
     def get(self, fingerprint: int, now: int) -> int | None:
-        """The cluster id of `fingerprint`, marking it used at `now`; None when it is not remembered."""
+        """The slot of the cluster of `fingerprint`, marking it used at `now`; None when it is not
+        remembered, or its cluster gave way."""
         position = self._position(fingerprint)
         if position is None:
             return None
         self._used_at[position] = now
-        return int(self._clusters[position])
+        slot = int(self._slots[position])
+        return slot if slot >= 0 else None
 
-    def put(self, fingerprint: int, cluster: int, now: int) -> None:
-        """Remember `fingerprint` as a member of `cluster`, used at `now` (`now` grows with every call)."""
+    def put(self, fingerprint: int, slot: int, now: int) -> None:
+        """Remember `fingerprint` as a member of the cluster in `slot`, used at `now` (`now` grows with every
+        call)."""
         position = self._position(fingerprint)
         if position is None:
             if self._count < MAX_FINGERPRINTS:
@@ -116,37 +123,47 @@ class FingerprintTable:
                 if position == self._fingerprints.shape[0]:
                     capacity = min(_grown_capacity(position), MAX_FINGERPRINTS)
                     self._fingerprints = extended(self._fingerprints, capacity)
-                    self._clusters = extended(self._clusters, capacity)
+                    self._slots = extended(self._slots, capacity)
                     self._used_at = extended(self._used_at, capacity)
             else:
                 position = int(self._used_at.argmin())
             self._fingerprints[position] = fingerprint
         self._looked_up = (fingerprint, position)
-        self._clusters[position] = cluster
+        self._slots[position] = slot
         self._used_at[position] = now
 
-    def items(self) -> list[list[int]]:
-        """[fingerprint, cluster id] pairs, least recently used first."""
+    def forget_slot(self, slot: int) -> None:
+        """The cluster in `slot` gave way to another: its fingerprints find nothing from now on."""
+        slots = self._slots[: self._count]
+        slots[slots == slot] = -1
+
+    def rebase(self, shift: int) -> None:
+        """Move every use back `shift` queries (see `detector.features.columns.sequences`)."""
+        self._used_at = sequences(self._used_at, shift)
+
+    def items(self, ids: np.ndarray) -> list[list[int]]:
+        """[fingerprint, cluster id] pairs, least recently used first, with `ids` the cluster id of each slot
+        (-1 for a cluster that gave way)."""
         order = self._used_at[: self._count].argsort(kind="stable")
         return [
-            [int(fingerprint), int(cluster)]
-            for fingerprint, cluster in zip(self._fingerprints[order], self._clusters[order], strict=True)
+            [int(fingerprint), int(ids[slot]) if slot >= 0 else -1]
+            for fingerprint, slot in zip(self._fingerprints[order], self._slots[order], strict=True)
         ]
 
     @classmethod
-    def of(cls, items: list[list[int]]) -> FingerprintTable:
-        """The table of `items` ([fingerprint, cluster id], least recently used first), used before any
-        query to come."""
+    def of(cls, items: list[list[int]], slots: Mapping[int, int]) -> FingerprintTable:
+        """The table of `items` ([fingerprint, cluster id], least recently used first), with `slots` the slot
+        of each cluster id held, used before any query to come."""
         table = cls()
         count = min(len(items), MAX_FINGERPRINTS)
         kept = items[len(items) - count :]
-        capacity = max(16, count)
-        table._fingerprints = np.zeros(min(capacity, MAX_FINGERPRINTS), dtype=np.uint64)
-        table._clusters = np.zeros_like(table._fingerprints, dtype=np.int64)
-        table._used_at = np.zeros_like(table._fingerprints, dtype=np.int64)
+        capacity = min(max(16, count), MAX_FINGERPRINTS)
+        table._fingerprints = np.zeros(capacity, dtype=np.uint64)
+        table._slots = np.zeros(capacity, dtype=np.int16)
+        table._used_at = np.zeros(capacity, dtype=np.int32)
         if count:
             table._fingerprints[:count] = [int(fingerprint) for fingerprint, _ in kept]
-            table._clusters[:count] = [int(cluster) for _, cluster in kept]
+            table._slots[:count] = [slots.get(int(cluster), -1) for _, cluster in kept]
             # Older than every query to come: a restored client's queries go on from its stored sequence.
             table._used_at[:count] = np.arange(-count, 0)
         table._count = count
@@ -164,8 +181,8 @@ class RecordClusters:
         self._representatives = Representatives()
         self._labels: list[str | None] = []
         self._ids = np.zeros(4, dtype=np.int64)
-        self._sizes = np.zeros(4, dtype=np.int64)
-        self._touched_at = np.zeros(4, dtype=np.int64)
+        self._sizes = np.zeros(4, dtype=np.int32)  # at most SIZE_LIMIT
+        self._touched_at = np.zeros(4, dtype=np.int32)
         self._used = 0
         self._sequence = 0
         self._fingerprints = FingerprintTable()
@@ -178,16 +195,19 @@ class RecordClusters:
     def assign(self, observation: Observation) -> ClusterMatch:
         """Match `observation` to a cluster (creating one if needed) and remember it; return the match."""
         self._sequence += 1
+        if self._sequence >= SEQUENCE_LIMIT:
+            self._rebase(self._sequence - REBASED_SEQUENCE)
         match = self._match(observation)
         self._last_raw = observation.raw
         return match
 
     def _match(self, observation: Observation) -> ClusterMatch:
         label = observation.query.label
-        cluster = self._fingerprints.get(observation.fingerprint, self._sequence)
-        if cluster is not None and (slot := self._slot_of(cluster)) is not None:
+        slot = self._fingerprints.get(observation.fingerprint, self._sequence)
+        if slot is not None:
             gap = self._touch(slot)
             self._representatives.touch(slot, observation.invariant, self._sequence)
+            cluster = int(self._ids[slot])
             return ClusterMatch(MatchKind.EXACT, cluster, 0.0, cluster_size=int(self._sizes[slot]), gap=gap)
 
         nearest, distance = self._nearest(observation)
@@ -198,8 +218,9 @@ class RecordClusters:
             flip = label is not None and self._labels[slot] is not None and label != self._labels[slot]
             self._labels[slot] = label
             self._representatives.put(slot, observation.point, observation.invariant, self._sequence)
-            self._sizes[slot] += 1
-            self._remember(observation.fingerprint, cluster)
+            if self._sizes[slot] < SIZE_LIMIT:
+                self._sizes[slot] += 1
+            self._fingerprints.put(observation.fingerprint, slot, self._sequence)
             return ClusterMatch(
                 MatchKind.VARIANT,
                 cluster,
@@ -233,6 +254,7 @@ class RecordClusters:
         self._next_id += 1
         if self._used >= MAX_CLUSTERS:
             slot = int(self._touched_at[: self._used].argmin())  # the least recently matched gives way
+            self._fingerprints.forget_slot(slot)
             self._labels[slot] = observation.query.label
         else:
             slot = self._used
@@ -243,7 +265,7 @@ class RecordClusters:
         self._sizes[slot] = 1
         self._touched_at[slot] = self._sequence
         self._representatives.put(slot, observation.point, observation.invariant, self._sequence)
-        self._remember(observation.fingerprint, cluster)
+        self._fingerprints.put(observation.fingerprint, slot, self._sequence)
         return cluster
 
     def _grow(self, needed: int) -> None:
@@ -255,20 +277,18 @@ class RecordClusters:
             self._sizes = extended(self._sizes, capacity)
             self._touched_at = extended(self._touched_at, capacity)
 
-    def _slot_of(self, cluster: int) -> int | None:
-        """The slot holding `cluster`; None once it gave way to a newer one."""
-        matches = self._ids[: self._used] == cluster
-        slot = int(matches.argmax()) if self._used else 0
-        return slot if self._used and matches[slot] else None
-
     def _touch(self, slot: int) -> int:
         """Mark the cluster in `slot` matched now; return the queries since it was last matched."""
         gap = self._sequence - int(self._touched_at[slot])
         self._touched_at[slot] = self._sequence
         return gap
 
-    def _remember(self, fingerprint: int, cluster: int) -> None:
-        self._fingerprints.put(fingerprint, cluster, self._sequence)
+    def _rebase(self, shift: int) -> None:
+        """Move the query sequence and every sequence held back `shift` queries: the columns are int32."""
+        self._sequence -= shift
+        self._touched_at = sequences(self._touched_at, shift)
+        self._fingerprints.rebase(shift)
+        self._representatives.rebase(shift)
 
     def _dense_change(self, raw: np.ndarray | None) -> bool:
         """True when the variant changed most features since the previous query (noise, shifts, walks),
@@ -294,7 +314,7 @@ class RecordClusters:
             "sizes": self._sizes[:used].tolist(),
             "touched_at": self._touched_at[:used].tolist(),
             "sequence": self._sequence,
-            "fingerprints": self._fingerprints.items(),
+            "fingerprints": self._fingerprints.items(self._ids),
             "next_id": self._next_id,
             "last_row": None if self._last_raw is None else pack(self._last_raw),
         }
@@ -308,11 +328,18 @@ class RecordClusters:
         capacity = max(4, used)
         clusters._ids = extended(np.array(state["ids"], dtype=np.int64), capacity)
         clusters._labels = [None if label is None else sys.intern(str(label)) for label in state["labels"]]
-        clusters._sizes = extended(np.array(state["sizes"], dtype=np.int64), capacity)
-        clusters._touched_at = extended(np.array(state["touched_at"], dtype=np.int64), capacity)
-        clusters._sequence = int(state["sequence"])
+        clusters._sizes = extended(
+            np.minimum(np.array(state["sizes"], dtype=np.int64), SIZE_LIMIT).astype(np.int32), capacity
+        )
+        # A state stored past the int32 sequences (before they were) comes back rebased.
+        sequence = int(state["sequence"])
+        shift = sequence - REBASED_SEQUENCE if sequence >= SEQUENCE_LIMIT else 0
+        clusters._touched_at = extended(sequences(state["touched_at"], shift), capacity)
+        clusters._sequence = sequence - shift
         if "representatives" in state:
-            clusters._representatives = Representatives.from_state(state["representatives"], used, capacity)
+            clusters._representatives = Representatives.from_state(
+                state["representatives"], used, capacity, shift
+            )
         else:
             points = unpack(state["points"]).reshape(used, PROJECTION_DIM)
             stored = state["invariants"]
@@ -320,7 +347,8 @@ class RecordClusters:
             clusters._representatives = Representatives.of_points(
                 points, invariants, clusters._touched_at[:used], capacity
             )
-        clusters._fingerprints = FingerprintTable.of(state["fingerprints"])
+        held = {int(cluster): slot for slot, cluster in enumerate(clusters._ids[:used])}
+        clusters._fingerprints = FingerprintTable.of(state["fingerprints"], held)
         clusters._next_id = int(state["next_id"])
         clusters._last_raw = None if state["last_row"] is None else unpack(state["last_row"])
         return clusters

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.features.columns import extended
+from detector.features.columns import extended, sequences
 from detector.features.embedding import PROJECTION_DIM, pack, unpack
 
 # The slots kept exact: the recent clusters a probing burst returns to (and the invariant view's reach).
@@ -63,10 +63,10 @@ class Representatives:
         # As many exact rows as slots, up to 2 * HOT; the first `_exact_count` are in use.
         rows = min(2 * HOT, capacity)
         self._exact_count = 0
-        self._exact_slots = np.zeros(rows, dtype=np.int64)
+        self._exact_slots = np.zeros(rows, dtype=np.int16)
         self._exact_points = np.zeros((rows, PROJECTION_DIM), dtype=np.float32)
         self._exact_half_norms = np.zeros(rows, dtype=np.float32)
-        self._exact_touched = np.zeros(rows, dtype=np.int64)
+        self._exact_touched = np.zeros(rows, dtype=np.int32)
         # Rows without an invariant view hold +inf: never within any radius of a query's.
         self._exact_invariants: np.ndarray | None = None
 
@@ -96,6 +96,10 @@ class Representatives:
             self._exact_touched[row] = now
             return
         self._keep_exact(slot, self._codes[slot] * self._scales[slot], invariant, now)
+
+    def rebase(self, shift: int) -> None:
+        """Move every put and touch back `shift` queries (see `detector.features.columns.sequences`)."""
+        self._exact_touched = sequences(self._exact_touched, shift)
 
     def nearest(self, point: np.ndarray, used: int) -> tuple[int, float]:
         """The slot nearest `point` among the first `used` (at least one) and its squared distance, exact
@@ -192,8 +196,9 @@ class Representatives:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], used: int, capacity: int) -> Representatives:
-        """The representatives `state` holds (see `state`), for `used` slots in a column of `capacity`."""
+    def from_state(cls, state: dict[str, Any], used: int, capacity: int, shift: int = 0) -> Representatives:
+        """The representatives `state` holds (see `state`), for `used` slots in a column of `capacity`, their
+        sequences moved back `shift` (see `rebase`)."""
         kept = cls(capacity)
         if used:
             kept._codes[:used] = unpack(state["codes"], "<i1").reshape(used, PROJECTION_DIM)
@@ -203,7 +208,7 @@ class Representatives:
         kept._exact_slots[:exact] = state["exact_slots"]
         kept._row_of[kept._exact_slots[:exact]] = np.arange(exact)
         kept._half_norms[kept._exact_slots[:exact]] = np.inf
-        kept._exact_touched[:exact] = state["exact_touched"]
+        kept._exact_touched[:exact] = sequences(state["exact_touched"], shift)
         if exact:
             kept._exact_points[:exact] = unpack(state["exact_points"]).reshape(exact, PROJECTION_DIM)
             kept._exact_half_norms[:exact] = [_half_norm(point) for point in kept._exact_points[:exact]]

@@ -16,6 +16,7 @@ from detector.features.clusters import (
     MatchKind,
     RecordClusters,
 )
+from detector.features.columns import SEQUENCE_LIMIT
 from detector.features.embedding import Observation
 from detector.features.representatives import HOT
 from tests.streams import Stream, record, warmed_tracker
@@ -41,14 +42,14 @@ def test_clusters_and_fingerprints_stay_within_their_bounds_however_long_the_his
 
     assert all(match.kind is MatchKind.NEW for match in matches)
     assert len(clusters) == MAX_CLUSTERS and len(clusters._fingerprints) == MAX_FINGERPRINTS
-    # A cluster: 32 int8 codes, a float32 scale and norm, its exact row (int8), three int64 columns; up to
-    # 2 * HOT exact rows: a float32 point and norm, slot and time; a fingerprint: three 8-byte columns; and
-    # the last row.
+    # A cluster: 32 int8 codes, a float32 scale and norm, its exact row (int8), its id (int64), size and
+    # time (int32); up to 2 * HOT exact rows: a float32 point and norm, slot (int16) and time (int32); a
+    # fingerprint: itself (uint64), its slot (int16) and time (int32); and the last row.
     last_row = observations[-1].raw.nbytes if observations[-1].raw is not None else 0
     bound = (
-        MAX_CLUSTERS * (32 + 4 + 4 + 1 + 3 * 8)
-        + 2 * HOT * (32 * 4 + 4 + 2 * 8)
-        + MAX_FINGERPRINTS * 3 * 8
+        MAX_CLUSTERS * (32 + 4 + 4 + 1 + 8 + 4 + 4)
+        + 2 * HOT * (32 * 4 + 4 + 2 + 4)
+        + MAX_FINGERPRINTS * (8 + 2 + 4)
         + last_row
     )
     assert held_bytes(clusters) <= bound
@@ -92,16 +93,41 @@ def test_the_least_recently_matched_cluster_and_fingerprint_give_way() -> None:
 def test_a_fingerprint_table_drops_the_least_recently_used_and_keeps_its_order_through_its_items() -> None:
     table = FingerprintTable()
     for fingerprint in range(MAX_FINGERPRINTS):
-        table.put(2**63 + fingerprint, fingerprint, now=fingerprint)
+        table.put(2**63 + fingerprint, fingerprint % 200, now=fingerprint)
     assert table.get(2**63, now=MAX_FINGERPRINTS) == 0  # used: no longer the oldest
     table.put(7, 99, now=MAX_FINGERPRINTS + 1)
 
     assert table.get(2**63 + 1, now=MAX_FINGERPRINTS + 2) is None  # the oldest then, dropped
     assert table.get(7, now=MAX_FINGERPRINTS + 3) == 99
-    restored = FingerprintTable.of(table.items())
-    assert restored.items() == table.items() and len(restored) == MAX_FINGERPRINTS
+    ids = np.arange(200) + 1000  # the cluster id in each slot
+    restored = FingerprintTable.of(table.items(ids), {int(cluster): slot for slot, cluster in enumerate(ids)})
+    assert restored.items(ids) == table.items(ids) and len(restored) == MAX_FINGERPRINTS
     restored.put(8, 100, now=0)  # drops the least recent of the restored ones
     assert restored.get(2**63 + 2, now=1) is None and restored.get(2**63, now=2) == 0
+
+    restored.forget_slot(99)  # its cluster gave way to another
+    assert restored.get(7, now=3) is None and restored.get(2**63 + 99, now=4) is None
+    assert [7, -1] in restored.items(ids)
+
+
+def test_a_client_two_billion_queries_along_goes_on_as_one_just_started() -> None:
+    # Query sequences are int32 columns: rebased before they overflow, nothing of the order is lost.
+    observations = distinct_observations(MAX_CLUSTERS + 60)
+    repeats = [observations[index] for index in range(len(observations) - 1, 0, -7)]
+    fresh, far_along = RecordClusters(), RecordClusters()
+    far_along._sequence = SEQUENCE_LIMIT - 100
+    for observation in observations:
+        assert far_along.assign(observation) == fresh.assign(observation)
+    assert far_along._sequence < SEQUENCE_LIMIT - 100
+    assert [far_along.assign(o) for o in repeats] == [fresh.assign(o) for o in repeats]
+
+    stored = fresh.state()
+    stored["sequence"] += SEQUENCE_LIMIT  # stored before sequences were int32
+    stored["touched_at"] = [time + SEQUENCE_LIMIT for time in stored["touched_at"]]
+    representatives = stored["representatives"]
+    representatives["exact_touched"] = [time + SEQUENCE_LIMIT for time in representatives["exact_touched"]]
+    restored = RecordClusters.from_state(stored)
+    assert [restored.assign(o) for o in repeats] == [fresh.assign(o) for o in repeats]
 
 
 def test_a_client_restored_past_its_bounds_goes_on_exactly_as_one_that_never_stopped() -> None:
