@@ -13,11 +13,14 @@ from typing import Any, NoReturn
 import orjson
 import pytest
 
+from detector.alerts.canary import canary_missed, canary_recovered
 from detector.broker import EmbeddedBroker
 from detector.domain import (
     Alert,
     AlertKind,
     AlertStatus,
+    Canary,
+    CanaryClients,
     Exposure,
     Notification,
     NotificationEvent,
@@ -99,9 +102,9 @@ def make_notification(
     kind: AlertKind = AlertKind.TRAINING_SET_TARGETING,
     dashboard_url: str | None = "https://grafana.example/d/mia-client?var-client=client-17",
 ) -> Notification:
-    """A realistic notification of one alert (resolved ones carry `resolved_at`)."""
+    """A realistic notification of one alert (resolved and canary_recovered ones carry `resolved_at`)."""
     now = datetime.now(UTC)
-    resolved = event is NotificationEvent.RESOLVED
+    resolved = event.ends_alert
     alert = Alert(
         id=alert_id,
         dedup_key=f"credit-risk|{','.join(client_ids)}|{kind.value}",
@@ -139,6 +142,18 @@ def make_notification(
         previous_severity=previous_severity,
         dashboard_url=dashboard_url,
     )
+
+
+def canary_miss_and_recovery() -> tuple[Notification, Notification]:
+    """A detection canary's `canary_missed` (a minute ago) and the `canary_recovered` that the next canary,
+    passing now, queues after it: as the monitor builds them."""
+    clients = CanaryClients("mia-canary-", b"the canary key of the sink tests")
+    now = datetime.now(UTC).timestamp()
+    missed = canary_missed(
+        Canary(clients.mint(), AlertKind.AUGMENTATION_PROBING, now - 120, 264), 60.0, now - 60
+    )
+    passed = Canary(clients.mint(), AlertKind.AUGMENTATION_PROBING, now - 2, 264)
+    return missed, canary_recovered(missed.alert, passed, 60.0, now)
 
 
 def missing_tool(what: str, install: str = "make tools") -> NoReturn:

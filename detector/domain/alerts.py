@@ -378,11 +378,13 @@ class Alert(BaseModel):
         seen_at: datetime,
         raised_at: datetime,
         queries: int = 0,
+        resolved_at: datetime | None = None,
     ) -> Alert:
         """An alert that reports no attack but something about the detector itself (a test notification, a
-        missed canary), for a notification to carry: never stored (id 0), open, of one client, explained by
-        one `reason`, scoring 0 against a threshold of 1, with no evidence; first and last seen and detected
-        at `seen_at` (event time), raised and updated at `raised_at` (wall time)."""
+        missed canary), for a notification to carry: never stored (id 0), of one client, explained by one
+        `reason`, scoring 0 against a threshold of 1, with no evidence; first and last seen and detected at
+        `seen_at` (event time), raised at `raised_at` (wall time). Open and updated at `raised_at`, or, given
+        `resolved_at` (a canary passing after a miss), resolved and updated then."""
         return cls(
             id=0,
             dedup_key=dedup_key,
@@ -390,7 +392,7 @@ class Alert(BaseModel):
             client_ids=[client_id],
             kind=kind,
             severity=severity,
-            status=AlertStatus.OPEN,
+            status=AlertStatus.OPEN if resolved_at is None else AlertStatus.RESOLVED,
             rule_id=rule_id,
             score=0.0,
             threshold=1.0,
@@ -401,7 +403,8 @@ class Alert(BaseModel):
             first_seen=seen_at,
             last_seen=seen_at,
             raised_at=raised_at,
-            updated_at=raised_at,
+            updated_at=resolved_at or raised_at,
+            resolved_at=resolved_at,
             queries=queries,
             detected_at=seen_at,
             detected_after_queries=0,

@@ -32,10 +32,32 @@ class NotificationEvent(StrEnum):
     # A detection canary's attack raised no alert within its deadline: detection may be blind
     # (`detector.alerts.canary`); the alert is the one that was expected, never stored.
     CANARY_MISSED = "canary_missed"
+    # A canary passed after a miss: detection works again. The alert is the last miss's, resolved, so that
+    # receivers close what the miss opened.
+    CANARY_RECOVERED = "canary_recovered"
 
+    @property
+    def is_canary(self) -> bool:
+        """True for the detection canaries' events, whose alert (id 0, never stored) is the one a canary's
+        attack was to raise."""
+        return self in _CANARY_EVENTS
+
+    @property
+    def ends_alert(self) -> bool:
+        """True for the events after which their alert is over (resolved, canary_recovered): receivers
+        close what the earlier notifications of the alert opened."""
+        return self in _ENDING_EVENTS
+
+
+_CANARY_EVENTS = frozenset({NotificationEvent.CANARY_MISSED, NotificationEvent.CANARY_RECOVERED})
+_ENDING_EVENTS = frozenset({NotificationEvent.RESOLVED, NotificationEvent.CANARY_RECOVERED})
 
 # Notifications that report no attack say so first.
-_TITLE_PREFIXES = {NotificationEvent.TEST: "[TEST] ", NotificationEvent.CANARY_MISSED: "[CANARY MISSED] "}
+_TITLE_PREFIXES = {
+    NotificationEvent.TEST: "[TEST] ",
+    NotificationEvent.CANARY_MISSED: "[CANARY MISSED] ",
+    NotificationEvent.CANARY_RECOVERED: "[CANARY RECOVERED] ",
+}
 
 
 class Notification(BaseModel):

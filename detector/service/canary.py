@@ -100,8 +100,9 @@ def start_canaries(
     settings: Settings, topic: str, store: Store, metrics: Metrics, dispatcher: Dispatcher | None
 ) -> Callable[[], None]:
     """The canaries of `settings.canary`, started on `topic`, settled against `store` and raising
-    `canary_missed` through `dispatcher`'s sinks; returns the function that stops them. Raises
-    `KafkaUnreachable` when the brokers do not answer (and `ValueError` when canaries are off)."""
+    `canary_missed` (and `canary_recovered` after it) through `dispatcher`'s sinks; returns the function
+    that stops them. Raises `KafkaUnreachable` when the brokers do not answer (and `ValueError` when
+    canaries are off)."""
     canary = settings.canary
     clients = canary.clients()
     if canary.interval_seconds is None or clients is None:

@@ -7,7 +7,7 @@ an alert resolved before it was opened.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -16,8 +16,9 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Row
 
-from detector.domain import Notification
+from detector.domain import Notification, NotificationEvent
 from detector.storage.base import Repository
+from detector.storage.errors import storage_errors
 from detector.storage.tables import NotificationRow
 
 
@@ -128,6 +129,19 @@ class OutboxStore(Repository):
             query = query.where(NotificationRow.sink == sink)
         with self._engine.connect() as connection:
             return [_queued(row) for row in connection.execute(query)]
+
+    def newest_of(self, events: Collection[NotificationEvent]) -> Notification | None:
+        """The notification queued last (for whichever sink, whatever its delivery status) whose event is
+        one of `events`; None when none is held. Raises `StorageError`."""
+        query = (
+            select(NotificationRow.payload)
+            .where(NotificationRow.event.in_([event.value for event in events]))
+            .order_by(NotificationRow.id.desc())
+            .limit(1)
+        )
+        with storage_errors("reading the outbox"), self._engine.connect() as connection:
+            payload = connection.execute(query).scalar()
+        return Notification.model_validate(payload) if payload is not None else None
 
     def retry_failed(self, sink: str | None = None) -> int:
         """Put failed notifications (of one sink, or all) back in their queue; return how many.

@@ -1,18 +1,20 @@
 """Detection canaries: who is one (the tagged client id), what their alerts do (recorded, never notified nor
-decided on), and the monitor that settles each one as passed or missed, on a settable clock."""
+decided on), and the monitor that settles each one as passed or missed, and recovers a miss once a canary
+passes again, on a settable clock."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
+from sqlalchemy import text
 
 from detector.alerts.alert_log import AlertLog
-from detector.alerts.canary import CanaryMonitor, canary_missed
+from detector.alerts.canary import CanaryMonitor, canary_missed, canary_recovered
 from detector.alerts.lifecycle import NotificationPolicy
 from detector.alerts.risk import RiskPolicy
-from detector.domain import AlertKind, Canary, CanaryClients, NotificationEvent, Severity
+from detector.domain import AlertKind, AlertStatus, Canary, CanaryClients, NotificationEvent, Severity
 from detector.metrics import Metrics
 from detector.storage import OutboxStore, RiskStore, Store
 from tests.storage.conftest import Alerts, FakeClock
@@ -98,9 +100,13 @@ def test_a_canarys_alert_is_logged_as_canary_not_as_an_alert(
 
 
 def monitor_of(
-    store: Store, clock: FakeClock, metrics: Metrics, wake: Callable[[], None] | None = None
+    store: Store,
+    clock: FakeClock,
+    metrics: Metrics,
+    wake: Callable[[], None] | None = None,
+    sinks: Sequence[str] = ("webhook",),
 ) -> CanaryMonitor:
-    return CanaryMonitor(store, metrics, DEADLINE, sinks=("webhook",), wake=wake, clock=clock)
+    return CanaryMonitor(store, metrics, DEADLINE, sinks=sinks, wake=wake, clock=clock)
 
 
 def test_a_canary_whose_alert_is_raised_in_time_passes_with_its_latency(
@@ -172,3 +178,149 @@ def test_canary_missed_reads_as_no_attack_and_every_miss_is_one_incident() -> No
     assert "raised no alert within 60 s" in first.alert.triage
     assert first.alert.dedup_key == second.alert.dedup_key
     assert first.idempotency_key != second.idempotency_key
+
+
+# -- recovery ------------------------------------------------------------------------------------------------
+
+SINKS = ("webhook", "pagerduty")
+
+
+def miss(monitor: CanaryMonitor, clock: FakeClock) -> Canary:
+    """A canary watched by `monitor` and missed: its deadline passes without its alert."""
+    canary = Canary(CLIENTS.mint(), KIND, clock.now, 264)
+    monitor.watch(canary)
+    clock.now += DEADLINE
+    [result] = monitor.check()
+    assert not result.passed
+    return canary
+
+
+def pass_one(monitor: CanaryMonitor, store: Store, clock: FakeClock) -> None:
+    """A canary watched by `monitor` whose alert is raised a second after its injection, settled."""
+    canary = Canary(CLIENTS.mint(), KIND, clock.now, 264)
+    monitor.watch(canary)
+    clock.now += 1
+    raise_alert(alerts_with_canaries(store, clock), canary.client_id)
+    [result] = monitor.check()
+    assert result.passed
+
+
+def queued_events(store: Store) -> list[tuple[str, NotificationEvent, str]]:
+    """Each outbox row, oldest first: its sink, event and alert's client."""
+    rows = reversed(OutboxStore(store.engine).list())
+    return [(row.sink, row.notification.event, row.notification.alert.client_id) for row in rows]
+
+
+def test_a_canary_passing_after_a_miss_queues_canary_recovered_for_every_sink(
+    store: Store, clock: FakeClock
+) -> None:
+    woken: list[bool] = []
+    monitor = monitor_of(store, clock, Metrics(), wake=lambda: woken.append(True), sinks=SINKS)
+    missed = miss(monitor, clock)
+    pass_one(monitor, store, clock)
+
+    rows = OutboxStore(store.engine).list()
+    assert sorted((row.sink, row.notification.event) for row in rows) == sorted(
+        (sink, event)
+        for sink in SINKS
+        for event in (NotificationEvent.CANARY_MISSED, NotificationEvent.CANARY_RECOVERED)
+    )
+    by_event = {(row.sink, row.notification.event): row.notification for row in rows}
+    for sink in SINKS:
+        miss_alert = by_event[sink, NotificationEvent.CANARY_MISSED].alert
+        recovery_alert = by_event[sink, NotificationEvent.CANARY_RECOVERED].alert
+        assert recovery_alert.dedup_key == miss_alert.dedup_key
+        assert recovery_alert.client_ids == miss_alert.client_ids == [missed.client_id]
+        assert recovery_alert.status is AlertStatus.RESOLVED
+    assert woken == [True, True]  # the miss, then the recovery
+
+
+def test_only_the_first_pass_after_a_miss_queues_canary_recovered(store: Store, clock: FakeClock) -> None:
+    monitor = monitor_of(store, clock, Metrics(), sinks=SINKS)
+    pass_one(monitor, store, clock)
+    assert queued_events(store) == []
+
+    miss(monitor, clock)
+    pass_one(monitor, store, clock)
+    pass_one(monitor, store, clock)  # after the recovery
+    assert [event for sink, event, _ in queued_events(store) if sink == "webhook"] == [
+        NotificationEvent.CANARY_MISSED,
+        NotificationEvent.CANARY_RECOVERED,
+    ]
+
+
+def test_every_miss_in_a_row_is_recovered_once_with_the_last_ones_client(
+    store: Store, clock: FakeClock
+) -> None:
+    monitor = monitor_of(store, clock, Metrics())
+    miss(monitor, clock)
+    last = miss(monitor, clock)
+    pass_one(monitor, store, clock)
+
+    assert [(event, client) for _, event, client in queued_events(store)][1:] == [
+        (NotificationEvent.CANARY_MISSED, last.client_id),
+        (NotificationEvent.CANARY_RECOVERED, last.client_id),
+    ]
+
+
+def test_a_new_monitor_recovers_a_miss_an_earlier_one_queued(store: Store, clock: FakeClock) -> None:
+    missed = miss(monitor_of(store, clock, Metrics(), sinks=SINKS), clock)
+
+    restarted = monitor_of(store, clock, Metrics(), sinks=SINKS)
+    pass_one(restarted, store, clock)
+    pass_one(monitor_of(store, clock, Metrics(), sinks=SINKS), store, clock)  # the recovery is read too
+
+    assert queued_events(store)[len(SINKS) :] == [
+        (sink, NotificationEvent.CANARY_RECOVERED, missed.client_id) for sink in SINKS
+    ]
+
+
+def test_without_sinks_a_pass_after_a_miss_queues_nothing(store: Store, clock: FakeClock) -> None:
+    miss(monitor_of(store, clock, Metrics()), clock)
+
+    pass_one(monitor_of(store, clock, Metrics(), sinks=()), store, clock)
+
+    assert [event for _, event, _ in queued_events(store)] == [NotificationEvent.CANARY_MISSED]
+
+
+def test_an_unreadable_outbox_delays_the_recovery_to_the_next_pass(
+    store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    miss(monitor_of(store, clock, Metrics()), clock)
+    monitor = monitor_of(store, clock, Metrics())
+
+    with store.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE notifications RENAME TO notifications_away"))
+    with caplog.at_level(logging.ERROR, logger="detector.alerts.canary"):
+        pass_one(monitor, store, clock)
+    with store.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE notifications_away RENAME TO notifications"))
+    assert "canary notifications unreadable" in caplog.text
+    assert [event for _, event, _ in queued_events(store)] == [NotificationEvent.CANARY_MISSED]
+
+    pass_one(monitor, store, clock)
+    assert [event for _, event, _ in queued_events(store)] == [
+        NotificationEvent.CANARY_MISSED,
+        NotificationEvent.CANARY_RECOVERED,
+    ]
+
+
+def test_canary_recovered_resolves_the_miss_it_follows() -> None:
+    missed = canary_missed(Canary(CLIENTS.mint(), KIND, 1000.0, 264), DEADLINE, 1060.0)
+    passed = Canary(CLIENTS.mint(), KIND, 1300.0, 264)
+
+    recovered = canary_recovered(missed.alert, passed, DEADLINE, 1302.5)
+
+    assert recovered.title.startswith("[CANARY RECOVERED] [HIGH] augmentation probing on mia-canary by ")
+    alert = recovered.alert
+    assert (alert.id, alert.dedup_key, alert.client_ids) == (
+        0,
+        missed.alert.dedup_key,
+        missed.alert.client_ids,
+    )
+    assert alert.status is AlertStatus.RESOLVED
+    assert alert.raised_at == missed.alert.raised_at
+    assert alert.resolved_at == alert.updated_at == recovered.created_at
+    assert recovered.created_at.timestamp() == 1302.5
+    assert passed.client_id in alert.triage and "detection works again" in alert.triage
+    assert recovered.idempotency_key != missed.idempotency_key

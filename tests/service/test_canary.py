@@ -1,6 +1,7 @@
 """The daemon's detection canaries end to end, on the embedded broker with a real webhook receiver and the
 risk endpoint: a canary passes, its latency measured, and reaches neither the sinks nor the risk feed; with
-detection broken, `canary_missed` is delivered."""
+detection broken, `canary_missed` is delivered, and `canary_recovered` once a daemon with detection repaired
+passes a canary."""
 
 from __future__ import annotations
 
@@ -57,6 +58,15 @@ def running(settings: Settings, metrics: Metrics) -> Iterator[None]:
         finally:
             stop.set()
             daemon.result(timeout=60)
+
+
+def blind_rules(tmp_path: Path) -> Path:
+    """The rules with the augmentation-probing rule out of reach: the canary's attack goes undetected."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        re.sub(r'(id = "MIA-002"(?:.|\n)*?floor = )5', r"\g<1>1000000", RULES.read_text(), count=1)
+    )
+    return rules
 
 
 def gauge(metrics: Metrics, name: str) -> float:
@@ -119,14 +129,11 @@ def test_a_canary_passes_and_reaches_neither_the_sinks_nor_the_risk_feed(
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_a_canary_with_detection_broken_raises_canary_missed(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    # The augmentation-probing rule, out of reach: detection of the canary's attack is broken.
-    rules = tmp_path / "rules.toml"
-    rules.write_text(
-        re.sub(r'(id = "MIA-002"(?:.|\n)*?floor = )5', r"\g<1>1000000", RULES.read_text(), count=1)
-    )
     metrics = Metrics()
     with RecordingReceiver() as webhook:
-        settings = canary_settings(tmp_path, broker, webhook.url, 4.0, detection={"rules_path": rules})
+        settings = canary_settings(
+            tmp_path, broker, webhook.url, 4.0, detection={"rules_path": blind_rules(tmp_path)}
+        )
         with running(settings, metrics):
             wait_until(
                 lambda: any(event == NotificationEvent.CANARY_MISSED for event, _ in events(webhook)),
@@ -138,3 +145,33 @@ def test_a_canary_with_detection_broken_raises_canary_missed(broker: EmbeddedBro
     missed = [clients for event, clients in events(webhook) if event == NotificationEvent.CANARY_MISSED]
     canaries = settings.canary.clients()
     assert canaries is not None and all(canaries.verifies(client) for [client] in missed)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_daemon_restarted_with_detection_repaired_raises_canary_recovered(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    with RecordingReceiver() as webhook:
+        blind = canary_settings(
+            tmp_path, broker, webhook.url, 4.0, detection={"rules_path": blind_rules(tmp_path)}
+        )
+        with running(blind, Metrics()):
+            wait_until(
+                lambda: any(event == NotificationEvent.CANARY_MISSED for event, _ in events(webhook)),
+                45,
+                "canary_missed at the webhook",
+            )
+        # The same database, the rules as shipped: the first canary to pass recovers the miss of the last run.
+        with running(canary_settings(tmp_path, broker, webhook.url, 30.0), Metrics()):
+            wait_until(
+                lambda: any(event == NotificationEvent.CANARY_RECOVERED for event, _ in events(webhook)),
+                45,
+                "canary_recovered at the webhook",
+            )
+            time.sleep(3)  # another canary, which passes too
+
+    delivered = [(event, clients) for event, clients in events(webhook) if event.startswith("canary_")]
+    last_miss = [clients for event, clients in delivered if event == NotificationEvent.CANARY_MISSED][-1]
+    assert delivered[-1] == (NotificationEvent.CANARY_RECOVERED, last_miss)
+    assert [event for event, _ in delivered].count(NotificationEvent.CANARY_RECOVERED) == 1

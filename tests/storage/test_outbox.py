@@ -211,3 +211,20 @@ def test_the_outbox_tracks_attempts_and_backlog_and_requeues_failures(
     assert outbox.retry_failed("slack") == 0
     assert outbox.retry_failed() == 1
     assert [q.id for q in outbox.head("webhook", limit=10)] == [second.id, third.id]
+
+
+def test_newest_of_is_the_last_notification_queued_of_the_events_asked(
+    alerts: Alerts, outbox: OutboxStore, clock: FakeClock
+) -> None:
+    assert outbox.newest_of([NotificationEvent.OPENED]) is None  # an empty outbox
+    record(alerts, detection("a"))
+    [last_opened] = record(alerts, detection("b"))
+    clock.now += 3600
+    resolutions = alerts.resolve_quiet().notifications
+    for queued in outbox.list():
+        outbox.mark_delivered(queued.id)  # delivered or not, it was queued
+
+    assert len(resolutions) == 2
+    assert outbox.newest_of([NotificationEvent.OPENED]) == last_opened
+    assert outbox.newest_of([NotificationEvent.OPENED, NotificationEvent.RESOLVED]) == resolutions[-1]
+    assert outbox.newest_of([NotificationEvent.CANARY_MISSED]) is None

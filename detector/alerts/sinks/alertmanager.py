@@ -14,6 +14,9 @@ An open alert is posted with `endsAt` `hold_seconds` ahead: it stays active whil
 re-sending it and expires by itself should the detector die. An escalation also posts the alert at its
 previous severity with `endsAt` now, so that the lower-severity instance resolves instead of lingering; a
 resolution posts it with `endsAt` at the time it was resolved.
+
+A missed canary is `MiaDetectorCanaryMissed`, held active as an open alert is; `canary_recovered` posts the
+labels of the last miss (the same alert name and client) with `endsAt` at the time canaries passed again.
 """
 
 from __future__ import annotations
@@ -41,6 +44,18 @@ def _utcnow() -> datetime:
 def alert_name(kind: str) -> str:
     """`MiaDetector` and `kind` in CamelCase: `training_set_targeting` → `MiaDetectorTrainingSetTargeting`."""
     return "MiaDetector" + "".join(part.capitalize() for part in kind.split("_"))
+
+
+def _alertname(notification: Notification) -> str:
+    """The `alertname` label: `alert_name` of the alert's kind, `MiaDetectorTest` for a test notification
+    and `MiaDetectorCanaryMissed` for a canary's."""
+    if notification.event is NotificationEvent.TEST:
+        return "MiaDetectorTest"
+    # A canary's notifications are named for what happened (MiaDetectorCanaryMissed), not for the attack it
+    # was; its recovery keeps that name, as Alertmanager resolves only the alert of the same labels.
+    if notification.event.is_canary:
+        return alert_name(NotificationEvent.CANARY_MISSED.value)
+    return alert_name(notification.alert.kind.value)
 
 
 class AlertmanagerSink:
@@ -79,7 +94,7 @@ class AlertmanagerSink:
         severity = alert.severity.value
         if event is NotificationEvent.TEST:
             return [self._alert(notification, "info", now + timedelta(seconds=TEST_ALERT_SECONDS))]
-        if event is NotificationEvent.RESOLVED:
+        if event.ends_alert:
             return [self._alert(notification, severity, alert.resolved_at or now)]
         current = self._alert(notification, severity, now + self._hold)
         previous = notification.previous_severity
@@ -93,11 +108,8 @@ class AlertmanagerSink:
 
     def _alert(self, notification: Notification, severity: str, ends_at: datetime) -> dict[str, Any]:
         alert = notification.alert
-        test = notification.event is NotificationEvent.TEST
-        # A missed canary is named for what happened (MiaDetectorCanaryMissed), not for the attack it was.
-        named = notification.event if notification.event is NotificationEvent.CANARY_MISSED else alert.kind
         labels = {
-            "alertname": "MiaDetectorTest" if test else alert_name(named.value),
+            "alertname": _alertname(notification),
             "severity": severity,
             "model": display_name(alert.model),
             "kind": alert.kind.value,

@@ -16,6 +16,10 @@ So a retried delivery (the first attempt reached Grafana but its answer was lost
 first attempt made instead of adding a second one. A test notification is annotated the same way under the
 tags `mia-detector`, `test` and `test-<idempotency key>`.
 
+A canary's notifications carry no stored alert (their alert id is 0): each miss is annotated under
+`canary-<client>`, its canary's client, in place of `alert-<id>`, and `canary_recovered`, which carries the
+client of the last miss, closes that one's region as a resolution does.
+
 The text is HTML, which Grafana sanitises and shows in the annotation's tooltip; every value from the
 prediction API's callers (model, client ids) is shown as `display_name` shows it (one line, control
 characters as escapes, at most 256 characters) and HTML-escaped, so it can neither add markup nor a link.
@@ -43,10 +47,12 @@ LINK_MARGIN = timedelta(minutes=15)
 
 
 def identity_tag(notification: Notification) -> str:
-    """The tag that finds the annotation of `notification`'s alert again: `alert-<id>` (`test-<key>` for a
-    test notification, whose alert id means nothing)."""
+    """The tag that finds the annotation of `notification`'s alert again: `alert-<id>`; `test-<key>` for a
+    test notification and `canary-<client>` for a canary's, whose alert id (0) means nothing."""
     if notification.event is NotificationEvent.TEST:
         return f"test-{notification.idempotency_key}"[:MAX_TAG_CHARS]
+    if notification.event.is_canary:
+        return f"canary-{display_name(notification.alert.client_id)}"[:MAX_TAG_CHARS]
     return f"alert-{notification.alert.id}"
 
 
@@ -130,7 +136,7 @@ class GrafanaAnnotationSink:
         text = annotation_text(notification)
         start = epoch_ms(alert.raised_at)
         end: int | None = None
-        if notification.event is NotificationEvent.RESOLVED:
+        if notification.event.ends_alert:
             end = max(start, epoch_ms(alert.resolved_at or notification.created_at))
         try:
             found = self._client.find_annotations([TAG, identity_tag(notification)])

@@ -2,9 +2,10 @@
 Kafka topic.
 
 One alert is one finding: `finding_info.uid` is the same on every notification of the alert. Each
-notification is one event in that finding's life: `activity_id` 1 Create (opened), 2 Update (updated,
-escalated, acknowledged) or 3 Close (resolved), with `status_id` New, In Progress once acknowledged, and
-Resolved. `metadata.uid` is the notification's idempotency key, the same on every delivery attempt, so a SIEM
+notification is one event in that finding's life: `activity_id` 1 Create (opened, canary_missed), 2 Update
+(updated, escalated, acknowledged) or 3 Close (resolved, canary_recovered), with `status_id` New, In Progress
+once acknowledged, and Resolved. The canaries' misses of one kind are one finding, which `canary_recovered`
+closes. `metadata.uid` is the notification's idempotency key, the same on every delivery attempt, so a SIEM
 can drop a duplicate; `metadata.event_code` names the notification event (`escalated`, ...).
 
 The MITRE ATLAS technique of the alert (AML.T0024, Exfiltration via ML Inference API, tactic AML.TA0010
@@ -64,9 +65,10 @@ _ACTIVITIES: dict[NotificationEvent, tuple[int, str]] = {
     NotificationEvent.ACKNOWLEDGED: (2, "Update"),
     NotificationEvent.RESOLVED: (3, "Close"),
     NotificationEvent.CANARY_MISSED: (1, "Create"),
+    NotificationEvent.CANARY_RECOVERED: (3, "Close"),
 }
 # Events that report an attack going on, or detection gone blind (a missed canary); acknowledgements,
-# resolutions and tests are no alertable signal.
+# resolutions (canary_recovered among them) and tests are no alertable signal.
 _ALERTING = frozenset(
     {
         NotificationEvent.OPENED,
@@ -207,7 +209,7 @@ def _evidences(clients: list[str], event_ids: list[str], model: dict[str, str]) 
 
 
 def _status(notification: Notification) -> tuple[int, str]:
-    if notification.event is NotificationEvent.RESOLVED:
+    if notification.event.ends_alert:
         return _STATUS_RESOLVED
     if notification.event is NotificationEvent.ACKNOWLEDGED or notification.alert.acknowledged_at is not None:
         return _STATUS_IN_PROGRESS

@@ -1,8 +1,9 @@
 """PagerDuty: notifications as Events API v2 events, one PagerDuty alert per detector alert.
 
-Opened, updated, escalated and test notifications `trigger`; acknowledged ones `acknowledge` and resolved
-ones `resolve`. Every event of one alert carries the same `dedup_key`, so PagerDuty folds them into one
-incident and a retried request changes nothing.
+Opened, updated, escalated, test and canary_missed notifications `trigger`; acknowledged ones `acknowledge`,
+resolved and canary_recovered ones `resolve`. Every event of one alert carries the same `dedup_key`, so
+PagerDuty folds them into one incident and a retried request changes nothing: every canary miss of one kind
+is one incident, which the first canary to pass again resolves.
 
 The summary and source are plain text that PagerDuty shows in pages, phone calls and mails: they are one line
 with control characters shown as escapes (model and client as `display_name` shows them), the summary at
@@ -38,6 +39,7 @@ _SEVERITIES = {
 _ACTIONS = {
     NotificationEvent.ACKNOWLEDGED: "acknowledge",
     NotificationEvent.RESOLVED: "resolve",
+    NotificationEvent.CANARY_RECOVERED: "resolve",
 }
 
 

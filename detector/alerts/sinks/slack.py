@@ -83,6 +83,8 @@ def headline(notification: Notification, name: Callable[[str], str] = display_na
             return f"Test notification from {PRODUCT}, not an attack: {what}"
         case NotificationEvent.CANARY_MISSED:
             return f"Detection canary missed, detection may be blind (not an attack): {what}"
+        case NotificationEvent.CANARY_RECOVERED:
+            return f"Detection canaries pass again, detection works (not an attack): {what}"
         case _:
             return f"[{severity}] {what}"
 

@@ -6,7 +6,8 @@ read from a valid record comes near), in JSON whose every character is printable
 Each request carries:
 
 - `Idempotency-Key`: the same on every retry of one notification; drop a request whose key you already took.
-- `X-MIA-Event`: `opened`, `updated`, `escalated`, `acknowledged`, `resolved`, `test` or `canary_missed`.
+- `X-MIA-Event`: `opened`, `updated`, `escalated`, `acknowledged`, `resolved`, `test`, `canary_missed` or
+  `canary_recovered`.
 - `X-MIA-Timestamp`: when the request was signed, in Unix seconds.
 - `X-MIA-Signature` (with a secret): `sha256=` and the hex HMAC-SHA256, keyed with the secret, of the
   timestamp, a dot and the raw body. Covering the timestamp lets a receiver refuse replayed requests.

@@ -16,7 +16,7 @@ from detector.alerts.sinks.alertmanager import AlertmanagerSink, alert_name
 from detector.domain import AlertKind, Notification, NotificationEvent, Severity
 from tests.alertmanager import alertmanager_binary, running_alertmanager
 from tests.receivers import RecordedRequest, RecordingReceiver
-from tests.support import make_notification, missing_tool
+from tests.support import canary_miss_and_recovery, make_notification, missing_tool
 
 PREFIX = "/s3cr3t"  # Alertmanager behind a path prefix, to check that the sink keeps it
 PATH = f"{PREFIX}/api/v2/alerts"
@@ -146,6 +146,21 @@ def test_a_resolution_ends_the_alert_when_it_was_resolved(
     assert abs(parse_time(alert["endsAt"]) - notification.alert.resolved_at) < timedelta(milliseconds=1)
 
 
+def test_a_canary_recovery_ends_the_alert_of_the_miss(
+    sink: AlertmanagerSink, receiver: RecordingReceiver
+) -> None:
+    missed, recovered = canary_miss_and_recovery()
+    [firing] = posted(sink, receiver, missed)
+    [ended] = posted(sink, receiver, recovered)
+    assert ended["labels"] == firing["labels"]
+    assert firing["labels"]["alertname"] == "MiaDetectorCanaryMissed"
+    assert firing["labels"]["client"] == missed.alert.client_id
+    assert parse_time(firing["endsAt"]) == NOW + timedelta(seconds=HOLD_SECONDS)
+    assert recovered.alert.resolved_at is not None
+    assert abs(parse_time(ended["endsAt"]) - recovered.alert.resolved_at) < timedelta(milliseconds=1)
+    assert ended["annotations"]["summary"].startswith("[CANARY RECOVERED] ")
+
+
 def test_a_test_alert_is_info_and_ends_by_itself(sink: AlertmanagerSink, receiver: RecordingReceiver) -> None:
     [alert] = posted(sink, receiver, make_notification(NotificationEvent.TEST, severity=Severity.CRITICAL))
     assert alert["labels"]["alertname"] == "MiaDetectorTest"
@@ -177,9 +192,10 @@ def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def active(url: str, alert_id: int) -> list[dict[str, Any]]:
-    """The alerts of `alert_id` Alertmanager lists (active, silenced, inhibited or unprocessed)."""
-    query = {"filter": f'alert_id="{alert_id}"'}
+def active(url: str, alert_id: int, client: str | None = None) -> list[dict[str, Any]]:
+    """The alerts of `alert_id` (and `client`, given one) Alertmanager lists (active, silenced, inhibited or
+    unprocessed)."""
+    query = {"filter": [f'alert_id="{alert_id}"', *([f'client="{client}"'] if client is not None else [])]}
     response = httpx.get(f"{url}/api/v2/alerts", params=query, timeout=5.0)
     response.raise_for_status()
     alerts: list[dict[str, Any]] = response.json()
@@ -228,6 +244,16 @@ def test_alertmanager_stops_listing_a_resolved_alert(alertmanager: str) -> None:
     assert len(active(alertmanager, 103)) == 1
     deliver(alertmanager, make_notification(NotificationEvent.RESOLVED, alert_id=103, sequence=4))
     assert active(alertmanager, 103) == []
+
+
+@pytest.mark.slow
+def test_alertmanager_stops_listing_a_missed_canary_once_canaries_pass(alertmanager: str) -> None:
+    missed, recovered = canary_miss_and_recovery()
+    deliver(alertmanager, missed)
+    [alert] = active(alertmanager, 0, client=missed.alert.client_id)
+    assert alert["labels"]["alertname"] == "MiaDetectorCanaryMissed"
+    deliver(alertmanager, recovered)
+    assert active(alertmanager, 0, client=missed.alert.client_id) == []
 
 
 @pytest.mark.slow

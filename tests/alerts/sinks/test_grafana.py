@@ -13,7 +13,7 @@ from detector.alerts.sinks.grafana import GrafanaAnnotationSink, annotation_text
 from detector.domain import Notification, NotificationEvent, Severity
 from detector.settings import load_settings
 from tests.grafana_server import FakeGrafana
-from tests.support import make_notification
+from tests.support import canary_miss_and_recovery, make_notification
 
 TOKEN = "glsa_editor_0123456789abcdef"
 
@@ -162,6 +162,29 @@ def test_a_test_notification_is_annotated_once_and_apart(
         assert annotation["tags"][:2] == ["mia-detector", "test"]
         assert not any(tag.startswith("alert-") for tag in annotation["tags"])
         assert annotation["text"].startswith("<b>[TEST] ")
+
+
+def test_a_canary_recovery_closes_the_region_of_the_miss(
+    grafana: FakeGrafana, sink: GrafanaAnnotationSink
+) -> None:
+    earlier, _ = canary_miss_and_recovery()
+    missed, recovered = canary_miss_and_recovery()
+    for notification in (earlier, missed, recovered):
+        sink.deliver(notification)
+
+    by_canary = {
+        next(tag for tag in a["tags"] if tag.startswith("canary-")): a for a in grafana.annotations.values()
+    }
+    # Each miss has an annotation of its own (their alert id, 0, names none of them).
+    assert set(by_canary) == {f"canary-{earlier.alert.client_id}", f"canary-{missed.alert.client_id}"}
+    earlier_miss = by_canary[f"canary-{earlier.alert.client_id}"]
+    assert earlier_miss["time"] == earlier_miss["timeEnd"] == ms(earlier, "raised_at")
+    last_miss = by_canary[f"canary-{missed.alert.client_id}"]
+    assert last_miss["time"] == ms(missed, "raised_at")
+    assert last_miss["timeEnd"] == ms(recovered, "resolved_at") > last_miss["time"]
+    assert (
+        last_miss["text"].startswith("<b>[CANARY RECOVERED] ") and "Status: resolved at " in last_miss["text"]
+    )
 
 
 def test_callers_text_is_escaped(grafana: FakeGrafana, sink: GrafanaAnnotationSink) -> None:

@@ -33,7 +33,7 @@ from detector.alerts.sinks.ocsf import OcsfFileSink, OcsfKafkaSink, detection_fi
 from detector.broker import EmbeddedBroker, free_port
 from detector.domain import Notification, NotificationEvent, Severity
 from detector.settings import KafkaSettings
-from tests.support import make_notification, unique
+from tests.support import canary_miss_and_recovery, make_notification, unique
 
 VERSION = "9.8.7"
 EVENTS = list(NotificationEvent)
@@ -52,6 +52,7 @@ LIFECYCLE = {
     NotificationEvent.ACKNOWLEDGED: (2, 2),
     NotificationEvent.RESOLVED: (3, 4),
     NotificationEvent.CANARY_MISSED: (1, 1),
+    NotificationEvent.CANARY_RECOVERED: (3, 4),
 }
 
 
@@ -210,6 +211,20 @@ def test_every_notification_of_an_alert_is_one_finding() -> None:
     # Each test notification is a finding of its own, never one of a real alert.
     first, second = (finding_uid(notification_of(NotificationEvent.TEST, sequence=i)) for i in (1, 2))
     assert len({first, second, uid}) == 3
+
+
+def test_a_canary_recovery_closes_the_finding_of_the_miss() -> None:
+    missed, recovered = (finding_of(notification) for notification in canary_miss_and_recovery())
+    assert recovered["finding_info"]["uid"] == missed["finding_info"]["uid"]
+    assert (missed["activity_name"], missed["status"], missed["is_alert"]) == ("Create", "New", True)
+    assert (recovered["activity_name"], recovered["status"], recovered["is_alert"]) == (
+        "Close",
+        "Resolved",
+        False,
+    )
+    assert recovered["metadata"]["event_code"] == "canary_recovered"
+    assert recovered["finding_info"]["title"].startswith("[CANARY RECOVERED] ")
+    assert_valid_ocsf(recovered)
 
 
 def test_metadata_names_the_notification_and_the_product() -> None:

@@ -12,7 +12,7 @@ from detector.alerts.sinks.base import DeliveryError
 from detector.alerts.sinks.pagerduty import PagerDutySink
 from detector.domain import Notification, NotificationEvent, Severity
 from tests.receivers import RecordedRequest, RecordingReceiver
-from tests.support import make_notification
+from tests.support import canary_miss_and_recovery, make_notification
 
 ROUTING_KEY = "R0123456789abcdef0123456789abcde"  # integration keys are 32 characters
 PATH = "/s3cr3t/v2/enqueue"
@@ -102,6 +102,8 @@ def sent(sink: PagerDutySink, receiver: RecordingReceiver, notification: Notific
         (NotificationEvent.TEST, "trigger"),
         (NotificationEvent.ACKNOWLEDGED, "acknowledge"),
         (NotificationEvent.RESOLVED, "resolve"),
+        (NotificationEvent.CANARY_MISSED, "trigger"),
+        (NotificationEvent.CANARY_RECOVERED, "resolve"),
     ],
 )
 def test_each_event_maps_to_its_event_action(
@@ -128,6 +130,18 @@ def test_every_event_of_one_alert_has_one_dedup_key(sink: PagerDutySink, receive
     other = sent(sink, receiver, make_notification(alert_id=8, client_ids=("client-18",)))
     test = sent(sink, receiver, make_notification(NotificationEvent.TEST, sequence=9))
     assert len(keys | {other["dedup_key"], test["dedup_key"]}) == 3
+
+
+def test_a_canary_recovery_resolves_the_incident_of_the_miss(
+    sink: PagerDutySink, receiver: RecordingReceiver
+) -> None:
+    missed, recovered = canary_miss_and_recovery()
+    trigger = sent(sink, receiver, missed)
+    resolve = sent(sink, receiver, recovered)
+    assert (trigger["event_action"], resolve["event_action"]) == ("trigger", "resolve")
+    assert (
+        resolve["dedup_key"] == trigger["dedup_key"] == "mia-detector:mia-canary|canary|augmentation_probing"
+    )
 
 
 def test_a_long_dedup_key_is_replaced_by_its_digest(sink: PagerDutySink, receiver: RecordingReceiver) -> None:

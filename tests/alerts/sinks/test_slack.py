@@ -12,7 +12,7 @@ from detector.alerts.sinks.base import DeliveryError
 from detector.alerts.sinks.slack import SlackSink
 from detector.domain import Notification, NotificationEvent, Reason, Severity
 from tests.receivers import RecordedRequest, RecordingReceiver
-from tests.support import make_notification
+from tests.support import canary_miss_and_recovery, make_notification
 
 # Incoming-webhook URLs are secrets: the token is in the path.
 PATH = "/services/T000/B000/s3cr3t"
@@ -134,8 +134,28 @@ def sections(message: dict[str, Any]) -> list[str]:
             make_notification(client_ids=("a", "b", "c")),
             "[HIGH] training set targeting on credit-risk by 3 c",
         ),
+        (
+            canary_miss_and_recovery()[0],
+            "Detection canary missed, detection may be blind (not an attack): augmentation probing on "
+            "mia-canary by mia-canary-",
+        ),
+        (
+            canary_miss_and_recovery()[1],
+            "Detection canaries pass again, detection works (not an attack): augmentation probing on "
+            "mia-canary by mia-canary-",
+        ),
     ],
-    ids=["opened", "updated", "escalated", "acknowledged", "resolved", "test", "group"],
+    ids=[
+        "opened",
+        "updated",
+        "escalated",
+        "acknowledged",
+        "resolved",
+        "test",
+        "group",
+        "canary_missed",
+        "canary_recovered",
+    ],
 )
 def test_the_header_says_what_happened(
     sink: SlackSink, receiver: RecordingReceiver, notification: Notification, expected: str
