@@ -186,8 +186,8 @@ class KafkaSource:
 
     def _resume_at_stored_positions(self) -> None:
         """Seek each unchecked partition to its stored position unless that lies beyond the broker's end
-        offset (see the class docstring), then let it be fetched. A failed lookup is retried at the next
-        poll."""
+        offset (see the class docstring), then let it be fetched. A failed lookup or seek is retried at the
+        next poll, the partition paused meanwhile."""
         assignment = self._consumer.assignment()
         unchecked = {tp: position for tp, position in self._unchecked.items() if tp in assignment}
         if not unchecked:
@@ -200,9 +200,22 @@ class KafkaSource:
                 "end offsets of %s unknown (%s): checked again at the next poll", names(unchecked), error
             )
             return
+        refused: dict[Partition, int] = {}
         for (topic, partition), position in unchecked.items():
             if (topic, partition) not in beyond:
-                self._consumer.seek((topic, partition), position)
+                try:
+                    self._consumer.seek((topic, partition), position)
+                except KafkaError as error:
+                    # librdkafka refuses a seek until the partition's fetch has started ("Erroneous
+                    # state"): still paused, it is sought again at the next poll.
+                    log.info(
+                        "seeking %s/%d to %d refused (%s): again at the next poll",
+                        topic,
+                        partition,
+                        position,
+                        error,
+                    )
+                    refused[(topic, partition)] = position
                 continue
             log.warning(
                 "stored position %d of %s/%d is beyond the broker's end offset %d: the broker lost records; "
@@ -215,9 +228,9 @@ class KafkaSource:
             )
             if self._metrics is not None:
                 self._metrics.positions_beyond_log_end.inc()
-        self._unchecked = {}
+        self._unchecked = refused
         if not self._held:
-            self._consumer.resume(unchecked)
+            self._consumer.resume(tp for tp in unchecked if tp not in refused)
 
     def _beyond_log_end(self, stored: dict[Partition, int]) -> dict[Partition, int]:
         """The partitions whose stored position lies beyond the broker's end offset, with that end offset;

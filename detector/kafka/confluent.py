@@ -184,7 +184,10 @@ class ConfluentConsumer:
             self._consumer.resume(wanted)
 
     def seek(self, partition: Partition, offset: int) -> None:
-        self._consumer.seek(TopicPartition(*partition, offset))
+        try:
+            self._consumer.seek(TopicPartition(*partition, offset))
+        except KafkaException as exc:
+            raise ConfluentError(exc.args[0]) from None
 
     def lag(self) -> dict[Partition, int]:
         assigned = self._consumer.assignment()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import orjson
 import pytest
+from kafka.errors import KafkaError
 
 from detector.broker import EmbeddedBroker
 from detector.domain import RawRecord
@@ -90,6 +91,30 @@ def test_an_assigned_partition_is_claimed_and_resumes_at_the_claimed_position(
     offsets = poll_until(source, lambda read: len(read) >= 20)
     assert claims.made == [[(claims.topic, 0)]]
     assert offsets[0] == STORED and offsets == sorted(offsets)
+
+
+def test_a_seek_the_client_refuses_is_tried_again_at_the_next_poll(
+    broker: EmbeddedBroker, request: pytest.FixtureRequest
+) -> None:
+    # librdkafka refuses a seek until the partition's fetch has started ("Erroneous state"): the refusal
+    # came out of `poll` as librdkafka's own exception and ended the daemon.
+    source, _ = source_on(broker, request, "confluent")
+    consumer = source._consumer
+    with pytest.raises(KafkaError):
+        consumer.seek(("not-assigned", 0), 10)  # refused by librdkafka as a seek too early is
+
+    seek = consumer.seek
+    refusals = [1]
+
+    def refused_once(partition: tuple[str, int], offset: int) -> None:
+        if refusals:
+            refusals.pop()
+            seek(("not-assigned", 0), offset)  # the client's own refusal, raised from here
+        seek(partition, offset)
+
+    consumer.seek = refused_once  # type: ignore[method-assign]
+    offsets = poll_until(source, lambda read: len(read) >= 20)
+    assert not refusals and offsets[0] == STORED, offsets[:3]
 
 
 def test_nothing_is_fetched_until_a_claim_succeeds(
