@@ -140,13 +140,12 @@ class RestoreStep:
     def process(self, batch: Batch) -> Batch:
         if not batch.fresh:
             return batch
-        missing = self._sessions.missing(
-            {(queries[0].model, queries[0].client_id) for _, queries in batch.fresh}
-        )
+        clients = {(queries[0].model, queries[0].client_id) for _, queries in batch.fresh}
+        missing = self._sessions.missing(clients)
         if missing:
             for session in self._store.latest_sessions(missing):
                 self._sessions.restore(session)
-        self._detect.restore(batch.fresh)
+        self._detect.restore(batch.fresh, clients)
         return batch
 
 
@@ -217,17 +216,17 @@ class DetectStep:
             or at - client.evaluated_time >= self.revisit_seconds
         )
 
-    def restore(self, fresh: list[Decoded]) -> None:
-        """Take back from `stored` (if set) the features of the clients of `fresh` not in memory, the pools
-        of their networks and, once, the input scales. Reads storage (the Restore step calls it, before any
-        query is counted); a failed read leaves the clients missing, to be read again on the retry."""
+    def restore(self, fresh: list[Decoded], clients: set[ClientKey]) -> None:
+        """Take back from `stored` (if set) the features of `clients` (those of `fresh`) not in memory, the
+        pools of their networks and, once, the input scales. Reads storage (the Restore step calls it,
+        before any query is counted); a failed read leaves the clients missing, read again on the retry."""
         stored, tracker = self.stored, self.tracker
         if stored is None:
             return
         if not self._scales_read:
             tracker.embedder.adopt(stored.model_scales())
             self._scales_read = True
-        missing = tracker.missing({(queries[0].model, queries[0].client_id) for _, queries in fresh})
+        missing = tracker.missing(clients)
         if not missing:
             return
         # Both reads before either is taken in.
