@@ -18,7 +18,10 @@ from detector.features.embedding import Observation
 
 @dataclasses.dataclass
 class CounterFeature:
-    """Base of the counter-based features: subclasses declare their counters as dataclass fields."""
+    """Base of the counter-based features: subclasses declare their counters as dataclass fields, slotted
+    (`@dataclasses.dataclass(slots=True)`): a dict per feature would cost every tracked client ~1 KiB."""
+
+    __slots__ = ()  # no fields of its own; `slots=True` would remake the class under `__init_subclass__`
 
     name: ClassVar[str]
     # `<name>.<value>` of each value name, made once per class: snapshots are taken for every judged client.

@@ -77,6 +77,19 @@ class ClientFeatures:
     moved to another process (or restored after a restart) goes on exactly as it would have.
     """
 
+    __slots__ = (
+        "client_ip",
+        "clusters",
+        "evaluated_at",
+        "evaluated_time",
+        "evidence",
+        "exposure",
+        "features",
+        "first_seen",
+        "last_seen",
+        "queries",
+    )
+
     def __init__(
         self,
         clusters: RecordClusters | None = None,

@@ -14,7 +14,7 @@ bounded set of cluster representatives: O(MAX_CLUSTERS) per query, never O(n²).
 from __future__ import annotations
 
 import math
-import sys
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -71,6 +71,18 @@ class ClusterMatch:
         return self.kind is MatchKind.VARIANT and self.dense and self.gap <= BURST_GAP
 
 
+# A cluster's label is held as a 32-bit code, 0 for none: a flip is a change of code, and two labels sharing
+# a code (one pair in four billion) would hide one flip, where a string a cluster would cost 8 more bytes.
+NO_LABEL = 0
+
+
+def label_code(label: str | None) -> int:
+    """The code of `label` (see NO_LABEL): `NO_LABEL` for none, else a CRC-32 of it, never `NO_LABEL`."""
+    if label is None:
+        return NO_LABEL
+    return zlib.crc32(str(label).encode()) % 0xFFFFFFFF + 1
+
+
 def _grown_capacity(capacity: int) -> int:
     """The next capacity of a column of `capacity` rows (before its bound)."""
     return max(capacity + 1, int(capacity * GROWTH))
@@ -80,6 +92,8 @@ class FingerprintTable:
     """The slot of the cluster of each of the latest `MAX_FINGERPRINTS` fingerprints, the least recently used
     dropped first: three numpy columns (14 bytes a fingerprint), looked up by one vector comparison. A slot
     given to another cluster is forgotten (`forget_slot`): its fingerprints then find nothing."""
+
+    __slots__ = ("_count", "_fingerprints", "_looked_up", "_slots", "_used_at")
 
     def __init__(self) -> None:
         self._fingerprints = np.zeros(16, dtype=np.uint64)
@@ -173,13 +187,26 @@ class FingerprintTable:
 class RecordClusters:
     """Bounded clusters of one client's queries (see the module docstring)."""
 
+    __slots__ = (
+        "_fingerprints",
+        "_ids",
+        "_label_codes",
+        "_last_raw",
+        "_next_id",
+        "_representatives",
+        "_sequence",
+        "_sizes",
+        "_touched_at",
+        "_used",
+    )
+
     def __init__(self) -> None:
         # Columns grow by half again up to MAX_CLUSTERS: most clients never need more than a few slots. A
         # slot holds one cluster: its id, latest member's point (and invariant view, see
         # `Representatives`), label, size, and the query sequence at which it was last matched, which
         # orders clusters from least to most recent.
         self._representatives = Representatives()
-        self._labels: list[str | None] = []
+        self._label_codes = np.zeros(4, dtype=np.uint32)  # see `label_code`
         self._ids = np.zeros(4, dtype=np.int64)
         self._sizes = np.zeros(4, dtype=np.int32)  # at most SIZE_LIMIT
         self._touched_at = np.zeros(4, dtype=np.int32)
@@ -198,11 +225,21 @@ class RecordClusters:
         if self._sequence >= SEQUENCE_LIMIT:
             self._rebase(self._sequence - REBASED_SEQUENCE)
         match = self._match(observation)
-        self._last_raw = observation.raw
+        self._keep_last_raw(observation.raw)
         return match
 
+    def _keep_last_raw(self, raw: np.ndarray | None) -> None:
+        # A copy, written over the previous one in place: `raw` is a row of its micro-batch's matrix, which
+        # a view would keep alive for as long as the client's next query does not come.
+        previous = self._last_raw
+        if raw is None:
+            self._last_raw = None
+        elif previous is not None and previous.shape == raw.shape and previous.dtype == raw.dtype:
+            previous[...] = raw
+        else:
+            self._last_raw = raw.copy()
+
     def _match(self, observation: Observation) -> ClusterMatch:
-        label = observation.query.label
         slot = self._fingerprints.get(observation.fingerprint, self._sequence)
         if slot is not None:
             gap = self._touch(slot)
@@ -215,8 +252,10 @@ class RecordClusters:
             slot = nearest
             cluster = int(self._ids[slot])
             gap = self._touch(slot)
-            flip = label is not None and self._labels[slot] is not None and label != self._labels[slot]
-            self._labels[slot] = label
+            code = label_code(observation.query.label)
+            held = int(self._label_codes[slot])
+            flip = code != NO_LABEL and held != NO_LABEL and code != held
+            self._label_codes[slot] = code
             self._representatives.put(slot, observation.point, observation.invariant, self._sequence)
             if self._sizes[slot] < SIZE_LIMIT:
                 self._sizes[slot] += 1
@@ -255,13 +294,12 @@ class RecordClusters:
         if self._used >= MAX_CLUSTERS:
             slot = int(self._touched_at[: self._used].argmin())  # the least recently matched gives way
             self._fingerprints.forget_slot(slot)
-            self._labels[slot] = observation.query.label
         else:
             slot = self._used
             self._used += 1
-            self._labels.append(observation.query.label)
             self._grow(slot + 1)
         self._ids[slot] = cluster
+        self._label_codes[slot] = label_code(observation.query.label)
         self._sizes[slot] = 1
         self._touched_at[slot] = self._sequence
         self._representatives.put(slot, observation.point, observation.invariant, self._sequence)
@@ -274,6 +312,7 @@ class RecordClusters:
             capacity = min(max(_grown_capacity(capacity), needed), MAX_CLUSTERS)
             self._representatives.grow(capacity)
             self._ids = extended(self._ids, capacity)
+            self._label_codes = extended(self._label_codes, capacity)
             self._sizes = extended(self._sizes, capacity)
             self._touched_at = extended(self._touched_at, capacity)
 
@@ -304,13 +343,13 @@ class RecordClusters:
 
     def state(self) -> dict[str, Any]:
         """JSON-serialisable state, sharing nothing with the clusters: representatives (see
-        `Representatives.state`), labels, sizes, recency, fingerprints, and the previous query's row, which
-        the next query's dense-change test compares against: the one raw input the state holds."""
+        `Representatives.state`), label codes, sizes, recency, fingerprints, and the previous query's row,
+        which the next query's dense-change test compares against: the one raw input the state holds."""
         used = self._used
         return {
             "ids": self._ids[:used].tolist(),
             "representatives": self._representatives.state(used),
-            "labels": list(self._labels),
+            "label_codes": self._label_codes[:used].tolist(),
             "sizes": self._sizes[:used].tolist(),
             "touched_at": self._touched_at[:used].tolist(),
             "sequence": self._sequence,
@@ -327,7 +366,9 @@ class RecordClusters:
         used = clusters._used = len(state["ids"])
         capacity = max(4, used)
         clusters._ids = extended(np.array(state["ids"], dtype=np.int64), capacity)
-        clusters._labels = [None if label is None else sys.intern(str(label)) for label in state["labels"]]
+        # States stored before label codes hold the labels themselves.
+        codes = state["label_codes"] if "label_codes" in state else map(label_code, state["labels"])
+        clusters._label_codes = extended(np.fromiter(codes, dtype=np.uint32, count=used), capacity)
         clusters._sizes = extended(
             np.minimum(np.array(state["sizes"], dtype=np.int64), SIZE_LIMIT).astype(np.int32), capacity
         )

@@ -15,7 +15,7 @@ from detector.features.embedding import Observation
 CLIMB_STEP = 0.01
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ConfidenceHarvesting(CounterFeature):
     """Share of queries asking for probabilities / top-k / logprobs, how many distinct records were asked so,
     and statistics of the confidence returned (max, margin, entropy).

@@ -20,7 +20,7 @@ def answered_with_probabilities(query: Query) -> bool:
     return query.requested.is_confidence
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ExposureCounts(CounterFeature):
     """The counts of `detector.domain.Exposure`, kept for one client (in its features) or for every client
     of the process (for metrics without client ids).

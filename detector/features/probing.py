@@ -12,7 +12,7 @@ BURST_SIZE = 3  # the record itself and two variants: the smallest augmentation 
 WALK_SIZE = 50  # beyond the largest augmentation bursts: a walk
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class NearDuplicateProbing(CounterFeature):
     """Clusters of dense variants of one record, their sizes, and label flips inside them.
 

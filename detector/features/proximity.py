@@ -9,7 +9,7 @@ from detector.features.clusters import ClusterMatch, MatchKind
 from detector.features.embedding import Observation
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class TrainingSetProximity(CounterFeature):
     """Exact and near hit counts and rates into the training-set index (zero when no index is loaded).
 

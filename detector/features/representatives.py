@@ -52,6 +52,19 @@ class Representatives:
     (one batch of array calls for `HOT` new records, not one each) and the recent half moves to the front.
     """
 
+    __slots__ = (
+        "_codes",
+        "_exact_count",
+        "_exact_half_norms",
+        "_exact_invariants",
+        "_exact_points",
+        "_exact_slots",
+        "_exact_touched",
+        "_half_norms",
+        "_row_of",
+        "_scales",
+    )
+
     def __init__(self, capacity: int = 4) -> None:
         # Quantised points, valid for the slots without an exact row.
         self._codes = np.zeros((capacity, PROJECTION_DIM), dtype=np.int8)

@@ -13,7 +13,7 @@ from detector.features.embedding import Observation
 DISTANCE_EDGES = (0.0, 0.01, 0.03, 0.06, 0.12, 0.25, 0.5, 1.0)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class QuerySimilarity(CounterFeature):
     """Distribution of distances from each query to the nearest of the client's earlier queries.
 

@@ -12,7 +12,7 @@ from detector.features.embedding import Observation
 QUERIES_FEATURE = "volume.queries"  # a client's query count, as its snapshot names it
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class VolumeTiming(CounterFeature):
     """Query and request counts, rate, burstiness and regularity of request inter-arrivals, batch sizes.
 

@@ -31,7 +31,8 @@ def distinct_observations(count: int) -> list[Observation]:
 
 def held_bytes(clusters: RecordClusters) -> int:
     held = [clusters, clusters._fingerprints, clusters._representatives]
-    arrays = [value for part in held for value in vars(part).values() if isinstance(value, np.ndarray)]
+    values = [getattr(part, name) for part in held for name in type(part).__slots__]
+    arrays = [value for value in values if isinstance(value, np.ndarray)]
     return sum(array.nbytes for array in arrays)
 
 
@@ -42,12 +43,12 @@ def test_clusters_and_fingerprints_stay_within_their_bounds_however_long_the_his
 
     assert all(match.kind is MatchKind.NEW for match in matches)
     assert len(clusters) == MAX_CLUSTERS and len(clusters._fingerprints) == MAX_FINGERPRINTS
-    # A cluster: 32 int8 codes, a float32 scale and norm, its exact row (int8), its id (int64), size and
-    # time (int32); up to 2 * HOT exact rows: a float32 point and norm, slot (int16) and time (int32); a
-    # fingerprint: itself (uint64), its slot (int16) and time (int32); and the last row.
+    # A cluster: 32 int8 codes, a float32 scale and norm, its exact row (int8), its id (int64), label
+    # code, size and time (int32); up to 2 * HOT exact rows: a float32 point and norm, slot (int16) and time
+    # (int32); a fingerprint: itself (uint64), its slot (int16) and time (int32); and the last row.
     last_row = observations[-1].raw.nbytes if observations[-1].raw is not None else 0
     bound = (
-        MAX_CLUSTERS * (32 + 4 + 4 + 1 + 8 + 4 + 4)
+        MAX_CLUSTERS * (32 + 4 + 4 + 1 + 8 + 4 + 4 + 4)
         + 2 * HOT * (32 * 4 + 4 + 2 + 4)
         + MAX_FINGERPRINTS * (8 + 2 + 4)
         + last_row
@@ -75,6 +76,26 @@ def test_a_client_holds_at_most_64_kib_however_long_its_history() -> None:
     tracemalloc.stop()
     assert len(client.clusters) == MAX_CLUSTERS
     assert held <= 64 * 1024, held
+
+
+def test_a_client_keeps_nothing_of_its_micro_batch_but_its_own_last_row() -> None:
+    # One query of a client in a batch of thousands of wide rows from others: once the batch is gone,
+    # the client holds its own row, not the batch's matrix.
+    tracker = warmed_tracker()
+    batch = [Stream("other").query(np.zeros(4_096, dtype=np.float32)) for _ in range(2_000)]
+    batch.append(Stream("client").query(np.ones(4_096, dtype=np.float32)))
+    tracker.observe(batch[:1])  # the tracker's projection and scale of the width, kept whatever the batch
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    observations = tracker.observe(batch)
+    clusters = RecordClusters()
+    clusters.assign(observations[-1])
+    del observations
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert held < 256 * 1024, held  # the batch's rows are 32 MiB, the client's last row 16 KiB
 
 
 def test_the_least_recently_matched_cluster_and_fingerprint_give_way() -> None:
@@ -141,3 +162,22 @@ def test_a_client_restored_past_its_bounds_goes_on_exactly_as_one_that_never_sto
     restored = RecordClusters.from_state(original.state())
     assert restored.state() == original.state()
     assert [restored.assign(o) for o in repeats] == [original.assign(o) for o in repeats]
+
+
+def test_a_client_stored_with_its_labels_spelled_out_tells_flips_as_one_that_never_stopped() -> None:
+    tracker, stream, row = warmed_tracker(), Stream("walker"), record()
+    labels = ["cat", "cat", "dog", "dog", "cat", "cat"]
+    observations = tracker.observe(
+        [stream.query(row + 0.001 * step, label=labels[step]) for step in range(6)]
+    )
+    original = RecordClusters()
+    for observation in observations[:3]:
+        original.assign(observation)
+
+    stored = original.state()
+    assert stored.pop("label_codes") != [0]
+    stored["labels"] = ["dog"]  # as stored before label codes: the one cluster's latest label
+    restored = RecordClusters.from_state(stored)
+    later = [restored.assign(observation) for observation in observations[3:]]
+    assert later == [original.assign(observation) for observation in observations[3:]]
+    assert [match.label_flip for match in later] == [False, True, False]
