@@ -163,7 +163,8 @@ class Detection:
     began_at: float = math.nan
     # The group of clients the detection is of ("" for a client, or clients named by their list).
     group: str = ""
-    # What the client was given by the model by `last_seen` (None: not accounted, as for a group).
+    # What the client (a group: its clients together) was given by the model by `last_seen`; None: not
+    # accounted.
     exposure: Exposure | None = None
 
     def __post_init__(self) -> None:
@@ -210,7 +211,8 @@ class Detection:
         newest kept; the detection time of the earlier one that fired (of the earlier one when neither
         did), fired when either did; departed when either did, the older one's departure reasons kept when
         the newer has none; the newer one's exposure (the older one's when the newer has none). The queries
-        of a group's detections naming disjoint clients (a campaign's waves, or shares of replicas) add up.
+        and exposures of a group's detections naming disjoint clients (a campaign's waves, or shares of
+        replicas) add up.
         Raises `ValueError` when the dedup keys differ.
         """
         if other.dedup_key != self.dedup_key:
@@ -242,8 +244,17 @@ class Detection:
             departed=self.departed or other.departed,
             began_at=min(self.began_at, other.began_at),
             group=self.group,
-            exposure=newer.exposure if newer.exposure is not None else older.exposure,
+            exposure=self._combined_exposure(other, newer, older, disjoint),
         )
+
+    def _combined_exposure(
+        self, other: Detection, newer: Detection, older: Detection, disjoint: bool
+    ) -> Exposure | None:
+        """A group's detections naming disjoint clients add up what their clients were given; otherwise the
+        newer detection's exposure stands (the older one's when the newer has none)."""
+        if disjoint and self.exposure is not None and other.exposure is not None:
+            return self.exposure + other.exposure
+        return newer.exposure if newer.exposure is not None else older.exposure
 
     def continues(self, last_seen: float, quiet_seconds: float) -> bool:
         """True when this detection belongs to the incident whose latest query was at `last_seen` (event
@@ -308,8 +319,9 @@ class Alert(BaseModel):
     updates: int = Field(default=0, ge=0, description="how many times new evidence changed the alert")
     exposure: Exposure | None = Field(
         default=None,
-        description="what the client had been given by the model by `last_seen`; null for a coordinated "
-        "group, and for alerts raised before exposure was accounted",
+        description="what the client (a coordinated group: its clients together, each as of its latest "
+        "query pooled) had been given by the model by `last_seen`; null for alerts raised before exposure "
+        "was accounted",
     )
 
     @computed_field  # type: ignore[prop-decorator]

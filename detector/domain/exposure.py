@@ -28,6 +28,15 @@ class Exposure(BaseModel):
         default=0, ge=0, description="near-duplicate probes: dense variants of a record sent in bursts"
     )
 
+    def __add__(self, other: Exposure) -> Exposure:
+        """What two disjoint sets of clients were given together."""
+        return Exposure(
+            probability_records=self.probability_records + other.probability_records,
+            training_records=self.training_records + other.training_records,
+            label_only_answers=self.label_only_answers + other.label_only_answers,
+            probes=self.probes + other.probes,
+        )
+
     def summary(self) -> str:
         """One line for people: "12 training records with probabilities (340 records), 5 label-only
         answers, 96 probes"."""

@@ -27,14 +27,15 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 
-from detector.domain import AlertKind, Detection, Reason, Severity
+from detector.domain import AlertKind, Detection, Exposure, Reason, Severity
 from detector.features.client import ClientFeatures, ClientKey
+from detector.features.exposure import Counts, exposure_of
 from detector.scoring.rules import ATLAS_EXFILTRATION_VIA_INFERENCE_API
 from detector.scoring.scorer import Snapshot
 
@@ -58,6 +59,9 @@ class _Participant:
     first_seen: float
     last_seen: float
     evidence: list[str] = field(default_factory=list)
+    # What the key had been given by its latest query pooled (`ExposureCounts.counts`); None when pooled
+    # by a version that did not keep it.
+    exposure: Counts | None = None
 
 
 PoolKey = tuple[str, str]  # (model, network)
@@ -76,7 +80,15 @@ class PoolState:
         return orjson.dumps(
             {
                 "participants": {
-                    client_id: [p.distinct_hits, p.hit_rate, p.queries, p.first_seen, p.last_seen, p.evidence]
+                    client_id: [
+                        p.distinct_hits,
+                        p.hit_rate,
+                        p.queries,
+                        p.first_seen,
+                        p.last_seen,
+                        p.evidence,
+                        p.exposure,
+                    ]
                     for client_id, p in self.participants.items()
                 },
                 "reported": self.reported,
@@ -89,17 +101,8 @@ class PoolState:
         try:
             document: Any = orjson.loads(data)
             participants = {
-                str(client_id): _Participant(
-                    int(hits),
-                    float(rate),
-                    int(queries),
-                    float(first),
-                    float(last),
-                    [str(event) for event in evidence],
-                )
-                for client_id, (hits, rate, queries, first, last, evidence) in document[
-                    "participants"
-                ].items()
+                str(client_id): _participant_of(stored)
+                for client_id, stored in document["participants"].items()
             }
             reported = {str(client_id): float(at) for client_id, at in document["reported"].items()}
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
@@ -207,6 +210,7 @@ class CoordinationTracker:
             client.first_seen,
             client.last_seen,
             client.evidence_for(("training",)),
+            client.exposure.counts(),
         )
         self._pool(model, network, client_id, participant)
         pool = self._pools[(model, network)]
@@ -399,11 +403,43 @@ class CoordinationTracker:
             atlas_technique=ATLAS_EXFILTRATION_VIA_INFERENCE_API,
             triage=TRIAGE,
             group=network,
+            exposure=_pooled_exposure(pool.values()),
         )
         for client_id, participant in pool.items():
             self._leave(model, network, client_id)
             self._report(model, network, client_id, participant.last_seen)
         return [detection]
+
+
+def _participant_of(stored: Any) -> _Participant:
+    """A participant as `PoolState.to_bytes` stored it (without its exposure: as stored before it was)."""
+    hits, rate, queries, first, last, evidence, *rest = stored
+    exposure = rest[0] if rest else None
+    return _Participant(
+        int(hits),
+        float(rate),
+        int(queries),
+        float(first),
+        float(last),
+        [str(event) for event in evidence],
+        None if exposure is None else _counts(exposure),
+    )
+
+
+def _counts(stored: Any) -> Counts:
+    probability_records, training_records, label_only_answers, probes = (int(count) for count in stored)
+    return probability_records, training_records, label_only_answers, probes
+
+
+def _pooled_exposure(participants: Iterable[_Participant]) -> Exposure | None:
+    """What the keys of a pool had been given together, or None when one of them was pooled without its
+    exposure (an understatement would mislead more than a blank)."""
+    total = Exposure()
+    for participant in participants:
+        if participant.exposure is None:
+            return None
+        total += exposure_of(participant.exposure)
+    return total
 
 
 def _read_pool(data: bytes | None) -> PoolState:

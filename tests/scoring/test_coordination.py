@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import orjson
 import pytest
 
-from detector.domain import AlertKind, Detection
+from detector.domain import AlertKind, Detection, Exposure
 from detector.features.client import ClientFeatures, TrainingIndexes
+from detector.features.exposure import ExposureCounts
 from detector.scoring.coordination import WINDOW_SECONDS, CoordinationTracker, PoolState
 from tests.streams import SetIndex, Stream, record, warmed_tracker
 
@@ -40,6 +42,8 @@ def test_sybils_below_every_threshold_are_alerted_together_and_only_once() -> No
     assert len(detection.evidence) == 12
     last = tracker.get(("m", sybils[-1]))
     assert last is not None and detection.detected_at == last.last_seen
+    # What the campaign was given: each key 23 distinct records with probabilities, 3 of them training ones.
+    assert detection.exposure == Exposure(probability_records=4 * 23, training_records=4 * 3)
 
 
 def test_one_key_alone_or_allow_listed_keys_do_not_make_a_campaign() -> None:
@@ -56,8 +60,10 @@ def test_one_key_alone_or_allow_listed_keys_do_not_make_a_campaign() -> None:
         assert coordination.observe(("m", client_id), client, client.snapshot(), client.last_seen) == []
 
 
-def participant(client_id: str, last_seen: float, ip: str = "198.51.100.7") -> ClientFeatures:
-    client = ClientFeatures()
+def participant(
+    client_id: str, last_seen: float, ip: str = "198.51.100.7", exposure: Exposure | None = None
+) -> ClientFeatures:
+    client = ClientFeatures(exposure=ExposureCounts(**exposure.model_dump()) if exposure else None)
     client.client_ip, client.first_seen, client.last_seen, client.queries = ip, last_seen, last_seen, 10
     return client
 
@@ -260,3 +266,49 @@ def test_two_members_detecting_their_own_keys_of_one_pool_at_once_name_one_alert
     ]
     assert [detection.client_ids for detection in late] == [("z1", "z2")]
     assert by_first.client_ids == ("x1", "x2") and late[0].dedup_key == by_first.dedup_key
+
+
+def test_a_campaign_split_over_two_members_is_alerted_with_what_all_its_keys_were_given() -> None:
+    shared, first, second = SharedDict(), CoordinationTracker(threshold=8), CoordinationTracker(threshold=8)
+    given = {
+        "s0": Exposure(probability_records=40, training_records=2, label_only_answers=5, probes=1),
+        "s1": Exposure(probability_records=30, training_records=2),
+        "s2": Exposure(probability_records=20, training_records=2, probes=7),
+        "s3": Exposure(probability_records=10, training_records=2, label_only_answers=1),
+    }
+    for member, keys in ((first, ("s0", "s2")), (second, ("s1", "s3"))):
+        for client_id in keys:
+            member.observe(
+                ("m", client_id), participant(client_id, 1000.0, exposure=given[client_id]), hits(2), 1000.0
+            )
+    assert commit(first, shared) == []
+
+    [detection] = commit(second, shared)  # two of its keys known through the stored pool only
+    assert detection.exposure == Exposure(
+        probability_records=100, training_records=8, label_only_answers=6, probes=8
+    )
+
+    # A later wave of the campaign adds what its keys were given to the alert's; the same wave again
+    # (a retried commit) adds nothing.
+    [wave] = [
+        found
+        for client_id in ("s4", "s5", "s6", "s7")
+        for found in second.observe(
+            ("m", client_id), participant(client_id, 1100.0, exposure=given["s1"]), hits(2), 1100.0
+        )
+    ]
+    assert wave.exposure == Exposure(probability_records=120, training_records=8)
+    total = detection.combined(wave)
+    assert total.exposure == Exposure(
+        probability_records=220, training_records=16, label_only_answers=6, probes=8
+    )
+    assert total.combined(wave).exposure == wave.exposure
+
+
+def test_a_pool_stored_without_exposures_is_alerted_with_none_rather_than_an_understatement() -> None:
+    member = CoordinationTracker(threshold=4)
+    given = Exposure(probability_records=10, training_records=2)
+    old = {"participants": {"old": [2, 0.1, 10, 1000.0, 1000.0, ["e1", "e2"]]}, "reported": {}}
+    member.load({("m", "198.51.100.0/24"): orjson.dumps(old)})  # as stored before exposures were pooled
+    [detection] = member.observe(("m", "new"), participant("new", 1001.0, exposure=given), hits(2), 1001.0)
+    assert detection.client_ids == ("new", "old") and detection.exposure is None
