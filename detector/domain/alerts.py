@@ -210,9 +210,11 @@ class Detection:
         of the newer detection, the one with the later `last_seen` (`other` on a tie); the evidence of both,
         newest kept; the detection time of the earlier one that fired (of the earlier one when neither
         did), fired when either did; departed when either did, the older one's departure reasons kept when
-        the newer has none; the newer one's exposure (the older one's when the newer has none). The queries
-        and exposures of a group's detections naming disjoint clients (a campaign's waves, or shares of
-        replicas) add up.
+        the newer has none. The queries of a group's detections naming disjoint clients (a campaign's waves,
+        or shares of replicas) add up. The exposure: of the newer detection (the older one's when the newer
+        has none) when both name the same clients; else none when either has none; the sum for disjoint
+        clients; that of the detection whose clients include the other's; the larger of each count when
+        they only overlap (a lower bound: what each client was given is not kept).
         Raises `ValueError` when the dedup keys differ.
         """
         if other.dedup_key != self.dedup_key:
@@ -244,17 +246,23 @@ class Detection:
             departed=self.departed or other.departed,
             began_at=min(self.began_at, other.began_at),
             group=self.group,
-            exposure=self._combined_exposure(other, newer, older, disjoint),
+            exposure=self._combined_exposure(other, newer, older),
         )
 
-    def _combined_exposure(
-        self, other: Detection, newer: Detection, older: Detection, disjoint: bool
-    ) -> Exposure | None:
-        """A group's detections naming disjoint clients add up what their clients were given; otherwise the
-        newer detection's exposure stands (the older one's when the newer has none)."""
-        if disjoint and self.exposure is not None and other.exposure is not None:
+    def _combined_exposure(self, other: Detection, newer: Detection, older: Detection) -> Exposure | None:
+        """The exposure of this detection and `other` as one (see `combined`)."""
+        mine, theirs = set(self.client_ids), set(other.client_ids)
+        if mine == theirs:
+            return newer.exposure if newer.exposure is not None else older.exposure
+        if self.exposure is None or other.exposure is None:
+            return None  # a part of the group not accounted: a blank, not an understatement
+        if not mine & theirs:
             return self.exposure + other.exposure
-        return newer.exposure if newer.exposure is not None else older.exposure
+        if mine > theirs:
+            return self.exposure
+        if theirs > mine:
+            return other.exposure
+        return self.exposure.at_least(other.exposure)
 
     def continues(self, last_seen: float, quiet_seconds: float) -> bool:
         """True when this detection belongs to the incident whose latest query was at `last_seen` (event

@@ -37,6 +37,15 @@ class Exposure(BaseModel):
             probes=self.probes + other.probes,
         )
 
+    def at_least(self, other: Exposure) -> Exposure:
+        """The larger of each count: what overlapping sets of clients were given together, at least."""
+        return Exposure(
+            probability_records=max(self.probability_records, other.probability_records),
+            training_records=max(self.training_records, other.training_records),
+            label_only_answers=max(self.label_only_answers, other.label_only_answers),
+            probes=max(self.probes, other.probes),
+        )
+
     def summary(self) -> str:
         """One line for people: "12 training records with probabilities (340 records), 5 label-only
         answers, 96 probes"."""

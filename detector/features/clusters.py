@@ -83,6 +83,16 @@ def label_code(label: str | None) -> int:
     return zlib.crc32(str(label).encode()) % 0xFFFFFFFF + 1
 
 
+def _stored_label_code(stored: object) -> int:
+    """A cluster's label code as a state holds it: a code, null for none, or (stored before label codes,
+    or by a version keeping labels) the label itself."""
+    if stored is None:
+        return NO_LABEL
+    if isinstance(stored, int):
+        return stored
+    return label_code(str(stored))
+
+
 def _grown_capacity(capacity: int) -> int:
     """The next capacity of a column of `capacity` rows (before its bound)."""
     return max(capacity + 1, int(capacity * GROWTH))
@@ -343,13 +353,15 @@ class RecordClusters:
 
     def state(self) -> dict[str, Any]:
         """JSON-serialisable state, sharing nothing with the clusters: representatives (see
-        `Representatives.state`), label codes, sizes, recency, fingerprints, and the previous query's row,
+        `Representatives.state`), labels (codes), sizes, recency, fingerprints, and the previous query's row,
         which the next query's dense-change test compares against: the one raw input the state holds."""
         used = self._used
         return {
             "ids": self._ids[:used].tolist(),
             "representatives": self._representatives.state(used),
-            "label_codes": self._label_codes[:used].tolist(),
+            # Under the key and in the form (a label, or null) a version keeping labels as strings reads:
+            # codes compare as the labels did, so a state moved to it in a rolling upgrade tells flips too.
+            "labels": [code or None for code in self._label_codes[:used].tolist()],
             "sizes": self._sizes[:used].tolist(),
             "touched_at": self._touched_at[:used].tolist(),
             "sequence": self._sequence,
@@ -366,8 +378,7 @@ class RecordClusters:
         used = clusters._used = len(state["ids"])
         capacity = max(4, used)
         clusters._ids = extended(np.array(state["ids"], dtype=np.int64), capacity)
-        # States stored before label codes hold the labels themselves.
-        codes = state["label_codes"] if "label_codes" in state else map(label_code, state["labels"])
+        codes = (_stored_label_code(label) for label in state["labels"])
         clusters._label_codes = extended(np.fromiter(codes, dtype=np.uint32, count=used), capacity)
         clusters._sizes = extended(
             np.minimum(np.array(state["sizes"], dtype=np.int64), SIZE_LIMIT).astype(np.int32), capacity

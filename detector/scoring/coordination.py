@@ -76,20 +76,18 @@ class PoolState:
     reported: dict[str, float]
 
     def to_bytes(self) -> bytes:
-        """The state as compact JSON (`from_bytes` reads it back)."""
+        """The state as compact JSON (`from_bytes` reads it back). Exposures are a map of their own beside
+        the participants, whose six fields every version reads: a pool written here and read by a member
+        of the version before (a rolling upgrade) keeps its participants and reports."""
+        participants = self.participants.items()
         return orjson.dumps(
             {
                 "participants": {
-                    client_id: [
-                        p.distinct_hits,
-                        p.hit_rate,
-                        p.queries,
-                        p.first_seen,
-                        p.last_seen,
-                        p.evidence,
-                        p.exposure,
-                    ]
-                    for client_id, p in self.participants.items()
+                    client_id: [p.distinct_hits, p.hit_rate, p.queries, p.first_seen, p.last_seen, p.evidence]
+                    for client_id, p in participants
+                },
+                "exposures": {
+                    client_id: p.exposure for client_id, p in participants if p.exposure is not None
                 },
                 "reported": self.reported,
             }
@@ -97,12 +95,24 @@ class PoolState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PoolState:
-        """The state `to_bytes` wrote; raises `ValueError` on anything else."""
+        """The state `to_bytes` wrote (a participant without an exposure when written before exposures
+        were); raises `ValueError` on anything else."""
         try:
             document: Any = orjson.loads(data)
+            exposures = document.get("exposures", {})
             participants = {
-                str(client_id): _participant_of(stored)
-                for client_id, stored in document["participants"].items()
+                str(client_id): _Participant(
+                    int(hits),
+                    float(rate),
+                    int(queries),
+                    float(first),
+                    float(last),
+                    [str(event) for event in evidence],
+                    _counts(exposures[client_id]) if client_id in exposures else None,
+                )
+                for client_id, (hits, rate, queries, first, last, evidence) in document[
+                    "participants"
+                ].items()
             }
             reported = {str(client_id): float(at) for client_id, at in document["reported"].items()}
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
@@ -409,21 +419,6 @@ class CoordinationTracker:
             self._leave(model, network, client_id)
             self._report(model, network, client_id, participant.last_seen)
         return [detection]
-
-
-def _participant_of(stored: Any) -> _Participant:
-    """A participant as `PoolState.to_bytes` stored it (without its exposure: as stored before it was)."""
-    hits, rate, queries, first, last, evidence, *rest = stored
-    exposure = rest[0] if rest else None
-    return _Participant(
-        int(hits),
-        float(rate),
-        int(queries),
-        float(first),
-        float(last),
-        [str(event) for event in evidence],
-        None if exposure is None else _counts(exposure),
-    )
 
 
 def _counts(stored: Any) -> Counts:

@@ -25,6 +25,7 @@ from detector.domain import (
     AllowEntry,
     AllowList,
     Detection,
+    Exposure,
     Notification,
     NotificationEvent,
     NotificationState,
@@ -233,11 +234,14 @@ def test_detections_sharing_a_key_in_one_call_become_one_alert(alerts: Alerts) -
 def test_detections_of_one_group_update_its_one_alert_which_names_every_client(alerts: Alerts) -> None:
     # A coordinated campaign: a first wave of keys, then keys of the same pool that another replica held.
     first = replace(
-        detection("s1", "s2", kind=AlertKind.COORDINATED_CLIENTS, queries=40), group="198.51.100.0/24"
+        detection("s1", "s2", kind=AlertKind.COORDINATED_CLIENTS, queries=40),
+        group="198.51.100.0/24",
+        exposure=Exposure(probability_records=40, training_records=9, probes=2),
     )
     second = replace(
         detection("s0", "s3", kind=AlertKind.COORDINATED_CLIENTS, queries=30, last_seen=START + 90),
         group="198.51.100.0/24",
+        exposure=Exposure(probability_records=30, training_records=7, label_only_answers=4),
     )
     [opened] = alerts.upsert([first])
 
@@ -249,6 +253,9 @@ def test_detections_of_one_group_update_its_one_alert_which_names_every_client(a
     assert (alert.client_ids, alert.client_id) == (["s0", "s1", "s2", "s3"], "s0")  # as stored
     assert alert.group == "198.51.100.0/24" and alert.as_detection().dedup_key == alert.dedup_key
     assert (alert.queries, alert.detected_at) == (70, utc(START + 60))  # the first wave crossed first
+    assert alert.exposure == Exposure(
+        probability_records=70, training_records=16, label_only_answers=4, probes=2
+    )
     assert alerts.upsert([first]) == [AlertChange(alert, Change.UNCHANGED)]  # sent again: nothing new
     assert alerts.list_alerts(client_id="s0") == [alert]  # the primary client moved to the new first one
 

@@ -12,9 +12,11 @@ from detector.features.client import ClientFeatures
 from detector.features.clusters import (
     MAX_CLUSTERS,
     MAX_FINGERPRINTS,
+    NO_LABEL,
     FingerprintTable,
     MatchKind,
     RecordClusters,
+    label_code,
 )
 from detector.features.columns import SEQUENCE_LIMIT
 from detector.features.embedding import Observation
@@ -175,9 +177,13 @@ def test_a_client_stored_with_its_labels_spelled_out_tells_flips_as_one_that_nev
         original.assign(observation)
 
     stored = original.state()
-    assert stored.pop("label_codes") != [0]
-    stored["labels"] = ["dog"]  # as stored before label codes: the one cluster's latest label
-    restored = RecordClusters.from_state(stored)
-    later = [restored.assign(observation) for observation in observations[3:]]
-    assert later == [original.assign(observation) for observation in observations[3:]]
-    assert [match.label_flip for match in later] == [False, True, False]
+    assert stored["labels"] == [label_code("dog")]  # what a version keeping labels reads as a label
+    reference = [original.assign(observation) for observation in observations[3:]]
+    assert [match.label_flip for match in reference] == [False, True, False]
+    restored = RecordClusters.from_state(stored | {"labels": ["dog"]})  # as stored before label codes
+    assert [restored.assign(observation) for observation in observations[3:]] == reference
+
+
+def test_a_label_code_is_never_that_of_no_label() -> None:
+    assert label_code(None) == NO_LABEL
+    assert all(label_code(label) != NO_LABEL for label in ("", "0", "cat", *map(str, range(10_000))))

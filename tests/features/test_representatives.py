@@ -132,7 +132,7 @@ def test_a_state_stored_with_exact_points_for_every_cluster_restores_them_quanti
         "sequence": used,
         "next_id": used,
     }
-    del state["representatives"], state["label_codes"]
+    del state["representatives"]
     state |= {"points": pack(rows), "invariants": None}  # as stored before representatives were quantised
 
     restored = RecordClusters.from_state(state)

@@ -289,7 +289,7 @@ def test_a_campaign_split_over_two_members_is_alerted_with_what_all_its_keys_wer
     )
 
     # A later wave of the campaign adds what its keys were given to the alert's; the same wave again
-    # (a retried commit) adds nothing.
+    # (a retried commit) changes nothing.
     [wave] = [
         found
         for client_id in ("s4", "s5", "s6", "s7")
@@ -302,7 +302,24 @@ def test_a_campaign_split_over_two_members_is_alerted_with_what_all_its_keys_wer
     assert total.exposure == Exposure(
         probability_records=220, training_records=16, label_only_answers=6, probes=8
     )
-    assert total.combined(wave).exposure == wave.exposure
+    assert total.combined(wave).exposure == total.exposure
+
+
+def test_a_pool_written_with_exposures_keeps_its_participants_for_a_member_of_the_version_before() -> None:
+    shared, member = SharedDict(), CoordinationTracker(threshold=8)
+    given = Exposure(probability_records=40, training_records=2, label_only_answers=5, probes=1)
+    member.observe(("m", "s0"), participant("s0", 1000.0, exposure=given), hits(2), 1000.0)
+    commit(member, shared)
+    [stored] = shared.pools.values()
+
+    # As the version before read a pool (a rolling upgrade): six fields a participant, the reports.
+    document = orjson.loads(stored)
+    before = {
+        client_id: (hits, rate, queries, first, last, evidence)
+        for client_id, (hits, rate, queries, first, last, evidence) in document["participants"].items()
+    }
+    assert set(before) == {"s0"} and document["reported"] == {}
+    assert PoolState.from_bytes(stored).participants["s0"].exposure == (40, 2, 5, 1)
 
 
 def test_a_pool_stored_without_exposures_is_alerted_with_none_rather_than_an_understatement() -> None:

@@ -136,6 +136,27 @@ def test_severities_rank_from_low_to_critical() -> None:
     assert max(Severity.HIGH, Severity.CRITICAL, Severity.LOW, key=lambda s: s.rank) is Severity.CRITICAL
 
 
+def test_a_groups_detections_combine_their_exposures_exactly_or_as_a_lower_bound_never_more() -> None:
+    def wave(*clients: str, given: Exposure | None, last_seen: float = START + 60) -> Detection:
+        found = detection(*clients, kind=AlertKind.COORDINATED_CLIENTS, last_seen=last_seen)
+        return dataclasses.replace(found, group="198.51.100.0/24", exposure=given)
+
+    def given(records: int, probes: int = 0) -> Exposure:
+        return Exposure(probability_records=records, training_records=records // 10, probes=probes)
+
+    first, second = wave("a", "b", given=given(100, 3)), wave("c", given=given(50), last_seen=START + 90)
+    both = first.combined(second)
+    assert both.exposure == Exposure(probability_records=150, training_records=15, probes=3)  # disjoint
+    assert both.combined(second).exposure == both.exposure == second.combined(both).exposure  # included
+    assert first.combined(wave("a", "b", given=given(120), last_seen=START + 90)).exposure == given(120)
+    # Overlapping only: each count at least as large as either's, nothing counted twice.
+    overlap = first.combined(wave("b", "c", given=given(80, 5), last_seen=START + 90))
+    assert overlap.exposure == Exposure(probability_records=100, training_records=10, probes=5)
+    # A part of the group not accounted (an alert raised before exposures): a blank.
+    assert wave("x", given=None).combined(first).exposure is None
+    assert first.combined(wave("a", "b", given=None, last_seen=START + 90)).exposure == first.exposure
+
+
 def test_detections_of_different_alerts_cannot_be_combined() -> None:
     with pytest.raises(ValueError, match="cannot combine"):
         detection("a").combined(detection("b"))
