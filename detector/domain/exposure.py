@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -30,20 +33,16 @@ class Exposure(BaseModel):
 
     def __add__(self, other: Exposure) -> Exposure:
         """What two disjoint sets of clients were given together."""
-        return Exposure(
-            probability_records=self.probability_records + other.probability_records,
-            training_records=self.training_records + other.training_records,
-            label_only_answers=self.label_only_answers + other.label_only_answers,
-            probes=self.probes + other.probes,
-        )
+        return self._each(other, operator.add)
 
     def at_least(self, other: Exposure) -> Exposure:
         """The larger of each count: what overlapping sets of clients were given together, at least."""
+        return self._each(other, max)
+
+    def _each(self, other: Exposure, combine: Callable[[int, int], int]) -> Exposure:
+        """`combine` of this and `other`'s values of each count."""
         return Exposure(
-            probability_records=max(self.probability_records, other.probability_records),
-            training_records=max(self.training_records, other.training_records),
-            label_only_answers=max(self.label_only_answers, other.label_only_answers),
-            probes=max(self.probes, other.probes),
+            **{name: combine(getattr(self, name), getattr(other, name)) for name in type(self).model_fields}
         )
 
     def summary(self) -> str:
