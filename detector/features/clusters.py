@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -83,14 +83,14 @@ def label_code(label: str | None) -> int:
     return zlib.crc32(str(label).encode()) % 0xFFFFFFFF + 1
 
 
-def _stored_label_code(stored: object) -> int:
-    """A cluster's label code as a state holds it: a code, null for none, or (stored before label codes,
-    or by a version keeping labels) the label itself."""
-    if stored is None:
-        return NO_LABEL
-    if isinstance(stored, int):
-        return stored
-    return label_code(str(stored))
+def _stored_label_codes(stored: list[Any]) -> np.ndarray:
+    """The clusters' label codes as a state holds them: codes, null for none, or (stored before label codes,
+    or by a version keeping labels) the labels themselves."""
+    if set(map(type, stored)) <= {int, type(None)}:
+        # The codes of this version, converted whole: null reads as NaN, a code (below 2**32) exactly.
+        return np.nan_to_num(np.array(stored, dtype=np.float64), nan=NO_LABEL).astype(np.uint32)
+    codes = [code if isinstance(code, int) else label_code(code) for code in stored]
+    return np.array(codes, dtype=np.uint32)
 
 
 def _grown_capacity(capacity: int) -> int:
@@ -165,19 +165,21 @@ class FingerprintTable:
         """Move every use back `shift` queries (see `detector.features.columns.sequences`)."""
         self._used_at = sequences(self._used_at, shift)
 
-    def items(self, ids: np.ndarray) -> list[list[int]]:
-        """[fingerprint, cluster id] pairs, least recently used first, with `ids` the cluster id of each slot
+    def items(self, ids: np.ndarray) -> list[tuple[int, int]]:
+        """(fingerprint, cluster id) pairs, least recently used first, with `ids` the cluster id of each slot
         (-1 for a cluster that gave way)."""
         order = self._used_at[: self._count].argsort(kind="stable")
-        return [
-            [int(fingerprint), int(ids[slot]) if slot >= 0 else -1]
-            for fingerprint, slot in zip(self._fingerprints[order], self._slots[order], strict=True)
-        ]
+        slots = self._slots[order]
+        # Whole columns to Python ints at once (`tolist`): element by element costs ten times as much, and
+        # every changed client's state is written at every commit.
+        clusters = np.where(slots >= 0, ids[np.maximum(slots, 0)], -1).tolist()
+        return list(zip(self._fingerprints[order].tolist(), clusters, strict=True))
 
     @classmethod
-    def of(cls, items: list[list[int]], slots: Mapping[int, int]) -> FingerprintTable:
-        """The table of `items` ([fingerprint, cluster id], least recently used first), with `slots` the slot
-        of each cluster id held, used before any query to come."""
+    def of(cls, items: Sequence[Sequence[int]], ids: np.ndarray) -> FingerprintTable:
+        """The table of `items` ((fingerprint, cluster id) pairs, least recently used first), with `ids` the
+        cluster id of each slot held (a fingerprint of a cluster not held finds nothing), used before any
+        query to come."""
         table = cls()
         count = min(len(items), MAX_FINGERPRINTS)
         kept = items[len(items) - count :]
@@ -186,12 +188,23 @@ class FingerprintTable:
         table._slots = np.zeros(capacity, dtype=np.int16)
         table._used_at = np.zeros(capacity, dtype=np.int32)
         if count:
-            table._fingerprints[:count] = [int(fingerprint) for fingerprint, _ in kept]
-            table._slots[:count] = [slots.get(int(cluster), -1) for _, cluster in kept]
+            fingerprints, clusters = zip(*kept, strict=True)
+            table._fingerprints[:count] = np.array(fingerprints, dtype=np.uint64)
+            table._slots[:count] = _slots_of(np.array(clusters, dtype=np.int64), ids)
             # Older than every query to come: a restored client's queries go on from its stored sequence.
             table._used_at[:count] = np.arange(-count, 0)
         table._count = count
         return table
+
+
+def _slots_of(clusters: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The slot of each of `clusters` in `ids` (the cluster id of each slot, all distinct), -1 where none."""
+    if not ids.shape[0]:
+        return np.full(clusters.shape[0], -1)
+    order = ids.argsort(kind="stable")
+    positions = np.minimum(np.searchsorted(ids[order], clusters), ids.shape[0] - 1)
+    slots = order[positions]
+    return np.where(ids[slots] == clusters, slots, -1)
 
 
 class RecordClusters:
@@ -378,8 +391,7 @@ class RecordClusters:
         used = clusters._used = len(state["ids"])
         capacity = max(4, used)
         clusters._ids = extended(np.array(state["ids"], dtype=np.int64), capacity)
-        codes = (_stored_label_code(label) for label in state["labels"])
-        clusters._label_codes = extended(np.fromiter(codes, dtype=np.uint32, count=used), capacity)
+        clusters._label_codes = extended(_stored_label_codes(state["labels"]), capacity)
         clusters._sizes = extended(
             np.minimum(np.array(state["sizes"], dtype=np.int64), SIZE_LIMIT).astype(np.int32), capacity
         )
@@ -399,8 +411,7 @@ class RecordClusters:
             clusters._representatives = Representatives.of_points(
                 points, invariants, clusters._touched_at[:used], capacity
             )
-        held = {int(cluster): slot for slot, cluster in enumerate(clusters._ids[:used])}
-        clusters._fingerprints = FingerprintTable.of(state["fingerprints"], held)
+        clusters._fingerprints = FingerprintTable.of(state["fingerprints"], clusters._ids[:used])
         clusters._next_id = int(state["next_id"])
         clusters._last_raw = None if state["last_row"] is None else unpack(state["last_row"])
         return clusters

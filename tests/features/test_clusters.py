@@ -123,14 +123,32 @@ def test_a_fingerprint_table_drops_the_least_recently_used_and_keeps_its_order_t
     assert table.get(2**63 + 1, now=MAX_FINGERPRINTS + 2) is None  # the oldest then, dropped
     assert table.get(7, now=MAX_FINGERPRINTS + 3) == 99
     ids = np.arange(200) + 1000  # the cluster id in each slot
-    restored = FingerprintTable.of(table.items(ids), {int(cluster): slot for slot, cluster in enumerate(ids)})
+    restored = FingerprintTable.of(table.items(ids), ids)
     assert restored.items(ids) == table.items(ids) and len(restored) == MAX_FINGERPRINTS
     restored.put(8, 100, now=0)  # drops the least recent of the restored ones
     assert restored.get(2**63 + 2, now=1) is None and restored.get(2**63, now=2) == 0
 
     restored.forget_slot(99)  # its cluster gave way to another
     assert restored.get(7, now=3) is None and restored.get(2**63 + 99, now=4) is None
-    assert [7, -1] in restored.items(ids)
+    assert (7, -1) in restored.items(ids)
+
+
+def test_a_restored_fingerprint_table_finds_the_slot_of_each_cluster_held_and_none_of_the_others() -> None:
+    ids = np.array([42, 7, 1_000_000, 3])  # a slot's cluster id: as slots were given and given again
+    items = [(11, 3), (12, 42), (13, 5), (14, 1_000_000), (15, -1), (16, 7), (17, 2_000_000)]
+
+    restored = FingerprintTable.of(items, ids)
+
+    assert [restored.get(fingerprint, now=0) for fingerprint in range(11, 18)] == [
+        3,
+        0,
+        None,
+        2,
+        None,
+        1,
+        None,
+    ]
+    assert FingerprintTable.of(items, ids[:0]).get(12, now=0) is None  # no cluster held
 
 
 def test_a_client_two_billion_queries_along_goes_on_as_one_just_started() -> None:
