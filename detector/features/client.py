@@ -151,8 +151,8 @@ class ClientFeatures:
             del kept[:-EVIDENCE_PER_KIND]
 
     def state(self) -> dict[str, Any]:
-        """The client's state as JSON-serialisable values (finite numbers, strings, lists, dicts), sharing
-        nothing with the client: clusters (see `RecordClusters.state`), counters, evidence ids."""
+        """The client's state as JSON-serialisable values (finite numbers, strings, lists or tuples, dicts),
+        sharing nothing with the client: clusters (see `RecordClusters.state`), counters, evidence ids."""
         return {
             "clusters": self.clusters.state(),
             "features": {feature.name: feature.state() for feature in self.features},

@@ -85,12 +85,14 @@ def label_code(label: str | None) -> int:
 
 def _stored_label_codes(stored: list[Any]) -> np.ndarray:
     """The clusters' label codes as a state holds them: codes, null for none, or (stored before label codes,
-    or by a version keeping labels) the labels themselves."""
-    if set(map(type, stored)) <= {int, type(None)}:
-        # The codes of this version, converted whole: null reads as NaN, a code (below 2**32) exactly.
-        return np.nan_to_num(np.array(stored, dtype=np.float64), nan=NO_LABEL).astype(np.uint32)
-    codes = [code if isinstance(code, int) else label_code(code) for code in stored]
-    return np.array(codes, dtype=np.uint32)
+    or by a version keeping labels) the labels themselves. Raises `ValueError` on a code out of range."""
+    if not set(map(type, stored)) <= {int, bool, type(None)}:
+        stored = [label if label is None or isinstance(label, int) else label_code(label) for label in stored]
+    # Converted whole: null reads as NaN, and a code (below 2**32) exactly.
+    codes = np.nan_to_num(np.array(stored, dtype=np.float64), nan=NO_LABEL)
+    if codes.size and (codes.min() < 0 or codes.max() > 0xFFFFFFFF):
+        raise ValueError("a stored label code is out of range")
+    return codes.astype(np.uint32)
 
 
 def _grown_capacity(capacity: int) -> int:
@@ -172,14 +174,16 @@ class FingerprintTable:
         slots = self._slots[order]
         # Whole columns to Python ints at once (`tolist`): element by element costs ten times as much, and
         # every changed client's state is written at every commit.
-        clusters = np.where(slots >= 0, ids[np.maximum(slots, 0)], -1).tolist()
-        return list(zip(self._fingerprints[order].tolist(), clusters, strict=True))
+        clusters = np.full(slots.shape[0], -1, dtype=np.int64)
+        held = slots >= 0
+        clusters[held] = ids[slots[held]]
+        return list(zip(self._fingerprints[order].tolist(), clusters.tolist(), strict=True))
 
     @classmethod
     def of(cls, items: Sequence[Sequence[int]], ids: np.ndarray) -> FingerprintTable:
         """The table of `items` ((fingerprint, cluster id) pairs, least recently used first), with `ids` the
-        cluster id of each slot held (a fingerprint of a cluster not held finds nothing), used before any
-        query to come."""
+        cluster id of each slot held, all distinct (a fingerprint of a cluster not held finds nothing), used
+        before any query to come."""
         table = cls()
         count = min(len(items), MAX_FINGERPRINTS)
         kept = items[len(items) - count :]

@@ -7,6 +7,7 @@ import gc
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from detector.features.client import ClientFeatures
 from detector.features.clusters import (
@@ -20,7 +21,7 @@ from detector.features.clusters import (
 )
 from detector.features.columns import SEQUENCE_LIMIT
 from detector.features.embedding import Observation
-from detector.features.representatives import HOT
+from detector.features.representatives import HOT, Representatives
 from tests.streams import Stream, record, warmed_tracker
 
 
@@ -32,7 +33,11 @@ def distinct_observations(count: int) -> list[Observation]:
 
 
 def held_bytes(clusters: RecordClusters) -> int:
-    held = [clusters, clusters._fingerprints, clusters._representatives]
+    held: list[RecordClusters | FingerprintTable | Representatives] = [
+        clusters,
+        clusters._fingerprints,
+        clusters._representatives,
+    ]
     values = [getattr(part, name) for part in held for name in type(part).__slots__]
     arrays = [value for value in values if isinstance(value, np.ndarray)]
     return sum(array.nbytes for array in arrays)
@@ -200,6 +205,21 @@ def test_a_client_stored_with_its_labels_spelled_out_tells_flips_as_one_that_nev
     assert [match.label_flip for match in reference] == [False, True, False]
     restored = RecordClusters.from_state(stored | {"labels": ["dog"]})  # as stored before label codes
     assert [restored.assign(observation) for observation in observations[3:]] == reference
+
+
+def test_a_state_holding_codes_labels_and_nulls_together_reads_each_as_its_code() -> None:
+    tracker, stream, clusters = warmed_tracker(), Stream("mixed"), RecordClusters()
+    for observation in tracker.observe([stream.query(record()) for _ in range(3)]):
+        clusters.assign(observation)
+    stored = clusters.state()
+    assert len(stored["labels"]) == 3
+
+    # A version keeping labels wrote one back beside this version's codes (a rolling upgrade).
+    restored = RecordClusters.from_state(stored | {"labels": [label_code("cat"), "dog", None]})
+
+    assert restored.state()["labels"] == [label_code("cat"), label_code("dog"), None]
+    with pytest.raises(ValueError, match="out of range"):
+        RecordClusters.from_state(stored | {"labels": [2**32, None, None]})
 
 
 def test_a_label_code_is_never_that_of_no_label() -> None:
