@@ -99,6 +99,9 @@ class EmbeddedBroker:
             stdin=subprocess.DEVNULL,
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if self._log else subprocess.DEVNULL,
+            # A session of its own: a terminal's Ctrl-C interrupts the process that owns the broker, which
+            # then finishes its work and stops the broker, rather than the broker dying under it first.
+            start_new_session=True,
         )
         try:
             wait_for_port(self.host, self.port, timeout)

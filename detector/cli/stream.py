@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,7 +167,7 @@ def demo(ctx: click.Context, scenario: str, seed: int, workdir: Path, idle_secon
         stderr.print(f"notifications delivered to: {', '.join(result.sinks)}", highlight=False)
     stderr.print(
         f"the daemon's sessions and alerts are in {result.database}: "
-        f"MIA_DATABASE_URL=sqlite:///{result.database} mia-detector alerts list",
+        f"MIA_DATABASE_URL=sqlite:///{result.database} {_this_command()} alerts list",
         highlight=False,
         soft_wrap=True,
     )
@@ -182,3 +184,9 @@ def _alert_log(settings: Settings) -> AlertLog:
 
 
 COMMANDS = [run, replay, produce, broker, demo]
+
+
+def _this_command() -> str:
+    """The command as it was run (`.venv/bin/mia-detector` when not on the PATH), for a hint to paste."""
+    program = sys.argv[0]
+    return shlex.quote(program) if Path(program).name == "mia-detector" else "mia-detector"
