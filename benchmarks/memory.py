@@ -12,7 +12,7 @@ Load: single-row OIP v2 records of 30 features with a probability response, spre
 Run: `python benchmarks/memory.py [--clients N] [--events N] [--rss-clients N] [--json]`. With `--json` the
 last line is one JSON object: `kib_per_active_client` (the detector's state), `kib_per_idle_client` (the
 same clients once idle: their features stored, out of memory), `kib_per_client_query_history`
-(the baseline), `queries_per_client` they were measured at (`--clients 500` gives 200 queries a client),
+(the baseline), `queries_per_client` they were measured at (200 by default: 100,000 events over 500 clients),
 `rss_mib_100k_clients` (the RSS at `--rss-clients`, scaled to 100,000 when another count was asked) and
 `rss_mib_no_clients`.
 """
@@ -148,7 +148,7 @@ def measure_rss(count: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=2_000)
+    parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rss-clients", type=int, default=100_000, help="0 skips the RSS measure")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
