@@ -19,7 +19,7 @@ def print_evaluation(result: Evaluation) -> None:
     from detector.evaluate import format_duration, format_share
 
     table = Table(title="detection by attack kind")
-    for column in ("attack kind", "attackers", "detected", "as this kind", "median queries", "median time"):
+    for column in ("attack kind", "attackers", "detected", "as its kind", "median queries", "median time"):
         table.add_column(column, justify="left" if column == "attack kind" else "right")
     for kind in result.kinds:
         table.add_row(
@@ -36,6 +36,7 @@ def print_evaluation(result: Evaluation) -> None:
     stdout.print(
         f"benign clients falsely alerted: {result.benign_alerted}/{result.benign_clients} "
         f"({format_share(result.benign_alerted_share)}), {result.benign_exposed} more with exposure only; "
+        f"clients ranked by their suspicion score at the end (not by their alerts; see the report): "
         f"ROC AUC {'n/a' if roc.auc is None else f'{roc.auc:.3f}'}, {tpr}",
         highlight=False,
     )
