@@ -14,14 +14,16 @@ from tests.support import fresh_postgres_database
 
 # Property tests: a bounded run by default (CI), `HYPOTHESIS_PROFILE=long` for a long local search. No example
 # database: CI's clone is fresh anyway, and the work tree stays clean.
-_HYPOTHESIS = {"database": None, "deadline": None, "print_blob": True}
+_HYPOTHESIS = settings(database=None, deadline=None, print_blob=True)
 settings.register_profile(
     "ci",
+    parent=_HYPOTHESIS,
     max_examples=300,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    **_HYPOTHESIS,
 )
-settings.register_profile("long", max_examples=20_000, suppress_health_check=list(HealthCheck), **_HYPOTHESIS)
+settings.register_profile(
+    "long", parent=_HYPOTHESIS, max_examples=20_000, suppress_health_check=list(HealthCheck)
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

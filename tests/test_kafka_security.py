@@ -152,7 +152,10 @@ def test_a_ca_that_did_not_sign_the_broker_certificate_fails_fast(
 def test_a_broker_requiring_a_client_certificate_refuses_a_client_without_one_fast(
     tls_broker: BrokerBehindTls, certificates: Certificates, tmp_path: Path
 ) -> None:
-    variables = {"MIA_KAFKA_SECURITY_PROTOCOL": "SSL", "MIA_KAFKA_SSL_CAFILE": certificates.ca}
+    variables: dict[str, str | Path] = {
+        "MIA_KAFKA_SECURITY_PROTOCOL": "SSL",
+        "MIA_KAFKA_SSL_CAFILE": certificates.ca,
+    }
     started = time.monotonic()
     result = mia("run", env=env_for(tls_broker.bootstrap_servers, tmp_path, **variables))
 
@@ -187,7 +190,7 @@ def test_plaintext_against_the_tls_listener_fails_fast(tls_broker: BrokerBehindT
 def test_ssl_against_a_plain_listener_fails_within_the_connect_timeout(
     broker: EmbeddedBroker, certificates: Certificates, tmp_path: Path
 ) -> None:
-    variables = {
+    variables: dict[str, str | Path] = {
         "MIA_KAFKA_SECURITY_PROTOCOL": "SSL",
         "MIA_KAFKA_SSL_CAFILE": certificates.ca,
         "MIA_KAFKA_CONNECT_TIMEOUT_SECONDS": "2",
@@ -235,7 +238,7 @@ def run_until_signalled(env: dict[str, str], log: Path, ready: str, sig: signal.
 def test_a_daemon_waiting_for_a_tls_handshake_stops_at_once_when_signalled(
     broker: EmbeddedBroker, certificates: Certificates, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    variables = {
+    variables: dict[str, str | Path] = {
         "MIA_KAFKA_SECURITY_PROTOCOL": "SSL",
         "MIA_KAFKA_SSL_CAFILE": certificates.ca,
         "MIA_KAFKA_CONNECT_TIMEOUT_SECONDS": "300",
@@ -326,12 +329,12 @@ def test_the_security_settings_reach_the_kafka_clients(
     tls = {"ssl_cafile": certificates.ca} if protocol == "SASL_SSL" else {}
     settings = KafkaSettings(
         bootstrap_servers="127.0.0.1:1",
-        security_protocol=protocol,  # type: ignore[arg-type]
-        sasl_mechanism=mechanism,  # type: ignore[arg-type]
+        security_protocol=protocol,
+        sasl_mechanism=mechanism,
         sasl_username="detector",
-        sasl_password="pw-4-kafka",  # type: ignore[arg-type]
+        sasl_password="pw-4-kafka",
         connect_timeout_seconds=7,
-        **tls,  # type: ignore[arg-type]
+        **tls,
     )
     options = client_options(settings)
     # A given api_version spares the clients their bootstrap: nothing listens on port 1.
@@ -356,9 +359,9 @@ def test_every_client_option_is_one_the_installed_kafka_python_knows(certificate
         ssl_cafile=certificates.ca,
         ssl_certfile=certificates.client_cert,
         ssl_keyfile=certificates.client_key,
-        ssl_password=certificates.client_key_password,  # type: ignore[arg-type]
+        ssl_password=certificates.client_key_password,
         sasl_username="u",
-        sasl_password="p",  # type: ignore[arg-type]
+        sasl_password="p",
     )
     options = set(client_options(settings))
     assert options <= set(KafkaConsumer.DEFAULT_CONFIG)
@@ -373,9 +376,9 @@ def test_the_security_settings_reach_librdkafka_under_its_names(
     sasl = protocol.startswith("SASL")
     settings = KafkaSettings(
         bootstrap_servers="127.0.0.1:1",
-        security_protocol=protocol,  # type: ignore[arg-type]
+        security_protocol=protocol,
         ssl_check_hostname=False,
-        **(  # type: ignore[arg-type]
+        **(
             {
                 "ssl_cafile": certificates.ca,
                 "ssl_certfile": certificates.client_cert,

@@ -97,7 +97,9 @@ def test_wrong_or_missing_credentials_get_401_and_nothing_else(
 ) -> None:
     metrics = Metrics()
     with caplog.at_level(logging.DEBUG), serving(metrics, auth=BasicAuth(USER, PASSWORD)) as port:
-        headers = {} if authorization is None else {"Authorization": authorization}
+        # Bytes, as httpx sends the header: a str value encoded as ASCII, bytes as they are.
+        value = authorization.encode("ascii") if isinstance(authorization, str) else authorization
+        headers = {} if value is None else {b"Authorization": value}
         refused = httpx.get(f"http://{HOST}:{port}/metrics", headers=headers)
         assert refused.status_code == 401
         assert refused.headers["www-authenticate"] == 'Basic realm="mia-detector", charset="UTF-8"'

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from detector.broker import EmbeddedBroker
+from detector.broker import EmbeddedBroker, free_port
 from detector.domain import DeadLetterReason
 from detector.metrics import PREFIX, package_version
 from detector.scoring.model import ScoringModel
 from detector.service import produce_file
 from detector.settings import Settings
 from detector.simulate.sample import MALFORMED
-from tests.prometheus import JOB, free_port, prometheus_binary, query, running_prometheus, values, wait_for
+from tests.prometheus import JOB, prometheus_binary, query, running_prometheus, values, wait_for
 from tests.scoring.test_scoring import RULES, baseline_trajectories
 from tests.support import make_settings, missing_tool
 from tests.test_cli import cli_env, start

@@ -165,9 +165,9 @@ def test_sessions_do_not_depend_on_how_clients_are_interleaved() -> None:
         watermark = float("-inf")
         for start in range(0, len(order), 10):
             batch = order[start : start + 10]
-            for client in sorted(sessions.missing({("m", client) for client, _ in batch})):
+            for key in sorted(sessions.missing({("m", client) for client, _ in batch})):
                 latest = max(
-                    (s for s in stored.values() if s.key == client),
+                    (s for s in stored.values() if s.key == key),
                     key=lambda s: s.last_seen,
                     default=None,
                 )

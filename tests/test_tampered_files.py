@@ -63,7 +63,7 @@ def refit(path: Path, change: Callable[[dict[str, np.ndarray]], dict[str, np.nda
     `change` applied to its arrays."""
     with np.load(path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
-    np.savez(path, **change(arrays))
+    np.savez(path, allow_pickle=False, **change(arrays))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from tests.support import as_written
 class ScriptedSink:
     """Accepts notifications, except that `failures` (a list of errors or None) are raised first."""
 
-    def __init__(self, name: str = "webhook", failures: list[Exception] | None = None) -> None:
+    def __init__(self, name: str = "webhook", failures: Sequence[Exception] | None = None) -> None:
         self.name = name
         self.failures = list(failures or [])
         self.received: list[Notification] = []

@@ -316,7 +316,7 @@ def test_an_alert_keeps_the_detection_time_of_the_query_that_first_crossed(alert
     assert (alert.last_seen, alert.queries) == (utc(START + 600), 90)
 
 
-def attack_that_pauses() -> list:
+def attack_that_pauses() -> list[Detection]:
     """Detections of one client: fired, a pause longer than the quiet period, fired again, and on."""
     return [
         detection(last_seen=START + 60, queries=30),

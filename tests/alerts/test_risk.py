@@ -17,8 +17,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from detector.alerts.risk import RiskPolicy
-from detector.alerts.risk_endpoint import RiskEndpoint, RiskView
-from detector.alerts.risk_feed import InForce, RiskFeed
+from detector.alerts.risk_endpoint import RiskEndpoint
+from detector.alerts.risk_feed import InForce, RiskFeed, RiskView
 from detector.alerts.risk_topic import TOPIC_CONFIGS, RiskTopic, risk_key
 from detector.broker import EmbeddedBroker, free_port
 from detector.domain import (
@@ -386,7 +386,8 @@ def _answer(port: int, model: str, client_id: str) -> dict[str, Any]:
     with urllib.request.urlopen(
         f"http://127.0.0.1:{port}/v1/risk/{model}/{client_id}", timeout=5
     ) as response:
-        return orjson.loads(response.read())
+        answer: dict[str, Any] = orjson.loads(response.read())
+        return answer
 
 
 def _all_read(settings: Settings) -> bool:

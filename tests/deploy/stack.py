@@ -185,7 +185,8 @@ def service_environment(service: Mapping[str, Any], env: Mapping[str, str]) -> d
 
 def compose_with(env: Mapping[str, str]) -> dict[str, Any]:
     """deploy/docker-compose.yml as Compose sees it with `env` as its `.env`."""
-    return interpolate_tree(load_yaml(COMPOSE), env)
+    compose: dict[str, Any] = interpolate_tree(load_yaml(COMPOSE), env)
+    return compose
 
 
 # -- settings ----------------------------------------------------------------------------------------------

@@ -502,7 +502,7 @@ def mounted(service: dict[str, Any], container_path: str) -> Path | None:
         source, _, rest = volume.partition(":")
         target = rest.split(":")[0]
         if target == container_path and source.startswith("."):
-            return (COMPOSE.parent / source).resolve()
+            return COMPOSE.parent.joinpath(source).resolve()
     return None
 
 
@@ -645,7 +645,8 @@ def test_the_postgres_init_script_makes_a_role_that_can_read_the_detectors_table
 
 @pytest.fixture(scope="module")
 def datasources() -> list[dict[str, Any]]:
-    return load_yaml(GRAFANA_DATASOURCES)["datasources"]
+    sources: list[dict[str, Any]] = load_yaml(GRAFANA_DATASOURCES)["datasources"]
+    return sources
 
 
 def dashboards() -> dict[str, dict[str, Any]]:

@@ -138,13 +138,11 @@ def test_a_daemon_killed_three_times_mid_stream_loses_and_duplicates_nothing(
         daemon = Daemon(args, env | metrics, tmp_path / f"run{kill}.log", request, metrics_port=port)
         runs.append(daemon)
         threshold = expected.events * (kill + 1) // (KILLS + 1)
-        wait_until(
-            lambda daemon=daemon, threshold=threshold: (
-                store.count_seen_events() >= threshold or not daemon.alive
-            ),
-            120,
-            f"run {kill + 1} to store {threshold} events",
-        )
+
+        def stored_or_exited(daemon: Daemon = daemon, threshold: int = threshold) -> bool:
+            return store.count_seen_events() >= threshold or not daemon.alive
+
+        wait_until(stored_or_exited, 120, f"run {kill + 1} to store {threshold} events")
         assert daemon.alive, f"run {kill + 1} exited by itself:\n{daemon.tail()}"
         time.sleep(KILL_DELAYS[kill])  # a different moment between two commits each time
         read = read_ahead(daemon, store, stored_before)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from detector.domain import Exposure, Requested
+from detector.domain import Exposure, Query, Requested
 from detector.features.client import ClientFeatures, TrainingIndexes
 from detector.features.exposure import answered_with_probabilities
 from tests.streams import SetIndex, Stream, augmentation_probe, harvest, record, warmed_tracker
 
 
-def exposure_after(queries: list, training: list[np.ndarray] | None = None) -> tuple[Exposure, Exposure]:
+def exposure_after(
+    queries: list[Query], training: list[np.ndarray] | None = None
+) -> tuple[Exposure, Exposure]:
     """The exposure of the queries' client, and the tracker's total over every client, after the queries."""
     tracker = warmed_tracker()
     if training is not None:

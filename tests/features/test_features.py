@@ -115,8 +115,8 @@ def test_text_prompts_that_share_most_trigrams_are_variants() -> None:
 
 def test_memory_is_bounded_per_client_and_in_clients() -> None:
     tracker = FeatureTracker(max_clients=5)
-    for client in range(8):
-        stream = Stream(client=f"c{client}")
+    for number in range(8):
+        stream = Stream(client=f"c{number}")
         tracker.update([stream.query(record()) for _ in range(10)])
     assert len(tracker) == 5
     busy = Stream("busy")

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from detector.domain import DeadLetterReason, InvalidRecord
 from detector.ingest import RecordDecoder
-from detector.ingest.decode import JSON_MAX_DEPTH, MAX_LABEL_CHARS
+from detector.ingest.decode import MAX_LABEL_CHARS
+from detector.ingest.wire import JSON_MAX_DEPTH
 from detector.schemas import EXAMPLE_RECORDS, MAX_NAME_CHARS, MAX_TENSOR_DIMS, MAX_TENSORS, json_schemas
 from detector.settings import IngestSettings
 from tests.hostile import (

@@ -53,7 +53,7 @@ def pipeline_on(settings: Settings) -> Iterator[tuple[Pipeline, Store]]:
 def settings_for(url: str, **groups: dict[str, Any]) -> Settings:
     # Nothing commits by itself: each test says when.
     commit = {"min_records": 1_000_000, "min_interval_seconds": 3600.0} | groups.pop("commit", {})
-    return make_settings(url, commit=commit, **groups)
+    return make_settings(url, broker=None, commit=commit, **groups)
 
 
 def stored_counts(store: Store) -> tuple[int, int]:

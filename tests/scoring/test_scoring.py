@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.domain import AlertKind, Requested, Severity
+from detector.domain import AlertKind, Detection, Query, Requested, Severity
 from detector.features.client import ClientFeatures, FeatureTracker, TrainingIndexes
 from detector.scoring.detector import Detector, Moment
 from detector.scoring.model import FOREST_FILE, MANIFEST_FILE, ModelError, ScoringModel, _manifest_hash
@@ -33,7 +33,7 @@ from tests.streams import (
 RULES = load_rules()
 
 
-def client_after(queries: list, tracker: FeatureTracker | None = None) -> ClientFeatures:
+def client_after(queries: list[Query], tracker: FeatureTracker | None = None) -> ClientFeatures:
     tracker = tracker or warmed_tracker()
     for start in range(0, len(queries), 50):
         tracker.update(queries[start : start + 50])
@@ -42,7 +42,7 @@ def client_after(queries: list, tracker: FeatureTracker | None = None) -> Client
     return client
 
 
-def fired_on(detector: Detector, key: tuple[str, str], client: ClientFeatures) -> list:
+def fired_on(detector: Detector, key: tuple[str, str], client: ClientFeatures) -> list[Detection]:
     """The detections that fired on `client` judged now, on its latest query."""
     return [d for d in detector.evaluate(Moment.of(key, client, client.last_seen)) if d.fired]
 
@@ -123,13 +123,15 @@ def test_training_set_targeting_fires_on_candidates_from_the_training_set() -> N
     assert detections[0].severity is Severity.CRITICAL
 
 
-def harvest_detection(detector: Detector, queries: list, tracker: FeatureTracker | None = None):  # type: ignore[no-untyped-def]
+def harvest_detection(
+    detector: Detector, queries: list[Query], tracker: FeatureTracker | None = None
+) -> Detection:
     client = client_after(queries, tracker)
     fired = fired_on(detector, (queries[0].model, queries[0].client_id), client)
     return next(detection for detection in fired if detection.kind is AlertKind.CONFIDENCE_HARVESTING)
 
 
-def shadow_harvest(members: list[np.ndarray], member_share: float) -> tuple[list, FeatureTracker]:
+def shadow_harvest(members: list[np.ndarray], member_share: float) -> tuple[list[Query], FeatureTracker]:
     """400 candidates asked for their probabilities, `member_share` of them training records."""
     tracker = warmed_tracker()
     tracker.training_indexes = TrainingIndexes(default=SetIndex(members))

@@ -294,16 +294,16 @@ def test_an_edited_index_is_refused_by_its_sha256_and_without_the_key_by_its_cod
     # Someone drops every exact digest (to blind the detector) and writes a well-formed archive (the zip's
     # checksums right): the SHA-256 finds it.
     edited = arrays | {"exact": arrays["exact"][:1].copy()}
-    np.savez(path, **edited)
+    np.savez(path, allow_pickle=False, **edited)
     with pytest.raises(IndexFileError, match="damaged or altered \\(its SHA-256 does not match\\)"):
         TrainingSetIndex.load(path, key=KEY)
     # Without the key, recomputing the SHA-256 is not enough.
     edited["sha256"] = np.frombuffer(content_digest(edited), dtype=np.uint8)
-    np.savez(path, **edited)
+    np.savez(path, allow_pickle=False, **edited)
     with pytest.raises(IndexFileError, match="does not match its key"):
         TrainingSetIndex.load(path, key=KEY)
     # With the key, the same edit is accepted: the integrity code is what tells the two apart.
-    np.savez(path, **sealed(edited, KEY))
+    np.savez(path, allow_pickle=False, **sealed(edited, KEY))
     assert TrainingSetIndex.load(path, key=KEY).size == len(training)
 
 
@@ -330,7 +330,7 @@ def craft_pickle_index(path: Path, marker: Path) -> None:
     tmp.unlink()
     payload = np.empty(1, dtype=object)
     payload[0] = Touch(marker)
-    np.savez(path, **(arrays | {"exact": payload}))
+    np.savez(path, allow_pickle=True, **(arrays | {"exact": payload}))
 
 
 class Touch:
@@ -357,18 +357,24 @@ def test_files_that_are_not_indexes_are_refused(tmp_path: Path) -> None:
 
     for version in (1, 99):  # 1: without the integrity fields
         other_version = tmp_path / f"v{version}.npz"
-        np.savez(other_version, **sealed(arrays | {"version": np.array(version, dtype=np.int64)}, KEY))
+        np.savez(
+            other_version,
+            allow_pickle=False,
+            **sealed(arrays | {"version": np.array(version, dtype=np.int64)}, KEY),
+        )
         with pytest.raises(IndexFileError, match=f"format version {version}, expected {FORMAT_VERSION}"):
             TrainingSetIndex.load(other_version)
 
     unsorted = tmp_path / "unsorted.npz"
-    np.savez(unsorted, **sealed(arrays | {"exact": arrays["exact"][::-1].copy()}, KEY))
+    np.savez(unsorted, allow_pickle=False, **sealed(arrays | {"exact": arrays["exact"][::-1].copy()}, KEY))
     with pytest.raises(IndexFileError, match="malformed"):
         TrainingSetIndex.load(unsorted)
 
     for missing in ("sha256", "mac"):
         without = tmp_path / f"without-{missing}.npz"
-        np.savez(without, **{name: array for name, array in arrays.items() if name != missing})
+        np.savez(
+            without, allow_pickle=False, **{name: array for name, array in arrays.items() if name != missing}
+        )
         with pytest.raises(IndexFileError, match=f"malformed training-set index \\(field '{missing}'\\)"):
             TrainingSetIndex.load(without)
 
