@@ -65,8 +65,11 @@ def test_members_joining_and_leaving_while_results_are_uncommitted_lose_nothing(
     produce_file(settings, after, topic)  # read by both members
 
     time.sleep(2.0)
+    # Counted before the second member leaves: the embedded broker now and then gives the joiner its share
+    # and the first member none until the next rebalance, so the first may have been assigned once or twice.
+    assigned = first.text().count("partitions assigned")
     assert second.stop() == 0, second.tail()  # a member leaving: the first gets its partitions back
-    wait_until(lambda: first.text().count("partitions assigned") >= 3, 60, "the last rebalance")
+    wait_until(lambda: first.text().count("partitions assigned") > assigned, 60, "the last rebalance")
     wait_until(lambda: tally(settings).seen_events >= expected.events * 0.99, 120, "the rest of the stream")
     time.sleep(2.0)
     assert first.stop() == 0, first.tail()
