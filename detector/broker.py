@@ -6,8 +6,11 @@ It keeps topics in memory only, so it serves demos and tests; production points
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -65,8 +68,20 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
+# prctl(2): the signal a process gets when the thread that started it ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_owner() -> None:
+    """In the broker's process before it runs: SIGTERM once its owner is gone, however it went (killed,
+    its process group killed): out of the owner's session, nothing else would stop it."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class EmbeddedBroker:
-    """A tansu broker child process on 127.0.0.1; a context manager that stops it on exit."""
+    """A tansu broker child process on 127.0.0.1; a context manager that stops it on exit. The broker also
+    stops when the thread that started it ends, or its process dies."""
 
     def __init__(
         self, port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None
@@ -102,6 +117,7 @@ class EmbeddedBroker:
             # A session of its own: a terminal's Ctrl-C interrupts the process that owns the broker, which
             # then finishes its work and stops the broker, rather than the broker dying under it first.
             start_new_session=True,
+            preexec_fn=_stop_with_owner,
         )
         try:
             wait_for_port(self.host, self.port, timeout)

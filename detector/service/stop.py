@@ -1,4 +1,5 @@
-"""Stopping a daemon: SIGTERM and SIGINT set a flag the consumer loop looks at, or interrupt a wait."""
+"""Stopping a daemon: SIGTERM, SIGINT and SIGHUP (its terminal closed) set a flag the consumer loop looks
+at, or interrupt a wait."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
+# A terminal closing sends SIGHUP: the process stops as cleanly as on SIGTERM (and stops its broker).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 
 class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived inside `StopFlag.interruptible()`."""
+    """A stop signal (`STOP_SIGNALS`) arrived inside `StopFlag.interruptible()`."""
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT (or by code): the daemon finishes its batch, commits and returns."""
+    """Set by a stop signal (`STOP_SIGNALS`) or by code: the daemon finishes its batch, commits, returns."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -32,7 +36,7 @@ class StopFlag:
 
     @contextmanager
     def on_signals(self) -> Iterator[StopFlag]:
-        """Within the block, SIGTERM and SIGINT set the flag instead of killing the process."""
+        """Within the block, SIGTERM, SIGINT and SIGHUP set the flag instead of killing the process."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -46,7 +50,7 @@ class StopFlag:
                 raise Interrupted(name)
             log.info("received %s: finishing the batch, committing, exiting", name)
 
-        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
         try:
             yield self
         finally:
@@ -55,7 +59,7 @@ class StopFlag:
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
-        """Within the block, SIGTERM and SIGINT (under `on_signals`) also raise `Interrupted` at once, out of
+        """Within the block, a stop signal (under `on_signals`) also raises `Interrupted` at once, out of
         whatever blocks: for calls that wait without looking at the flag, such as kafka-python's clients
         connecting in their constructors. Raises `Interrupted` at the start when the flag is already set."""
         if self:
