@@ -176,7 +176,7 @@ class ClientFeatures:
         """A client continuing from what `to_bytes` wrote; raises `ValueError` on anything else."""
         try:
             return cls.from_state(orjson.loads(stored))
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise ValueError(f"not a stored client state: {exc!r}") from None
 
     @classmethod

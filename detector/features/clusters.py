@@ -390,11 +390,14 @@ class RecordClusters:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> RecordClusters:
         """Clusters continuing from `state` (see `state`), sharing nothing with it. A state stored with exact
-        float32 points for every cluster (before `Representatives`) comes back with them quantised."""
+        float32 points for every cluster (before `Representatives`) comes back with them quantised. Raises
+        `ValueError` on labels that are not one a cluster, or a label code out of range."""
         clusters = cls()
         used = clusters._used = len(state["ids"])
         capacity = max(4, used)
         clusters._ids = extended(np.array(state["ids"], dtype=np.int64), capacity)
+        if len(state["labels"]) != used:
+            raise ValueError("a stored state has not one label a cluster")
         clusters._label_codes = extended(_stored_label_codes(state["labels"]), capacity)
         clusters._sizes = extended(
             np.minimum(np.array(state["sizes"], dtype=np.int64), SIZE_LIMIT).astype(np.int32), capacity

@@ -7,6 +7,7 @@ import gc
 import tracemalloc
 
 import numpy as np
+import orjson
 import pytest
 
 from detector.features.client import ClientFeatures
@@ -220,6 +221,19 @@ def test_a_state_holding_codes_labels_and_nulls_together_reads_each_as_its_code(
     assert restored.state()["labels"] == [label_code("cat"), label_code("dog"), None]
     with pytest.raises(ValueError, match="out of range"):
         RecordClusters.from_state(stored | {"labels": [2**32, None, None]})
+    with pytest.raises(ValueError, match="one label a cluster"):
+        RecordClusters.from_state(stored | {"labels": [None, None]})
+
+
+def test_a_stored_client_with_a_number_out_of_range_is_unreadable_not_a_crash() -> None:
+    tracker, stream, client = warmed_tracker(), Stream("corrupt"), ClientFeatures()
+    for observation in tracker.observe([stream.query(record()) for _ in range(3)]):
+        client.update(observation)
+    state = orjson.loads(client.to_bytes())
+    state["clusters"]["fingerprints"][0][1] = 2**63  # a cluster id no int64 holds
+
+    with pytest.raises(ValueError, match="not a stored client state"):
+        ClientFeatures.from_bytes(orjson.dumps(state))
 
 
 def test_a_label_code_is_never_that_of_no_label() -> None:
