@@ -187,6 +187,7 @@ COMMANDS = [run, replay, produce, broker, demo]
 
 
 def _this_command() -> str:
-    """The command as it was run (`.venv/bin/mia-detector` when not on the PATH), for a hint to paste."""
+    """The command as it was run, for a hint to paste: its path when run by path (`.venv/bin/mia-detector`
+    from `make run`), else `mia-detector`."""
     program = sys.argv[0]
     return shlex.quote(program) if Path(program).name == "mia-detector" else "mia-detector"
