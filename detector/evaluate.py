@@ -44,6 +44,7 @@ from detector.service import (
     replay,
 )
 from detector.settings import Settings
+from detector.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +207,10 @@ def evaluate(
     """Replay `events` through the configured detector, compare its alerts with `truth`, write the report.
 
     The run uses its own SQLite database `out/evaluation.db` (recreated each time; the configured database
-    is never touched) and keeps every client's features to the end. Writes `report.md`, `roc.png`,
-    `scores.png` and `summary.json` into `out` (created if needed). `progress` is called with each batch
-    of records read, as by `replay`. Raises `TruthError` for a malformed truth file.
+    is never touched) and scores every client on its features at the end, those stored once idle included.
+    Writes `report.md`, `roc.png`, `scores.png` and `summary.json` into `out` (created if needed).
+    `progress` is called with each batch of records read, as by `replay`. Raises `TruthError` for a
+    malformed truth file.
     """
     began = time.perf_counter()
     labelled = read_truth(truth)
@@ -238,6 +240,13 @@ def evaluate(
     detect = build_detection(run_settings, model, load_training_indexes(run_settings))
     alerts = _AlertLog(run_settings.alerts.min_severity)
     stats = replay(run_settings, [str(events)], progress=progress, alerts=alerts, detect=detect)
+    # As in the daemon, clients idle for a session gap left memory once stored: they are scored (and their
+    # span measured) from the states stored, or the report would rank most clients at 0.
+    store = open_store(run_settings, migrate=False)
+    try:
+        detect.tracker.restore(store.every_client_state())
+    finally:
+        store.close()
 
     scores = suspicion_scores(detect.tracker, detect.detector.scorer, run_settings.detection.allow_list())
     seen = [client for _, client in detect.tracker.items()]

@@ -170,6 +170,23 @@ def test_the_score_ranks_every_attacker_above_every_benign_client(evaluated: Eva
     assert (evaluated.roc.positives, evaluated.roc.negatives) == (2, 6)
 
 
+def test_clients_idle_by_the_end_are_scored_from_their_stored_state(
+    labelled: Labelled, tmp_path: Path
+) -> None:
+    # One last query hours later, of a client new to the stream: every other client is idle by then, and
+    # leaves memory once stored.
+    row, probabilities = np.ones((1, WIDTH), dtype=np.float32), np.array([[0.5, 0.5]], dtype=np.float32)
+    later = oip_record("latecomer-0", START + 4 * 3600.0, "latecomer", row, probabilities)
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(labelled.events.read_bytes() + orjson.dumps(later) + b"\n")
+    evaluation = evaluate(operator_settings(tmp_path), events, labelled.truth, tmp_path / "out")
+    scores = {outcome.client_id: outcome.score for outcome in evaluation.clients}
+    assert scores[PROBER] >= 1.0 and scores[WALKER] >= 1.0
+    assert evaluation.roc.auc == 1.0
+    assert evaluation.span_seconds > 3 * 3600.0  # from the first hour's queries, of clients let go
+    assert evaluation.unlabelled_clients == 2  # the stranger, let go, and the latecomer
+
+
 def test_report_figures_and_summary_are_written(evaluated: Evaluation) -> None:
     for name in ("roc.png", "scores.png"):
         assert (evaluated.out / name).read_bytes().startswith(PNG_MAGIC)

@@ -220,6 +220,15 @@ class Store(Repository):
                 found.update({(model, client_id): state for model, client_id, state in rows})
         return found
 
+    def every_client_state(self) -> dict[SessionKey, bytes]:
+        """The stored state of every (model, client) key: the whole table, for a database of bounded size
+        (an evaluation's own). Raises `StorageError`."""
+        with storage_errors("reading client states"), self._engine.connect() as connection:
+            rows = connection.execute(
+                select(ClientStateRow.model, ClientStateRow.client_id, ClientStateRow.state)
+            )
+            return {(model, client_id): state for model, client_id, state in rows}
+
     def pools(self, keys: Collection[PoolKey]) -> dict[PoolKey, bytes]:
         """The stored state of each of the (model, network) pools `keys` that has one, unlocked (see
         `Transaction.read_pools` for the locked read of a commit). Raises `StorageError`."""
