@@ -10,6 +10,11 @@ from detector.features.embedding import Observation
 
 BURST_SIZE = 3  # the record itself and two variants: the smallest augmentation probe (2r+1 with r=1)
 WALK_SIZE = 50  # beyond the largest augmentation bursts: a walk
+# A boundary walk flips its label every few queries, behind cover traffic too; a busy benign client meets a
+# near-neighbour of another label now and then (one flip per thousands of queries), and would reach any
+# count of flips over its lifetime. Flips are also counted over the latest `RECENT_QUERIES` queries.
+RECENT_QUERIES = 512
+RECENT_FLIPS_KEPT = 8
 
 
 @dataclasses.dataclass(slots=True)
@@ -32,6 +37,8 @@ class NearDuplicateProbing(CounterFeature):
     burst_clusters: int = 0
     walk_clusters: int = 0
     max_cluster_size: int = 1
+    # The query number (`queries` then) of each of the latest `RECENT_FLIPS_KEPT` flips, oldest first.
+    flipped_at: list[int] = dataclasses.field(default_factory=list)
 
     def update(self, observation: Observation, match: ClusterMatch) -> None:
         self.queries += 1
@@ -48,6 +55,8 @@ class NearDuplicateProbing(CounterFeature):
             self.label_only_variants += 1
         if match.label_flip:
             self.flips += 1
+            self.flipped_at.append(self.queries)
+            del self.flipped_at[:-RECENT_FLIPS_KEPT]
         if match.cluster_size == BURST_SIZE:
             self.burst_clusters += 1
         if match.cluster_size == WALK_SIZE:
@@ -62,6 +71,7 @@ class NearDuplicateProbing(CounterFeature):
             "label_only_share": ratio(self.label_only_variants, self.dense_variants),
             "flips": self.flips,
             "flip_rate": ratio(self.flips, self.dense_variants),
+            "recent_flips": sum(1 for at in self.flipped_at if self.queries - at < RECENT_QUERIES),
             "burst_clusters": self.burst_clusters,
             # Bursts per query: probing sends one per few dozen queries, benign near-neighbours one per
             # thousands; interleaving cover traffic only dilutes it a few times.

@@ -16,6 +16,7 @@ from tests.streams import (
     confidence_climb,
     harvest,
     record,
+    rng,
     snapshot_after,
     warmed_tracker,
 )
@@ -53,6 +54,27 @@ def test_a_boundary_walk_stays_one_cluster_and_counts_label_flips() -> None:
     assert values["probing.walk_clusters"] >= 1
     assert values["probing.flips"] > 100
     assert values["similarity.distinct_share"] < 0.05
+
+
+def test_flips_count_as_recent_among_the_latest_512_queries_only() -> None:
+    stream = Stream()
+    flipped_pairs = []  # a busy client's rare near-neighbours of another label, far apart
+    for _ in range(4):
+        base = record()
+        flipped_pairs.append(stream.query(base, label="0", requested=Requested.LABEL))
+        near = base + rng.normal(size=base.shape).astype(np.float32) * SCALE * 0.004
+        flipped_pairs.append(stream.query(near, label="1", requested=Requested.LABEL))
+        flipped_pairs += [stream.query(record(), requested=Requested.LABEL) for _ in range(600)]
+    tracker = warmed_tracker()
+    values = snapshot_after(flipped_pairs, tracker)
+    assert values["probing.flips"] == 4 and values["probing.recent_flips"] == 0
+
+    walked = snapshot_after(boundary_walk(stream, steps=60), tracker)
+    assert walked["probing.recent_flips"] == 8  # as many as are kept
+    quiet = snapshot_after([stream.query(record(), requested=Requested.LABEL) for _ in range(450)], tracker)
+    assert quiet["probing.recent_flips"] == 8  # the walk's flips, within its last 62 queries
+    over = snapshot_after([stream.query(record(), requested=Requested.LABEL) for _ in range(62)], tracker)
+    assert over["probing.recent_flips"] == 0 and over["probing.flips"] == walked["probing.flips"]
 
 
 def test_harvesting_counts_distinct_records_asked_for_confidence() -> None:
