@@ -12,7 +12,8 @@ BURST_SIZE = 3  # the record itself and two variants: the smallest augmentation 
 WALK_SIZE = 50  # beyond the largest augmentation bursts: a walk
 # A boundary walk flips its label every few queries, behind cover traffic too; a busy benign client meets a
 # near-neighbour of another label now and then (one flip per thousands of queries), and would reach any
-# count of flips over its lifetime. Flips are also counted over the latest `RECENT_QUERIES` queries.
+# count of flips over its lifetime. So flips are also counted within `RECENT_QUERIES` consecutive queries,
+# at most `RECENT_FLIPS_KEPT` (the most a rule may ask for: the latest flips are kept, not all).
 RECENT_QUERIES = 512
 RECENT_FLIPS_KEPT = 8
 
@@ -37,6 +38,10 @@ class NearDuplicateProbing(CounterFeature):
     burst_clusters: int = 0
     walk_clusters: int = 0
     max_cluster_size: int = 1
+    # The most flips within `RECENT_QUERIES` consecutive queries so far. It only grows, like every counter
+    # here: what a rule reads of it does not depend on when the client happens to be judged (every ~3 %
+    # of its queries) or snapshotted for calibration (every 25 %).
+    peak_recent_flips: int = 0
     # The query number (`queries` then) of each of the latest `RECENT_FLIPS_KEPT` flips, oldest first.
     flipped_at: list[int] = dataclasses.field(default_factory=list)
 
@@ -57,6 +62,9 @@ class NearDuplicateProbing(CounterFeature):
             self.flips += 1
             self.flipped_at.append(self.queries)
             del self.flipped_at[:-RECENT_FLIPS_KEPT]
+            # A window holds the most flips when it ends at one: this one.
+            recent = sum(1 for at in self.flipped_at if self.queries - at < RECENT_QUERIES)
+            self.peak_recent_flips = max(self.peak_recent_flips, recent)
         if match.cluster_size == BURST_SIZE:
             self.burst_clusters += 1
         if match.cluster_size == WALK_SIZE:
@@ -71,7 +79,7 @@ class NearDuplicateProbing(CounterFeature):
             "label_only_share": ratio(self.label_only_variants, self.dense_variants),
             "flips": self.flips,
             "flip_rate": ratio(self.flips, self.dense_variants),
-            "recent_flips": sum(1 for at in self.flipped_at if self.queries - at < RECENT_QUERIES),
+            "peak_recent_flips": self.peak_recent_flips,
             "burst_clusters": self.burst_clusters,
             # Bursts per query: probing sends one per few dozen queries, benign near-neighbours one per
             # thousands; interleaving cover traffic only dilutes it a few times.

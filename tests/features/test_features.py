@@ -7,6 +7,9 @@ import pytest
 
 from detector.domain import Requested
 from detector.features.client import FeatureTracker, TrainingIndexes
+from detector.features.clusters import ClusterMatch, MatchKind
+from detector.features.embedding import PROJECTION_DIM, Observation
+from detector.features.probing import RECENT_FLIPS_KEPT, NearDuplicateProbing
 from tests.streams import (
     SCALE,
     SetIndex,
@@ -56,9 +59,9 @@ def test_a_boundary_walk_stays_one_cluster_and_counts_label_flips() -> None:
     assert values["similarity.distinct_share"] < 0.05
 
 
-def test_flips_count_as_recent_among_the_latest_512_queries_only() -> None:
+def test_a_busy_clients_rare_flips_are_not_a_walks_pace_and_a_walks_stays_counted() -> None:
     stream = Stream()
-    flipped_pairs = []  # a busy client's rare near-neighbours of another label, far apart
+    flipped_pairs = []  # rare near-neighbours of another label, far apart
     for _ in range(4):
         base = record()
         flipped_pairs.append(stream.query(base, label="0", requested=Requested.LABEL))
@@ -67,14 +70,24 @@ def test_flips_count_as_recent_among_the_latest_512_queries_only() -> None:
         flipped_pairs += [stream.query(record(), requested=Requested.LABEL) for _ in range(600)]
     tracker = warmed_tracker()
     values = snapshot_after(flipped_pairs, tracker)
-    assert values["probing.flips"] == 4 and values["probing.recent_flips"] == 0
+    assert values["probing.flips"] == 4 and values["probing.peak_recent_flips"] == 1
 
     walked = snapshot_after(boundary_walk(stream, steps=60), tracker)
-    assert walked["probing.recent_flips"] == 8  # as many as are kept
-    quiet = snapshot_after([stream.query(record(), requested=Requested.LABEL) for _ in range(450)], tracker)
-    assert quiet["probing.recent_flips"] == 8  # the walk's flips, within its last 62 queries
-    over = snapshot_after([stream.query(record(), requested=Requested.LABEL) for _ in range(62)], tracker)
-    assert over["probing.recent_flips"] == 0 and over["probing.flips"] == walked["probing.flips"]
+    assert walked["probing.peak_recent_flips"] == RECENT_FLIPS_KEPT  # as many as are kept
+    quiet = snapshot_after([stream.query(record(), requested=Requested.LABEL) for _ in range(600)], tracker)
+    assert quiet["probing.peak_recent_flips"] == RECENT_FLIPS_KEPT  # however long ago
+
+
+@pytest.mark.parametrize(("fourth_flip_at", "peak"), [(512, 4), (513, 3)])
+def test_flips_count_together_within_512_consecutive_queries(fourth_flip_at: int, peak: int) -> None:
+    stream, feature = Stream(), NearDuplicateProbing()
+    query = stream.query(record(), requested=Requested.LABEL)
+    observation = Observation(query, np.zeros(PROJECTION_DIM, dtype=np.float32), None, 0, None)
+    flip = ClusterMatch(MatchKind.VARIANT, 0, 0.01, dense=True, label_flip=True, cluster_size=2, gap=1)
+    other = ClusterMatch(MatchKind.NEW, 1, 1.0)
+    for number in range(1, fourth_flip_at + 1):
+        feature.update(observation, flip if number in {1, 2, 3, fourth_flip_at} else other)
+    assert feature.values()["peak_recent_flips"] == peak
 
 
 def test_harvesting_counts_distinct_records_asked_for_confidence() -> None:

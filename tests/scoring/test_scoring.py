@@ -15,6 +15,7 @@ import pytest
 
 from detector.domain import AlertKind, Detection, Query, Requested, Severity
 from detector.features.client import ClientFeatures, FeatureTracker, TrainingIndexes
+from detector.features.probing import RECENT_FLIPS_KEPT
 from detector.scoring.detector import Detector, Moment
 from detector.scoring.model import FOREST_FILE, MANIFEST_FILE, ModelError, ScoringModel, _manifest_hash
 from detector.scoring.profiles import ClientProfile
@@ -185,6 +186,25 @@ def test_benign_look_alikes_stay_quiet() -> None:
     detector = Detector(RULES)
     for name, client in benign_clients().items():
         assert fired_on(detector, ("m", name), client) == [], name
+
+
+def test_a_busy_clients_rare_flips_never_add_up_to_a_boundary_walk() -> None:
+    stream, queries = Stream("busy-app"), []
+    for _ in range(10):  # a near-neighbour of another label now and then, among thousands of records
+        base = record()
+        queries.append(stream.query(base, label="0", requested=Requested.LABEL))
+        near = base + np.random.default_rng(len(queries)).normal(size=base.shape).astype(np.float32) * 0.01
+        queries.append(stream.query(near, label="1", requested=Requested.LABEL))
+        queries += [stream.query(record(), requested=Requested.LABEL) for _ in range(600)]
+    client = client_after(queries)
+    values = client.snapshot()
+    assert values["probing.flips"] == 10 and values["probing.dense_variants"] == 10  # a lifetime's worth
+    assert fired_on(Detector(RULES), ("m", "busy-app"), client) == []
+
+
+def test_no_rule_asks_for_more_flips_at_a_walks_pace_than_are_kept() -> None:
+    for rule in RULES:
+        assert rule.requires.get("probing.peak_recent_flips", 0.0) <= RECENT_FLIPS_KEPT, rule.id
 
 
 def baseline_trajectories() -> list[list[dict[str, float]]]:
