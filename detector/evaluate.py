@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from detector.alerts.lifecycle import AlertChange
 from detector.alerts.sinks import without_sinks
-from detector.domain import AllowList, Detection, Severity
+from detector.domain import AllowList, Detection, Severity, display_name
 from detector.features.client import FeatureTracker
 from detector.scoring.scorer import Scorer
 from detector.service import (
@@ -244,9 +244,15 @@ def evaluate(
     # span measured) from the states stored, or the report would rank most clients at 0.
     store = open_store(run_settings, migrate=False)
     try:
-        detect.tracker.restore(store.every_client_state())
+        unreadable = detect.tracker.restore(store.every_client_state())
     finally:
         store.close()
+    for model_name, client_id in unreadable:
+        log.warning(
+            "the stored features of client %s of model %s are unreadable: scored 0",
+            display_name(client_id),
+            display_name(model_name),
+        )
 
     scores = suspicion_scores(detect.tracker, detect.detector.scorer, run_settings.detection.allow_list())
     seen = [client for _, client in detect.tracker.items()]
