@@ -105,6 +105,19 @@ def boundary_walk(stream: Stream, steps: int = 400) -> list[Query]:
     return queries
 
 
+def rare_flips(stream: Stream, flips: int, apart: int = 600) -> list[Query]:
+    """A busy benign client's rare near-neighbours of another label: `flips` times a record and a near copy
+    of it labelled otherwise (one label flip each), then `apart` distinct records; label-only."""
+    queries = []
+    for _ in range(flips):
+        base = record()
+        queries.append(stream.query(base, label="0", requested=Requested.LABEL))
+        near = base + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.004
+        queries.append(stream.query(near, label="1", requested=Requested.LABEL))
+        queries += [stream.query(record(), requested=Requested.LABEL) for _ in range(apart)]
+    return queries
+
+
 def harvest(stream: Stream, records: int = 300) -> list[Query]:
     """Confidence harvesting: one query per distinct record, asking for the probability vector."""
     probabilities = np.array([0.7, 0.2, 0.1], dtype=np.float32)

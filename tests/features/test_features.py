@@ -18,8 +18,8 @@ from tests.streams import (
     boundary_walk,
     confidence_climb,
     harvest,
+    rare_flips,
     record,
-    rng,
     snapshot_after,
     warmed_tracker,
 )
@@ -60,16 +60,8 @@ def test_a_boundary_walk_stays_one_cluster_and_counts_label_flips() -> None:
 
 
 def test_a_busy_clients_rare_flips_are_not_a_walks_pace_and_a_walks_stays_counted() -> None:
-    stream = Stream()
-    flipped_pairs = []  # rare near-neighbours of another label, far apart
-    for _ in range(4):
-        base = record()
-        flipped_pairs.append(stream.query(base, label="0", requested=Requested.LABEL))
-        near = base + rng.normal(size=base.shape).astype(np.float32) * SCALE * 0.004
-        flipped_pairs.append(stream.query(near, label="1", requested=Requested.LABEL))
-        flipped_pairs += [stream.query(record(), requested=Requested.LABEL) for _ in range(600)]
-    tracker = warmed_tracker()
-    values = snapshot_after(flipped_pairs, tracker)
+    stream, tracker = Stream(), warmed_tracker()
+    values = snapshot_after(rare_flips(stream, flips=4), tracker)
     assert values["probing.flips"] == 4 and values["probing.peak_recent_flips"] == 1
 
     walked = snapshot_after(boundary_walk(stream, steps=60), tracker)

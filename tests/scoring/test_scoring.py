@@ -27,6 +27,7 @@ from tests.streams import (
     boundary_walk,
     confidence_climb,
     harvest,
+    rare_flips,
     record,
     warmed_tracker,
 )
@@ -189,14 +190,7 @@ def test_benign_look_alikes_stay_quiet() -> None:
 
 
 def test_a_busy_clients_rare_flips_never_add_up_to_a_boundary_walk() -> None:
-    stream, queries = Stream("busy-app"), []
-    for _ in range(10):  # a near-neighbour of another label now and then, among thousands of records
-        base = record()
-        queries.append(stream.query(base, label="0", requested=Requested.LABEL))
-        near = base + np.random.default_rng(len(queries)).normal(size=base.shape).astype(np.float32) * 0.01
-        queries.append(stream.query(near, label="1", requested=Requested.LABEL))
-        queries += [stream.query(record(), requested=Requested.LABEL) for _ in range(600)]
-    client = client_after(queries)
+    client = client_after(rare_flips(Stream("busy-app"), flips=10))
     values = client.snapshot()
     assert values["probing.flips"] == 10 and values["probing.dense_variants"] == 10  # a lifetime's worth
     assert fired_on(Detector(RULES), ("m", "busy-app"), client) == []
