@@ -157,7 +157,11 @@ class IngestSettings(BaseModel):
     """Limits that turn oversized or malformed input into dead letters instead of work."""
 
     model_config = _GROUP
-    max_record_bytes: int = Field(default=1024 * 1024, ge=64)
+    # 8 MiB: attack tools batch their queries, and a batch of 128 images of 32x32x3 values is 2.6 MB of JSON
+    # as pixel values and 8.0 MB as float32 scaled to [0, 1]; at Kafka's default message size (1 MiB) such
+    # attacks were dead letters, unanalysed. The costliest records cost about 0.14 CPU-s and 30 MiB a
+    # megabyte to reject (`benchmarks/hostile.py`).
+    max_record_bytes: int = Field(default=8 * 1024 * 1024, ge=64)
     max_batch_rows: int = Field(default=4096, ge=1)
     max_features: int = Field(default=65_536, ge=1)
     # How many leading bytes of a rejected record its dead letter keeps (in the database and the dead-letter

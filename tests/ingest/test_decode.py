@@ -662,6 +662,20 @@ def test_a_record_exactly_at_the_size_limit_passes() -> None:
     assert caught.value.reason is DeadLetterReason.RECORD_TOO_LARGE
 
 
+def test_an_attack_tools_batch_of_images_is_read_under_the_default_limits() -> None:
+    # Attack tools query in batches (128 rows by default in the Adversarial Robustness Toolbox's black-box
+    # classifier): 128 images of 32x32x3 float32 values in [0, 1], written as a model server logs them.
+    images = np.random.default_rng(7).random((128, 32 * 32 * 3), dtype=np.float32)
+    scores = np.full((128, 10), 0.1, dtype=np.float32)
+    value = json.dumps(
+        record(features(images.ravel().tolist(), [128, 3072]), proba(scores.ravel().tolist(), [128, 10]))
+    ).encode()
+    assert len(value) > 7_900_000
+    queries = RecordDecoder(IngestSettings()).decode(raw(value))
+    assert len(queries) == 128
+    assert all(query.vector is not None and query.vector.shape == (3072,) for query in queries)
+
+
 def test_schema_detail_names_the_field_without_union_member_names() -> None:
     with pytest.raises(InvalidRecord) as caught:
         decode(record({"instances": "not a list"}))
