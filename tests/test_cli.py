@@ -240,6 +240,40 @@ def test_produce_creates_an_absent_topic_with_the_partitions_asked_and_leaves_an
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
 
 
+@pytest.mark.kafka
+def test_records_of_megabytes_go_through_kafka_and_are_analysed(
+    broker: EmbeddedBroker, database_url: str, tmp_path: Path
+) -> None:
+    # Two batches of images as an attack tool sends them, 128 rows of 3,072 float32 values each (8 MB of
+    # JSON), above the 1 MiB that Kafka clients and brokers allow by default.
+    rng = np.random.default_rng(5)
+    events = tmp_path / "images.jsonl"
+    with events.open("wb") as out:
+        for batch in range(2):
+            rows = rng.random((128, 3072), dtype=np.float32)
+            record = oip_record(
+                f"img-{batch}", START + batch, "key_images", rows, rng.dirichlet(np.ones(10), 128)
+            )
+            out.write(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    assert events.stat().st_size > 2 * 7_000_000
+    env = cli_env(
+        MIA_DATABASE_URL=database_url,
+        MIA_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+        MIA_KAFKA_SESSION_TIMEOUT_MS="6000",
+    )
+    topic = unique("images")
+    produced = mia("produce", str(events), "--topic", topic, "--partitions", "1", env=env)
+    assert produced.returncode == 0, produced.stderr
+    ran = mia("run", "--topic", topic, "--group-id", unique("group"), "--exit-when-idle", "5", env=env)
+    assert ran.returncode == 0, ran.stderr
+    store = open_store(make_settings(database_url))
+    try:
+        assert store.dead_letter_counts() == {}
+        assert [(s.client_id, s.queries) for s in store.list_sessions()] == [("key_images", 256)]
+    finally:
+        store.close()
+
+
 def wait_for(condition: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]

@@ -75,12 +75,14 @@ def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
 @click.pass_context
 def produce(ctx: click.Context, file: Path, topic: str, partitions: int | None) -> None:
     """Publish a JSON Lines file into a topic, one message a line, keyed by client id."""
-    from detector.kafka import ensure_topic
+    from detector.kafka import ensure_topic, message_limit
     from detector.service.produce import produce_file
 
     settings = settings_of(ctx)
     if partitions is not None:
-        layout = ensure_topic(settings.kafka, topic, partitions)
+        # Records as large as the detector reads (`ingest.max_record_bytes`), above the brokers' default.
+        configs = {"max.message.bytes": str(message_limit(settings.ingest.max_record_bytes))}
+        layout = ensure_topic(settings.kafka, topic, partitions, configs=configs)
         if layout.created:
             log.info("created topic %s with %d partitions", topic, layout.partitions)
         elif layout.partitions != partitions:

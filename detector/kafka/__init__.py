@@ -6,6 +6,7 @@ from detector.kafka.clients import (
     BOOTSTRAP_TIMEOUT_OPTION,
     KafkaPublisher,
     client_options,
+    message_limit,
     open_client,
     open_connections,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "client_options",
     "ensure_topic",
     "latest_values",
+    "message_limit",
     "open_client",
     "open_connections",
     "open_consumer",

@@ -155,12 +155,25 @@ def bootstrap_failure(settings: KafkaSettings, exc: KafkaError, timeout: float) 
     return f"cannot connect to Kafka at {servers} over {settings.security_protocol}: {reason}"
 
 
+# Room for a message's key, headers and record-batch framing beside its value.
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+def message_limit(value_bytes: int) -> int:
+    """The message size (a producer's request size, a topic's `max.message.bytes`) that carries values of
+    up to `value_bytes`."""
+    return value_bytes + MESSAGE_OVERHEAD_BYTES
+
+
 class KafkaPublisher:
     """A producer for whole JSON records keyed by client id, and for dead letters."""
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, max_message_bytes: int | None = None) -> None:
+        """`max_message_bytes`: the largest value to be sent, when above the client's default request size
+        (1 MiB)."""
         # Idempotence stays off: a producer id does not survive a restart of the embedded broker, and
         # consumers de-duplicate by event_id anyway.
+        sizes = {} if max_message_bytes is None else {"max_request_size": message_limit(max_message_bytes)}
         self._producer = open_client(
             KafkaProducer,
             settings,
@@ -170,6 +183,7 @@ class KafkaPublisher:
             linger_ms=20,
             batch_size=256 * 1024,
             compression_type=None,
+            **sizes,
         )
         self._pending: list[Any] = []
 

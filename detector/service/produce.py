@@ -27,7 +27,7 @@ def produce_file(
     settings: Settings, path: Path, topic: str, progress: Callable[[list[RawRecord]], None] | None = None
 ) -> int:
     """Publish every non-blank line of a JSON Lines file to `topic`, keyed by client id; return the count."""
-    publisher = KafkaPublisher(settings.kafka)
+    publisher = KafkaPublisher(settings.kafka, max_message_bytes=settings.ingest.max_record_bytes)
     sent = 0
     try:
         for batch in read_jsonl_batches([str(path)], 5000):
