@@ -11,18 +11,25 @@ from typing import BinaryIO
 from detector.domain import Origin, RawRecord
 
 STDIN = "-"
+# A batch stops growing at this many bytes of records, as a Kafka fetch does (`kafka.fetch_max_bytes`'s
+# default): records of megabytes (batches of images) must not make a batch of thousands of lines gigabytes.
+MAX_BATCH_BYTES = 64 * 1024 * 1024
 
 
 def _open(path: str) -> BinaryIO:
     return sys.stdin.buffer if path == STDIN else Path(path).open("rb")
 
 
-def read_jsonl_batches(paths: Sequence[str], batch_size: int) -> Generator[list[RawRecord], None, None]:
-    """Yield the non-blank lines of `paths`, in order, as batches of at most `batch_size` raw records.
+def read_jsonl_batches(
+    paths: Sequence[str], batch_size: int, max_bytes: int = MAX_BATCH_BYTES
+) -> Generator[list[RawRecord], None, None]:
+    """Yield the non-blank lines of `paths`, in order, as batches of at most `batch_size` raw records; a
+    batch ends early once its records reach `max_bytes` (a single longer record is a batch of its own).
 
     Lines are kept as bytes: decoding (and rejecting what is not UTF-8 JSON) is the decoder's job.
     """
     batch: list[RawRecord] = []
+    size = 0
     for path in paths:
         stream = _open(path)
         try:
@@ -31,9 +38,10 @@ def read_jsonl_batches(paths: Sequence[str], batch_size: int) -> Generator[list[
                 if not value.strip():
                     continue
                 batch.append(RawRecord(value, None, Origin("file", path, 0, line_number), time.time()))
-                if len(batch) >= batch_size:
+                size += len(value)
+                if len(batch) >= batch_size or size >= max_bytes:
                     yield batch
-                    batch = []
+                    batch, size = [], 0
         finally:
             if stream is not sys.stdin.buffer:
                 stream.close()
