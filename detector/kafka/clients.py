@@ -157,12 +157,15 @@ def bootstrap_failure(settings: KafkaSettings, exc: KafkaError, timeout: float) 
 
 # Room for a message's key, headers and record-batch framing beside its value.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
+# Kafka's default message size (a producer's `max.request.size`).
+KAFKA_DEFAULT_MESSAGE_BYTES = 1024 * 1024
 
 
 def message_limit(value_bytes: int) -> int:
     """The message size (a producer's request size, a topic's `max.message.bytes`) that carries values of
-    up to `value_bytes`."""
-    return value_bytes + MESSAGE_OVERHEAD_BYTES
+    up to `value_bytes`, and never less than Kafka's default: records over a lower limit of the detector's
+    are still sent, to become dead letters, not refused."""
+    return max(value_bytes + MESSAGE_OVERHEAD_BYTES, KAFKA_DEFAULT_MESSAGE_BYTES)
 
 
 class KafkaPublisher:
