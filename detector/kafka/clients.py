@@ -171,12 +171,11 @@ def message_limit(value_bytes: int) -> int:
 class KafkaPublisher:
     """A producer for whole JSON records keyed by client id, and for dead letters."""
 
-    def __init__(self, settings: KafkaSettings, max_message_bytes: int | None = None) -> None:
-        """`max_message_bytes`: the largest value to be sent, when above the client's default request size
-        (1 MiB)."""
+    def __init__(self, settings: KafkaSettings, max_message_bytes: int = 0) -> None:
+        """`max_message_bytes`: the largest value to be sent (Kafka's default message size carries up to
+        1 MiB whatever it says)."""
         # Idempotence stays off: a producer id does not survive a restart of the embedded broker, and
         # consumers de-duplicate by event_id anyway.
-        sizes = {} if max_message_bytes is None else {"max_request_size": message_limit(max_message_bytes)}
         self._producer = open_client(
             KafkaProducer,
             settings,
@@ -186,7 +185,7 @@ class KafkaPublisher:
             linger_ms=20,
             batch_size=256 * 1024,
             compression_type=None,
-            **sizes,
+            max_request_size=message_limit(max_message_bytes),
         )
         self._pending: list[Any] = []
 
