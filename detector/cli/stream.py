@@ -29,7 +29,8 @@ log = logging.getLogger("detector")
 @click.option(
     "--exit-when-idle",
     type=click.FloatRange(min=0.1),
-    help="Stop after this many seconds without records.",
+    help="Stop once no record came for this many seconds and none is left to read on the topics' "
+    "partitions (those other members of the group hold included).",
 )
 @click.pass_context
 def run(

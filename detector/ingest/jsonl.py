@@ -91,6 +91,10 @@ class FileSource:
         """Nothing to report: a file has no partitions."""
         return {}
 
+    def left_to_read(self) -> dict[tuple[str, int], int] | None:
+        """Nothing by partition: a file has none (it is read to its end, `exhausted`)."""
+        return {}
+
     def close(self) -> None:
         """Stop reading (the open file closes with its generator)."""
         self._batches.close()

@@ -62,6 +62,7 @@ class KafkaSource:
         self.group_id = group_id or settings.group_id
         self._servers = settings.bootstrap_servers
         self._max_records = settings.max_poll_records
+        self._auto_offset_reset = settings.auto_offset_reset
         self._timeout_ms = settings.poll_timeout_ms
         self._on_revoke = on_revoke
         self._claim = claim
@@ -135,6 +136,45 @@ class KafkaSource:
         yet are left out. (Some brokers, tansu among them, report a high watermark below the true end.)
         """
         return self._consumer.lag()
+
+    def left_to_read(self) -> dict[tuple[str, int], int] | None:
+        """Records of the topics that no member of the group has read, per partition with any: past this
+        member's position on the partitions it reads, past the group's committed offset on the others
+        (which another member holds, or which the group has not handed out yet), or past where
+        `auto_offset_reset` starts a partition that the group never committed. None (logged) when the broker
+        does not answer. Some brokers (tansu) report an end offset below the true one: what lies beyond it
+        is not counted."""
+        try:
+            return self._left_to_read()
+        except KafkaError as error:
+            log.info("records left to the group unknown: %s", error)
+            return None
+
+    def _left_to_read(self) -> dict[Partition, int]:
+        consumer = self._consumer
+        partitions = [(topic, partition) for topic in self.topics for partition in consumer.partitions(topic)]
+        ends = consumer.end_offsets(partitions)
+        reading = consumer.assignment() - self._unchecked.keys() - set(self._unclaimed)
+        read: dict[Partition, int] = {}
+        never_committed = []
+        for partition in ends:
+            position = consumer.position(partition) if partition in reading else None
+            if position is None:
+                position = consumer.committed(partition)
+            if position is None:
+                never_committed.append(partition)
+            else:
+                read[partition] = position
+        if never_committed:
+            starts = (
+                ends if self._auto_offset_reset == "latest" else consumer.beginning_offsets(never_committed)
+            )
+            read |= {partition: starts.get(partition, 0) for partition in never_committed}
+        return {
+            partition: ends[partition] - read[partition]
+            for partition in ends
+            if ends[partition] > read[partition]
+        }
 
     def commit(self, positions: Mapping[tuple[str, int], int]) -> None:
         """Commit `positions` (next offsets); a no-op when empty.

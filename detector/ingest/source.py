@@ -33,6 +33,12 @@ class Source(Protocol):
         """Records behind the end, per partition, as far as the source knows without asking the broker."""
         ...
 
+    def left_to_read(self) -> dict[tuple[str, int], int] | None:
+        """Records not read yet by this source or, for a consumer group, by any of its members, per
+        partition with any; None when that cannot be told now (the broker did not answer). May ask the
+        broker: for an occasional check (is the stream drained?), not for every poll."""
+        ...
+
     def close(self) -> None:
         """Let go of the source."""
         ...

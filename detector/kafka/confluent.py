@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka import KafkaError as LibrdkafkaError
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from detector.domain import Origin, RawRecord
 from detector.kafka.clients import bootstrap_failure, sasl_login
@@ -202,17 +202,37 @@ class ConfluentConsumer:
                 lag[(tp.topic, tp.partition)] = max(highwater - tp.offset, 0)
         return lag
 
-    def end_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
-        ends = {}
+    def position(self, partition: Partition) -> int | None:
+        (tp,) = self._consumer.position([TopicPartition(*partition)])
+        return tp.offset if tp.offset >= 0 else None
+
+    def partitions(self, topic: str) -> list[int]:
         try:
-            for partition in partitions:
-                _, end = self._consumer.get_watermark_offsets(
-                    TopicPartition(*partition), timeout=OFFSETS_TIMEOUT_MS / 1000, cached=False
-                )
-                ends[partition] = end
+            metadata = self._consumer.list_topics(topic, timeout=self._timeout).topics.get(topic)
         except KafkaException as exc:
             raise ConfluentError(exc.args[0]) from None
-        return ends
+        return sorted(metadata.partitions) if metadata is not None and metadata.error is None else []
+
+    def beginning_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
+        return {partition: low for partition, (low, _) in self._watermarks(partitions).items()}
+
+    def end_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
+        return {partition: high for partition, (_, high) in self._watermarks(partitions).items()}
+
+    def _watermarks(self, partitions: list[Partition]) -> dict[Partition, tuple[int, int]]:
+        """The brokers' (first, end) offsets of `partitions`, asked for now (not as last fetched)."""
+        watermarks = {}
+        try:
+            for partition in partitions:
+                found = self._consumer.get_watermark_offsets(
+                    TopicPartition(*partition), timeout=OFFSETS_TIMEOUT_MS / 1000, cached=False
+                )
+                if found is None:  # the lookup timed out
+                    raise KafkaTimeoutError(f"watermarks of {partition[0]}/{partition[1]}")
+                watermarks[partition] = found
+        except KafkaException as exc:
+            raise ConfluentError(exc.args[0]) from None
+        return watermarks
 
     def committed(self, partition: Partition) -> int | None:
         try:

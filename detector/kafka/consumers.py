@@ -64,6 +64,19 @@ class GroupConsumer(Protocol):
         trip); partitions not fetched yet are left out."""
         ...
 
+    def position(self, partition: Partition) -> int | None:
+        """The next offset this consumer reads from an assigned `partition`; None while it is not known
+        (no broker round trip)."""
+        ...
+
+    def partitions(self, topic: str) -> list[int]:
+        """The partitions of `topic` as the client's metadata has them (none for a topic it does not know)."""
+        ...
+
+    def beginning_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
+        """The brokers' first offsets of `partitions` (a bounded round trip; raises `KafkaError`)."""
+        ...
+
     def end_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
         """The brokers' end offsets of `partitions` (a bounded round trip; raises `KafkaError`)."""
         ...
@@ -179,13 +192,30 @@ class KafkaPythonConsumer:
                 lag[(tp.topic, tp.partition)] = max(highwater - position, 0)
         return lag
 
+    def position(self, partition: Partition) -> int | None:
+        # Timeout 0: a position still to be looked up is not waited for.
+        position = self._consumer.position(TopicPartition(*partition), timeout_ms=0)
+        return None if position is None else int(position)
+
+    def partitions(self, topic: str) -> list[int]:
+        return sorted(self._consumer.partitions_for_topic(topic) or ())
+
+    def beginning_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
+        return self._offsets(self._consumer.beginning_offsets, partitions)
+
     def end_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
+        return self._offsets(self._consumer.end_offsets, partitions)
+
+    @staticmethod
+    def _offsets(
+        lookup: Callable[..., dict[TopicPartition, int | None]], partitions: list[Partition]
+    ) -> dict[Partition, int]:
         wanted = [TopicPartition(*partition) for partition in partitions]
         if BOOTSTRAP_TIMEOUT_OPTION == "bootstrap_timeout_ms":  # kafka-python 3 takes a bound
-            ends = self._consumer.end_offsets(wanted, timeout_ms=OFFSETS_TIMEOUT_MS)
+            found = lookup(wanted, timeout_ms=OFFSETS_TIMEOUT_MS)
         else:
-            ends = self._consumer.end_offsets(wanted)
-        return {(tp.topic, tp.partition): end for tp, end in ends.items() if end is not None}
+            found = lookup(wanted)
+        return {(tp.topic, tp.partition): offset for tp, offset in found.items() if offset is not None}
 
     def committed(self, partition: Partition) -> int | None:
         offset = self._consumer.committed(TopicPartition(*partition), timeout_ms=OFFSETS_TIMEOUT_MS)

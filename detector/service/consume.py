@@ -117,7 +117,9 @@ def consume(
     rejoin: Callable[[], None] | None = None,
 ) -> None:
     """Feed `pipeline` from `source` until `stop` is set, the source is exhausted, or (with
-    `idle_exit_seconds`) no record came for that long. What is pending is not committed here: the caller
+    `idle_exit_seconds`) no record came for that long and none is left to read (`Source.left_to_read`: the
+    partitions of a consumer group that other members hold, or that the group has not handed to this one
+    yet, are drained first). What is pending is not committed here: the caller
     ends with `pipeline.flush()`. Raises `StorageFailed` when the database refuses the work for good.
 
     A commit refused because another member of the consumer group claimed a partition (`Fenced`: the
@@ -159,5 +161,17 @@ def consume(
             # and neither is waiting for the sinks or the database.
             last_record = time.monotonic()
         elif idle_exit_seconds is not None and time.monotonic() - last_record > idle_exit_seconds:
-            log.info("no records for %.0f s: stopping", idle_exit_seconds)
-            return
+            left = source.left_to_read()
+            if left == {}:
+                log.info("no records for %.0f s and none left to read: stopping", idle_exit_seconds)
+                return
+            # Partitions that another member holds, or that the group has not handed to this one yet (a
+            # killed predecessor holds them until its session times out), are not drained: wait for them.
+            if left:
+                log.info(
+                    "no records for %.0f s, but %d are left to the group on %s: waiting",
+                    idle_exit_seconds,
+                    sum(left.values()),
+                    ", ".join(f"{topic}/{partition}" for topic, partition in sorted(left)),
+                )
+            last_record = time.monotonic()

@@ -17,6 +17,7 @@ from detector.ingest.kafka import KafkaSource
 from detector.kafka import KafkaPublisher, ensure_topic
 from detector.kafka.confluent import ConfluentConsumer
 from detector.kafka.consumers import KafkaPythonConsumer
+from detector.settings import Settings
 from tests.support import make_settings
 
 pytestmark = pytest.mark.kafka
@@ -60,24 +61,31 @@ def client(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def settings_with_records(broker: EmbeddedBroker, client: str, partitions: int) -> Settings:
+    """Settings reading with `client` from a fresh topic of `partitions` holding `RECORDS` records (keys
+    spread over the partitions)."""
+    settings = make_settings(
+        "sqlite://", broker, kafka={"poll_timeout_ms": 200, "max_poll_records": 20, "client": client}
+    )
+    topic = settings.kafka.topics[0]
+    ensure_topic(settings.kafka, topic, partitions)
+    publisher = KafkaPublisher(settings.kafka)
+    for index in range(RECORDS):
+        publisher.send(topic, orjson.dumps({"n": index}), f"client-{index}".encode())
+        # One batch a record: the embedded broker reports an end offset short of the true one after a
+        # batch of many records, and a claimed position beyond the end is not sought.
+        publisher.flush()
+    publisher.close()
+    return settings
+
+
 def source_on(
     broker: EmbeddedBroker, request: pytest.FixtureRequest, client: str, claims_refused: int = 0
 ) -> tuple[KafkaSource, Claims]:
     """A source reading with `client` from a fresh 1-partition topic holding `RECORDS` records, claiming
     through `Claims`."""
-    settings = make_settings(
-        "sqlite://", broker, kafka={"poll_timeout_ms": 200, "max_poll_records": 20, "client": client}
-    )
-    topic = settings.kafka.topics[0]
-    ensure_topic(settings.kafka, topic, 1)
-    publisher = KafkaPublisher(settings.kafka)
-    for index in range(RECORDS):
-        publisher.send(topic, orjson.dumps({"n": index}), b"client")
-        # One batch a record: the embedded broker reports an end offset short of the true one after a
-        # batch of many records, and a claimed position beyond the end is not sought.
-        publisher.flush()
-    publisher.close()
-    claims = Claims(topic, claims_refused)
+    settings = settings_with_records(broker, client, partitions=1)
+    claims = Claims(settings.kafka.topics[0], claims_refused)
     source = KafkaSource(settings.kafka, on_revoke=lambda: None, claim=claims)
     request.addfinalizer(source.close)
     assert isinstance(source._consumer, CLIENTS[client])
@@ -149,3 +157,39 @@ def test_positions_commit_to_the_broker_and_lag_counts_what_is_left(
     assert source.assigned
     # The embedded broker may report an end short of the true one: the lag is bounded, not exact.
     assert 0 <= source.lag()[partition] <= RECORDS - (offsets[-1] + 1)
+
+
+def test_records_left_to_the_group_count_every_partition_whoever_holds_it(
+    broker: EmbeddedBroker, request: pytest.FixtureRequest, client: str
+) -> None:
+    # `--exit-when-idle` stops only when nothing is left: a member given part of the partitions (the others
+    # still held by a killed member until its session times out) must not take its own share for the stream.
+    settings = settings_with_records(broker, client, partitions=2)
+    topic = settings.kafka.topics[0]
+
+    first = KafkaSource(settings.kafka, on_revoke=lambda: None)
+    request.addfinalizer(first.close)
+    before = first.left_to_read()  # not in the group yet: all, from the log's start (nothing committed)
+    assert before is not None and set(before) == {(topic, 0), (topic, 1)}
+    assert sum(before.values()) == RECORDS
+    read: dict[tuple[str, int], int] = {}
+    deadline = time.monotonic() + 60
+    while sum(read.values()) < RECORDS:
+        assert time.monotonic() < deadline, f"read {read} of {before}"
+        for record in first.poll():
+            read[(topic, record.origin.partition)] = record.origin.position + 1
+    assert read == before
+    assert first.left_to_read() == {}  # read to the end by this member, though committed nowhere
+
+    first.commit({(topic, 0): read[(topic, 0)]})
+    first.close()
+    second = KafkaSource(settings.kafka, on_revoke=lambda: None)  # same group, no partition yet
+    request.addfinalizer(second.close)
+    assert second.left_to_read() == {(topic, 1): read[(topic, 1)]}
+
+    latest = settings.kafka.model_copy(
+        update={"group_id": settings.kafka.group_id + "-new", "auto_offset_reset": "latest"}
+    )
+    late = KafkaSource(latest, on_revoke=lambda: None)
+    request.addfinalizer(late.close)
+    assert late.left_to_read() == {}  # a new group told to start at the end has nothing left
