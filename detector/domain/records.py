@@ -30,6 +30,14 @@ class RawRecord:
     key: bytes | None
     origin: Origin
     received_at: float  # epoch seconds at which the source read it
+    # Set where `value` holds only the record's first bytes (a line too long for any record to be read
+    # whole): the record's full size.
+    full_size: int | None = None
+
+    @property
+    def size(self) -> int:
+        """The record's size in bytes, whether `value` holds all of it or only its first bytes."""
+        return len(self.value) if self.full_size is None else self.full_size
 
 
 class DeadLetterReason(StrEnum):
@@ -75,6 +83,6 @@ class DeadLetter:
             detail=error.detail[:1000],
             origin=record.origin,
             raw=record.value[:keep_bytes],
-            raw_size=len(record.value),
+            raw_size=record.size,
             received_at=record.received_at,
         )

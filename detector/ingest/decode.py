@@ -117,7 +117,7 @@ class RecordDecoder:
         JSON object, breaks the input contract, or carries tensors that are inconsistent, too large, or hold
         NaN or infinities.
         """
-        envelope = self._parse(record.value)
+        envelope = self._parse(record.value, record.size)
         timestamp = envelope.timestamp
         self._check_time(timestamp, record.received_at)
         request = envelope.request
@@ -180,12 +180,14 @@ class RecordDecoder:
             return
         raise InvalidRecord(DeadLetterReason.IMPLAUSIBLE_TIMESTAMP, f"timestamp {problem}")
 
-    def _parse(self, value: bytes) -> Envelope:
+    def _parse(self, value: bytes, size: int) -> Envelope:
+        """The envelope of a record of `size` bytes, of which `value` holds all (or, past the limit, the
+        first)."""
         limit = self._limits.max_record_bytes
-        if len(value) > limit:
+        if size > limit or len(value) > limit:
             raise InvalidRecord(
                 DeadLetterReason.RECORD_TOO_LARGE,
-                f"record is {len(value)} bytes, more than ingest.max_record_bytes ({limit})",
+                f"record is {size} bytes, more than ingest.max_record_bytes ({limit})",
             )
         envelope = read_envelope(value)
         if envelope is not None:

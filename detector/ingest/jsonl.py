@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -14,17 +14,46 @@ STDIN = "-"
 # A batch stops growing at this many bytes of records, as a Kafka fetch does (`kafka.fetch_max_bytes`'s
 # default): records of megabytes (batches of images) must not make a batch of thousands of lines gigabytes.
 MAX_BATCH_BYTES = 64 * 1024 * 1024
+# The rest of a line too long to be a record is skipped in reads of this size.
+SKIP_CHUNK_BYTES = 1024 * 1024
 
 
 def _open(path: str) -> BinaryIO:
     return sys.stdin.buffer if path == STDIN else Path(path).open("rb")
 
 
+def _lines(stream: BinaryIO, max_line_bytes: int | None) -> Iterator[tuple[bytes, int | None]]:
+    """Each line of `stream` without its line break, and None; or, for a line longer than
+    `max_line_bytes`, its first bytes (just past the limit) and its full size: the rest is skipped, never
+    held in memory whole."""
+    if max_line_bytes is None:
+        for line in stream:
+            yield line.rstrip(b"\r\n"), None
+        return
+    cap = max_line_bytes + 2  # room for the longest line allowed and its "\r\n"
+    while line := stream.readline(cap):
+        if len(line) < cap or line.endswith(b"\n"):
+            yield line.rstrip(b"\r\n"), None
+            continue
+        size, rest = len(line), line
+        while not rest.endswith(b"\n"):
+            rest = stream.readline(SKIP_CHUNK_BYTES)
+            if not rest:
+                break
+            size += len(rest)
+        yield line, size - (len(rest) - len(rest.rstrip(b"\r\n")))
+
+
 def read_jsonl_batches(
-    paths: Sequence[str], batch_size: int, max_bytes: int = MAX_BATCH_BYTES
+    paths: Sequence[str],
+    batch_size: int,
+    max_bytes: int = MAX_BATCH_BYTES,
+    max_line_bytes: int | None = None,
 ) -> Generator[list[RawRecord], None, None]:
     """Yield the non-blank lines of `paths`, in order, as batches of at most `batch_size` raw records; a
     batch ends early once its records reach `max_bytes` (a single longer record is a batch of its own).
+    A line longer than `max_line_bytes` (no bound by default) is a record of its first bytes, with its
+    full size (`RawRecord.size`), which the decoder rejects as too large.
 
     Lines are kept as bytes: decoding (and rejecting what is not UTF-8 JSON) is the decoder's job.
     """
@@ -33,11 +62,11 @@ def read_jsonl_batches(
     for path in paths:
         stream = _open(path)
         try:
-            for line_number, line in enumerate(stream, start=1):
-                value = line.rstrip(b"\r\n")
+            for line_number, (value, full_size) in enumerate(_lines(stream, max_line_bytes), start=1):
                 if not value.strip():
                     continue
-                batch.append(RawRecord(value, None, Origin("file", path, 0, line_number), time.time()))
+                origin = Origin("file", path, 0, line_number)
+                batch.append(RawRecord(value, None, origin, time.time(), full_size))
                 size += len(value)
                 if len(batch) >= batch_size or size >= max_bytes:
                     yield batch
@@ -61,8 +90,14 @@ class FileSource:
     most `batch_size` records; `exhausted` once every file has been read. While held, `poll` waits
     `hold_seconds` and reads nothing: a file can wait, it has no group membership to keep alive."""
 
-    def __init__(self, paths: Sequence[str], batch_size: int, hold_seconds: float = 0.5) -> None:
-        self._batches = read_jsonl_batches(paths, batch_size)
+    def __init__(
+        self,
+        paths: Sequence[str],
+        batch_size: int,
+        hold_seconds: float = 0.5,
+        max_line_bytes: int | None = None,
+    ) -> None:
+        self._batches = read_jsonl_batches(paths, batch_size, max_line_bytes=max_line_bytes)
         self._hold_seconds = hold_seconds
         self._held = False
         self.exhausted = False

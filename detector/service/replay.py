@@ -34,7 +34,9 @@ def replay(
             settings, store, metrics, outputs=Outputs(alerts=alerts, outbox=dispatcher), detect=detect
         )
         pressure = Pressure(retry, metrics)
-        source = FileSource(paths, settings.kafka.max_poll_records)
+        source = FileSource(
+            paths, settings.kafka.max_poll_records, max_line_bytes=settings.ingest.max_record_bytes
+        )
         try:
             consume(source, pipeline, pressure, StopFlag(), progress=progress)
         finally:

@@ -22,7 +22,8 @@ def decoded_batches(settings: Settings, paths: Sequence[str]) -> Iterator[list[Q
     """The queries of JSON Lines files, one list per read batch; undecodable records are skipped (counted
     nowhere: use `replay` to see them as dead letters)."""
     decoder = RecordDecoder(settings.ingest.for_datasets())
-    for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records):
+    limit = settings.ingest.max_record_bytes
+    for batch in read_jsonl_batches(paths, settings.kafka.max_poll_records, max_line_bytes=limit):
         queries: list[Query] = []
         for record in batch:
             try:
