@@ -28,6 +28,7 @@ import pytest
 from detector.alerts.sinks.alertmanager import alert_name
 from detector.broker import free_port
 from detector.domain import AlertKind
+from detector.kafka import message_limit
 from detector.metrics import Metrics
 from detector.settings import Settings, load_settings
 from tests.deploy import stack
@@ -459,6 +460,9 @@ def test_the_daemon_is_wired_to_the_services_of_the_stack(
     assert settings.kafka.topics == [topic]
     assert settings.kafka.dead_letter_topic == f"{topic}-dlq"
     assert '"$${TOPIC}-dlq"' in COMPOSE.read_text(), "kafka-init creates the dead-letter topic"
+    # Its topics take the largest record the daemon reads, as `mia-detector produce` creates them.
+    limit = message_limit(settings.ingest.max_record_bytes)
+    assert f"--config max.message.bytes={limit}" in COMPOSE.read_text()
     # PostgreSQL: the service, its database and owner; the password through libpq.
     database = urlsplit(settings.database.url.get_secret_value())
     postgres = services["postgres"]["environment"]
