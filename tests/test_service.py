@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -14,8 +15,11 @@ from kafka import KafkaConsumer
 from sqlalchemy import select
 
 from detector.broker import EmbeddedBroker
+from detector.ingest.kafka import KafkaSource
+from detector.kafka import KafkaPublisher, ensure_topic
 from detector.protocols import index_training_sets
 from detector.service import StopFlag, produce_file, replay, run_daemon, train
+from detector.service.produce import client_key
 from detector.settings import Settings
 from detector.simulate.attacks import AttackKind
 from detector.simulate.sample import oip_record, write_sample
@@ -311,3 +315,61 @@ def test_a_stream_read_in_two_processes_gives_the_alerts_of_one(database_url: st
         assert sum(session.queries for session in store.list_sessions()) == sum(
             session.queries for session in open_store(whole).list_sessions()
         )
+
+
+def test_a_daemon_told_to_exit_when_idle_waits_for_the_partitions_another_member_holds(
+    broker: EmbeddedBroker, database_url: str, tmp_path: Path
+) -> None:
+    # A member given only part of the partitions used to stop once its own share was drained, while the
+    # others, held by a member that has committed nothing yet (as a killed one holds them until its session
+    # times out), still had the rest of the stream.
+    events = tmp_path / "events.jsonl"
+    write_sample(events, clients=24, events=240)
+    settings = make_settings(database_url, broker, kafka={"poll_timeout_ms": 200})
+    topic = settings.kafka.topics[0]
+    ensure_topic(settings.kafka, topic, 4)
+    publisher = KafkaPublisher(settings.kafka)
+    for line in events.read_bytes().splitlines():
+        publisher.send(topic, line, client_key(line))
+        publisher.flush()  # one batch a record: the broker then reports true end offsets
+    publisher.close()
+    other = KafkaSource(settings.kafka, on_revoke=lambda: None)
+    other_in_group, daemon_done = threading.Event(), threading.Event()
+
+    def read_and_commit_late() -> tuple[int, float]:
+        """Join the group; once it shares the partitions with the daemon and has read its own to their end,
+        wait 6 s more, then commit them; stay in the group until the daemon is done. The records it
+        committed, and when."""
+        deadline = time.monotonic() + 120
+        positions: dict[tuple[str, int], int] = {}
+        read_all_at = None
+        while read_all_at is None or time.monotonic() - read_all_at < 6:
+            assert time.monotonic() < deadline, f"the other member read {positions}"
+            for record in other.poll():
+                positions[(record.origin.name, record.origin.partition)] = record.origin.position + 1
+            held = other._consumer.assignment()
+            other_in_group.set()
+            if read_all_at is None and 0 < len(held) < 4:
+                ends = other._consumer.end_offsets(list(held))
+                if all(positions.get(partition, 0) >= end for partition, end in ends.items()):
+                    read_all_at = time.monotonic()
+        committed = {partition: positions.get(partition, 0) for partition in other._consumer.assignment()}
+        other.commit(committed)
+        committed_at = time.monotonic()
+        while not daemon_done.is_set():
+            other.poll()
+        return sum(committed.values()), committed_at  # offsets of a new topic count its records
+
+    with ThreadPoolExecutor(1) as pool:
+        late = pool.submit(read_and_commit_late)
+        assert other_in_group.wait(60)
+        try:
+            stats = run_daemon(settings, StopFlag(), idle_exit_seconds=2.0)
+            stopped_at = time.monotonic()
+        finally:
+            daemon_done.set()
+        read_by_other, committed_at = late.result(timeout=60)
+    other.close()
+
+    assert 0 < read_by_other < 240 and stats.records == 240 - read_by_other, (read_by_other, stats.records)
+    assert stopped_at > committed_at, "stopped before the other member's partitions were committed"
