@@ -29,6 +29,7 @@ from detector.ingest.wire import (
     Tensor,
     from_contract,
     read_envelope,
+    sender_of,
 )
 from detector.schemas import KServeV1Request, KServeV1Response, OipRequest, OipResponse, QueryLogRecord
 from detector.settings import IngestSettings
@@ -185,10 +186,13 @@ class RecordDecoder:
         first)."""
         limit = self._limits.max_record_bytes
         if size > limit or len(value) > limit:
-            raise InvalidRecord(
-                DeadLetterReason.RECORD_TOO_LARGE,
-                f"record is {size} bytes, more than ingest.max_record_bytes ({limit})",
-            )
+            detail = f"record is {size} bytes, more than ingest.max_record_bytes ({limit})"
+            # Who sends records too large to analyse is worth knowing (an attack tool batching more than
+            # the limit goes unanalysed): named where the record is whole and says it.
+            sender = sender_of(value) if len(value) == size else None
+            if sender is not None:
+                detail += f", from client {sender[1]!r} of model {sender[0]!r}"
+            raise InvalidRecord(DeadLetterReason.RECORD_TOO_LARGE, detail)
         envelope = read_envelope(value)
         if envelope is not None:
             return envelope

@@ -662,6 +662,34 @@ def test_a_record_exactly_at_the_size_limit_passes() -> None:
     assert caught.value.reason is DeadLetterReason.RECORD_TOO_LARGE
 
 
+def test_a_record_too_large_to_read_still_names_its_client_and_model() -> None:
+    # An attack tool batching past the limit goes unanalysed: its dead letter must at least say who sent it,
+    # wherever the record names them (here after 5,000 bytes of tensor) and however odd the id.
+    fields = record(OK_REQUEST, padding="x" * 5000, client={"id": "tool\n7"})
+    value = json.dumps(
+        {key: fields[key] for key in sorted(fields, key=lambda key: key in ("model", "client"))}
+    )
+    assert value.index('"client"') > 5000
+    with pytest.raises(InvalidRecord) as caught:
+        decode(value.encode(), max_record_bytes=1000)
+    assert caught.value.reason is DeadLetterReason.RECORD_TOO_LARGE
+    assert caught.value.detail == (
+        f"record is {len(value)} bytes, more than ingest.max_record_bytes (1000), "
+        "from client 'tool\\n7' of model 'credit-risk'"
+    )
+    # Only its first bytes read (a JSON Lines line past the limit), or no contract's names: its size alone.
+    cut = RawRecord(
+        value.encode()[:1002], None, Origin("file", "t", 0, 1), T0_EPOCH + 1, full_size=len(value)
+    )
+    unnamed = json.dumps({"client": 7, "padding": "x" * 5000}).encode()
+    for tried in (cut, raw(unnamed)):
+        with pytest.raises(InvalidRecord) as caught:
+            RecordDecoder(IngestSettings(max_record_bytes=1000)).decode(tried)
+        assert (
+            caught.value.detail == f"record is {tried.size} bytes, more than ingest.max_record_bytes (1000)"
+        )
+
+
 def test_an_attack_tools_batch_of_images_is_read_under_the_default_limits() -> None:
     # Attack tools query in batches (128 rows by default in the Adversarial Robustness Toolbox's black-box
     # classifier): 128 images of 32x32x3 float32 values in [0, 1], written as a model server logs them.
