@@ -30,18 +30,18 @@ def _lines(stream: BinaryIO, max_line_bytes: int | None) -> Iterator[tuple[bytes
         for line in stream:
             yield line.rstrip(b"\r\n"), None
         return
-    cap = max_line_bytes + 2  # room for the longest line allowed and its "\r\n"
+    cap = max_line_bytes + 3  # room for a line one byte too long and its "\r\n": its size is told exactly
     while line := stream.readline(cap):
         if len(line) < cap or line.endswith(b"\n"):
             yield line.rstrip(b"\r\n"), None
             continue
-        size, rest = len(line), line
-        while not rest.endswith(b"\n"):
+        size, tail = len(line), line[-2:]
+        while not tail.endswith(b"\n"):
             rest = stream.readline(SKIP_CHUNK_BYTES)
             if not rest:
                 break
-            size += len(rest)
-        yield line, size - (len(rest) - len(rest.rstrip(b"\r\n")))
+            size, tail = size + len(rest), (tail + rest)[-2:]  # a "\r\n" may straddle two reads
+        yield line, size - (len(tail) - len(tail.rstrip(b"\r\n")))
 
 
 def read_jsonl_batches(
@@ -63,8 +63,8 @@ def read_jsonl_batches(
         stream = _open(path)
         try:
             for line_number, (value, full_size) in enumerate(_lines(stream, max_line_bytes), start=1):
-                if not value.strip():
-                    continue
+                if full_size is None and not value.strip():
+                    continue  # blank (a line cut past the limit is a record, whatever its first bytes)
                 origin = Origin("file", path, 0, line_number)
                 batch.append(RawRecord(value, None, origin, time.time(), full_size))
                 size += len(value)

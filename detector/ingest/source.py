@@ -34,9 +34,10 @@ class Source(Protocol):
         ...
 
     def left_to_read(self) -> dict[tuple[str, int], int] | None:
-        """Records not read yet by this source or, for a consumer group, by any of its members, per
-        partition with any; None when that cannot be told now (the broker did not answer). May ask the
-        broker: for an occasional check (is the stream drained?), not for every poll."""
+        """Records not read yet, per partition with any: past this source's position or, for a consumer
+        group, past the group's committed offsets on the partitions other members hold. None when that
+        cannot be told now (the broker did not answer). May ask the broker: for an occasional check (is
+        the stream drained?), not for every poll."""
         ...
 
     def close(self) -> None:

@@ -134,9 +134,18 @@ class Envelope(msgspec.Struct, gc=False):
 _DECODER = msgspec.json.Decoder(_Record)
 
 
+class _SenderModel(msgspec.Struct, gc=False):
+    name: _Id
+
+
+class _SenderClient(msgspec.Struct, gc=False):
+    id: _Id
+
+
 class _Sender(msgspec.Struct, gc=False):
-    model: _Model
-    client: _Client
+    # Only the two names: any other field of theirs, however odd, must not keep a record from being named.
+    model: _SenderModel
+    client: _SenderClient
 
 
 _SENDER_DECODER = msgspec.json.Decoder(_Sender)

@@ -211,7 +211,11 @@ class ConfluentConsumer:
             metadata = self._consumer.list_topics(topic, timeout=self._timeout).topics.get(topic)
         except KafkaException as exc:
             raise ConfluentError(exc.args[0]) from None
-        return sorted(metadata.partitions) if metadata is not None and metadata.error is None else []
+        if metadata is None or metadata.error is None:
+            return sorted(metadata.partitions) if metadata is not None else []
+        if metadata.error.code() == LibrdkafkaError.UNKNOWN_TOPIC_OR_PART:
+            return []
+        raise ConfluentError(metadata.error)  # the partitions are unknown now, not absent
 
     def beginning_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
         return {partition: low for partition, (low, _) in self._watermarks(partitions).items()}

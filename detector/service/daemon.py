@@ -115,7 +115,8 @@ def run_daemon(
     progress: Progress | None = None,
     alerts: AlertListener | None = None,
 ) -> PipelineStats:
-    """Consume, process and commit until `stop` is set (or, with `idle_exit_seconds`, the stream is idle).
+    """Consume, process and commit until `stop` is set (or, with `idle_exit_seconds`, the stream is idle
+    and nothing is left to the group: see `consume`).
 
     Serves metrics, delivers alert notifications, deletes what is past retention (every
     `retention.interval_seconds`) and injects detection canaries (every `canary.interval_seconds`)

@@ -3,6 +3,9 @@ from __future__ import annotations
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
+from detector.ingest import jsonl
 from detector.ingest.jsonl import read_jsonl_batches
 from detector.service import replay
 from detector.settings import load_settings
@@ -46,8 +49,8 @@ def test_a_line_longer_than_any_record_is_cut_past_the_limit_and_keeps_its_size(
     ]
     assert [record.origin.position for record in records] == [1, 2, 3, 4, 5]
     assert [record.size for record in records] == [5, 5_000_000, 4, 1001, 1002]
-    assert [len(record.value) for record in records] == [5, 1002, 4, 1001, 1002]
-    assert records[2].value == b"next" and records[3].full_size is None and records[4].full_size == 1002
+    assert [len(record.value) for record in records] == [5, 1003, 4, 1001, 1002]
+    assert records[2].value == b"next" and [record.full_size for record in records[2:]] == [None] * 3
 
 
 def test_reading_a_line_of_gigabytes_holds_a_record_past_the_limit_not_the_line(tmp_path: Path) -> None:
@@ -80,3 +83,18 @@ def test_a_replayed_line_too_long_is_a_dead_letter_with_its_full_size(tmp_path: 
         (letter,) = store.list_dead_letters()
     assert stats.dead_letters == {"record_too_large": 1}
     assert letter.raw_size == 3016 and "record is 3016 bytes" in letter.detail
+
+
+def test_a_cut_line_is_a_record_whatever_its_first_bytes_and_its_size_is_exact_across_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Skipped in reads of 4 bytes, so that a "\r\n" straddles two of them.
+    monkeypatch.setattr(jsonl, "SKIP_CHUNK_BYTES", 4)
+    path = tmp_path / "events.jsonl"
+    lines = [b" " * 1010 + b'{"a": 1}', b"x" * 1001, b"y" * 1013, b"ok"]
+    path.write_bytes(b"".join(line + b"\r\n" for line in lines))
+    records = [
+        record for batch in read_jsonl_batches([str(path)], 100, max_line_bytes=1000) for record in batch
+    ]
+    assert [record.origin.position for record in records] == [1, 2, 3, 4]
+    assert [record.size for record in records] == [len(line) for line in lines]
