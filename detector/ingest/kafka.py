@@ -141,9 +141,12 @@ class KafkaSource:
         """Records of the topics that no member of the group has read, per partition with any: past this
         member's position on the partitions it reads, past the group's committed offset on the others
         (which another member holds, or which the group has not handed out yet), or past where
-        `auto_offset_reset` starts a partition that the group never committed. None (logged) when the broker
-        does not answer. Some brokers (tansu) report an end offset below the true one: what lies beyond it
-        is not counted."""
+        `auto_offset_reset` starts a partition that the group never committed. This member's partitions held
+        until the database lets it claim them (or checks their stored positions) are not counted: this member
+        is the one to read them, and it cannot now; waiting for them would wait for the database, which the
+        run's end meets instead (its last commit fails, in one line). None (logged) when the broker does not
+        answer. Some brokers (tansu) report an end offset below the true one: what lies beyond it is not
+        counted."""
         try:
             return self._left_to_read()
         except KafkaError as error:
@@ -154,11 +157,12 @@ class KafkaSource:
         consumer = self._consumer
         partitions = [(topic, partition) for topic in self.topics for partition in consumer.partitions(topic)]
         ends = consumer.end_offsets(partitions)
-        reading = consumer.assignment() - self._unchecked.keys() - set(self._unclaimed)
+        assigned = consumer.assignment()
+        held = assigned & (self._unchecked.keys() | set(self._unclaimed))
         read: dict[Partition, int] = {}
         never_committed = []
-        for partition in ends:
-            position = consumer.position(partition) if partition in reading else None
+        for partition in ends.keys() - held:
+            position = consumer.position(partition) if partition in assigned else None
             if position is None:
                 position = consumer.committed(partition)
             if position is None:
@@ -172,7 +176,7 @@ class KafkaSource:
             read |= {partition: starts.get(partition, 0) for partition in never_committed}
         return {
             partition: ends[partition] - read[partition]
-            for partition in ends
+            for partition in read
             if ends[partition] > read[partition]
         }
 
