@@ -185,7 +185,7 @@ class RecordDecoder:
         """The envelope of a record of `size` bytes, of which `value` holds all (or, past the limit, the
         first)."""
         limit = self._limits.max_record_bytes
-        if size > limit or len(value) > limit:
+        if size > limit:  # `value` is never longer than `size`
             detail = f"record is {size} bytes, more than ingest.max_record_bytes ({limit})"
             # Who sends records too large to analyse is worth knowing (an attack tool batching more than
             # the limit goes unanalysed): named where the record is whole and says it.

@@ -186,8 +186,7 @@ class KafkaPythonConsumer:
             highwater = self._consumer.highwater(tp)
             if highwater is None:
                 continue
-            # A fetched partition has its position; timeout 0 keeps a lookup that is still due from blocking.
-            position = self._consumer.position(tp, timeout_ms=0)
+            position = self.position((tp.topic, tp.partition))  # a fetched partition has its position
             if position is not None:
                 lag[(tp.topic, tp.partition)] = max(highwater - position, 0)
         return lag
