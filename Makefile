@@ -61,8 +61,14 @@ tools:
 run demo: install  ## the daemon end to end: embedded broker + SQLite + a sample stream
 	$(BIN)/mia-detector --config examples/simulation.toml demo
 
+# The tests run side by side in TEST_WORKERS processes (pytest-xdist), each with its own broker: most of their
+# time is spent waiting on brokers, daemons and timeouts, not on a core. Every test takes free ports and a
+# database of its own, so any number works; TEST_WORKERS=0 runs them in this process, one by one.
+TEST_WORKERS ?= 4
+SIDE_BY_SIDE = --numprocesses $(TEST_WORKERS) --dist worksteal
+
 test: install tools  ## every test, the integration ones included (broker, PostgreSQL, Prometheus, Alertmanager)
-	$(BIN)/pytest
+	$(BIN)/pytest $(SIDE_BY_SIDE)
 
 # The project supports kafka-python 2.3.x as well as the 3.0.x that dev.txt pins: the Kafka tests again, in
 # a second virtualenv that has kafka-python 2.3.x.
@@ -71,12 +77,12 @@ $(KAFKA2_VENV)/.installed: pyproject.toml $(LOCKED) requirements/kafka2.txt
 
 test-kafka2: $(KAFKA2_VENV)/.installed tools
 	$(KAFKA2_VENV)/bin/python -c 'import kafka; print("kafka-python", kafka.__version__)'
-	$(KAFKA2_VENV)/bin/pytest -m kafka
+	$(KAFKA2_VENV)/bin/pytest $(SIDE_BY_SIDE) -m kafka
 
 # The Kafka tests again with the optional confluent-kafka consumer (MIA_KAFKA_CLIENT=confluent) in every
 # daemon and source they start; `make test` runs them with kafka-python.
 test-confluent: install tools
-	MIA_TEST_KAFKA_CLIENT=confluent $(BIN)/pytest -m kafka
+	MIA_TEST_KAFKA_CLIENT=confluent $(BIN)/pytest $(SIDE_BY_SIDE) -m kafka
 
 lint: install
 	$(BIN)/ruff check detector tests benchmarks deploy/gateway

@@ -29,6 +29,9 @@ def cli_env(**variables: str | Path) -> dict[str, str]:
     """This environment without MIA_ settings, but for the Kafka client under test; then `variables`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("MIA_")}
     env["MIA_KAFKA_CLIENT"] = KAFKA_CLIENT
+    # No metrics endpoint unless a test asks for one: the default port is one per machine, and tests run side
+    # by side.
+    env["MIA_METRICS_ADDR"] = ""
     env.update({name: str(value) for name, value in variables.items()})
     return env
 
