@@ -207,6 +207,40 @@ def test_produce_and_run_from_the_command_line(
 
 
 @pytest.mark.kafka
+def test_produce_sends_every_line_but_those_over_the_record_limit_and_names_them_in_one_line(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    sample = tmp_path / "sample.jsonl"
+    write_sample(sample, clients=2, events=2)
+    first, last = sample.read_bytes().splitlines()
+    oversized = first[:-1] + b', "pad": "' + b"x" * 1_000_000 + b'"}'
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join([first, oversized, b"", last, oversized + b" "]) + b"\n")
+    topic = unique("limited")
+    env = cli_env(MIA_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, MIA_INGEST_MAX_RECORD_BYTES="65536")
+    produced = mia("produce", str(events), "--topic", topic, env=env)
+    assert produced.returncode == 1 and "Traceback" not in produced.stderr, produced.stderr
+    assert produced.stderr.splitlines()[-1] == (
+        f"mia-detector: error: 2 line(s) of {events} longer than the record limit of 65,536 bytes "
+        f"(MIA_INGEST_MAX_RECORD_BYTES) not sent: line 2 ({len(oversized):,} bytes), "
+        f"line 5 ({len(oversized) + 1:,} bytes); the other 2 were"
+    )
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest")
+    received: list[bytes] = []
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(received) <= 2:
+            for records in consumer.poll(timeout_ms=1000).values():
+                received += [message.value for message in records]
+            if len(received) == 2:  # a little longer: nothing else may come
+                deadline = min(deadline, time.monotonic() + 2)
+    finally:
+        consumer.close()
+    assert sorted(received) == sorted([first, last])
+
+
+@pytest.mark.kafka
 def test_produce_creates_an_absent_topic_with_the_partitions_asked_and_leaves_an_existing_one(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:

@@ -77,7 +77,7 @@ def replay(ctx: click.Context, files: tuple[str, ...]) -> None:
 def produce(ctx: click.Context, file: Path, topic: str, partitions: int | None) -> None:
     """Publish a JSON Lines file into a topic, one message a line, keyed by client id."""
     from detector.kafka import ensure_topic, message_limit
-    from detector.service.produce import produce_file
+    from detector.service.produce import LinesNotSent, produce_file
 
     settings = settings_of(ctx)
     if partitions is not None:
@@ -94,7 +94,10 @@ def produce(ctx: click.Context, file: Path, topic: str, partitions: int | None) 
                 partitions,
             )
     with progress("producing", None, unit_bytes=False) as advance:
-        sent = produce_file(settings, file, topic, progress=advance)
+        try:
+            sent = produce_file(settings, file, topic, progress=advance)
+        except LinesNotSent as refused:
+            raise RuntimeFailure(str(refused)) from None
     stderr.print(f"produced {sent} records to {topic} at {settings.kafka.bootstrap_servers}")
 
 

@@ -23,20 +23,48 @@ def client_key(line: bytes) -> bytes | None:
     return str(client_id).encode() if client_id is not None else None
 
 
+class LinesNotSent(Exception):
+    """Lines of a file longer than the record limit, not sent (the topic refuses what the detector would not
+    read); every other line was. `sent` counts those, `lines` holds the line number and size of each line
+    left out."""
+
+    SHOWN = 5
+
+    def __init__(self, path: Path, sent: int, lines: list[tuple[int, int]], limit: int) -> None:
+        self.path, self.sent, self.lines, self.limit = path, sent, lines, limit
+        shown = ", ".join(f"line {number} ({size:,} bytes)" for number, size in lines[: self.SHOWN])
+        more = f" and {len(lines) - self.SHOWN} more" if len(lines) > self.SHOWN else ""
+        super().__init__(
+            f"{len(lines)} line(s) of {path} longer than the record limit of {limit:,} bytes "
+            f"(MIA_INGEST_MAX_RECORD_BYTES) not sent: {shown}{more}; the other {sent} were"
+        )
+
+
 def produce_file(
     settings: Settings, path: Path, topic: str, progress: Callable[[list[RawRecord]], None] | None = None
 ) -> int:
-    """Publish every non-blank line of a JSON Lines file to `topic`, keyed by client id; return the count."""
-    publisher = KafkaPublisher(settings.kafka, max_message_bytes=settings.ingest.max_record_bytes)
+    """Publish every non-blank line of a JSON Lines file to `topic`, keyed by client id; return the count.
+
+    A line longer than `ingest.max_record_bytes` is read only to past the limit and not sent: the rest of
+    the file is, then `LinesNotSent` names the lines left out.
+    """
+    limit = settings.ingest.max_record_bytes
+    publisher = KafkaPublisher(settings.kafka, max_message_bytes=limit)
     sent = 0
+    too_large: list[tuple[int, int]] = []  # (line number, size): a cut line's first bytes are not kept
     try:
-        for batch in read_jsonl_batches([str(path)], 5000):
+        for batch in read_jsonl_batches([str(path)], 5000, max_line_bytes=limit):
             for record in batch:
+                if record.full_size is not None:
+                    too_large.append((record.origin.position, record.full_size))
+                    continue
                 publisher.send(topic, record.value, client_key(record.value))
+                sent += 1
             publisher.flush()
-            sent += len(batch)
             if progress is not None:
                 progress(batch)
     finally:
         publisher.close()
+    if too_large:
+        raise LinesNotSent(path, sent, too_large, limit)
     return sent
