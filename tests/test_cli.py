@@ -17,6 +17,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from detector.broker import EmbeddedBroker
+from detector.kafka.clients import MESSAGE_OVERHEAD_BYTES, message_limit
 from detector.protocols import index_training_sets
 from detector.service import produce_file, replay
 from detector.simulate.sample import START, oip_record, write_sample
@@ -207,37 +208,46 @@ def test_produce_and_run_from_the_command_line(
 
 
 @pytest.mark.kafka
-def test_produce_sends_every_line_but_those_over_the_record_limit_and_names_them_in_one_line(
+def test_produce_sends_every_line_a_message_can_carry_and_names_the_others_in_one_line(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     sample = tmp_path / "sample.jsonl"
     write_sample(sample, clients=2, events=2)
     first, last = sample.read_bytes().splitlines()
-    oversized = first[:-1] + b', "pad": "' + b"x" * 1_000_000 + b'"}'
+
+    def padded(pad_bytes: int) -> bytes:
+        return first[:-1] + b', "pad": "' + b"x" * pad_bytes + b'"}'
+
+    # Over the detector's limit, within a message (1 MiB at least): sent, for the daemon to dead-letter.
+    over_the_limit = padded(100_000)
+    unsendable = padded(2_000_000)
     events = tmp_path / "events.jsonl"
-    events.write_bytes(b"\n".join([first, oversized, b"", last, oversized + b" "]) + b"\n")
+    events.write_bytes(b"\n".join([first, unsendable, over_the_limit, b"", last, unsendable + b" "]) + b"\n")
     topic = unique("limited")
     env = cli_env(MIA_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, MIA_INGEST_MAX_RECORD_BYTES="65536")
     produced = mia("produce", str(events), "--topic", topic, env=env)
     assert produced.returncode == 1 and "Traceback" not in produced.stderr, produced.stderr
+    bound = message_limit(65536) - MESSAGE_OVERHEAD_BYTES // 2
     assert produced.stderr.splitlines()[-1] == (
-        f"mia-detector: error: 2 line(s) of {events} longer than the record limit of 65,536 bytes "
-        f"(MIA_INGEST_MAX_RECORD_BYTES) not sent: line 2 ({len(oversized):,} bytes), "
-        f"line 5 ({len(oversized) + 1:,} bytes); the other 2 were"
+        f"mia-detector: error: 2 line(s) of {events} longer than the {bound:,} bytes a message may carry "
+        f"(MIA_INGEST_MAX_RECORD_BYTES and Kafka's framing) not sent: line 2 ({len(unsendable):,} bytes), "
+        f"line 6 ({len(unsendable) + 1:,} bytes); the other 3 were"
     )
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest")
+    consumer = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest", fetch_max_bytes=2**24
+    )
     received: list[bytes] = []
     try:
         consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()])
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(received) <= 2:
+        while time.monotonic() < deadline and len(received) <= 3:
             for records in consumer.poll(timeout_ms=1000).values():
                 received += [message.value for message in records]
-            if len(received) == 2:  # a little longer: nothing else may come
+            if len(received) == 3:  # a little longer: nothing else may come
                 deadline = min(deadline, time.monotonic() + 2)
     finally:
         consumer.close()
-    assert sorted(received) == sorted([first, last])
+    assert sorted(received) == sorted([first, over_the_limit, last])
 
 
 @pytest.mark.kafka

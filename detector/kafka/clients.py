@@ -173,7 +173,8 @@ class KafkaPublisher:
 
     def __init__(self, settings: KafkaSettings, max_message_bytes: int = 0) -> None:
         """`max_message_bytes`: the largest value to be sent (Kafka's default message size carries up to
-        1 MiB whatever it says)."""
+        1 MiB whatever it says). `max_value_bytes` is then the longest value `send` takes with a key of up
+        to 32 KiB: a little more than asked, so that records a little over a consumer's limit reach it."""
         # Idempotence stays off: a producer id does not survive a restart of the embedded broker, and
         # consumers de-duplicate by event_id anyway.
         self._producer = open_client(
@@ -188,6 +189,8 @@ class KafkaPublisher:
             max_request_size=message_limit(max_message_bytes),
         )
         self._pending: list[Any] = []
+        # Half the overhead is left to the key and the record's framing.
+        self.max_value_bytes = message_limit(max_message_bytes) - MESSAGE_OVERHEAD_BYTES // 2
 
     def send(
         self, topic: str, value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes]] = ()

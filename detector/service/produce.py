@@ -24,19 +24,19 @@ def client_key(line: bytes) -> bytes | None:
 
 
 class LinesNotSent(Exception):
-    """Lines of a file longer than the record limit, not sent (the topic refuses what the detector would not
-    read); every other line was. `sent` counts those, `lines` holds the line number and size of each line
-    left out."""
+    """Lines of a file too long for any message the topic takes, not sent; every other line was. `sent`
+    counts those, `lines` holds the line number and size of each line left out."""
 
     SHOWN = 5
 
-    def __init__(self, path: Path, sent: int, lines: list[tuple[int, int]], limit: int) -> None:
-        self.path, self.sent, self.lines, self.limit = path, sent, lines, limit
+    def __init__(self, path: Path, sent: int, lines: list[tuple[int, int]], bound: int) -> None:
+        self.path, self.sent, self.lines, self.bound = path, sent, lines, bound
         shown = ", ".join(f"line {number} ({size:,} bytes)" for number, size in lines[: self.SHOWN])
         more = f" and {len(lines) - self.SHOWN} more" if len(lines) > self.SHOWN else ""
         super().__init__(
-            f"{len(lines)} line(s) of {path} longer than the record limit of {limit:,} bytes "
-            f"(MIA_INGEST_MAX_RECORD_BYTES) not sent: {shown}{more}; the other {sent} were"
+            f"{len(lines)} line(s) of {path} longer than the {bound:,} bytes a message may carry "
+            f"(MIA_INGEST_MAX_RECORD_BYTES and Kafka's framing) not sent: {shown}{more}; "
+            f"the other {sent} were"
         )
 
 
@@ -45,15 +45,17 @@ def produce_file(
 ) -> int:
     """Publish every non-blank line of a JSON Lines file to `topic`, keyed by client id; return the count.
 
-    A line longer than `ingest.max_record_bytes` is read only to past the limit and not sent: the rest of
-    the file is, then `LinesNotSent` names the lines left out.
+    Lines over the detector's record limit (`ingest.max_record_bytes`) are sent: the daemon dead-letters
+    them, naming their sender. A line too long for any message the topic takes (see
+    `KafkaPublisher.max_value_bytes`) is read only to past that bound and not sent: the rest of the file
+    is, then `LinesNotSent` names the lines left out.
     """
-    limit = settings.ingest.max_record_bytes
-    publisher = KafkaPublisher(settings.kafka, max_message_bytes=limit)
+    publisher = KafkaPublisher(settings.kafka, max_message_bytes=settings.ingest.max_record_bytes)
+    bound = publisher.max_value_bytes
     sent = 0
     too_large: list[tuple[int, int]] = []  # (line number, size): a cut line's first bytes are not kept
     try:
-        for batch in read_jsonl_batches([str(path)], 5000, max_line_bytes=limit):
+        for batch in read_jsonl_batches([str(path)], 5000, max_line_bytes=bound):
             for record in batch:
                 if record.full_size is not None:
                     too_large.append((record.origin.position, record.full_size))
@@ -66,5 +68,5 @@ def produce_file(
     finally:
         publisher.close()
     if too_large:
-        raise LinesNotSent(path, sent, too_large, limit)
+        raise LinesNotSent(path, sent, too_large, bound)
     return sent
