@@ -275,6 +275,15 @@ class KafkaSource:
         self._unchecked = refused
         if not self._held:
             self._consumer.resume(tp for tp in unchecked if tp not in refused)
+        # The group's committed offsets follow: they lag the stored positions where a commit did not land
+        # (one sent during a rebalance), and nothing else moves them until records come. Other members
+        # (`left_to_read`) and the operators' lag tools read them. Sent without waiting, like a commit from
+        # a rebalance; a failure is only logged.
+        sought = {
+            tp: position for tp, position in unchecked.items() if tp not in beyond and tp not in refused
+        }
+        if sought:  # never empty: a client reads no offsets as "commit everything consumed"
+            self._consumer.commit(sought, wait=False)
 
     def _beyond_log_end(self, stored: dict[Partition, int]) -> dict[Partition, int]:
         """The partitions whose stored position lies beyond the broker's end offset, with that end offset;

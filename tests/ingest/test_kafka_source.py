@@ -125,6 +125,20 @@ def test_a_seek_the_client_refuses_is_tried_again_at_the_next_poll(
     assert not refusals and offsets[0] == STORED, offsets[:3]
 
 
+def test_a_claimed_position_is_committed_to_the_group_once_sought(
+    broker: EmbeddedBroker, request: pytest.FixtureRequest, client: str
+) -> None:
+    # The group's committed offset had stayed where the last commit that landed left it (here: none) until
+    # records came: another member waiting for the group to drain waited on records already stored.
+    source, claims = source_on(broker, request, client)
+    partition = (claims.topic, 0)
+    poll_until(source, lambda read: bool(read))
+    deadline = time.monotonic() + 20
+    while source._consumer.committed(partition) != STORED:  # sent without waiting: a later poll sees it
+        assert time.monotonic() < deadline, source._consumer.committed(partition)
+        source.poll()
+
+
 def test_nothing_is_fetched_until_a_claim_succeeds(
     broker: EmbeddedBroker, request: pytest.FixtureRequest, client: str
 ) -> None:
