@@ -1,5 +1,7 @@
 """The model inputs that pass through the detector are not kept: not in sessions, alerts or seen events,
-and by default not in dead letters either (`MIA_INGEST_DEAD_LETTER_RAW_BYTES`, 0); an operator may opt in."""
+and by default not in dead letters either (`MIA_INGEST_DEAD_LETTER_RAW_BYTES`, 0); an operator may opt in.
+The one row kept is each client's latest, in its stored state: its next query's dense-change test compares
+against it."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
+from detector.features.client import ClientFeatures
 from detector.service import replay
 from detector.simulate.sample import oip_record
 from detector.storage import open_store
@@ -56,7 +59,14 @@ def test_inputs_are_kept_only_when_dead_letters_are_told_to(tmp_path: Path, raw_
         assert letter.reason == "shape_mismatch" and letter.source == f"file:{events}:41"
         assert letter.raw_size == len(events.read_bytes().splitlines()[-1])
         assert len(store.list_sessions()) == 2
+        states = store.every_client_state()
     stored = database_bytes(tmp_path)
+    assert sorted(client for _, client in states) == ["client-0", "client-1"]
+    for state in states.values():
+        # The client's latest row, and nothing else of its inputs.
+        assert state.count(MARKER_FORMS[1]) == 1
+        assert ClientFeatures.from_bytes(state).state()["clusters"]["last_row"][0] == MARKER
+        stored = stored.replace(state, b"")
     if raw_bytes is None:
         assert settings.ingest.dead_letter_raw_bytes == 0
         assert letter.raw == b""

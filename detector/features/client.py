@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 
 from detector.domain import Query
+from detector.features import state_bytes
 from detector.features.base import CounterFeature
 from detector.features.clusters import ClusterMatch, MatchKind, RecordClusters
 from detector.features.confidence import ConfidenceHarvesting
@@ -151,8 +152,9 @@ class ClientFeatures:
             del kept[:-EVIDENCE_PER_KIND]
 
     def state(self) -> dict[str, Any]:
-        """The client's state as JSON-serialisable values (finite numbers, strings, lists or tuples, dicts),
-        sharing nothing with the client: clusters (see `RecordClusters.state`), counters, evidence ids."""
+        """The client's state: finite numbers, strings, lists, dicts and (the clusters' columns) numpy arrays,
+        as `detector.features.state_bytes` stores them, sharing nothing with the client: clusters (see
+        `RecordClusters.state`), counters, evidence ids."""
         return {
             "clusters": self.clusters.state(),
             "features": {feature.name: feature.state() for feature in self.features},
@@ -167,16 +169,19 @@ class ClientFeatures:
         }
 
     def to_bytes(self) -> bytes:
-        """`state()` as JSON: what is stored of the client. Not compressed: zlib's fastest level takes
-        three times as long as the rest and saves a third (base64 points compress little)."""
-        return orjson.dumps(self.state())
+        """`state()` as bytes (`detector.features.state_bytes`): what is stored of the client. Not
+        compressed: zlib's fastest level takes longer than the rest and saves little (the columns are
+        projections and fingerprints)."""
+        return state_bytes.dumps(self.state())
 
     @classmethod
     def from_bytes(cls, stored: bytes) -> ClientFeatures:
-        """A client continuing from what `to_bytes` wrote; raises `ValueError` on anything else."""
+        """A client continuing from what `to_bytes` wrote (or, stored before it, the state as JSON); raises
+        `ValueError` on anything else."""
         try:
-            return cls.from_state(orjson.loads(stored))
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+            state = state_bytes.loads(stored) if state_bytes.is_state_bytes(stored) else orjson.loads(stored)
+            return cls.from_state(state)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise ValueError(f"not a stored client state: {exc!r}") from None
 
     @classmethod

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -23,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from detector.features.columns import REBASED_SEQUENCE, SEQUENCE_LIMIT, extended, sequences
-from detector.features.embedding import PROJECTION_DIM, Observation, pack, unpack
+from detector.features.embedding import PROJECTION_DIM, Observation
 from detector.features.representatives import Representatives
+from detector.features.state_bytes import stored_column
 
 VARIANT_RADIUS = 0.12
 # Trigram sketches of two prompts that differ by a few words are ~0.2-0.3 apart, unrelated prompts ~1.
@@ -83,10 +83,11 @@ def label_code(label: str | None) -> int:
     return zlib.crc32(str(label).encode()) % 0xFFFFFFFF + 1
 
 
-def _stored_label_codes(stored: list[Any]) -> np.ndarray:
-    """The clusters' label codes as a state holds them: codes, null for none, or (stored before label codes,
-    or by a version keeping labels) the labels themselves. Raises `ValueError` on a code out of range."""
-    if not set(map(type, stored)) <= {int, bool, type(None)}:
+def _stored_label_codes(stored: Any) -> np.ndarray:
+    """The clusters' label codes as a state holds them: a column of codes or, in a state stored as JSON,
+    codes with null for none or (stored before label codes, or by a version keeping labels) the labels
+    themselves. Raises `ValueError` on a code out of range."""
+    if not isinstance(stored, np.ndarray) and not set(map(type, stored)) <= {int, bool, type(None)}:
         stored = [label if label is None or isinstance(label, int) else label_code(label) for label in stored]
     # Converted whole: null reads as NaN, and a code (below 2**32) exactly.
     codes = np.nan_to_num(np.array(stored, dtype=np.float64), nan=NO_LABEL)
@@ -167,38 +168,45 @@ class FingerprintTable:
         """Move every use back `shift` queries (see `detector.features.columns.sequences`)."""
         self._used_at = sequences(self._used_at, shift)
 
-    def items(self, ids: np.ndarray) -> list[tuple[int, int]]:
-        """(fingerprint, cluster id) pairs, least recently used first, with `ids` the cluster id of each slot
-        (-1 for a cluster that gave way)."""
+    def columns(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The fingerprints, least recently used first, and the cluster id of each, with `ids` the cluster id
+        of each slot (-1 for a cluster that gave way)."""
         order = self._used_at[: self._count].argsort(kind="stable")
         slots = self._slots[order]
-        # Whole columns to Python ints at once (`tolist`): element by element costs ten times as much, and
-        # every changed client's state is written at every commit.
         clusters = np.full(slots.shape[0], -1, dtype=np.int64)
         held = slots >= 0
         clusters[held] = ids[slots[held]]
-        return list(zip(self._fingerprints[order].tolist(), clusters.tolist(), strict=True))
+        return self._fingerprints[order], clusters
 
     @classmethod
-    def of(cls, items: Sequence[Sequence[int]], ids: np.ndarray) -> FingerprintTable:
-        """The table of `items` ((fingerprint, cluster id) pairs, least recently used first), with `ids` the
-        cluster id of each slot held, all distinct (a fingerprint of a cluster not held finds nothing), used
-        before any query to come."""
+    def of(cls, fingerprints: np.ndarray, clusters: np.ndarray, ids: np.ndarray) -> FingerprintTable:
+        """The table of `fingerprints` (least recently used first) and the cluster id of each, with `ids`
+        the cluster id of each slot held, all distinct (a fingerprint of a cluster not held finds nothing),
+        used before any query to come."""
         table = cls()
-        count = min(len(items), MAX_FINGERPRINTS)
-        kept = items[len(items) - count :]
+        count = min(fingerprints.shape[0], MAX_FINGERPRINTS)
+        kept = slice(fingerprints.shape[0] - count, None)
         capacity = min(max(16, count), MAX_FINGERPRINTS)
         table._fingerprints = np.zeros(capacity, dtype=np.uint64)
         table._slots = np.zeros(capacity, dtype=np.int16)
         table._used_at = np.zeros(capacity, dtype=np.int32)
-        if count:
-            fingerprints, clusters = zip(*kept, strict=True)
-            table._fingerprints[:count] = np.array(fingerprints, dtype=np.uint64)
-            table._slots[:count] = _slots_of(np.array(clusters, dtype=np.int64), ids)
-            # Older than every query to come: a restored client's queries go on from its stored sequence.
-            table._used_at[:count] = np.arange(-count, 0)
+        table._fingerprints[:count] = fingerprints[kept]
+        table._slots[:count] = _slots_of(clusters[kept], ids)
+        # Older than every query to come: a restored client's queries go on from its stored sequence.
+        table._used_at[:count] = np.arange(-count, 0)
         table._count = count
         return table
+
+
+def _stored_fingerprints(stored: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The fingerprints and their cluster ids a state holds: two columns, or (in a state stored as JSON)
+    (fingerprint, cluster id) pairs. Raises `OverflowError` on a number out of range."""
+    if isinstance(stored, dict):
+        fingerprints, clusters = stored["values"], stored["clusters"]
+    else:
+        fingerprints = [pair[0] for pair in stored]
+        clusters = [pair[1] for pair in stored]
+    return np.array(fingerprints, dtype=np.uint64), np.array(clusters, dtype=np.int64)
 
 
 def _slots_of(clusters: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -369,22 +377,22 @@ class RecordClusters:
     # -- state ---------------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """JSON-serialisable state, sharing nothing with the clusters: representatives (see
-        `Representatives.state`), labels (codes), sizes, recency, fingerprints, and the previous query's row,
-        which the next query's dense-change test compares against: the one raw input the state holds."""
+        """The state (numpy columns beside plain values, see `detector.features.state_bytes`), sharing
+        nothing with the clusters: representatives (see `Representatives.state`), label codes, sizes,
+        recency, fingerprints, and the previous query's row, which the next query's dense-change test
+        compares against: the one raw input the state holds."""
         used = self._used
+        fingerprints, clusters = self._fingerprints.columns(self._ids)
         return {
-            "ids": self._ids[:used].tolist(),
+            "ids": self._ids[:used].copy(),
             "representatives": self._representatives.state(used),
-            # Under the key and in the form (a label, or null) a version keeping labels as strings reads:
-            # codes compare as the labels did, so a state moved to it in a rolling upgrade tells flips too.
-            "labels": [code or None for code in self._label_codes[:used].tolist()],
-            "sizes": self._sizes[:used].tolist(),
-            "touched_at": self._touched_at[:used].tolist(),
+            "labels": self._label_codes[:used].copy(),
+            "sizes": self._sizes[:used].copy(),
+            "touched_at": self._touched_at[:used].copy(),
             "sequence": self._sequence,
-            "fingerprints": self._fingerprints.items(self._ids),
+            "fingerprints": {"values": fingerprints, "clusters": clusters},
             "next_id": self._next_id,
-            "last_row": None if self._last_raw is None else pack(self._last_raw),
+            "last_row": None if self._last_raw is None else self._last_raw.astype(np.float32),
         }
 
     @classmethod
@@ -412,13 +420,16 @@ class RecordClusters:
                 state["representatives"], used, capacity, shift
             )
         else:
-            points = unpack(state["points"]).reshape(used, PROJECTION_DIM)
+            points = stored_column(state["points"], "<f4").reshape(used, PROJECTION_DIM)
             stored = state["invariants"]
-            invariants = None if stored is None else unpack(stored).reshape(used, -1)
+            invariants = None if stored is None else stored_column(stored, "<f4").reshape(used, -1)
             clusters._representatives = Representatives.of_points(
                 points, invariants, clusters._touched_at[:used], capacity
             )
-        clusters._fingerprints = FingerprintTable.of(state["fingerprints"], clusters._ids[:used])
+        clusters._fingerprints = FingerprintTable.of(
+            *_stored_fingerprints(state["fingerprints"]), clusters._ids[:used]
+        )
         clusters._next_id = int(state["next_id"])
-        clusters._last_raw = None if state["last_row"] is None else unpack(state["last_row"])
+        last_row = state["last_row"]
+        clusters._last_raw = None if last_row is None else stored_column(last_row, "<f4")
         return clusters

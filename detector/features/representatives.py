@@ -1,12 +1,13 @@
 """The points that stand for a client's record clusters, kept small: the recent exact, the others quantised.
 
 A cluster is represented by its latest member's point. Held as float32 those points were most of a client's
-memory (256 x 32 x 4 bytes). Here only the `HOT` (to `2 * HOT`) most recently matched slots keep their point
-exact, with its shift/flip-invariant view: those are where probing happens (a boundary walk's steps shrink
-far below the quantisation error, an augmentation burst follows its record within a few queries), and the
-`HOT` most recent are the only slots the invariant view is compared against. The other slots keep their
-point as 32 int8 codes, a float32 scale and norm (41 bytes with their exact row's index; distances off by
-about 0.005 of the unit): enough to tell whether a query returns to an old record (`VARIANT_RADIUS` is 0.12).
+memory (256 x 32 x 4 bytes). Here only the `HOT` (to `EXACT_ROWS`) most recently matched slots keep their
+point exact, with its shift/flip-invariant view: those are where probing happens (a boundary walk's steps
+shrink far below the quantisation error, an augmentation burst follows its record within a few queries),
+and the `HOT` most recent are the only slots the invariant view is compared against. The other slots keep
+their point as 32 int8 codes, a float32 scale and norm (41 bytes with their exact row's index; distances off
+by about 0.005 of the unit): enough to tell whether a query returns to an old record (`VARIANT_RADIUS` is
+0.12).
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from typing import Any
 import numpy as np
 
 from detector.features.columns import extended, sequences
-from detector.features.embedding import PROJECTION_DIM, pack, unpack
+from detector.features.embedding import PROJECTION_DIM
+from detector.features.state_bytes import stored_column
 
 # The slots kept exact: the recent clusters a probing burst returns to (and the invariant view's reach).
 HOT = 16
+# The exact rows held: when all are in use, the `EXACT_ROWS - HOT` least recent are quantised in one batch of
+# array calls. Fewer spare rows mean more frequent (smaller) batches; each spare row costs every client that
+# uses it 142 bytes (its float32 point, half norm, slot and recency), more for image rows' invariant view.
+EXACT_ROWS = HOT + HOT // 2
 _CODE_MAX = 127.0
 
 
@@ -48,8 +54,9 @@ class Representatives:
     """One point a slot: exact (with the invariant view) for at least the `HOT` most recently put or touched,
     quantised for the others. Slots are numbered by the caller, from 0, and grown with `grow`.
 
-    Exact rows are filled in order; when all `2 * HOT` are in use the least recent half is quantised at once
-    (one batch of array calls for `HOT` new records, not one each) and the recent half moves to the front.
+    Exact rows are filled in order; when all `EXACT_ROWS` are in use all but the `HOT` most recent are
+    quantised at once (one batch of array calls every `EXACT_ROWS - HOT` new records, not one each) and the
+    `HOT` move to the front.
     """
 
     __slots__ = (
@@ -73,8 +80,8 @@ class Representatives:
         # +inf for a slot with an exact row: it is measured there instead.
         self._half_norms = np.full(capacity, np.inf, dtype=np.float32)
         self._row_of = np.full(capacity, -1, dtype=np.int8)  # each slot's exact row, -1 for none
-        # As many exact rows as slots, up to 2 * HOT; the first `_exact_count` are in use.
-        rows = min(2 * HOT, capacity)
+        # As many exact rows as slots, up to EXACT_ROWS; the first `_exact_count` are in use.
+        rows = min(EXACT_ROWS, capacity)
         self._exact_count = 0
         self._exact_slots = np.zeros(rows, dtype=np.int16)
         self._exact_points = np.zeros((rows, PROJECTION_DIM), dtype=np.float32)
@@ -89,7 +96,7 @@ class Representatives:
         self._scales = extended(self._scales, capacity, 1.0)
         self._half_norms = extended(self._half_norms, capacity, np.inf)
         self._row_of = extended(self._row_of, capacity, -1)
-        rows = min(2 * HOT, capacity)
+        rows = min(EXACT_ROWS, capacity)
         self._exact_slots = extended(self._exact_slots, rows, 0)
         self._exact_points = extended(self._exact_points, rows, 0.0)
         self._exact_half_norms = extended(self._exact_half_norms, rows, 0.0)
@@ -181,11 +188,7 @@ class Representatives:
         count = self._exact_count
         order = self._exact_touched[:count].argsort(kind="stable")
         older, recent = order[: count - HOT], order[count - HOT :]
-        slots = self._exact_slots[older]
-        codes, scales = quantised(self._exact_points[older])
-        self._codes[slots], self._scales[slots] = codes, scales
-        self._half_norms[slots] = _half_norms(codes, scales)
-        self._row_of[slots] = -1
+        self._quantise(self._exact_slots[older], self._exact_points[older])
         for column in (self._exact_slots, self._exact_points, self._exact_half_norms, self._exact_touched):
             column[:HOT] = column[recent]
         if self._exact_invariants is not None:
@@ -193,40 +196,60 @@ class Representatives:
         self._row_of[self._exact_slots[:HOT]] = np.arange(HOT)
         self._exact_count = HOT
 
+    def _quantise(self, slots: np.ndarray, points: np.ndarray) -> None:
+        """`slots` keep their `points` quantised, and no exact row."""
+        codes, scales = quantised(points)
+        self._codes[slots], self._scales[slots] = codes, scales
+        self._half_norms[slots] = _half_norms(codes, scales)
+        self._row_of[slots] = -1
+
     # -- state ---------------------------------------------------------------------------------------------
 
     def state(self, used: int) -> dict[str, Any]:
-        """JSON-serialisable state of the first `used` slots, sharing nothing with this object."""
+        """The state of the first `used` slots (numpy columns beside plain values, see
+        `detector.features.state_bytes`), sharing nothing with this object."""
         exact = slice(0, self._exact_count)
         invariants = self._exact_invariants
         return {
-            "codes": pack(self._codes[:used], "<i1"),
-            "scales": pack(self._scales[:used]),
-            "exact_slots": self._exact_slots[exact].tolist(),
-            "exact_points": pack(self._exact_points[exact]),
-            "exact_invariants": None if invariants is None else pack(invariants[exact]),
-            "exact_touched": self._exact_touched[exact].tolist(),
+            "codes": self._codes[:used].copy(),
+            "scales": self._scales[:used].copy(),
+            "exact_slots": self._exact_slots[exact].copy(),
+            "exact_points": self._exact_points[exact].copy(),
+            "exact_invariants": None if invariants is None else invariants[exact].copy(),
+            "exact_touched": self._exact_touched[exact].copy(),
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], used: int, capacity: int, shift: int = 0) -> Representatives:
         """The representatives `state` holds (see `state`), for `used` slots in a column of `capacity`, their
-        sequences moved back `shift` (see `rebase`)."""
+        sequences moved back `shift` (see `rebase`). A state holding more exact rows than are kept (stored
+        by a version keeping more) comes back with all but the `HOT` most recent quantised."""
         kept = cls(capacity)
         if used:
-            kept._codes[:used] = unpack(state["codes"], "<i1").reshape(used, PROJECTION_DIM)
-            kept._scales[:used] = unpack(state["scales"])
+            kept._codes[:used] = stored_column(state["codes"], "<i1").reshape(used, PROJECTION_DIM)
+            kept._scales[:used] = stored_column(state["scales"], "<f4")
             kept._half_norms[:used] = _half_norms(kept._codes[:used], kept._scales[:used])
-        exact = kept._exact_count = len(state["exact_slots"])
-        kept._exact_slots[:exact] = state["exact_slots"]
-        kept._row_of[kept._exact_slots[:exact]] = np.arange(exact)
-        kept._half_norms[kept._exact_slots[:exact]] = np.inf
-        kept._exact_touched[:exact] = sequences(state["exact_touched"], shift)
-        if exact:
-            kept._exact_points[:exact] = unpack(state["exact_points"]).reshape(exact, PROJECTION_DIM)
-            kept._exact_half_norms[:exact] = [_half_norm(point) for point in kept._exact_points[:exact]]
-        if state["exact_invariants"] is not None:
-            invariants = unpack(state["exact_invariants"]).reshape(exact, -1)
+        slots = np.array(state["exact_slots"], dtype=np.int16)
+        exact = slots.shape[0]
+        touched = sequences(state["exact_touched"], shift)
+        points = stored_column(state["exact_points"], "<f4").reshape(exact, PROJECTION_DIM)
+        stored = state["exact_invariants"]
+        invariants = None if stored is None else stored_column(stored, "<f4").reshape(exact, -1)
+        if exact > kept._exact_slots.shape[0]:
+            order = touched.argsort(kind="stable")
+            older, recent = order[: exact - HOT], order[exact - HOT :]
+            kept._quantise(slots[older], points[older])
+            slots, touched, points = slots[recent], touched[recent], points[recent]
+            invariants = None if invariants is None else invariants[recent]
+            exact = HOT
+        kept._exact_count = exact
+        kept._exact_slots[:exact] = slots
+        kept._row_of[slots] = np.arange(exact)
+        kept._half_norms[slots] = np.inf
+        kept._exact_touched[:exact] = touched
+        kept._exact_points[:exact] = points
+        kept._exact_half_norms[:exact] = [_half_norm(point) for point in points]
+        if invariants is not None:
             rows = kept._exact_slots.shape[0]
             kept._exact_invariants = np.full((rows, invariants.shape[1]), np.inf, dtype=np.float32)
             kept._exact_invariants[:exact] = invariants

@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from detector.features import state_bytes
 from detector.features.clusters import MatchKind, RecordClusters
 from detector.features.embedding import PROJECTION_DIM, pack
-from detector.features.representatives import HOT, Representatives, quantised
+from detector.features.representatives import EXACT_ROWS, HOT, Representatives, quantised
 from tests.streams import Stream, boundary_walk, warmed_tracker
 
 
@@ -42,14 +43,14 @@ def test_the_nearest_slot_is_measured_exactly_when_recent_and_within_the_quantis
     rows = points(3 * HOT + 8)
     used = rows.shape[0]
     kept = filled(rows)
-    for slot in (0, HOT, used - 2 * HOT - 1, used - HOT, used - 1):
+    for slot in (0, HOT, used - EXACT_ROWS - 1, used - HOT, used - 1):
         query = rows[slot] + np.float32(1e-4)  # a boundary walk's step: far below the quantisation error
         exact = float(((rows[slot] - query) ** 2).sum())
         found, squared = kept.nearest(query, used)
         assert found == slot
         if slot >= used - HOT:  # at least the HOT put last are exact
             assert squared == pytest.approx(exact, rel=1e-4)
-        else:  # and at most the 2 * HOT put last
+        else:  # and at most the EXACT_ROWS put last
             assert squared != pytest.approx(exact, rel=1e-2) and np.sqrt(squared) < 0.02
     far = points(1, seed=11)[0]
     found, squared = kept.nearest(far, used)
@@ -58,17 +59,18 @@ def test_the_nearest_slot_is_measured_exactly_when_recent_and_within_the_quantis
 
 
 def test_a_touched_old_slot_becomes_exact_again_and_the_least_recent_are_quantised_together() -> None:
-    rows = points(2 * HOT + 1)
+    rows = points(EXACT_ROWS + 1)
     used = rows.shape[0]
-    kept = filled(rows)  # the 33rd put quantised the HOT put first
+    spare = EXACT_ROWS - HOT
+    kept = filled(rows)  # the last put quantised the `spare` put first
     query = rows[0] + np.float32(1e-4)
     assert kept.nearest(query, used)[0] == 0 and kept.nearest(query, used)[1] > 1e-6  # known quantised
     kept.touch(0, None, now=used + 1)
     assert kept.nearest(query, used)[1] > 1e-6  # exact again, but its exact point was lost
     kept.put(0, rows[0], None, now=used + 2)
     assert kept.nearest(query, used)[1] < 1e-6
-    assert kept.nearest(rows[HOT - 1], used) != (HOT - 1, 0.0)  # quantised with the first
-    assert kept.nearest(rows[HOT], used) == (HOT, 0.0)  # the oldest of those kept exact
+    assert kept.nearest(rows[spare - 1], used) != (spare - 1, 0.0)  # quantised with the first
+    assert kept.nearest(rows[spare], used) == (spare, 0.0)  # the oldest of those kept exact
 
 
 def test_the_invariant_view_is_compared_only_among_the_recent_slots() -> None:
@@ -107,13 +109,13 @@ def test_state_round_trips_exactly() -> None:
         kept.put(slot, point, point, slot + 1)
     kept.put(used - 1, rows[3], rows[3], now=100)
     restored = Representatives.from_state(kept.state(used), used, capacity=used + 10)
-    assert restored.state(used) == kept.state(used)
+    assert state_bytes.dumps(restored.state(used)) == state_bytes.dumps(kept.state(used))
     for query in [*points(5, seed=9), rows[0], rows[-1], rows[3] + np.float32(1e-4)]:
         assert restored.nearest(query, used) == kept.nearest(query, used)
         assert restored.nearest_invariant(query) == kept.nearest_invariant(query)
     for other in (restored, kept):  # both go on alike
         other.put(0, rows[5], rows[5], now=101)
-    assert restored.state(used) == kept.state(used)
+    assert state_bytes.dumps(restored.state(used)) == state_bytes.dumps(kept.state(used))
 
 
 def test_a_state_stored_with_exact_points_for_every_cluster_restores_them_quantised_the_recent_exact() -> (
@@ -141,11 +143,12 @@ def test_a_state_stored_with_exact_points_for_every_cluster_restores_them_quanti
     assert representatives.nearest(rows[-1], used) == (used - 1, 0.0)  # the most recent: exact
     slot, squared = representatives.nearest(rows[0], used)
     assert slot == 0 and 0.0 < squared < 0.02**2
-    assert restored.state()["representatives"]["exact_slots"] == list(range(used - HOT, used))
+    assert restored.state()["representatives"]["exact_slots"].tolist() == list(range(used - HOT, used))
 
 
-def test_the_exact_rows_grow_with_the_slots_up_to_twice_hot() -> None:
-    rows = points(2 * HOT + 8)
+def test_the_exact_rows_grow_with_the_slots_up_to_exact_rows() -> None:
+    rows = points(EXACT_ROWS + 8)
+    last = rows.shape[0] - 1
     kept = Representatives()  # four slots, as a client's clusters start
     held = [kept._exact_points.shape[0]]
     for slot, point in enumerate(rows):
@@ -153,11 +156,36 @@ def test_the_exact_rows_grow_with_the_slots_up_to_twice_hot() -> None:
             kept.grow(slot + slot // 2)
             held.append(kept._exact_points.shape[0])
         kept.put(slot, point, point, slot + 1)
-    assert held[0] == 4 and held[-1] == 2 * HOT and held == sorted(held)
-    for slot in (0, 2 * HOT + 7):
+    assert held[0] == 4 and held[-1] == EXACT_ROWS and held == sorted(held)
+    for slot in (0, last):
         assert kept.nearest(rows[slot], rows.shape[0])[0] == slot
-    assert kept.nearest(rows[2 * HOT + 7], rows.shape[0])[1] == 0.0
-    # Slots 16 to 39 are exact; the invariant view reaches the HOT most recent only.
-    assert kept.nearest(rows[20], rows.shape[0]) == (20, 0.0)
-    assert kept.nearest_invariant(rows[30]) == (30, 0.0)
-    assert kept.nearest_invariant(rows[20]) != (20, 0.0)
+    assert kept.nearest(rows[last], rows.shape[0])[1] == 0.0
+    # The put that found every row in use quantised the first `EXACT_ROWS - HOT`; the last 8 filled them.
+    oldest_exact = EXACT_ROWS - HOT
+    assert kept.nearest(rows[oldest_exact], rows.shape[0]) == (oldest_exact, 0.0)
+    assert kept.nearest(rows[oldest_exact - 1], rows.shape[0])[1] > 0.0
+    # The invariant view reaches the HOT most recent only.
+    assert kept.nearest_invariant(rows[last - HOT + 1]) == (last - HOT + 1, 0.0)
+    assert kept.nearest_invariant(rows[last - HOT]) != (last - HOT, 0.0)
+
+
+def test_a_state_holding_more_exact_rows_than_kept_restores_the_older_quantised() -> None:
+    rows = points(EXACT_ROWS + 16)
+    used = rows.shape[0]
+    stored_exact = list(range(used - EXACT_ROWS - 8, used))  # as a version keeping more exact rows stored
+    codes, scales = quantised(rows)
+    state = {
+        "codes": pack(codes, "<i1"),
+        "scales": pack(scales),
+        "exact_slots": stored_exact,
+        "exact_points": pack(rows[stored_exact]),
+        "exact_invariants": pack(rows[stored_exact]),
+        "exact_touched": [slot + 1 for slot in stored_exact],
+    }
+    restored = Representatives.from_state(state, used, capacity=used)
+    assert restored.state(used)["exact_slots"].tolist() == list(range(used - HOT, used))
+    assert restored.nearest(rows[-1], used) == (used - 1, 0.0)
+    slot, squared = restored.nearest(rows[stored_exact[0]] + np.float32(1e-4), used)
+    assert slot == stored_exact[0] and 1e-6 < squared < 0.02**2
+    assert restored.nearest_invariant(rows[used - HOT]) == (used - HOT, 0.0)
+    assert restored.nearest_invariant(rows[used - HOT - 1]) != (used - HOT - 1, 0.0)

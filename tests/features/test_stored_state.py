@@ -4,10 +4,11 @@ ones included), restored clients going on exactly, and the input scales learned 
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
 from detector.features.client import ClientFeatures, FeatureTracker
-from detector.features.embedding import WARMUP_QUERIES, ModelScale, QueryEmbedder
+from detector.features.embedding import WARMUP_QUERIES, ModelScale, QueryEmbedder, pack
 from tests.streams import Stream, augmentation_probe, harvest, record, warmed_tracker
 
 
@@ -26,6 +27,50 @@ def test_a_client_read_back_from_its_bytes_goes_on_exactly_as_the_original() -> 
     assert restored.snapshot() == original.snapshot() and restored.evidence == original.evidence
     with pytest.raises(ValueError, match="not a stored client state"):
         ClientFeatures.from_bytes(b"not json")
+
+
+def stored_as_json(client: ClientFeatures) -> bytes:
+    """`client` as states were stored before `state_bytes`: JSON, the clusters' columns as decimal lists or
+    base64 text (`pack`), fingerprints as pairs, label codes with null for none."""
+    state = client.state()
+    clusters, kept = state["clusters"], state["clusters"]["representatives"]
+    invariants, last_row = kept["exact_invariants"], clusters["last_row"]
+    fingerprints = clusters["fingerprints"]
+    clusters |= {
+        "ids": clusters["ids"].tolist(),
+        "representatives": {
+            "codes": pack(kept["codes"], "<i1"),
+            "scales": pack(kept["scales"]),
+            "exact_slots": kept["exact_slots"].tolist(),
+            "exact_points": pack(kept["exact_points"]),
+            "exact_invariants": None if invariants is None else pack(invariants),
+            "exact_touched": kept["exact_touched"].tolist(),
+        },
+        "labels": [code or None for code in clusters["labels"].tolist()],
+        "sizes": clusters["sizes"].tolist(),
+        "touched_at": clusters["touched_at"].tolist(),
+        "fingerprints": [
+            [fingerprint, cluster]
+            for fingerprint, cluster in zip(
+                fingerprints["values"].tolist(), fingerprints["clusters"].tolist(), strict=True
+            )
+        ],
+        "last_row": None if last_row is None else pack(last_row),
+    }
+    return orjson.dumps(state)
+
+
+def test_a_client_stored_as_json_before_goes_on_exactly_as_the_original() -> None:
+    tracker = warmed_tracker()
+    probe = augmentation_probe(Stream("prober"))
+    tracker.update(probe[:50])
+    original = tracker.get(("m", "prober"))
+    assert original is not None
+    restored = ClientFeatures.from_bytes(stored_as_json(original))
+    assert restored.to_bytes() == original.to_bytes()
+    for observation in tracker.observe(probe[50:]):
+        assert restored.update(observation) == original.update(observation)
+    assert restored.to_bytes() == original.to_bytes() and restored.snapshot() == original.snapshot()
 
 
 def test_the_tracker_hands_over_each_change_once_evicted_clients_included() -> None:
