@@ -66,13 +66,21 @@ class CounterFeature:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Self:
-        """A feature continuing from `state`, independent of it (a shallow copy of each counter: they are
-        numbers or flat lists of numbers, see `state`)."""
-        return cls(
-            **{name: list(value) if isinstance(value, list) else value for name, value in state.items()}
-        )
+        """A feature continuing from `state`, independent of it; raises `TypeError` on a counter that is not
+        a number or a flat list of numbers (see `state`)."""
+        return cls(**{name: _counter(name, value) for name, value in state.items()})
 
 
+def _counter(name: str, value: Any) -> Any:
+    """A copy of a stored counter's `value`: a number, or a flat list of numbers."""
+    if type(value) in _NUMBERS:
+        return value
+    if type(value) is list and all(type(item) in _NUMBERS for item in value):
+        return list(value)
+    raise TypeError(f"stored counter {name} is not a number or a list of numbers")
+
+
+_NUMBERS = (int, float)
 _FIELDS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
 
 
@@ -83,7 +91,8 @@ def _fields(feature: type) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, 
     if known is None:
         names = tuple(field.name for field in dataclasses.fields(feature))
         getter = operator.attrgetter(*names)
-        known = _FIELDS[feature] = (names, getter if len(names) > 1 else lambda feature: (getter(feature),))
+        # `attrgetter` of one name returns the value itself, of several a tuple.
+        known = _FIELDS[feature] = (names, getter if len(names) > 1 else lambda counters: (getter(counters),))
     return known
 
 

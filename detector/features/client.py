@@ -170,8 +170,8 @@ class ClientFeatures:
 
     def to_bytes(self) -> bytes:
         """`state()` as bytes (`detector.features.state_bytes`): what is stored of the client. Not
-        compressed: zlib's fastest level takes longer than the rest and saves little (the columns are
-        projections and fingerprints)."""
+        compressed: zlib's fastest level would take longer than all the rest and save under a third (the
+        columns are projections and fingerprints)."""
         return state_bytes.dumps(self.state())
 
     @classmethod
@@ -181,7 +181,7 @@ class ClientFeatures:
         try:
             state = state_bytes.loads(stored) if state_bytes.is_state_bytes(stored) else orjson.loads(stored)
             return cls.from_state(state)
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as exc:
             raise ValueError(f"not a stored client state: {exc!r}") from None
 
     @classmethod
@@ -199,7 +199,10 @@ class ClientFeatures:
         restored.queries = int(state["queries"])
         restored.evaluated_at = int(state["evaluated_at"])
         restored.evaluated_time = float(state["evaluated_time"])
-        restored.client_ip = state["client_ip"]
+        client_ip = state["client_ip"]
+        if client_ip is not None and not isinstance(client_ip, str):
+            raise TypeError("a stored client address is not text")
+        restored.client_ip = client_ip
         return restored
 
 

@@ -200,13 +200,19 @@ class FingerprintTable:
 
 def _stored_fingerprints(stored: Any) -> tuple[np.ndarray, np.ndarray]:
     """The fingerprints and their cluster ids a state holds: two columns, or (in a state stored as JSON)
-    (fingerprint, cluster id) pairs. Raises `OverflowError` on a number out of range."""
+    (fingerprint, cluster id) pairs. Raises `ValueError` on anything else, `OverflowError` on a number out of
+    range."""
     if isinstance(stored, dict):
         fingerprints, clusters = stored["values"], stored["clusters"]
-    else:
+    elif all(isinstance(pair, list) and len(pair) == 2 for pair in stored):
         fingerprints = [pair[0] for pair in stored]
         clusters = [pair[1] for pair in stored]
-    return np.array(fingerprints, dtype=np.uint64), np.array(clusters, dtype=np.int64)
+    else:
+        raise ValueError("a stored state's fingerprints are not (fingerprint, cluster) pairs")
+    values, owners = np.array(fingerprints, dtype=np.uint64), np.array(clusters, dtype=np.int64)
+    if values.ndim != 1 or values.shape != owners.shape:
+        raise ValueError("a stored state's fingerprints are not two columns of one length")
+    return values, owners
 
 
 def _slots_of(clusters: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -399,11 +405,15 @@ class RecordClusters:
     def from_state(cls, state: dict[str, Any]) -> RecordClusters:
         """Clusters continuing from `state` (see `state`), sharing nothing with it. A state stored with exact
         float32 points for every cluster (before `Representatives`) comes back with them quantised. Raises
-        `ValueError` on labels that are not one a cluster, or a label code out of range."""
+        `ValueError` on more clusters than are kept, labels that are not one a cluster, a label code out of
+        range, or fingerprints that are not pairs."""
         clusters = cls()
-        used = clusters._used = len(state["ids"])
+        ids = np.array(state["ids"], dtype=np.int64)
+        if ids.ndim != 1 or ids.shape[0] > MAX_CLUSTERS:
+            raise ValueError(f"a stored state holds more than {MAX_CLUSTERS} clusters, or not one column")
+        used = clusters._used = ids.shape[0]
         capacity = max(4, used)
-        clusters._ids = extended(np.array(state["ids"], dtype=np.int64), capacity)
+        clusters._ids = extended(ids, capacity)
         if len(state["labels"]) != used:
             raise ValueError("a stored state has not one label a cluster")
         clusters._label_codes = extended(_stored_label_codes(state["labels"]), capacity)

@@ -25,7 +25,7 @@ from detector.features.state_bytes import stored_column
 HOT = 16
 # The exact rows held: when all are in use, the `EXACT_ROWS - HOT` least recent are quantised in one batch of
 # array calls. Fewer spare rows mean more frequent (smaller) batches; each spare row costs every client that
-# uses it 142 bytes (its float32 point, half norm, slot and recency), more for image rows' invariant view.
+# uses it 138 bytes (its float32 point, half norm, slot and recency), more for image rows' invariant view.
 EXACT_ROWS = HOT + HOT // 2
 _CODE_MAX = 127.0
 
@@ -223,7 +223,8 @@ class Representatives:
     def from_state(cls, state: dict[str, Any], used: int, capacity: int, shift: int = 0) -> Representatives:
         """The representatives `state` holds (see `state`), for `used` slots in a column of `capacity`, their
         sequences moved back `shift` (see `rebase`). A state holding more exact rows than are kept (stored
-        by a version keeping more) comes back with all but the `HOT` most recent quantised."""
+        by a version keeping more) comes back with all but the `HOT` most recent quantised. Raises
+        `ValueError` on exact rows of slots not held, or two of one slot."""
         kept = cls(capacity)
         if used:
             kept._codes[:used] = stored_column(state["codes"], "<i1").reshape(used, PROJECTION_DIM)
@@ -231,6 +232,10 @@ class Representatives:
             kept._half_norms[:used] = _half_norms(kept._codes[:used], kept._scales[:used])
         slots = np.array(state["exact_slots"], dtype=np.int16)
         exact = slots.shape[0]
+        if slots.ndim != 1 or (exact and (slots.min() < 0 or slots.max() >= used)):
+            raise ValueError("a stored state's exact rows are not of slots it holds")
+        if np.unique(slots).shape[0] != exact:
+            raise ValueError("a stored state holds two exact rows of one slot")
         touched = sequences(state["exact_touched"], shift)
         points = stored_column(state["exact_points"], "<f4").reshape(exact, PROJECTION_DIM)
         stored = state["exact_invariants"]

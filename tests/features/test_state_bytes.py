@@ -87,10 +87,14 @@ def framed(header: dict[str, object], arrays: bytes) -> bytes:
     ("reference", "reason"),
     [
         ({"$array": 1, "dtype": "<i8", "shape": [1]}, "out of order"),
-        ({"$array": 0, "dtype": "<i8", "shape": [-1]}, "cut short"),
+        ({"$array": 0, "dtype": "<i8", "shape": [-1]}, "impossible shape"),
+        ({"$array": 0, "dtype": "<i8", "shape": [2**40, 0]}, "impossible shape"),
         ({"$array": 0, "dtype": "<i8", "shape": [2]}, "cut short"),
         ({"$array": 0, "dtype": "<i8"}, "unreadable"),
         ({"$array": 0, "dtype": "no such type", "shape": [1]}, "unreadable"),
+        ({"$array": 0, "dtype": "04f4", "shape": [1]}, "unreadable"),  # what numpy would evaluate
+        ({"$array": 0, "dtype": "|O8", "shape": [1]}, "unreadable"),
+        ([[[[[[[[[[[[[[[[[[[[0]]]]]]]]]]]]]]]]]]]], "nested too deep"),
     ],
 )
 def test_array_references_that_do_not_fit_the_bytes_are_refused(reference: object, reason: str) -> None:

@@ -3,10 +3,13 @@ ones included), restored clients going on exactly, and the input scales learned 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import orjson
 import pytest
 
+from detector.features import state_bytes
 from detector.features.client import ClientFeatures, FeatureTracker
 from detector.features.embedding import WARMUP_QUERIES, ModelScale, QueryEmbedder, pack
 from tests.streams import Stream, augmentation_probe, harvest, record, warmed_tracker
@@ -71,6 +74,38 @@ def test_a_client_stored_as_json_before_goes_on_exactly_as_the_original() -> Non
     for observation in tracker.observe(probe[50:]):
         assert restored.update(observation) == original.update(observation)
     assert restored.to_bytes() == original.to_bytes() and restored.snapshot() == original.snapshot()
+
+
+def _exact_slots(state: dict[str, Any], slots: list[int]) -> None:
+    state["clusters"]["representatives"]["exact_slots"] = np.array(slots, dtype=np.int16)
+
+
+def _clusters(state: dict[str, Any], count: int) -> None:
+    for column in ("ids", "labels", "sizes", "touched_at"):
+        state["clusters"][column] = np.zeros(count, dtype=state["clusters"][column].dtype)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda state: _exact_slots(state, [0, 10_000]),  # a slot it does not hold
+        lambda state: _exact_slots(state, [1, 1]),  # two rows of one slot
+        lambda state: _clusters(state, 100_000),  # more clusters than are kept: memory on demand
+        lambda state: state["clusters"].update(fingerprints=[[]]),  # as JSON, not pairs
+        lambda state: state["clusters"].update(fingerprints={"values": np.zeros(3), "clusters": np.zeros(2)}),
+        lambda state: state["features"]["volume"].update(queries=np.zeros(2)),  # a counter that is not one
+        lambda state: state.update(client_ip=7),
+    ],
+)
+def test_a_stored_state_that_no_client_could_have_is_unreadable_not_a_crash(corrupt: Any) -> None:
+    tracker = warmed_tracker()
+    tracker.update(augmentation_probe(Stream("prober"))[:50])
+    client = tracker.get(("m", "prober"))
+    assert client is not None
+    state = client.state()
+    corrupt(state)
+    with pytest.raises(ValueError, match="not a stored client state"):
+        ClientFeatures.from_bytes(state_bytes.dumps(state))
 
 
 def test_the_tracker_hands_over_each_change_once_evicted_clients_included() -> None:
