@@ -24,13 +24,12 @@ def client_key(line: bytes) -> bytes | None:
 
 
 class LinesNotSent(Exception):
-    """Lines of a file too long for any message the topic takes, not sent; every other line was. `sent`
-    counts those, `lines` holds the line number and size of each line left out."""
+    """Lines of a file too long for any message the topic takes, not sent; every other line was (`sent`
+    of them). Its message names each line left out (`lines`: line number and size), the first `SHOWN`."""
 
     SHOWN = 5
 
     def __init__(self, path: Path, sent: int, lines: list[tuple[int, int]], bound: int) -> None:
-        self.path, self.sent, self.lines, self.bound = path, sent, lines, bound
         shown = ", ".join(f"line {number} ({size:,} bytes)" for number, size in lines[: self.SHOWN])
         more = f" and {len(lines) - self.SHOWN} more" if len(lines) > self.SHOWN else ""
         super().__init__(
