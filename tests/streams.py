@@ -81,16 +81,18 @@ class SetIndex:
         return np.array([2 if row.tobytes() in self._rows else 0 for row in rows], dtype=np.int8)
 
 
-def augmentation_probe(stream: Stream, records: int = 12, variants: int = 8) -> list[Query]:
-    """Label-only augmentation probing: each record, then a burst of small noisy variants of it."""
-    queries = []
-    for _ in range(records):
-        base = record()
-        queries.append(stream.query(base, requested=Requested.LABEL))
-        for _ in range(variants):
-            noisy = base + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.02
-            queries.append(stream.query(noisy, requested=Requested.LABEL, gap=0.2))
-    return queries
+def augmentation_probe(
+    stream: Stream, records: int = 12, variants: int = 8, *, in_rounds: bool = False
+) -> list[Query]:
+    """Label-only augmentation probing: each record, then a burst of small noisy variants of it; or, in
+    rounds, every record, then a variant of each, and so on (a whole augmented set at a time)."""
+    bases = [record() for _ in range(records)]
+    copies = [
+        [base] + [base + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.02 for _ in range(variants)]
+        for base in bases
+    ]
+    order = zip(*copies, strict=True) if in_rounds else copies
+    return [stream.query(row, requested=Requested.LABEL, gap=0.2) for rows in order for row in rows]
 
 
 def boundary_walk(stream: Stream, steps: int = 400) -> list[Query]:

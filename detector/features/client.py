@@ -128,6 +128,8 @@ class ClientFeatures:
         self.client_ip = query.client_ip or self.client_ip
         if match.in_burst:
             self._keep("flip" if match.label_flip else "variant", query.event_id)
+        elif match.completes_round:
+            self._keep("round", query.event_id)
         if observation.training_hit:
             self._keep("training", query.event_id)
         if match.kind is MatchKind.NEW and query.requested.is_confidence:

@@ -43,6 +43,8 @@ DENSE_CHANGE_SHARE = 0.5
 # A variant arriving within this many queries of its cluster's previous member is part of a burst; benign
 # traffic meets an old near-neighbour now and then, probing attacks query variants back to back.
 BURST_GAP = 16
+# A record and two copies, each come back to a round of other records later: the smallest probe in rounds.
+ROUND_SIZE = 3
 
 
 class MatchKind(IntEnum):
@@ -69,6 +71,17 @@ class ClusterMatch:
     def in_burst(self) -> bool:
         """True for a dense variant that follows its cluster's previous member closely (see BURST_GAP)."""
         return self.kind is MatchKind.VARIANT and self.dense and self.gap <= BURST_GAP
+
+    @property
+    def completes_round(self) -> bool:
+        """True for a dense variant beyond a burst's reach that makes its cluster `ROUND_SIZE`: the record
+        came back, a second time, a round of other records after its previous copy."""
+        return (
+            self.kind is MatchKind.VARIANT
+            and self.dense
+            and self.gap > BURST_GAP
+            and self.cluster_size == ROUND_SIZE
+        )
 
 
 # A cluster's label is held as a 32-bit code, 0 for none: a flip is a change of code, and two labels sharing

@@ -1,4 +1,5 @@
-"""Near-duplicate probing: bursts of variants of one record, and label flips between near-identical inputs."""
+"""Near-duplicate probing: bursts of variants of one record, rounds of variants of many, and label flips
+between near-identical inputs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from detector.features.embedding import Observation
 
 BURST_SIZE = 3  # the record itself and two variants: the smallest augmentation probe (2r+1 with r=1)
 WALK_SIZE = 50  # beyond the largest augmentation bursts: a walk
+# Probing in rounds returns to its records a round apart (the copies of the other candidates in between),
+# as a benign client meets an old near-neighbour now and then: both add up over a lifetime. Its pace tells
+# them apart: a round completes a record every few queries, chance neighbours one per ~60 (busy benign
+# apps). Rounds are counted per half-window of `ROUND_HALF_WINDOW` queries, and the busiest two consecutive
+# halves kept: any `ROUND_HALF_WINDOW` consecutive queries are counted whole, with three counters, not a
+# list of positions.
+ROUND_HALF_WINDOW = 256
 # A boundary walk flips its label every few queries, behind cover traffic too; a busy benign client meets a
 # near-neighbour of another label now and then (one flip per thousands of queries), and would reach any
 # count of flips over its lifetime. So flips are also counted within `RECENT_QUERIES` consecutive queries,
@@ -22,10 +30,12 @@ RECENT_FLIPS_KEPT = 8
 class NearDuplicateProbing(CounterFeature):
     """Clusters of dense variants of one record, their sizes, and label flips inside them.
 
-    Targets augmentation probing (label-only and LiRA: many records, each queried in 2-50 small variants)
-    and boundary probing (hundreds of near-identical, label-only queries whose label flips). Only variants
-    in bursts count (see `ClusterMatch.in_burst`): variants that change a few features (what-if analysts),
-    exact repeats (retries, dashboards) and late returns to an old near-neighbour are counted apart.
+    Targets augmentation probing (label-only and LiRA: many records, each queried in 2-50 small variants,
+    in a burst per record or in rounds over all of them) and boundary probing (hundreds of near-identical,
+    label-only queries whose label flips). Only variants in bursts count as probes (see
+    `ClusterMatch.in_burst`): variants that change a few features (what-if analysts), exact repeats
+    (retries, dashboards) and returns to an old near-neighbour (`revisits`) are counted apart. Rounds show
+    among the revisits (see `ClusterMatch.completes_round`), at their pace.
     """
 
     name = "probing"
@@ -33,6 +43,13 @@ class NearDuplicateProbing(CounterFeature):
     dense_variants: int = 0
     sparse_variants: int = 0
     revisits: int = 0
+    round_clusters: int = 0
+    # The most round clusters within two consecutive half-windows (see ROUND_HALF_WINDOW); and the counts
+    # of the current half-window (number `round_half`) and of the one before.
+    peak_recent_rounds: int = 0
+    round_half: int = 0
+    rounds_this_half: int = 0
+    rounds_last_half: int = 0
     label_only_variants: int = 0
     flips: int = 0
     burst_clusters: int = 0
@@ -54,6 +71,8 @@ class NearDuplicateProbing(CounterFeature):
             return
         if not match.in_burst:
             self.revisits += 1
+            if match.completes_round:
+                self._count_round()
             return
         self.dense_variants += 1
         if not observation.query.requested.is_confidence:
@@ -71,11 +90,24 @@ class NearDuplicateProbing(CounterFeature):
             self.walk_clusters += 1
         self.max_cluster_size = max(self.max_cluster_size, match.cluster_size)
 
+    def _count_round(self) -> None:
+        self.round_clusters += 1
+        half = self.queries // ROUND_HALF_WINDOW
+        if half != self.round_half:
+            self.rounds_last_half = self.rounds_this_half if half == self.round_half + 1 else 0
+            self.rounds_this_half = 0
+            self.round_half = half
+        self.rounds_this_half += 1
+        self.peak_recent_rounds = max(self.peak_recent_rounds, self.rounds_last_half + self.rounds_this_half)
+
     def values(self) -> dict[str, float]:
         return {
             "dense_variants": self.dense_variants,
             "sparse_variants": self.sparse_variants,
             "revisits": self.revisits,
+            "revisit_share": ratio(self.revisits, self.queries),
+            "round_clusters": self.round_clusters,
+            "peak_recent_rounds": self.peak_recent_rounds,
             "label_only_share": ratio(self.label_only_variants, self.dense_variants),
             "flips": self.flips,
             "flip_rate": ratio(self.flips, self.dense_variants),

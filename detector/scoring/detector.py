@@ -22,10 +22,10 @@ from detector.scoring.scorer import ANOMALY_MIN_QUERIES, ANOMALY_RULE_ID, Scorer
 
 EVIDENCE_KINDS: dict[AlertKind, tuple[str, ...]] = {
     AlertKind.BOUNDARY_PROBING: ("flip", "variant"),
-    AlertKind.AUGMENTATION_PROBING: ("variant", "flip"),
+    AlertKind.AUGMENTATION_PROBING: ("variant", "round", "flip"),
     AlertKind.TRAINING_SET_TARGETING: ("training",),
     AlertKind.CONFIDENCE_HARVESTING: ("confidence",),
-    AlertKind.ANOMALOUS_SESSION: ("flip", "variant", "training", "confidence"),
+    AlertKind.ANOMALOUS_SESSION: ("flip", "variant", "round", "training", "confidence"),
 }
 # Told the verdicts of every client judged, allow-listed or not (the pipeline's metrics).
 RatioObserver = Callable[[Collection[Verdict]], None]

@@ -3,8 +3,8 @@
 - Confidence harvesting (Shokri et al. 2017 shadow models, Salem et al. 2019 ML-Leaks, Yeom et al. 2018
   threshold attacks): one query per candidate record, asking for the probability vector.
 - Augmentation probing (Choquette-Choo et al. 2021 label-only data augmentation; Carlini et al. 2022 LiRA
-  queries): for each candidate, a burst of augmented copies (rotations, translations, mirror + shifts,
-  noise), the candidate itself included.
+  queries): for each candidate, augmented copies (rotations, translations, mirror + shifts, noise), the
+  candidate itself included, in a burst per candidate or in rounds over all candidates.
 - Boundary probing (Li & Zhang 2021 label-only decision-boundary distance, through HopSkipJump, Chen et al.
   2020): per candidate a walk of hundreds to thousands of label-only queries that converges onto the
   decision boundary nearest to the candidate, labelled by the real model.
@@ -216,20 +216,33 @@ def _shift(image: Rows, down: int, right: int) -> Rows:
 
 @dataclass(frozen=True, eq=False, slots=True)
 class Augment:
-    """Per candidate, the candidate and its augmentations: one batch request when `batched`, otherwise one
-    request per copy, back to back."""
+    """Per candidate, the candidate and its augmentations.
+
+    In bursts (`round_rows` 0), each candidate's copies back to back: one batch request when `batched`,
+    otherwise one request per copy. In rounds, the first copy of every candidate, then the second of every
+    candidate, and so on, in requests of up to `round_rows` rows: the way the reference code of LiRA and of
+    the data-augmentation attack predicts a whole augmented dataset at a time. A candidate's copies then
+    come a whole round apart, not back to back.
+    """
 
     candidates: Candidates
     augmentation: Augmentation
     want_probabilities: bool
     batched: bool
+    round_rows: int = 0
 
     def planned_requests(self, model: ServedModel) -> int:
-        """One request per candidate, or per row."""
-        return len(self.candidates.rows) * (1 if self.batched else self.augmentation.count)
+        """One request per candidate, per row, or per round's batch."""
+        count = len(self.candidates.rows)
+        if self.round_rows:
+            return self.augmentation.count * math.ceil(count / self.round_rows)
+        return count * (1 if self.batched else self.augmentation.count)
 
     def requests(self, model: ServedModel, rng: np.random.Generator) -> Iterator[Request]:
-        """Each candidate's burst in turn."""
+        """Each candidate's burst in turn, or the rounds."""
+        if self.round_rows:
+            yield from self._rounds(model, rng)
+            return
         for row, member in zip(self.candidates.rows, self.candidates.members, strict=True):
             yield from attack_requests(
                 model,
@@ -239,6 +252,23 @@ class Augment:
                 candidates=1,
                 member_candidates=int(member),
             )
+
+    def _rounds(self, model: ServedModel, rng: np.random.Generator) -> Iterator[Request]:
+        # [copies, candidates, features]: round i sends copy i of every candidate.
+        copies = np.stack(
+            [self.augmentation.variants(row, model, rng) for row in self.candidates.rows], axis=1
+        )
+        for round_index, rows in enumerate(copies):
+            for first in range(0, len(rows), self.round_rows):
+                chunk = slice(first, first + self.round_rows)
+                first_round = round_index == 0  # the round that carries the candidates themselves
+                yield from attack_requests(
+                    model,
+                    rows[chunk],
+                    self.want_probabilities,
+                    candidates=len(rows[chunk]) if first_round else 0,
+                    member_candidates=int(self.candidates.members[chunk].sum()) if first_round else 0,
+                )
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -453,10 +483,13 @@ def _tooling(
         augmentation = Augmentation.draw(rng, model)
         # LiRA reads confidences; the data-augmentation attack of Choquette-Choo et al. needs labels only.
         wants = augmentation.name == "mirror_shift" or rng.random() < 0.3
+        # In rounds, the reference code's batches: a row a request when slow.
+        in_rounds = bool(rng.random() < 0.4)
         return _Tooling(
             batched=bool(rng.random() < 0.5) and not slow,
             want_probabilities=wants and not label_only,
             augmentation=augmentation,
+            round_rows=(1 if slow else int(rng.choice([1, 16, 64]))) if in_rounds else 0,
         )
     batches = [1, 4, 16] if kind is AttackKind.CONFIDENCE_HARVESTING else [1, 8]
     max_batch = 1 if slow else int(rng.choice(batches))
@@ -473,11 +506,14 @@ class _Tooling:
     want_probabilities: bool = False
     max_batch: int = 1
     augmentation: Augmentation | None = None
+    round_rows: int = 0
     walk: tuple[int, int, int] | None = None
 
     def __call__(self, candidates: Candidates) -> Probes:
         if self.walk is not None:
             return BoundaryWalk(candidates, *self.walk, batched=self.batched)
         if self.augmentation is not None:
-            return Augment(candidates, self.augmentation, self.want_probabilities, self.batched)
+            return Augment(
+                candidates, self.augmentation, self.want_probabilities, self.batched, self.round_rows
+            )
         return Harvest(candidates, self.want_probabilities, self.max_batch)

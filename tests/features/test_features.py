@@ -7,9 +7,9 @@ import pytest
 
 from detector.domain import Requested
 from detector.features.client import FeatureTracker, TrainingIndexes
-from detector.features.clusters import ClusterMatch, MatchKind
+from detector.features.clusters import BURST_GAP, ClusterMatch, MatchKind
 from detector.features.embedding import PROJECTION_DIM, Observation
-from detector.features.probing import RECENT_FLIPS_KEPT, NearDuplicateProbing
+from detector.features.probing import RECENT_FLIPS_KEPT, ROUND_HALF_WINDOW, NearDuplicateProbing
 from tests.streams import (
     SCALE,
     SetIndex,
@@ -50,6 +50,44 @@ def test_augmentation_bursts_are_counted_per_record() -> None:
     assert values["probing.burst_clusters"] == 12
     assert values["probing.dense_variants"] == 12 * 8
     assert values["probing.label_only_share"] == 1.0
+
+
+def test_augmentation_in_rounds_counts_each_record_once_as_a_round_not_as_bursts() -> None:
+    values = snapshot_after(augmentation_probe(Stream(), records=40, variants=4, in_rounds=True))
+    assert values["probing.round_clusters"] == 40
+    assert values["probing.peak_recent_rounds"] == 40
+    assert values["probing.revisits"] == 40 * 4
+    assert values["probing.burst_clusters"] == 0 and values["probing.dense_variants"] == 0
+
+
+def test_rounds_in_bursts_are_not_rounds() -> None:
+    values = snapshot_after(augmentation_probe(Stream(), records=40, variants=4))
+    assert values["probing.burst_clusters"] == 40
+    assert values["probing.round_clusters"] == 0 and values["probing.revisits"] == 0
+
+
+@pytest.mark.parametrize(
+    ("round_at", "peak"),
+    [
+        (range(200, 264), 64),  # across a half-window's end: counted whole
+        ((100, 500), 2),  # in two consecutive half-windows
+        ((100, 600), 1),  # more than a half-window between their half-windows
+        ((10, 700, 701, 702), 3),
+    ],
+)
+def test_rounds_count_together_within_consecutive_half_windows(
+    round_at: range | tuple[int, ...], peak: int
+) -> None:
+    assert ROUND_HALF_WINDOW == 256  # the positions above are chosen for it
+    stream, feature = Stream(), NearDuplicateProbing()
+    query = stream.query(record(), requested=Requested.LABEL)
+    observation = Observation(query, np.zeros(PROJECTION_DIM, dtype=np.float32), None, 0, None)
+    revisit = ClusterMatch(MatchKind.VARIANT, 0, 0.01, dense=True, cluster_size=3, gap=BURST_GAP + 1)
+    other = ClusterMatch(MatchKind.NEW, 1, 1.0)
+    for number in range(1, max(round_at) + 1):
+        feature.update(observation, revisit if number in round_at else other)
+    assert feature.values()["peak_recent_rounds"] == peak
+    assert feature.values()["round_clusters"] == len(round_at)
 
 
 def test_a_boundary_walk_stays_one_cluster_and_counts_label_flips() -> None:

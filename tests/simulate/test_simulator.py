@@ -23,7 +23,7 @@ from detector.domain import Origin, Query, RawRecord
 from detector.ingest import RecordDecoder
 from detector.settings import IngestSettings
 from detector.simulate import SCENARIOS, AttackKind, Evasion, simulate
-from detector.simulate.attacks import Augmentation, BoundaryWalk, Candidates
+from detector.simulate.attacks import Augment, Augmentation, BoundaryWalk, Candidates
 from detector.simulate.benign import SteadyApp
 from detector.simulate.models import MODEL_NAMES, ServedModel, load_models
 from detector.simulate.scenarios import plan
@@ -262,15 +262,20 @@ def test_training_set_targeting_candidates_are_mostly_members(smoke: Run) -> Non
     assert np.mean([row.tobytes() in members for row in smoke.clients[targeter].rows]) >= 0.8
 
 
-def test_augmentation_probing_sends_a_burst_of_variants_per_candidate(smoke: Run) -> None:
+def test_augmentation_probing_sends_variants_of_each_candidate_in_bursts_or_in_rounds(smoke: Run) -> None:
     (prober,) = clients_of(smoke, "augmentation_probing")
     traffic = smoke.clients[prober]
     originals = dataset_rows(smoke.truth[prober]["model"])
-    starts = [index for index, row in enumerate(traffic.rows) if row.tobytes() in originals]
-    assert starts and starts[0] == 0  # every burst opens with the candidate itself
-    sizes = np.diff([*starts, len(traffic.rows)])
-    assert sizes.min() >= 2 and sizes.max() <= 50
-    assert len(set(sizes.tolist())) == 1  # one strategy, so one burst size
+    starts = np.flatnonzero([row.tobytes() in originals for row in traffic.rows])
+    assert len(starts) and starts[0] == 0  # it opens with a candidate itself
+    if len(starts) > 1 and starts[1] == 1:  # in rounds: every candidate, then a copy of each, round by round
+        np.testing.assert_array_equal(starts, np.arange(len(starts)))
+        rounds, rest = divmod(len(traffic.rows), len(starts))
+        assert rest == 0 and 2 <= rounds <= 50
+    else:  # a burst per candidate, opening with it
+        sizes = np.diff([*starts, len(traffic.rows)])
+        assert sizes.min() >= 2 and sizes.max() <= 50
+        assert len(set(sizes.tolist())) == 1  # one strategy, so one burst size
 
 
 def test_retry_storms_repeat_requests_exactly_within_seconds(smoke: Run) -> None:
@@ -376,6 +381,26 @@ def test_augmentations_of_an_image(
         shifted = variants[1:].reshape(-1, 8, 8)
         # Moving by two pixels keeps the ink that stays on the canvas: total ink never grows.
         assert np.all(shifted.sum(axis=(1, 2)) <= ink.sum())
+
+
+@pytest.mark.parametrize("round_rows", [1, 16])
+def test_augmentation_in_rounds_sends_each_copy_of_every_candidate_before_the_next(
+    models: dict[str, ServedModel], round_rows: int
+) -> None:
+    model = models["credit-risk"]
+    candidates = Candidates.draw(model, np.random.default_rng(4), 40, 0.5)
+    augmentation = Augmentation("noise", 3, 0.05)
+    probes = Augment(candidates, augmentation, False, batched=False, round_rows=round_rows)
+    requests = list(probes.requests(model, np.random.default_rng(5)))
+    assert len(requests) == probes.planned_requests(model) == 4 * math.ceil(40 / round_rows)
+    assert max(len(request.rows) for request in requests) == round_rows
+    rows = np.concatenate([request.rows for request in requests]).reshape(4, 40, -1)  # [copy, candidate]
+    np.testing.assert_array_equal(rows[0], candidates.rows)  # the first round: the candidates themselves
+    for copy in rows[1:]:  # each later round: a copy of every candidate, in the candidates' order
+        nearest = np.linalg.norm((copy[:, None] - candidates.rows[None]) / model.std, axis=2).argmin(axis=1)
+        np.testing.assert_array_equal(nearest, np.arange(40))
+    assert sum(request.candidates for request in requests) == 40
+    assert sum(request.member_candidates for request in requests) == int(candidates.members.sum())
 
 
 def test_boundary_walk_converges_and_measures_a_larger_distance_for_members(
