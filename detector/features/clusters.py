@@ -2,9 +2,9 @@
 
 Each query is matched against the client's recent clusters. Its fingerprint seen before → an exact repeat
 (retries, polling dashboards); within `VARIANT_RADIUS` of a cluster's latest member (or, for image-like rows,
-within `INVARIANT_RADIUS` of one of the 16 most recent in the shift/flip-invariant view) → a variant of that
-record; otherwise a new record starts a cluster. Because a cluster is represented by its *latest* member, a
-decision-boundary walk that drifts step by step stays one cluster. Memory is bounded: at most
+within `INVARIANT_RADIUS` of it in the shift/flip-invariant view) → a variant of that record; otherwise a
+new record starts a cluster. Because a cluster is represented by its *latest* member, a decision-boundary
+walk that drifts step by step stays one cluster. Memory is bounded: at most
 `MAX_CLUSTERS` clusters (least recently matched ones are dropped, their counts kept) and `MAX_FINGERPRINTS`
 remembered fingerprints, all held in numpy columns that grow by half again (no Python object per cluster or
 fingerprint); older clusters' points are quantised (see `Representatives`). Search is exhaustive over the
@@ -337,9 +337,9 @@ class RecordClusters:
         if nearest <= (VARIANT_RADIUS if observation.raw is not None else TEXT_VARIANT_RADIUS):
             return best, nearest
         if observation.invariant is not None:
-            recent = self._representatives.nearest_invariant(observation.invariant)
-            if recent is not None and recent[1] <= INVARIANT_RADIUS**2:
-                return recent[0], math.sqrt(recent[1])
+            found = self._representatives.nearest_invariant(observation.invariant, used)
+            if found is not None and found[1] <= INVARIANT_RADIUS**2:
+                return found[0], math.sqrt(found[1])
         return None, nearest
 
     def _new_cluster(self, observation: Observation) -> int:

@@ -3,11 +3,12 @@
 A cluster is represented by its latest member's point. Held as float32 those points were most of a client's
 memory (256 x 32 x 4 bytes). Here only the `HOT` (to `EXACT_ROWS`) most recently matched slots keep their
 point exact, with its shift/flip-invariant view: those are where probing happens (a boundary walk's steps
-shrink far below the quantisation error, an augmentation burst follows its record within a few queries),
-and the `HOT` most recent are the only slots the invariant view is compared against. The other slots keep
-their point as 32 int8 codes, a float32 scale and norm (41 bytes with their exact row's index; distances off
-by about 0.005 of the unit): enough to tell whether a query returns to an old record (`VARIANT_RADIUS` is
-0.12).
+shrink far below the quantisation error, an augmentation burst follows its record within a few queries).
+The other slots keep their point as 32 int8 codes, a float32 scale and norm (41 bytes with their exact
+row's index; distances off by about 0.005 of the unit): enough to tell whether a query returns to an old
+record (`VARIANT_RADIUS` is 0.12). Image rows' invariant views are kept so too (40 more bytes a slot, for
+image clients only): augmentation probing in rounds returns to every record shifted or flipped a whole
+round later, long after it left the exact rows.
 """
 
 from __future__ import annotations
@@ -45,9 +46,80 @@ def _half_norms(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return halves
 
 
+def _squared(bracket: float, point: np.ndarray) -> float:
+    """The squared distance to `point` of the row of `bracket` (see `QuantisedRows.nearest`): never below 0
+    however the sums round; +inf for none."""
+    return max(2.0 * bracket + float(point @ point), 0.0)
+
+
 def _half_norm(point: np.ndarray) -> float:
     """Half the squared norm of one exact point."""
     return float(point @ point) / 2
+
+
+class QuantisedRows:
+    """Rows held quantised, one a slot (see `quantised`), with half each row's squared norm: the nearest
+    row then takes one product (codes @ point). A slot not held here (never put, or `released`: held
+    elsewhere) has half norm +inf and scale 0, and is never the nearest."""
+
+    __slots__ = ("codes", "half_norms", "scales")
+
+    def __init__(self, capacity: int) -> None:
+        self.codes = np.zeros((capacity, PROJECTION_DIM), dtype=np.int8)
+        self.scales = np.zeros(capacity, dtype=np.float32)
+        self.half_norms = np.full(capacity, np.inf, dtype=np.float32)
+
+    def grow(self, capacity: int) -> None:
+        """Hold `capacity` slots (more than now), the present ones unchanged."""
+        self.codes = extended(self.codes, capacity, 0)
+        self.scales = extended(self.scales, capacity, 0.0)
+        self.half_norms = extended(self.half_norms, capacity, np.inf)
+
+    def hold(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """`slots` hold `rows` quantised; a row that is not finite (no point to hold) is released."""
+        finite = np.isfinite(rows).all(axis=1)
+        codes, scales = quantised(rows[finite])
+        held = slots[finite]
+        self.codes[held], self.scales[held] = codes, scales
+        self.half_norms[held] = _half_norms(codes, scales)
+        self.release(slots[~finite])
+
+    def release(self, slots: int | np.ndarray) -> None:
+        """`slots` hold nothing here any more."""
+        self.scales[slots] = 0.0
+        self.half_norms[slots] = np.inf
+
+    def row(self, slot: int) -> np.ndarray:
+        """The point `slot` holds, as quantised."""
+        point: np.ndarray = self.codes[slot] * self.scales[slot]
+        return point
+
+    def nearest(self, point: np.ndarray, used: int) -> tuple[int, float]:
+        """The slot among the first `used` whose row is nearest `point`, and its bracket |x|^2 / 2 - x . p
+        (+inf when none holds a row): the squared distance is 2 x bracket + |p|^2, within the quantisation
+        error. Brackets compare without |p|^2, which is the same for every row."""
+        brackets = self.codes[:used] @ point
+        brackets *= self.scales[:used]
+        np.subtract(self.half_norms[:used], brackets, out=brackets)
+        slot = int(brackets.argmin())
+        return slot, float(brackets[slot])
+
+    def state(self, used: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the codes and scales of the first `used` slots."""
+        return self.codes[:used].copy(), self.scales[:used].copy()
+
+    @classmethod
+    def of(cls, codes: Any, scales: Any, used: int, capacity: int) -> QuantisedRows:
+        """The rows of the first `used` slots as `state` gave them (or as a state stored them, see
+        `stored_column`) in a column of `capacity`; a scale of 0 holds nothing."""
+        held = cls(capacity)
+        if used:
+            held.codes[:used] = stored_column(codes, "<i1").reshape(used, PROJECTION_DIM)
+            held.scales[:used] = stored_column(scales, "<f4")
+            valid = held.scales[:used] > 0
+            norms = _half_norms(held.codes[:used], held.scales[:used])
+            held.half_norms[:used] = np.where(valid, norms, np.inf)
+        return held
 
 
 class Representatives:
@@ -60,25 +132,20 @@ class Representatives:
     """
 
     __slots__ = (
-        "_codes",
         "_exact_count",
         "_exact_half_norms",
         "_exact_invariants",
         "_exact_points",
         "_exact_slots",
         "_exact_touched",
-        "_half_norms",
+        "_invariants",
+        "_points",
         "_row_of",
-        "_scales",
     )
 
     def __init__(self, capacity: int = 4) -> None:
-        # Quantised points, valid for the slots without an exact row.
-        self._codes = np.zeros((capacity, PROJECTION_DIM), dtype=np.int8)
-        self._scales = np.ones(capacity, dtype=np.float32)
-        # Half each quantised point's squared norm: the nearest slot then takes one product (codes @ point).
-        # +inf for a slot with an exact row: it is measured there instead.
-        self._half_norms = np.full(capacity, np.inf, dtype=np.float32)
+        # Quantised points, held for the slots without an exact row.
+        self._points = QuantisedRows(capacity)
         self._row_of = np.full(capacity, -1, dtype=np.int8)  # each slot's exact row, -1 for none
         # As many exact rows as slots, up to EXACT_ROWS; the first `_exact_count` are in use.
         rows = min(EXACT_ROWS, capacity)
@@ -87,14 +154,16 @@ class Representatives:
         self._exact_points = np.zeros((rows, PROJECTION_DIM), dtype=np.float32)
         self._exact_half_norms = np.zeros(rows, dtype=np.float32)
         self._exact_touched = np.zeros(rows, dtype=np.int32)
-        # Rows without an invariant view hold +inf: never within any radius of a query's.
+        # The invariant views, once a client sent an image row: exact beside the exact points (+inf for a row
+        # without one: never within any radius of a query's), quantised for the other slots.
         self._exact_invariants: np.ndarray | None = None
+        self._invariants: QuantisedRows | None = None
 
     def grow(self, capacity: int) -> None:
         """Hold `capacity` slots (more than now), the present ones unchanged."""
-        self._codes = extended(self._codes, capacity, 0)
-        self._scales = extended(self._scales, capacity, 1.0)
-        self._half_norms = extended(self._half_norms, capacity, np.inf)
+        self._points.grow(capacity)
+        if self._invariants is not None:
+            self._invariants.grow(capacity)
         self._row_of = extended(self._row_of, capacity, -1)
         rows = min(EXACT_ROWS, capacity)
         self._exact_slots = extended(self._exact_slots, rows, 0)
@@ -115,7 +184,7 @@ class Representatives:
         if row >= 0:
             self._exact_touched[row] = now
             return
-        self._keep_exact(slot, self._codes[slot] * self._scales[slot], invariant, now)
+        self._keep_exact(slot, self._points.row(slot), invariant, now)
 
     def rebase(self, shift: int) -> None:
         """Move every put and touch back `shift` queries (see `detector.features.columns.sequences`)."""
@@ -133,35 +202,34 @@ class Representatives:
             row = int(brackets.argmin())
             slot, best = int(self._exact_slots[row]), float(brackets[row])
         if used > exact:
-            brackets = self._codes[:used] @ point
-            brackets *= self._scales[:used]
-            np.subtract(self._half_norms[:used], brackets, out=brackets)
-            older = int(brackets.argmin())
-            if brackets[older] < best:
-                slot, row, best = older, -1, float(brackets[older])
+            older, bracket = self._points.nearest(point, used)
+            if bracket < best:
+                slot, row, best = older, -1, bracket
         if row >= 0:
             # Measured again on the difference: the bracket's float32 sums lose the steps of a walk.
             difference = self._exact_points[row] - point
             return slot, float(difference @ difference)
-        return slot, max(2.0 * best + float(point @ point), 0.0)  # never below 0 however the sums round
+        return slot, _squared(best, point)
 
-    def nearest_invariant(self, invariant: np.ndarray) -> tuple[int, float] | None:
-        """Among the `HOT` most recent slots, the one whose invariant view is nearest `invariant`, with the
-        squared distance; None when none of them has one."""
-        if self._exact_invariants is None or invariant.shape[0] != self._exact_invariants.shape[1]:
+    def nearest_invariant(self, invariant: np.ndarray, used: int) -> tuple[int, float] | None:
+        """Among the first `used` slots, the one whose invariant view is nearest `invariant`, with the
+        squared distance (exact to a slot with an exact row, within the quantisation error to the others);
+        None when none of them has one."""
+        if self._exact_invariants is None or invariant.shape[0] != PROJECTION_DIM:
             return None
         exact = self._exact_count
-        if exact > HOT:
-            rows = np.argpartition(self._exact_touched[:exact], exact - HOT)[exact - HOT :]
-            difference = self._exact_invariants[rows] - invariant
-        else:
-            rows = np.arange(exact)
+        slot, squared = 0, math.inf
+        if exact:
             difference = self._exact_invariants[:exact] - invariant
-        squared = np.einsum("ij,ij->i", difference, difference)
-        nearest = int(squared.argmin())
-        if not np.isfinite(squared[nearest]):
-            return None
-        return int(self._exact_slots[rows[nearest]]), float(squared[nearest])
+            distances = np.einsum("ij,ij->i", difference, difference)
+            row = int(distances.argmin())
+            slot, squared = int(self._exact_slots[row]), float(distances[row])
+        if self._invariants is not None and used > exact:
+            older, bracket = self._invariants.nearest(invariant, used)
+            distance = _squared(bracket, invariant)
+            if distance < squared:
+                slot, squared = older, distance
+        return (slot, squared) if math.isfinite(squared) else None
 
     def _keep_exact(self, slot: int, point: np.ndarray, invariant: np.ndarray | None, now: int) -> None:
         row = int(self._row_of[slot])
@@ -172,15 +240,17 @@ class Representatives:
             self._exact_count += 1
             self._exact_slots[row] = slot
             self._row_of[slot] = row
-            self._half_norms[slot] = np.inf
+            self._points.release(slot)
+            if self._invariants is not None:
+                self._invariants.release(slot)
         self._exact_points[row] = point
         self._exact_half_norms[row] = _half_norm(point)
         self._exact_touched[row] = now
-        if invariant is not None and self._exact_invariants is None:
+        usable = invariant is not None and invariant.shape[0] == PROJECTION_DIM
+        if usable and self._exact_invariants is None:
             rows = self._exact_slots.shape[0]
-            self._exact_invariants = np.full((rows, invariant.shape[0]), np.inf, dtype=np.float32)
+            self._exact_invariants = np.full((rows, PROJECTION_DIM), np.inf, dtype=np.float32)
         if self._exact_invariants is not None:
-            usable = invariant is not None and invariant.shape[0] == self._exact_invariants.shape[1]
             self._exact_invariants[row] = invariant if usable else np.inf
 
     def _quantise_least_recent(self) -> None:
@@ -188,19 +258,26 @@ class Representatives:
         count = self._exact_count
         order = self._exact_touched[:count].argsort(kind="stable")
         older, recent = order[: count - HOT], order[count - HOT :]
-        self._quantise(self._exact_slots[older], self._exact_points[older])
+        invariants = self._exact_invariants
+        self._quantise(
+            self._exact_slots[older],
+            self._exact_points[older],
+            None if invariants is None else invariants[older],
+        )
         for column in (self._exact_slots, self._exact_points, self._exact_half_norms, self._exact_touched):
             column[:HOT] = column[recent]
-        if self._exact_invariants is not None:
-            self._exact_invariants[:HOT] = self._exact_invariants[recent]
+        if invariants is not None:
+            invariants[:HOT] = invariants[recent]
         self._row_of[self._exact_slots[:HOT]] = np.arange(HOT)
         self._exact_count = HOT
 
-    def _quantise(self, slots: np.ndarray, points: np.ndarray) -> None:
-        """`slots` keep their `points` quantised, and no exact row."""
-        codes, scales = quantised(points)
-        self._codes[slots], self._scales[slots] = codes, scales
-        self._half_norms[slots] = _half_norms(codes, scales)
+    def _quantise(self, slots: np.ndarray, points: np.ndarray, invariants: np.ndarray | None) -> None:
+        """`slots` keep their `points` (and `invariants`, +inf rows for none) quantised, and no exact row."""
+        self._points.hold(slots, points)
+        if invariants is not None:
+            if self._invariants is None:
+                self._invariants = QuantisedRows(self._row_of.shape[0])
+            self._invariants.hold(slots, invariants)
         self._row_of[slots] = -1
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -209,13 +286,19 @@ class Representatives:
         """The state of the first `used` slots (numpy columns beside plain values, see
         `detector.features.state_bytes`), sharing nothing with this object."""
         exact = slice(0, self._exact_count)
-        invariants = self._exact_invariants
+        codes, scales = self._points.state(used)
+        invariant_codes, invariant_scales = (
+            (None, None) if self._invariants is None else self._invariants.state(used)
+        )
+        exact_invariants = self._exact_invariants
         return {
-            "codes": self._codes[:used].copy(),
-            "scales": self._scales[:used].copy(),
+            "codes": codes,
+            "scales": scales,
+            "invariant_codes": invariant_codes,
+            "invariant_scales": invariant_scales,
             "exact_slots": self._exact_slots[exact].copy(),
             "exact_points": self._exact_points[exact].copy(),
-            "exact_invariants": None if invariants is None else invariants[exact].copy(),
+            "exact_invariants": None if exact_invariants is None else exact_invariants[exact].copy(),
             "exact_touched": self._exact_touched[exact].copy(),
         }
 
@@ -223,13 +306,15 @@ class Representatives:
     def from_state(cls, state: dict[str, Any], used: int, capacity: int, shift: int = 0) -> Representatives:
         """The representatives `state` holds (see `state`), for `used` slots in a column of `capacity`, their
         sequences moved back `shift` (see `rebase`). A state holding more exact rows than are kept (stored
-        by a version keeping more) comes back with all but the `HOT` most recent quantised. Raises
+        by a version keeping more) comes back with all but the `HOT` most recent quantised; one stored
+        before quantised invariant views were kept, with the invariant views of its exact rows only. Raises
         `ValueError` on exact rows of slots not held, or two of one slot."""
         kept = cls(capacity)
-        if used:
-            kept._codes[:used] = stored_column(state["codes"], "<i1").reshape(used, PROJECTION_DIM)
-            kept._scales[:used] = stored_column(state["scales"], "<f4")
-            kept._half_norms[:used] = _half_norms(kept._codes[:used], kept._scales[:used])
+        kept._points = QuantisedRows.of(state["codes"], state["scales"], used, capacity)
+        if state.get("invariant_codes") is not None:
+            kept._invariants = QuantisedRows.of(
+                state["invariant_codes"], state["invariant_scales"], used, capacity
+            )
         slots = np.array(state["exact_slots"], dtype=np.int16)
         exact = slots.shape[0]
         if slots.ndim != 1 or (exact and (slots.min() < 0 or slots.max() >= used)):
@@ -239,24 +324,26 @@ class Representatives:
         touched = sequences(state["exact_touched"], shift)
         points = stored_column(state["exact_points"], "<f4").reshape(exact, PROJECTION_DIM)
         stored = state["exact_invariants"]
-        invariants = None if stored is None else stored_column(stored, "<f4").reshape(exact, -1)
+        invariants = None if stored is None else stored_column(stored, "<f4").reshape(exact, PROJECTION_DIM)
         if exact > kept._exact_slots.shape[0]:
             order = touched.argsort(kind="stable")
             older, recent = order[: exact - HOT], order[exact - HOT :]
-            kept._quantise(slots[older], points[older])
+            kept._quantise(slots[older], points[older], None if invariants is None else invariants[older])
             slots, touched, points = slots[recent], touched[recent], points[recent]
             invariants = None if invariants is None else invariants[recent]
             exact = HOT
         kept._exact_count = exact
         kept._exact_slots[:exact] = slots
         kept._row_of[slots] = np.arange(exact)
-        kept._half_norms[slots] = np.inf
+        kept._points.release(slots)
+        if kept._invariants is not None:
+            kept._invariants.release(slots)
         kept._exact_touched[:exact] = touched
         kept._exact_points[:exact] = points
         kept._exact_half_norms[:exact] = [_half_norm(point) for point in points]
         if invariants is not None:
             rows = kept._exact_slots.shape[0]
-            kept._exact_invariants = np.full((rows, invariants.shape[1]), np.inf, dtype=np.float32)
+            kept._exact_invariants = np.full((rows, PROJECTION_DIM), np.inf, dtype=np.float32)
             kept._exact_invariants[:exact] = invariants
         return kept
 
@@ -269,8 +356,7 @@ class Representatives:
         kept = cls(capacity)
         used = points.shape[0]
         if used:
-            kept._codes[:used], kept._scales[:used] = quantised(points)
-            kept._half_norms[:used] = _half_norms(kept._codes[:used], kept._scales[:used])
+            kept._quantise(np.arange(used), points, invariants)
         for slot in touched_at.argsort(kind="stable")[-HOT:]:  # the most recent put last, as they were
             invariant = None if invariants is None else invariants[slot]
             kept._keep_exact(int(slot), points[slot], invariant, int(touched_at[slot]))

@@ -60,6 +60,20 @@ def test_augmentation_in_rounds_counts_each_record_once_as_a_round_not_as_bursts
     assert values["probing.burst_clusters"] == 0 and values["probing.dense_variants"] == 0
 
 
+def test_image_copies_in_rounds_come_back_to_their_records_in_the_invariant_view() -> None:
+    generator = np.random.default_rng(8)
+    images = [generator.uniform(0.0, 16.0, (8, 8)).astype(np.float32) for _ in range(40)]
+    stream = Stream("rounds", model="digits")
+    queries = [
+        stream.query(np.roll(image, shift, axis=1).ravel(), requested=Requested.LABEL, gap=0.2)
+        for shift in range(4)  # a round of every image shifted by one more column
+        for image in images
+    ]
+    values = snapshot_after(queries)
+    assert values["probing.round_clusters"] == 40 and values["probing.peak_recent_rounds"] == 40
+    assert values["probing.revisits"] == 40 * 3
+
+
 def test_rounds_in_bursts_are_not_rounds() -> None:
     values = snapshot_after(augmentation_probe(Stream(), records=40, variants=4))
     assert values["probing.burst_clusters"] == 40

@@ -1,6 +1,6 @@
 """Cluster representatives: quantised within a known error for every slot, exact for the recent ones (where
-a boundary walk's tiny steps are measured), the invariant view compared only among the recent, and a state
-that restores them exactly; a state stored with float32 points for every slot still restores."""
+a boundary walk's tiny steps are measured), the invariant view kept so too, and a state that restores them
+exactly; a state stored with float32 points for every slot still restores."""
 
 from __future__ import annotations
 
@@ -73,17 +73,32 @@ def test_a_touched_old_slot_becomes_exact_again_and_the_least_recent_are_quantis
     assert kept.nearest(rows[spare], used) == (spare, 0.0)  # the oldest of those kept exact
 
 
-def test_the_invariant_view_is_compared_only_among_the_recent_slots() -> None:
-    rows = points(HOT + 1)
-    kept = Representatives(capacity=HOT + 1)
+def test_the_invariant_view_reaches_every_slot_exact_when_recent_quantised_when_older() -> None:
+    rows = points(3 * HOT + 8)
+    used = rows.shape[0]
+    kept = Representatives(capacity=used)
     for slot, point in enumerate(rows):
-        kept.put(slot, point, point, slot + 1)  # each point its own invariant view
-    assert kept.nearest_invariant(rows[0]) != (0, 0.0)  # slot 0 is no longer recent
-    slot, squared = kept.nearest_invariant(rows[HOT]) or (-1, 1.0)
-    assert slot == HOT and squared == 0.0
+        kept.put(slot, point, -point, slot + 1)  # an invariant view of its own, unlike the point
+    assert kept.nearest_invariant(-rows[used - 1], used) == (used - 1, 0.0)
+    for slot in (0, HOT, used - EXACT_ROWS - 1):
+        found, squared = kept.nearest_invariant(-rows[slot], used) or (-1, 1.0)
+        assert found == slot and 0.0 < squared < 0.02**2
     text = Representatives()
     text.put(0, rows[0], None, 1)
-    assert text.nearest_invariant(rows[0]) is None
+    assert text.nearest_invariant(rows[0], 1) is None
+
+
+def test_slots_without_an_invariant_view_are_never_the_nearest_in_it() -> None:
+    rows = points(3 * HOT)
+    used = rows.shape[0]
+    kept = Representatives(capacity=used)
+    for slot, point in enumerate(rows):  # every other slot without one (a client sending two widths)
+        kept.put(slot, point, point if slot % 2 else None, slot + 1)
+    for slot in (0, 2, used - 2):
+        found, _ = kept.nearest_invariant(rows[slot], used) or (-1, 1.0)
+        assert found % 2 == 1
+    found, squared = kept.nearest_invariant(rows[1], used) or (-1, 1.0)
+    assert found == 1 and squared < 0.02**2
 
 
 def test_a_boundary_walk_of_steps_finer_than_the_quantisation_stays_one_cluster_measured_exactly() -> None:
@@ -112,7 +127,7 @@ def test_state_round_trips_exactly() -> None:
     assert state_bytes.dumps(restored.state(used)) == state_bytes.dumps(kept.state(used))
     for query in [*points(5, seed=9), rows[0], rows[-1], rows[3] + np.float32(1e-4)]:
         assert restored.nearest(query, used) == kept.nearest(query, used)
-        assert restored.nearest_invariant(query) == kept.nearest_invariant(query)
+        assert restored.nearest_invariant(query, used) == kept.nearest_invariant(query, used)
     for other in (restored, kept):  # both go on alike
         other.put(0, rows[5], rows[5], now=101)
     assert state_bytes.dumps(restored.state(used)) == state_bytes.dumps(kept.state(used))
@@ -152,7 +167,7 @@ def test_the_exact_rows_grow_with_the_slots_up_to_exact_rows() -> None:
     kept = Representatives()  # four slots, as a client's clusters start
     held = [kept._exact_points.shape[0]]
     for slot, point in enumerate(rows):
-        if slot == kept._codes.shape[0]:
+        if slot == kept._points.codes.shape[0]:
             kept.grow(slot + slot // 2)
             held.append(kept._exact_points.shape[0])
         kept.put(slot, point, point, slot + 1)
@@ -164,9 +179,10 @@ def test_the_exact_rows_grow_with_the_slots_up_to_exact_rows() -> None:
     oldest_exact = EXACT_ROWS - HOT
     assert kept.nearest(rows[oldest_exact], rows.shape[0]) == (oldest_exact, 0.0)
     assert kept.nearest(rows[oldest_exact - 1], rows.shape[0])[1] > 0.0
-    # The invariant view reaches the HOT most recent only.
-    assert kept.nearest_invariant(rows[last - HOT + 1]) == (last - HOT + 1, 0.0)
-    assert kept.nearest_invariant(rows[last - HOT]) != (last - HOT, 0.0)
+    # The invariant views go the same way.
+    assert kept.nearest_invariant(rows[oldest_exact], rows.shape[0]) == (oldest_exact, 0.0)
+    found, squared = kept.nearest_invariant(rows[oldest_exact - 1], rows.shape[0]) or (-1, 0.0)
+    assert found == oldest_exact - 1 and squared > 0.0
 
 
 def test_a_state_holding_more_exact_rows_than_kept_restores_the_older_quantised() -> None:
@@ -187,5 +203,8 @@ def test_a_state_holding_more_exact_rows_than_kept_restores_the_older_quantised(
     assert restored.nearest(rows[-1], used) == (used - 1, 0.0)
     slot, squared = restored.nearest(rows[stored_exact[0]] + np.float32(1e-4), used)
     assert slot == stored_exact[0] and 1e-6 < squared < 0.02**2
-    assert restored.nearest_invariant(rows[used - HOT]) == (used - HOT, 0.0)
-    assert restored.nearest_invariant(rows[used - HOT - 1]) != (used - HOT - 1, 0.0)
+    assert restored.nearest_invariant(rows[used - HOT], used) == (used - HOT, 0.0)
+    # The older exact rows' invariant views are quantised with them; the slots quantised before had none.
+    found, squared = restored.nearest_invariant(rows[used - HOT - 1], used) or (-1, 0.0)
+    assert found == used - HOT - 1 and 0.0 < squared < 0.02**2
+    assert (restored.nearest_invariant(rows[0], used) or (0, 0.0))[0] >= stored_exact[0]

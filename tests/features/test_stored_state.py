@@ -95,6 +95,9 @@ def _clusters(state: dict[str, Any], count: int) -> None:
         lambda state: state["clusters"].update(fingerprints={"values": np.zeros(3), "clusters": np.zeros(2)}),
         lambda state: state["features"]["volume"].update(queries=np.zeros(2)),  # a counter that is not one
         lambda state: state.update(client_ip=7),
+        lambda state: state["clusters"]["representatives"].update(  # invariant views of another width
+            invariant_codes=np.zeros((3, 5), dtype=np.int8), invariant_scales=np.ones(3, dtype=np.float32)
+        ),
     ],
 )
 def test_a_stored_state_that_no_client_could_have_is_unreadable_not_a_crash(corrupt: Any) -> None:
