@@ -22,7 +22,7 @@ from detector.features.columns import extended, sequences
 from detector.features.embedding import PROJECTION_DIM
 from detector.features.state_bytes import stored_column
 
-# The slots kept exact: the recent clusters a probing burst returns to (and the invariant view's reach).
+# The slots kept exact: the recent clusters a probing burst returns to.
 HOT = 16
 # The exact rows held: when all are in use, the `EXACT_ROWS - HOT` least recent are quantised in one batch of
 # array calls. Fewer spare rows mean more frequent (smaller) batches; each spare row costs every client that
@@ -111,12 +111,18 @@ class QuantisedRows:
     @classmethod
     def of(cls, codes: Any, scales: Any, used: int, capacity: int) -> QuantisedRows:
         """The rows of the first `used` slots as `state` gave them (or as a state stored them, see
-        `stored_column`) in a column of `capacity`; a scale of 0 holds nothing."""
+        `stored_column`) in a column of `capacity`; a scale of 0 holds nothing. Raises `ValueError` unless
+        there is one finite scale, 0 or more, a slot."""
         held = cls(capacity)
         if used:
+            stored_scales = stored_column(scales, "<f4")
+            if stored_scales.shape != (used,) or not np.all(
+                np.isfinite(stored_scales) & (stored_scales >= 0)
+            ):
+                raise ValueError("a stored state's quantised rows do not have one finite scale a slot")
             held.codes[:used] = stored_column(codes, "<i1").reshape(used, PROJECTION_DIM)
-            held.scales[:used] = stored_column(scales, "<f4")
-            valid = held.scales[:used] > 0
+            held.scales[:used] = stored_scales
+            valid = stored_scales > 0
             norms = _half_norms(held.codes[:used], held.scales[:used])
             held.half_norms[:used] = np.where(valid, norms, np.inf)
         return held
@@ -179,11 +185,15 @@ class Representatives:
 
     def touch(self, slot: int, invariant: np.ndarray | None, now: int) -> None:
         """`slot` was matched at `now` without a new point (an exact repeat): it becomes one of the recent.
-        Brought back from the quantised column, its exact point is lost; `invariant` is the repeat's."""
+        Brought back from the quantised columns, its exact point (and invariant view) is lost; `invariant`
+        (the repeat's, maybe of an older member) serves only a slot that held none."""
         row = int(self._row_of[slot])
         if row >= 0:
             self._exact_touched[row] = now
             return
+        invariants = self._invariants
+        if invariants is not None and invariants.scales[slot] > 0:
+            invariant = invariants.row(slot)  # the latest member's, as the point is
         self._keep_exact(slot, self._points.row(slot), invariant, now)
 
     def rebase(self, shift: int) -> None:

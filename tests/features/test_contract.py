@@ -25,8 +25,8 @@ IMAGE_SIDE = 8
 
 def contract_stream() -> list[Query]:
     """One client doing a bit of everything: distinct records, harvesting, retries, what-if edits (sparse
-    variants), augmentation bursts, a boundary walk, multi-row requests, late and label-less queries,
-    prompts, shifted images."""
+    variants), augmentation bursts and rounds, a boundary walk, multi-row requests, late and label-less
+    queries, prompts, shifted images."""
     rng = np.random.default_rng(29)
     stream = Stream("contract", ip="198.51.100.7")
     queries = [stream.query(record()) for _ in range(10)]
@@ -39,6 +39,7 @@ def contract_stream() -> list[Query]:
         row[step % 2] *= 1.0 + 0.01 * step  # one or two fields edited: sparse variants
         queries.append(stream.query(row, label=str(step % 2)))
     queries += augmentation_probe(stream, records=4, variants=5)
+    queries += augmentation_probe(stream, records=20, variants=3, in_rounds=True)
     queries += boundary_walk(stream, steps=60)
     for position in range(3):  # one request of three rows
         query = stream.query(record(), requested=Requested.TOP_K, gap=0.0)
@@ -88,13 +89,15 @@ def _first(found: Callable[[Observation, ClusterMatch], bool]) -> int:
 
 
 # Where the state is taken: fresh, after one query, and just before the first sparse variant (its test
-# compares with the row before the cut), the second query of a burst, a label flip, a prompt, a shifted image.
+# compares with the row before the cut), the second query of a burst, the first round completed, a label
+# flip, a prompt, a shifted image.
 CUTS = sorted(
     {
         0,
         1,
         _first(lambda _, match: match.kind is MatchKind.VARIANT and not match.dense),
         _first(lambda _, match: match.in_burst) + 1,
+        _first(lambda _, match: match.completes_round) + 1,
         _first(lambda _, match: match.label_flip),
         _first(lambda observation, _: observation.raw is None),
         _first(lambda observation, _: observation.invariant is not None) + 1,

@@ -95,9 +95,9 @@ def test_slots_without_an_invariant_view_are_never_the_nearest_in_it() -> None:
     for slot, point in enumerate(rows):  # every other slot without one (a client sending two widths)
         kept.put(slot, point, point if slot % 2 else None, slot + 1)
     for slot in (0, 2, used - 2):
-        found, _ = kept.nearest_invariant(rows[slot], used) or (-1, 1.0)
+        found, _ = kept.nearest_invariant(rows[slot], used) or (0, 1.0)
         assert found % 2 == 1
-    found, squared = kept.nearest_invariant(rows[1], used) or (-1, 1.0)
+    found, squared = kept.nearest_invariant(rows[1], used) or (0, 1.0)
     assert found == 1 and squared < 0.02**2
 
 

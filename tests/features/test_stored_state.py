@@ -98,6 +98,8 @@ def _clusters(state: dict[str, Any], count: int) -> None:
         lambda state: state["clusters"]["representatives"].update(  # invariant views of another width
             invariant_codes=np.zeros((3, 5), dtype=np.int8), invariant_scales=np.ones(3, dtype=np.float32)
         ),
+        lambda state: state["clusters"]["representatives"]["scales"].__setitem__(0, np.nan),  # no distance
+        lambda state: state["clusters"]["representatives"].update(scales=np.ones(1, dtype=np.float32)),
     ],
 )
 def test_a_stored_state_that_no_client_could_have_is_unreadable_not_a_crash(corrupt: Any) -> None:

@@ -94,23 +94,26 @@ def test_every_rule_is_complete_reviewed_data() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "behaviour"),
+    ("rule_id", "behaviour"),
     [
-        (AlertKind.BOUNDARY_PROBING, lambda: boundary_walk(Stream("walker"))),
-        (AlertKind.AUGMENTATION_PROBING, lambda: augmentation_probe(Stream("prober"))),
-        (AlertKind.CONFIDENCE_HARVESTING, lambda: harvest(Stream("harvester"), records=400)),
+        ("MIA-001", lambda: boundary_walk(Stream("walker"))),
+        ("MIA-002", lambda: augmentation_probe(Stream("prober"))),
+        ("MIA-006", lambda: augmentation_probe(Stream("prober"), records=40, variants=4, in_rounds=True)),
+        ("MIA-004", lambda: harvest(Stream("harvester"), records=400)),
     ],
 )
-def test_each_rule_fires_on_its_behaviour_with_evidence(kind: AlertKind, behaviour) -> None:  # type: ignore[no-untyped-def]
+def test_each_rule_fires_on_its_behaviour_with_evidence(rule_id: str, behaviour) -> None:  # type: ignore[no-untyped-def]
     queries = behaviour()
     client = client_after(queries)
     detections = fired_on(Detector(RULES), (queries[0].model, queries[0].client_id), client)
+    rule = next(rule for rule in RULES if rule.id == rule_id)
     fired = {detection.kind: detection for detection in detections}
-    assert kind in fired
-    detection = fired[kind]
+    assert rule.kind in fired
+    detection = fired[rule.kind]
+    assert detection.rule_id == rule_id
     assert detection.score >= detection.threshold
     assert detection.evidence and set(detection.evidence) <= {query.event_id for query in queries}
-    assert detection.reasons[0].feature == next(rule.score for rule in RULES if rule.kind is kind)
+    assert detection.reasons[0].feature == rule.score
     assert detection.queries == len(queries)
 
 
