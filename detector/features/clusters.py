@@ -43,6 +43,8 @@ DENSE_CHANGE_SHARE = 0.5
 # A variant arriving within this many queries of its cluster's previous member is part of a burst; benign
 # traffic meets an old near-neighbour now and then, probing attacks query variants back to back.
 BURST_GAP = 16
+# A cluster's run (its members since its last gap beyond BURST_GAP) saturates here (a uint8 column).
+RUN_LIMIT = 255
 # A record and two copies, each come back to a round of other records later: the smallest probe in rounds.
 ROUND_SIZE = 3
 
@@ -66,6 +68,9 @@ class ClusterMatch:
     label_flip: bool = False
     cluster_size: int = 1
     gap: int = 0  # queries since the cluster was last matched
+    # The cluster's members in its current run, each within BURST_GAP queries of the one before (this one
+    # included): a burst of copies of one record, where `cluster_size` counts members over its lifetime.
+    run: int = 1
 
     @property
     def in_burst(self) -> bool:
@@ -107,6 +112,19 @@ def _stored_label_codes(stored: Any) -> np.ndarray:
     if codes.size and (codes.min() < 0 or codes.max() > 0xFFFFFFFF):
         raise ValueError("a stored label code is out of range")
     return codes.astype(np.uint32)
+
+
+def _stored_runs(stored: Any, used: int) -> np.ndarray:
+    """The clusters' runs as a state holds them (see `ClusterMatch.run`): one integer a cluster, none above
+    RUN_LIMIT; a run of 1 each for a state stored before runs were kept. Raises `ValueError` otherwise."""
+    if stored is None:
+        return np.ones(used, dtype=np.uint8)
+    runs = np.asarray(stored)
+    if runs.shape != (used,) or runs.dtype.kind not in "iu":
+        raise ValueError("a stored state has not one integer run a cluster")
+    if used and (runs.min() < 0 or runs.max() > RUN_LIMIT):
+        raise ValueError("a stored run is out of range")
+    return runs.astype(np.uint8)
 
 
 def _grown_capacity(capacity: int) -> int:
@@ -248,6 +266,7 @@ class RecordClusters:
         "_last_raw",
         "_next_id",
         "_representatives",
+        "_runs",
         "_sequence",
         "_sizes",
         "_touched_at",
@@ -263,6 +282,7 @@ class RecordClusters:
         self._label_codes = np.zeros(4, dtype=np.uint32)  # see `label_code`
         self._ids = np.zeros(4, dtype=np.int64)
         self._sizes = np.zeros(4, dtype=np.int32)  # at most SIZE_LIMIT
+        self._runs = np.zeros(4, dtype=np.uint8)  # at most RUN_LIMIT, see `ClusterMatch.run`
         self._touched_at = np.zeros(4, dtype=np.int32)
         self._used = 0
         self._sequence = 0
@@ -298,8 +318,17 @@ class RecordClusters:
         if slot is not None:
             gap = self._touch(slot)
             self._representatives.touch(slot, observation.invariant, self._sequence)
+            if gap > BURST_GAP:
+                self._runs[slot] = 1  # the record again, long after: copies of it may follow
             cluster = int(self._ids[slot])
-            return ClusterMatch(MatchKind.EXACT, cluster, 0.0, cluster_size=int(self._sizes[slot]), gap=gap)
+            return ClusterMatch(
+                MatchKind.EXACT,
+                cluster,
+                0.0,
+                cluster_size=int(self._sizes[slot]),
+                gap=gap,
+                run=int(self._runs[slot]),
+            )
 
         nearest, distance = self._nearest(observation)
         if nearest is not None:
@@ -313,6 +342,8 @@ class RecordClusters:
             self._representatives.put(slot, observation.point, observation.invariant, self._sequence)
             if self._sizes[slot] < SIZE_LIMIT:
                 self._sizes[slot] += 1
+            run = min(int(self._runs[slot]) + 1, RUN_LIMIT) if gap <= BURST_GAP else 1
+            self._runs[slot] = run
             self._fingerprints.put(observation.fingerprint, slot, self._sequence)
             return ClusterMatch(
                 MatchKind.VARIANT,
@@ -322,6 +353,7 @@ class RecordClusters:
                 label_flip=flip,
                 cluster_size=int(self._sizes[slot]),
                 gap=gap,
+                run=run,
             )
 
         cluster = self._new_cluster(observation)
@@ -355,6 +387,7 @@ class RecordClusters:
         self._ids[slot] = cluster
         self._label_codes[slot] = label_code(observation.query.label)
         self._sizes[slot] = 1
+        self._runs[slot] = 1
         self._touched_at[slot] = self._sequence
         self._representatives.put(slot, observation.point, observation.invariant, self._sequence)
         self._fingerprints.put(observation.fingerprint, slot, self._sequence)
@@ -368,6 +401,7 @@ class RecordClusters:
             self._ids = extended(self._ids, capacity)
             self._label_codes = extended(self._label_codes, capacity)
             self._sizes = extended(self._sizes, capacity)
+            self._runs = extended(self._runs, capacity)
             self._touched_at = extended(self._touched_at, capacity)
 
     def _touch(self, slot: int) -> int:
@@ -398,7 +432,7 @@ class RecordClusters:
     def state(self) -> dict[str, Any]:
         """The state (numpy columns beside plain values, see `detector.features.state_bytes`), sharing
         nothing with the clusters: representatives (see `Representatives.state`), label codes, sizes,
-        recency, fingerprints, and the previous query's row, which the next query's dense-change test
+        runs, recency, fingerprints, and the previous query's row, which the next query's dense-change test
         compares against: the one raw input the state holds."""
         used = self._used
         fingerprints, clusters = self._fingerprints.columns(self._ids)
@@ -407,6 +441,7 @@ class RecordClusters:
             "representatives": self._representatives.state(used),
             "labels": self._label_codes[:used].copy(),
             "sizes": self._sizes[:used].copy(),
+            "runs": self._runs[:used].copy(),
             "touched_at": self._touched_at[:used].copy(),
             "sequence": self._sequence,
             "fingerprints": {"values": fingerprints, "clusters": clusters},
@@ -418,8 +453,9 @@ class RecordClusters:
     def from_state(cls, state: dict[str, Any]) -> RecordClusters:
         """Clusters continuing from `state` (see `state`), sharing nothing with it. A state stored with exact
         float32 points for every cluster (before `Representatives`) comes back with them quantised. Raises
-        `ValueError` on more clusters than are kept, labels that are not one a cluster, a label code out of
-        range, or fingerprints that are not pairs."""
+        `ValueError` on more clusters than are kept, labels or runs that are not one a cluster, a label code
+        or a run out of range, or fingerprints that are not pairs. A state stored before runs were kept
+        comes back with every cluster's run at 1 (its next copies start one)."""
         clusters = cls()
         ids = np.array(state["ids"], dtype=np.int64)
         if ids.ndim != 1 or ids.shape[0] > MAX_CLUSTERS:
@@ -433,6 +469,7 @@ class RecordClusters:
         clusters._sizes = extended(
             np.minimum(np.array(state["sizes"], dtype=np.int64), SIZE_LIMIT).astype(np.int32), capacity
         )
+        clusters._runs = extended(_stored_runs(state.get("runs"), used), capacity)
         # A state stored past the int32 sequences (before they were) comes back rebased.
         sequence = int(state["sequence"])
         shift = sequence - REBASED_SEQUENCE if sequence >= SEQUENCE_LIMIT else 0

@@ -18,6 +18,12 @@ WALK_SIZE = 50  # beyond the largest augmentation bursts: a walk
 # halves kept: any `ROUND_HALF_WINDOW` consecutive queries are counted whole, with three counters, not a
 # list of positions.
 ROUND_HALF_WINDOW = 256
+# Bursts are counted at their pace too, per half-window of `BURST_HALF_WINDOW` queries (any 512 consecutive
+# queries counted whole): a key with months of ordinary history that starts probing (a compromised key) shows
+# the attack's pace, where a share of its lifetime's queries would be diluted below any guard. Benign clients
+# meet a burst now and then (at most 2 a day in the simulated scenarios); attacks send one every few dozen
+# queries, one per ~200 behind three cover queries for each attack query.
+BURST_HALF_WINDOW = 512
 # A boundary walk flips its label every few queries, behind cover traffic too; a busy benign client meets a
 # near-neighbour of another label now and then (one flip per thousands of queries), and would reach any
 # count of flips over its lifetime. So flips are also counted within `RECENT_QUERIES` consecutive queries,
@@ -53,6 +59,12 @@ class NearDuplicateProbing(CounterFeature):
     label_only_variants: int = 0
     flips: int = 0
     burst_clusters: int = 0
+    # The most bursts within two consecutive half-windows (see BURST_HALF_WINDOW), and the counts of the
+    # current half-window (number `burst_half`) and of the one before, as for rounds.
+    peak_recent_bursts: int = 0
+    burst_half: int = 0
+    bursts_this_half: int = 0
+    bursts_last_half: int = 0
     walk_clusters: int = 0
     max_cluster_size: int = 1
     # The most flips within `RECENT_QUERIES` consecutive queries so far. It only grows, like every counter
@@ -84,20 +96,28 @@ class NearDuplicateProbing(CounterFeature):
             # A window holds the most flips when it ends at one: this one.
             recent = sum(1 for at in self.flipped_at if self.queries - at < RECENT_QUERIES)
             self.peak_recent_flips = max(self.peak_recent_flips, recent)
-        if match.cluster_size == BURST_SIZE:
+        # A burst is a run of copies of one record, back to back: a record met again long after, and then
+        # a near-neighbour or two by chance (busy benign clients of low-dimensional data), is none.
+        if match.run == BURST_SIZE:
             self.burst_clusters += 1
+            self.burst_half, self.bursts_this_half, self.bursts_last_half = _paced(
+                self.burst_half,
+                self.bursts_this_half,
+                self.bursts_last_half,
+                self.queries // BURST_HALF_WINDOW,
+            )
+            self.peak_recent_bursts = max(
+                self.peak_recent_bursts, self.bursts_last_half + self.bursts_this_half
+            )
         if match.cluster_size == WALK_SIZE:
             self.walk_clusters += 1
         self.max_cluster_size = max(self.max_cluster_size, match.cluster_size)
 
     def _count_round(self) -> None:
         self.round_clusters += 1
-        half = self.queries // ROUND_HALF_WINDOW
-        if half != self.round_half:
-            self.rounds_last_half = self.rounds_this_half if half == self.round_half + 1 else 0
-            self.rounds_this_half = 0
-            self.round_half = half
-        self.rounds_this_half += 1
+        self.round_half, self.rounds_this_half, self.rounds_last_half = _paced(
+            self.round_half, self.rounds_this_half, self.rounds_last_half, self.queries // ROUND_HALF_WINDOW
+        )
         self.peak_recent_rounds = max(self.peak_recent_rounds, self.rounds_last_half + self.rounds_this_half)
 
     def values(self) -> dict[str, float]:
@@ -113,9 +133,20 @@ class NearDuplicateProbing(CounterFeature):
             "flip_rate": ratio(self.flips, self.dense_variants),
             "peak_recent_flips": self.peak_recent_flips,
             "burst_clusters": self.burst_clusters,
-            # Bursts per query: probing sends one per few dozen queries, benign near-neighbours one per
-            # thousands; interleaving cover traffic only dilutes it a few times.
+            "peak_recent_bursts": self.peak_recent_bursts,
+            # Bursts per query over the client's lifetime: probing sends one per few dozen queries, benign
+            # near-neighbours one per thousands; a long history dilutes it (rules read the pace instead).
             "burst_share": ratio(self.burst_clusters, self.queries),
             "walk_clusters": self.walk_clusters,
             "max_cluster_size": self.max_cluster_size,
         }
+
+
+def _paced(half: int, this_half: int, last_half: int, now: int) -> tuple[int, int, int]:
+    """A pace count's (half-window number, count in it, count in the one before) once one more event came in
+    half-window `now` (never before `half`): the count of a half-window left behind moves to the one before,
+    or to nothing when a whole half-window passed without an event."""
+    if now != half:
+        last_half = this_half if now == half + 1 else 0
+        this_half, half = 0, now
+    return half, this_half + 1, last_half

@@ -9,9 +9,15 @@ from detector.domain import Requested
 from detector.features.client import FeatureTracker, TrainingIndexes
 from detector.features.clusters import BURST_GAP, ClusterMatch, MatchKind
 from detector.features.embedding import PROJECTION_DIM, Observation
-from detector.features.probing import RECENT_FLIPS_KEPT, ROUND_HALF_WINDOW, NearDuplicateProbing
+from detector.features.probing import (
+    BURST_HALF_WINDOW,
+    RECENT_FLIPS_KEPT,
+    ROUND_HALF_WINDOW,
+    NearDuplicateProbing,
+)
 from tests.streams import (
     SCALE,
+    WIDTH,
     SetIndex,
     Stream,
     augmentation_probe,
@@ -20,6 +26,7 @@ from tests.streams import (
     harvest,
     rare_flips,
     record,
+    rng,
     snapshot_after,
     warmed_tracker,
 )
@@ -52,6 +59,49 @@ def test_augmentation_bursts_are_counted_per_record() -> None:
     assert values["probing.label_only_share"] == 1.0
 
 
+def copy_of(base: np.ndarray) -> np.ndarray:
+    """A small noisy copy of `base`: a dense variant of it."""
+    copied: np.ndarray = base + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.02
+    return copied
+
+
+@pytest.mark.parametrize(
+    ("again", "bursts"),
+    [
+        ("copy copy", 0),  # an old record met again, then a near-neighbour: chance, as busy apps meet
+        ("copy copy copy", 1),  # the record probed in a burst long after its first query
+        ("exact copy copy", 1),  # the record itself again, then two copies of it: a burst
+        ("copy copy other copy", 0),  # a copy, then another, but the run stops at the second
+    ],
+)
+def test_a_burst_is_a_run_of_copies_back_to_back_not_a_cluster_grown_over_its_lifetime(
+    again: str, bursts: int
+) -> None:
+    stream, base = Stream(), record()
+    queries = [stream.query(base, requested=Requested.LABEL)]
+    queries += [stream.query(record(), requested=Requested.LABEL) for _ in range(BURST_GAP * 4)]
+    rows = {"copy": lambda: copy_of(base), "exact": lambda: base, "other": record}
+    for word in again.split():
+        if word == "other":  # far enough to leave the run behind
+            queries += [stream.query(record(), requested=Requested.LABEL) for _ in range(BURST_GAP + 1)]
+        else:
+            queries.append(stream.query(rows[word](), requested=Requested.LABEL))
+    values = snapshot_after(queries)
+    assert values["probing.burst_clusters"] == bursts
+
+
+def test_a_record_probed_in_two_bursts_far_apart_counts_twice() -> None:
+    stream, base = Stream(), record()
+    burst = [
+        stream.query(row, requested=Requested.LABEL) for row in [base] + [copy_of(base) for _ in range(4)]
+    ]
+    cover = [stream.query(record(), requested=Requested.LABEL) for _ in range(BURST_GAP * 4)]
+    again = [stream.query(copy_of(base), requested=Requested.LABEL) for _ in range(4)]
+    values = snapshot_after(burst + cover + again)
+    assert values["probing.burst_clusters"] == 2
+    assert values["probing.max_cluster_size"] == 9
+
+
 def test_augmentation_in_rounds_counts_each_record_once_as_a_round_not_as_bursts() -> None:
     values = snapshot_after(augmentation_probe(Stream(), records=40, variants=4, in_rounds=True))
     assert values["probing.round_clusters"] == 40
@@ -80,28 +130,36 @@ def test_rounds_in_bursts_are_not_rounds() -> None:
     assert values["probing.round_clusters"] == 0 and values["probing.revisits"] == 0
 
 
+# A revisit completing a round, and a variant completing a burst.
+ROUND = ClusterMatch(MatchKind.VARIANT, 0, 0.01, dense=True, cluster_size=3, gap=BURST_GAP + 1)
+BURST = ClusterMatch(MatchKind.VARIANT, 0, 0.01, dense=True, cluster_size=3, gap=1, run=3)
+
+
 @pytest.mark.parametrize(
-    ("round_at", "peak"),
+    ("counted", "at", "peak"),
     [
-        (range(200, 264), 64),  # across a half-window's end: counted whole
-        ((100, 500), 2),  # in two consecutive half-windows
-        ((100, 600), 1),  # more than a half-window between their half-windows
-        ((10, 700, 701, 702), 3),
+        ("rounds", range(200, 264), 64),  # across a half-window's end: counted whole
+        ("rounds", (100, 500), 2),  # in two consecutive half-windows
+        ("rounds", (100, 600), 1),  # more than a half-window between their half-windows
+        ("rounds", (10, 700, 701, 702), 3),
+        ("bursts", range(1000, 1030), 30),
+        ("bursts", (100, 1000), 2),
+        ("bursts", (100, 1100), 1),
     ],
 )
-def test_rounds_count_together_within_consecutive_half_windows(
-    round_at: range | tuple[int, ...], peak: int
+def test_rounds_and_bursts_count_together_within_consecutive_half_windows(
+    counted: str, at: range | tuple[int, ...], peak: int
 ) -> None:
-    assert ROUND_HALF_WINDOW == 256  # the positions above are chosen for it
+    assert (ROUND_HALF_WINDOW, BURST_HALF_WINDOW) == (256, 512)  # the positions above are chosen for them
+    match, total = {"rounds": (ROUND, "round_clusters"), "bursts": (BURST, "burst_clusters")}[counted]
     stream, feature = Stream(), NearDuplicateProbing()
     query = stream.query(record(), requested=Requested.LABEL)
     observation = Observation(query, np.zeros(PROJECTION_DIM, dtype=np.float32), None, 0, None)
-    revisit = ClusterMatch(MatchKind.VARIANT, 0, 0.01, dense=True, cluster_size=3, gap=BURST_GAP + 1)
     other = ClusterMatch(MatchKind.NEW, 1, 1.0)
-    for number in range(1, max(round_at) + 1):
-        feature.update(observation, revisit if number in round_at else other)
-    assert feature.values()["peak_recent_rounds"] == peak
-    assert feature.values()["round_clusters"] == len(round_at)
+    for number in range(1, max(at) + 1):
+        feature.update(observation, match if number in at else other)
+    assert feature.values()[f"peak_recent_{counted}"] == peak
+    assert feature.values()[total] == len(at)
 
 
 def test_a_boundary_walk_stays_one_cluster_and_counts_label_flips() -> None:

@@ -199,6 +199,34 @@ def test_a_busy_clients_rare_flips_never_add_up_to_a_boundary_walk() -> None:
     assert fired_on(Detector(RULES), ("m", "busy-app"), client) == []
 
 
+def test_a_key_with_a_long_ordinary_history_is_caught_probing_as_a_new_key_is() -> None:
+    stream = Stream("compromised")
+    # Months of an app's ordinary queries (labels only: harvesting confidence is another rule's business).
+    history = [stream.query(record(), requested=Requested.LABEL, gap=20) for _ in range(4_000)]
+    probe = augmentation_probe(stream)  # then 12 records in bursts of 8 copies
+    client = client_after(history + probe)
+    assert client.snapshot()["probing.burst_share"] < 0.005  # a lifetime's share: diluted far below a pace
+    detections = fired_on(Detector(RULES), ("m", "compromised"), client)
+    assert [(d.kind, d.rule_id) for d in detections] == [(AlertKind.AUGMENTATION_PROBING, "MIA-002")]
+    assert set(detections[0].evidence) <= {query.event_id for query in probe}
+
+
+def test_a_busy_clients_chance_bursts_never_add_up_to_augmentation_probing() -> None:
+    stream, queries = Stream("busy-app"), []
+    for _ in range(
+        12
+    ):  # a burst of near-copies by chance every 600 queries: a lifetime's worth, never a pace
+        queries += [stream.query(record(), requested=Requested.LABEL) for _ in range(600)]
+        base = record()
+        queries += [
+            stream.query(base + 0.01 * row, requested=Requested.LABEL) for row in (record() for _ in range(3))
+        ]
+    client = client_after(queries)
+    values = client.snapshot()
+    assert values["probing.burst_clusters"] == 12 and values["probing.peak_recent_bursts"] == 2
+    assert fired_on(Detector(RULES), ("m", "busy-app"), client) == []
+
+
 def test_no_rule_asks_for_more_flips_at_a_walks_pace_than_are_kept() -> None:
     for rule in RULES:
         assert rule.requires.get("probing.peak_recent_flips", 0.0) <= RECENT_FLIPS_KEPT, rule.id
