@@ -90,9 +90,11 @@ class TruthClient:
 
 @dataclass(frozen=True)
 class FirstAlert:
-    """The first page naming a client: its kind and severity, and when it was detected: after how many of
-    the client's queries (`detected_after_queries`) and at which event time (`detected_at`, epoch seconds;
-    for an escalated exposure, the latest detection of the commit that escalated it)."""
+    """The first page naming a client (an attacker's first once its attack started: a compromised key's
+    owner may have been paged before): its kind and severity, and when it was detected: after how many of
+    the client's queries (`detected_after_queries`, its owner's ordinary ones included) and at which event
+    time (`detected_at`, epoch seconds; for an escalated exposure, the latest detection of the commit that
+    escalated it)."""
 
     kind: str
     severity: str
@@ -374,7 +376,7 @@ class _AlertLog:
     def __init__(self, min_severity: Severity) -> None:
         self.min_severity = min_severity
         self.all: list[tuple[str, tuple[str, ...]]] = []
-        self.first: dict[str, FirstAlert] = {}
+        self.pages: dict[str, list[FirstAlert]] = {}  # every page naming each client
         self.kinds: dict[str, set[str]] = {}
         self.exposures: dict[str, set[str]] = {}
 
@@ -403,15 +405,20 @@ class _AlertLog:
         # A coordination alert names several clients: each of them has been flagged.
         for client_id in detection.client_ids:
             self.kinds.setdefault(client_id, set()).add(kind)
-            alert = FirstAlert(kind, detection.severity.value, queries, at)
-            # Alerts are reported as they are committed: the first is the one detected earliest.
-            if client_id not in self.first or alert.at < self.first[client_id].at:
-                self.first[client_id] = alert
+            self.pages.setdefault(client_id, []).append(
+                FirstAlert(kind, detection.severity.value, queries, at)
+            )
+
+    def first(self, client_id: str, since: float | None) -> FirstAlert | None:
+        """The page naming `client_id` detected earliest (alerts are reported as they are committed, not
+        in event time), at `since` or after when given."""
+        pages = [page for page in self.pages.get(client_id, ()) if since is None or page.at >= since]
+        return min(pages, key=lambda page: page.at) if pages else None
 
 
 def _outcome(client: TruthClient, score: float, alerts: _AlertLog) -> ClientOutcome:
-    first = alerts.first.get(client.client_id)
     start = client.attack_start
+    first = alerts.first(client.client_id, start)
     return ClientOutcome(
         client_id=client.client_id,
         role=client.role,

@@ -242,6 +242,30 @@ def test_an_allow_listed_key_that_turns_to_walking_a_boundary_is_still_caught(
     assert blind[WALKER].first_alert is None and blind[PROBER].first_alert is not None
 
 
+def test_an_attacker_is_caught_only_by_a_page_once_its_attack_started(
+    evaluated: Evaluation, labelled: Labelled, tmp_path: Path
+) -> None:
+    """A compromised key's owner paged before the attack is not the attack caught: here the prober's truth
+    says its attack starts after every page it got."""
+    [page] = [o.first_alert for o in evaluated.clients if o.client_id == PROBER]
+    assert page is not None
+    truth = tmp_path / "truth.jsonl"
+    lines = [orjson.loads(line) for line in labelled.truth.read_bytes().splitlines()]
+    for line in lines:
+        if line["client_id"] == PROBER:
+            line["attack_start"] = _rfc3339(page.at + 3600.0)
+    truth.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+
+    later = {
+        o.client_id: o
+        for o in evaluate(operator_settings(tmp_path), labelled.events, truth, tmp_path / "o").clients
+    }
+    assert later[PROBER].first_alert is None and later[PROBER].alert_kinds
+    assert (
+        later[WALKER].first_alert == next(o for o in evaluated.clients if o.client_id == WALKER).first_alert
+    )
+
+
 def test_a_second_run_into_the_same_directory_starts_from_a_fresh_database(
     evaluated: Evaluation, labelled: Labelled
 ) -> None:

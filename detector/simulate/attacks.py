@@ -13,7 +13,7 @@
 
 Candidates are real dataset rows: about half members for the first three kinds. Every attack can be made
 evasive (`Evasion`): slow, split over sybil keys, interleaved with benign-looking cover traffic from the
-same key, or label-only.
+same key, label-only, or sent from a compromised key with a long ordinary history.
 """
 
 from __future__ import annotations
@@ -53,12 +53,14 @@ class AttackKind(StrEnum):
 
 class Evasion(StrEnum):
     """Ways an attacker hides: a few queries a minute or less for hours, the work split over several API
-    keys of one campaign, benign-looking requests from the same key in between, labels only."""
+    keys of one campaign, benign-looking requests from the same key in between, labels only, or a key taken
+    over from a busy app (its own traffic all along, the baseline's included, the attack late in the day)."""
 
     SLOW = "slow"
     SYBIL = "sybil"
     INTERLEAVED = "interleaved"
     LABEL_ONLY = "label_only"
+    COMPROMISED = "compromised"
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -445,7 +447,12 @@ def campaign(
             pace = Pace.burst(rng) if bursts_only or rng.random() < 0.5 else Pace.steady(rng)
             start_within = (0.05, 0.6)
         cover = None
-        if Evasion.INTERLEAVED in evasion:
+        if Evasion.COMPROMISED in evasion:
+            # The key's owner: a busy app, sending all day (and every day before) what it always does. The
+            # attack starts late, behind thousands of its ordinary queries.
+            cover = SteadyApp(float(rng.uniform(300, 600)), bool(rng.random() < 0.5))
+            start_within = (0.5, 0.8)
+        elif Evasion.INTERLEAVED in evasion:
             # About as many cover requests as attack requests, within what a busy benign app sends.
             rate = min(pace.per_hour * float(rng.uniform(0.5, 2.0)), _COVER_MAX_PER_HOUR)
             cover = SteadyApp(rate, bool(rng.random() < 0.5))

@@ -58,6 +58,7 @@ _EVASIONS = (
     (1, frozenset({Evasion.SLOW, Evasion.SYBIL})),
     (2, frozenset({Evasion.SLOW, Evasion.INTERLEAVED})),
     (1, frozenset({Evasion.SYBIL, Evasion.INTERLEAVED, Evasion.LABEL_ONLY})),
+    (2, frozenset({Evasion.COMPROMISED})),
 )
 
 SCENARIOS: dict[str, Scenario] = {
@@ -93,7 +94,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="evasive",
             description="A simulated day like `standard`, every attack hiding: slow, sybil keys, "
-            "interleaved with cover traffic, label-only (in combinations).",
+            "interleaved with cover traffic, label-only (in combinations), or from a compromised key "
+            "with a busy app's history.",
             duration=DAY,
             diurnal=True,
             benign=_DAY_POPULATIONS,
@@ -113,7 +115,8 @@ class Client:
     """One planned API key: identity, model, population (an attack kind for attackers) and behaviour.
 
     `in_baseline` says whether the key also sends (benign) traffic on the baseline day: most benign keys
-    do, some are new on the main day, attackers never do.
+    do, some are new on the main day, attackers do only from a compromised key, whose baseline is its owner's
+    `ordinary` traffic.
     """
 
     identity: Identity
@@ -124,6 +127,11 @@ class Client:
     kind: AttackKind | None = None
     campaign: str | None = None
     evasion: tuple[str, ...] = field(default=())
+    ordinary: Behaviour | None = None
+
+    def behaviour_in(self, baseline: bool) -> Behaviour:
+        """How the key sends requests in the baseline period (`baseline`) or in the main one."""
+        return self.ordinary if baseline and self.ordinary is not None else self.behaviour
 
     @property
     def role(self) -> str:
@@ -187,6 +195,7 @@ def plan(scenario: Scenario, models: Mapping[str, ServedModel], seed: int) -> li
                 scale=scenario.candidate_scale,
                 bursts_only=scenario.bursts_only,
             )
+            compromised = Evasion.COMPROMISED in campaign_plan.evasion
             for attack in attacks:
                 clients.append(
                     Client(
@@ -194,10 +203,11 @@ def plan(scenario: Scenario, models: Mapping[str, ServedModel], seed: int) -> li
                         model,
                         campaign_plan.kind.value,
                         attack,
-                        in_baseline=False,
+                        in_baseline=compromised,
                         kind=campaign_plan.kind,
                         campaign=f"campaign-{number:03d}",
                         evasion=tuple(sorted(style.value for style in campaign_plan.evasion)),
+                        ordinary=attack.cover if compromised else None,
                     )
                 )
     return clients

@@ -27,7 +27,7 @@ import orjson
 from detector.simulate.attacks import AttackKind
 from detector.simulate.models import ServedModel, load_models
 from detector.simulate.scenarios import SCENARIOS, Client, Scenario, plan
-from detector.simulate.traffic import Window, encode, rfc3339
+from detector.simulate.traffic import Behaviour, Window, encode, rfc3339
 
 START = datetime(2026, 11, 29, tzinfo=UTC).timestamp()
 """The simulated clock's start: the main period begins here, the baseline period ends here."""
@@ -144,7 +144,12 @@ def _write_period(
     tallies = [_Tally() for _ in clients]
     streams = [
         _lines(
-            client, models[client.model], window, np.random.default_rng([seed, int(baseline), index]), tally
+            client,
+            client.behaviour_in(baseline),
+            models[client.model],
+            window,
+            np.random.default_rng([seed, int(baseline), index]),
+            tally,
         )
         for index, (client, tally) in enumerate(zip(clients, tallies, strict=True))
         if client.in_baseline or not baseline
@@ -156,13 +161,19 @@ def _write_period(
 
 
 def _lines(
-    client: Client, model: ServedModel, window: Window, rng: np.random.Generator, tally: _Tally
+    client: Client,
+    behaviour: Behaviour,
+    model: ServedModel,
+    window: Window,
+    rng: np.random.Generator,
+    tally: _Tally,
 ) -> Iterator[tuple[int, bytes]]:
-    """The client's records in `window` as (epoch milliseconds, JSON line), counted into `tally`."""
+    """The records `behaviour` (the client's in `window`) sends as (epoch milliseconds, JSON line),
+    counted into `tally`."""
     noise = random.Random(int(rng.integers(2**63)))
     end_ms = math.floor(window.end * 1000)
     last_ms = math.ceil(window.start * 1000)
-    for request in client.behaviour.requests(model, rng, window):
+    for request in behaviour.requests(model, rng, window):
         # Behaviours yield non-decreasing times; millisecond rounding must not reorder them.
         epoch_ms = max(last_ms, round(request.at * 1000))
         if epoch_ms >= end_ms:

@@ -27,7 +27,7 @@ from detector.simulate.attacks import Augment, Augmentation, BoundaryWalk, Candi
 from detector.simulate.benign import SteadyApp
 from detector.simulate.models import MODEL_NAMES, ServedModel, load_models
 from detector.simulate.scenarios import plan
-from detector.simulate.traffic import HOUR, Window
+from detector.simulate.traffic import DAY, HOUR, Window
 
 SEED = 11
 START = datetime(2026, 11, 29, tzinfo=UTC).timestamp()
@@ -475,13 +475,38 @@ def test_standard_plan_has_hundreds_of_benign_clients_and_5_to_10_attackers_per_
 
 def test_evasive_plan_has_at_least_10_attackers_of_each_evasion_style(models: dict[str, ServedModel]) -> None:
     clients = plan(SCENARIOS["evasive"], models, SEED)
-    for style in Evasion:
+    for style in set(Evasion) - {Evasion.COMPROMISED}:
         assert sum(style.value in client.evasion for client in clients) >= 10, style
+    compromised = [client for client in clients if Evasion.COMPROMISED.value in client.evasion]
+    assert sorted(str(client.kind) for client in compromised) == sorted(
+        str(kind)
+        for kind in AttackKind
+        for _ in range(2)  # two campaigns of one key each
+    )
+    assert all(client.in_baseline and client.ordinary is not None for client in compromised)
     campaigns: dict[str, list[str]] = defaultdict(list)
     for client in clients:
         if Evasion.SYBIL.value in client.evasion and client.campaign:
             campaigns[client.campaign].append(client.identity.client_id)
     assert campaigns and all(3 <= len(keys) <= 10 for keys in campaigns.values())
+
+
+def test_a_compromised_key_sends_its_owners_traffic_all_along_and_attacks_late(
+    models: dict[str, ServedModel],
+) -> None:
+    clients = plan(SCENARIOS["evasive"], models, SEED)
+    client = next(
+        client
+        for client in clients
+        if Evasion.COMPROMISED.value in client.evasion and client.kind is AttackKind.AUGMENTATION_PROBING
+    )
+    model, rng = models[client.model], np.random.default_rng(6)
+    baseline = list(client.behaviour_in(True).requests(model, rng, Window(START - DAY, START, diurnal=True)))
+    assert len(baseline) >= 1_000 and not any(request.attack for request in baseline)
+    day = list(client.behaviour_in(False).requests(model, rng, Window(START, START + DAY, diurnal=True)))
+    attack = [request for request in day if request.attack]
+    assert attack and attack[0].at >= START + DAY / 2
+    assert sum(not request.attack for request in day if request.at < attack[0].at) >= 1_000
 
 
 @pytest.mark.slow
