@@ -67,8 +67,11 @@ class CounterFeature:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Self:
         """A feature continuing from `state`, independent of it; raises `TypeError` on a counter that is not
-        a number or a flat list of numbers (see `state`)."""
-        return cls(**{name: _counter(name, value) for name, value in state.items()})
+        a number or a flat list of numbers (see `state`). Counters this version does not have (a newer
+        version stored them) are left out, and those the state lacks (an older one stored it) start anew:
+        a rollback keeps the client's history, less what the newer version added."""
+        names, _ = _fields(cls)
+        return cls(**{name: _counter(name, state[name]) for name in names if name in state})
 
 
 def _counter(name: str, value: Any) -> Any:

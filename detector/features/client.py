@@ -188,9 +188,14 @@ class ClientFeatures:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ClientFeatures:
-        """A client continuing from `state` (see `state`), sharing nothing with it."""
+        """A client continuing from `state` (see `state`), sharing nothing with it. A feature the state does
+        not hold (stored by a version without it) starts anew; one this version does not have is left out."""
+        stored = state["features"]
         features = [
-            feature_type.from_state(state["features"][feature_type.name]) for feature_type in FEATURE_TYPES
+            feature_type.from_state(stored[feature_type.name])
+            if feature_type.name in stored
+            else feature_type()
+            for feature_type in FEATURE_TYPES
         ]
         evidence = {str(kind): [str(event) for event in events] for kind, events in state["evidence"].items()}
         # States stored before exposure was accounted for start counting it from their restore.

@@ -82,6 +82,36 @@ def test_a_client_stored_as_json_before_goes_on_exactly_as_the_original() -> Non
     assert restored.snapshot() == original.snapshot()
 
 
+def probed_client() -> ClientFeatures:
+    """A client 50 queries into an augmentation probe."""
+    tracker = warmed_tracker()
+    tracker.update(augmentation_probe(Stream("prober"))[:50])
+    client = tracker.get(("m", "prober"))
+    assert client is not None
+    return client
+
+
+def test_a_state_a_newer_version_stored_restores_what_this_version_knows() -> None:
+    original = probed_client()
+    newer = original.state()
+    newer["features"]["probing"]["a_counter_to_come"] = 3
+    newer["features"]["a_feature_to_come"] = {"count": 1}
+    assert ClientFeatures.from_state(newer).to_bytes() == original.to_bytes()
+
+
+def test_a_state_an_older_version_stored_restores_with_what_it_lacks_started_anew() -> None:
+    original = probed_client()
+    older = original.state()
+    del older["features"]["probing"]["peak_recent_bursts"], older["features"]["similarity"]
+    restored = ClientFeatures.from_state(older).snapshot()
+    kept = original.snapshot()
+    assert kept["probing.peak_recent_bursts"] > 0 and restored["probing.peak_recent_bursts"] == 0
+    assert kept["similarity.variant_share"] > 0 and restored["similarity.variant_share"] == 0
+    assert {name: value for name, value in restored.items() if not name.startswith("similarity.")} == {
+        name: value for name, value in kept.items() if not name.startswith("similarity.")
+    } | {"probing.peak_recent_bursts": 0}
+
+
 def _exact_slots(state: dict[str, Any], slots: list[int]) -> None:
     state["clusters"]["representatives"]["exact_slots"] = np.array(slots, dtype=np.int16)
 
@@ -114,11 +144,7 @@ def _clusters(state: dict[str, Any], count: int) -> None:
     ],
 )
 def test_a_stored_state_that_no_client_could_have_is_unreadable_not_a_crash(corrupt: Any) -> None:
-    tracker = warmed_tracker()
-    tracker.update(augmentation_probe(Stream("prober"))[:50])
-    client = tracker.get(("m", "prober"))
-    assert client is not None
-    state = client.state()
+    state = probed_client().state()
     corrupt(state)
     with pytest.raises(ValueError, match="not a stored client state"):
         ClientFeatures.from_bytes(state_bytes.dumps(state))
