@@ -19,7 +19,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from detector.scoring.scorer import Scorer
 from detector.service import (
     Progress,
     build_detection,
+    decoded_batches,
     load_scoring_model,
     load_training_indexes,
     replay,
@@ -92,9 +93,9 @@ class TruthClient:
 class FirstAlert:
     """The first page naming a client (an attacker's first once its attack started: a compromised key's
     owner may have been paged before): its kind and severity, and when it was detected: after how many of
-    the client's queries (`detected_after_queries`, its owner's ordinary ones included) and at which event
-    time (`detected_at`, epoch seconds; for an escalated exposure, the latest detection of the commit that
-    escalated it)."""
+    the client's queries (`detected_after_queries`; for an attacker, those since its attack started) and at
+    which event time (`detected_at`, epoch seconds; for an escalated exposure, the latest detection of the
+    commit that escalated it)."""
 
     kind: str
     severity: str
@@ -115,6 +116,8 @@ class ClientOutcome:
     alert_kinds: tuple[str, ...]
     seconds_to_alert: float | None
     exposure_kinds: tuple[str, ...] = ()
+    # An attacker's key paged before its attack started: a false alarm on its owner's traffic.
+    paged_before_attack: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,7 @@ class Evaluation:
     benign_alerted_share: float | None
     benign_alerted_per_day: float | None
     benign_exposed: int
+    attackers_paged_before_attack: int
     unlabelled_clients: int
     kinds: list[KindQuality]
     populations: list[PopulationQuality]
@@ -259,11 +263,16 @@ def evaluate(
     scores = suspicion_scores(detect.tracker, detect.detector.scorer, run_settings.detection.allow_list())
     seen = [client for _, client in detect.tracker.items()]
     span = max(c.last_seen for c in seen) - min(c.first_seen for c in seen) if seen else 0.0
-    outcomes = [_outcome(client, scores.get(client.client_id, 0.0), alerts) for client in labelled]
+    before = _queries_before_attacks(run_settings, events, labelled)
+    outcomes = [
+        _outcome(client, scores.get(client.client_id, 0.0), alerts, before[client.client_id])
+        for client in labelled
+    ]
     benign = [outcome for outcome in outcomes if outcome.role != "attacker"]
     attackers = [outcome for outcome in outcomes if outcome.role == "attacker"]
     benign_alerted = sum(outcome.first_alert is not None for outcome in benign)
     attackers_detected = sum(outcome.first_alert is not None for outcome in attackers)
+    starts = {client.client_id: client.attack_start for client in labelled if client.attacker}
     roles = {client.client_id: client.attacker for client in labelled}
     evaluation = Evaluation(
         events=events,
@@ -288,10 +297,11 @@ def evaluate(
         benign_exposed=sum(
             bool(outcome.exposure_kinds) and outcome.first_alert is None for outcome in benign
         ),
+        attackers_paged_before_attack=sum(outcome.paged_before_attack for outcome in attackers),
         unlabelled_clients=len(set(scores) - set(roles)),
         kinds=_kinds(attackers),
         populations=_populations(benign),
-        alert_kinds=_alert_kinds(alerts.all, roles),
+        alert_kinds=_alert_kinds(alerts.all, roles, starts),
         roc=roc([outcome.role == "attacker" for outcome in outcomes], [o.score for o in outcomes]),
         clients=outcomes,
         seconds=time.perf_counter() - began,
@@ -371,13 +381,12 @@ def roc(labels: Sequence[bool], scores: Sequence[float]) -> Roc:
 
 class _AlertLog:
     """The pipeline's `AlertListener`: every page (an alert opened at `min_severity` or above, or escalated
-    to it), each client's first page and kinds paged, and the kinds recorded as exposure only."""
+    to it), each client's pages, and the kinds recorded as exposure only."""
 
     def __init__(self, min_severity: Severity) -> None:
         self.min_severity = min_severity
-        self.all: list[tuple[str, tuple[str, ...]]] = []
+        self.all: list[tuple[str, tuple[str, ...], float]] = []  # kind, clients, event time
         self.pages: dict[str, list[FirstAlert]] = {}  # every page naming each client
-        self.kinds: dict[str, set[str]] = {}
         self.exposures: dict[str, set[str]] = {}
 
     def opened(self, alerts: list[tuple[AlertChange, Detection]]) -> None:
@@ -401,24 +410,23 @@ class _AlertLog:
 
     def _paged(self, detection: Detection, queries: int, at: float) -> None:
         kind = detection.kind.value
-        self.all.append((kind, detection.client_ids))
+        self.all.append((kind, detection.client_ids, at))
         # A coordination alert names several clients: each of them has been flagged.
         for client_id in detection.client_ids:
-            self.kinds.setdefault(client_id, set()).add(kind)
             self.pages.setdefault(client_id, []).append(
                 FirstAlert(kind, detection.severity.value, queries, at)
             )
 
-    def first(self, client_id: str, since: float | None) -> FirstAlert | None:
-        """The page naming `client_id` detected earliest (alerts are reported as they are committed, not
-        in event time), at `since` or after when given."""
-        pages = [page for page in self.pages.get(client_id, ()) if since is None or page.at >= since]
-        return min(pages, key=lambda page: page.at) if pages else None
 
-
-def _outcome(client: TruthClient, score: float, alerts: _AlertLog) -> ClientOutcome:
+def _outcome(client: TruthClient, score: float, alerts: _AlertLog, queries_before: int) -> ClientOutcome:
+    """`client`'s outcome; for an attacker, only the pages once its attack started (and the queries since,
+    `queries_before` the start left out) tell whether and how soon it was caught."""
     start = client.attack_start
-    first = alerts.first(client.client_id, start)
+    pages = alerts.pages.get(client.client_id, [])
+    since = [page for page in pages if start is None or page.at >= start]
+    first = min(since, key=lambda page: page.at) if since else None
+    if first is not None:
+        first = replace(first, queries=first.queries - queries_before)
     return ClientOutcome(
         client_id=client.client_id,
         role=client.role,
@@ -426,10 +434,26 @@ def _outcome(client: TruthClient, score: float, alerts: _AlertLog) -> ClientOutc
         kind=client.kind,
         score=score,
         first_alert=first,
-        alert_kinds=tuple(sorted(alerts.kinds.get(client.client_id, ()))),
+        alert_kinds=tuple(sorted({page.kind for page in since})),
         seconds_to_alert=first.at - start if first is not None and start is not None else None,
         exposure_kinds=tuple(sorted(alerts.exposures.get(client.client_id, ()))),
+        paged_before_attack=len(since) < len(pages),
     )
+
+
+def _queries_before_attacks(settings: Settings, events: Path, labelled: list[TruthClient]) -> Counter[str]:
+    """How many queries each attacker sent before its attack started (a compromised key's owner's, cover
+    traffic of an interleaving attacker), read from `events`."""
+    starts = {client.client_id: client.attack_start for client in labelled if client.attack_start is not None}
+    before: Counter[str] = Counter()
+    if not starts:
+        return before
+    for batch in decoded_batches(settings, [str(events)]):
+        for query in batch:
+            start = starts.get(query.client_id)
+            if start is not None and query.timestamp < start:
+                before[query.client_id] += 1
+    return before
 
 
 def _share(part: int, whole: int) -> float | None:
@@ -469,13 +493,19 @@ def _populations(benign: list[ClientOutcome]) -> list[PopulationQuality]:
     return qualities
 
 
-def _alert_kinds(opened: list[tuple[str, tuple[str, ...]]], roles: dict[str, bool]) -> list[AlertKindCount]:
+def _alert_kinds(
+    opened: list[tuple[str, tuple[str, ...], float]],
+    roles: dict[str, bool],
+    starts: dict[str, float | None],
+) -> list[AlertKindCount]:
+    """Pages by kind, on attackers and on benign clients; an attacker's key paged before its attack started
+    was a benign client then."""
     alerts: Counter[str] = Counter()
     on_attackers: Counter[str] = Counter()
     on_benign: Counter[str] = Counter()
-    for kind, client_ids in opened:
+    for kind, client_ids, at in opened:
         alerts[kind] += 1
-        named = [roles[client_id] for client_id in client_ids if client_id in roles]
+        named = [_attacking(client_id, at, roles, starts) for client_id in client_ids if client_id in roles]
         if any(named):
             on_attackers[kind] += 1
         elif named:
@@ -483,6 +513,12 @@ def _alert_kinds(opened: list[tuple[str, tuple[str, ...]]], roles: dict[str, boo
     return [
         AlertKindCount(kind, alerts[kind], on_attackers[kind], on_benign[kind]) for kind in sorted(alerts)
     ]
+
+
+def _attacking(client_id: str, at: float, roles: dict[str, bool], starts: dict[str, float | None]) -> bool:
+    """True when `client_id` is an attacker whose attack had started by event time `at`."""
+    start = starts.get(client_id)
+    return roles[client_id] and (start is None or at >= start)
 
 
 def _scenario(path: Path) -> dict[str, Any] | None:
@@ -643,7 +679,9 @@ def render_report(evaluation: Evaluation) -> str:
         "",
         f"Benign clients falsely alerted per simulated day: {per_day}. Alerts are pages: opened at "
         "`MIA_ALERTS_MIN_SEVERITY` or above, or escalated to it. Benign clients with exposure recorded "
-        f"(below it) and no page: {e.benign_exposed}.",
+        f"(below it) and no page: {e.benign_exposed}. Attackers' keys paged before their attack started "
+        f"(false alarms on a compromised key's owner; such a page is no detection): "
+        f"{e.attackers_paged_before_attack}.",
         "",
         "## Alert kinds raised",
         "",

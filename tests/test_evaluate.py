@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -242,28 +242,40 @@ def test_an_allow_listed_key_that_turns_to_walking_a_boundary_is_still_caught(
     assert blind[WALKER].first_alert is None and blind[PROBER].first_alert is not None
 
 
-def test_an_attacker_is_caught_only_by_a_page_once_its_attack_started(
+def test_an_attacker_is_caught_by_a_page_once_its_attack_started_after_the_queries_since(
     evaluated: Evaluation, labelled: Labelled, tmp_path: Path
 ) -> None:
-    """A compromised key's owner paged before the attack is not the attack caught: here the prober's truth
-    says its attack starts after every page it got."""
-    [page] = [o.first_alert for o in evaluated.clients if o.client_id == PROBER]
-    assert page is not None
+    """A compromised key's owner paged before the attack is not the attack caught, and the owner's queries
+    are not the attack's: here the prober's truth says its attack starts after every page it got, and the
+    walker's 5 queries into its walk."""
+    outcomes = {o.client_id: o for o in evaluated.clients}
+    probed, walked = outcomes[PROBER].first_alert, outcomes[WALKER].first_alert
+    assert probed is not None and walked is not None
+    walk_start = labelled.attack_start[WALKER] + 5 * 0.5  # a step every half second
+    assert walked.at > walk_start
+    starts = {PROBER: probed.at + 3600.0, WALKER: walk_start}
     truth = tmp_path / "truth.jsonl"
     lines = [orjson.loads(line) for line in labelled.truth.read_bytes().splitlines()]
-    for line in lines:
-        if line["client_id"] == PROBER:
-            line["attack_start"] = _rfc3339(page.at + 3600.0)
-    truth.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-
-    later = {
-        o.client_id: o
-        for o in evaluate(operator_settings(tmp_path), labelled.events, truth, tmp_path / "o").clients
-    }
-    assert later[PROBER].first_alert is None and later[PROBER].alert_kinds
-    assert (
-        later[WALKER].first_alert == next(o for o in evaluated.clients if o.client_id == WALKER).first_alert
+    truth.write_bytes(
+        b"".join(
+            orjson.dumps(
+                line | {"attack_start": _rfc3339(starts[line["client_id"]])}
+                if line["client_id"] in starts
+                else line
+            )
+            + b"\n"
+            for line in lines
+        )
     )
+
+    later = evaluate(operator_settings(tmp_path), labelled.events, truth, tmp_path / "o")
+    moved = {o.client_id: o for o in later.clients}
+    assert moved[PROBER].first_alert is None and moved[PROBER].alert_kinds == ()
+    assert moved[PROBER].paged_before_attack and later.attackers_paged_before_attack == 1
+    assert moved[WALKER].first_alert == replace(walked, queries=walked.queries - 5)
+    [probing] = [count for count in later.alert_kinds if count.kind == "augmentation_probing"]
+    assert (probing.on_attackers, probing.on_benign_only) == (0, 1)  # the prober was a benign key then
+    assert "Attackers' keys paged before their attack started" in later.report.read_text()
 
 
 def test_a_second_run_into_the_same_directory_starts_from_a_fresh_database(

@@ -43,8 +43,9 @@ DENSE_CHANGE_SHARE = 0.5
 # A variant arriving within this many queries of its cluster's previous member is part of a burst; benign
 # traffic meets an old near-neighbour now and then, probing attacks query variants back to back.
 BURST_GAP = 16
-# A cluster's run (its members since its last gap beyond BURST_GAP) saturates here (a uint8 column).
-RUN_LIMIT = 255
+# A burst: a record and two copies (or three copies), each within BURST_GAP queries of the one before: the
+# smallest augmentation probe (2r+1 queries with r=1). A cluster has one at most, its first such run.
+BURST_SIZE = 3
 # A record and two copies, each come back to a round of other records later: the smallest probe in rounds.
 ROUND_SIZE = 3
 
@@ -68,9 +69,9 @@ class ClusterMatch:
     label_flip: bool = False
     cluster_size: int = 1
     gap: int = 0  # queries since the cluster was last matched
-    # The cluster's members in its current run, each within BURST_GAP queries of the one before (this one
-    # included): a burst of copies of one record, where `cluster_size` counts members over its lifetime.
-    run: int = 1
+    # True for the variant that completes its cluster's burst (see BURST_SIZE): a run of copies of one
+    # record back to back, where `cluster_size` counts members over the cluster's lifetime.
+    completes_burst: bool = False
 
     @property
     def in_burst(self) -> bool:
@@ -114,17 +115,22 @@ def _stored_label_codes(stored: Any) -> np.ndarray:
     return codes.astype(np.uint32)
 
 
-def _stored_runs(stored: Any, used: int) -> np.ndarray:
-    """The clusters' runs as a state holds them (see `ClusterMatch.run`): one integer a cluster, none above
-    RUN_LIMIT; a run of 1 each for a state stored before runs were kept. Raises `ValueError` otherwise."""
+def _stored_runs(stored: Any, sizes: np.ndarray, touched_at: np.ndarray, sequence: int) -> np.ndarray:
+    """The clusters' runs as a state holds them: one count from 0 to 255 a cluster, BURST_SIZE and above
+    meaning its burst is done. Raises `ValueError` otherwise. A state stored before runs were kept gives
+    runs that count no burst twice: done for a cluster of BURST_SIZE members or more (its burst, if any,
+    was counted), every member for one matched within BURST_GAP queries, else 1."""
     if stored is None:
-        return np.ones(used, dtype=np.uint8)
+        recent = sequence - touched_at.astype(np.int64) <= BURST_GAP
+        derived: np.ndarray = np.where(sizes >= BURST_SIZE, BURST_SIZE, np.where(recent, sizes, 1))
+        return derived.astype(np.uint8)
     runs = np.asarray(stored)
-    if runs.shape != (used,) or runs.dtype.kind not in "iu":
+    if runs.shape != sizes.shape or (runs.size and runs.dtype.kind not in "iu"):
         raise ValueError("a stored state has not one integer run a cluster")
-    if used and (runs.min() < 0 or runs.max() > RUN_LIMIT):
+    if runs.size and (runs.min() < 0 or runs.max() > 255):
         raise ValueError("a stored run is out of range")
-    return runs.astype(np.uint8)
+    kept: np.ndarray = np.minimum(runs, BURST_SIZE).astype(np.uint8)
+    return kept
 
 
 def _grown_capacity(capacity: int) -> int:
@@ -276,13 +282,14 @@ class RecordClusters:
     def __init__(self) -> None:
         # Columns grow by half again up to MAX_CLUSTERS: most clients never need more than a few slots. A
         # slot holds one cluster: its id, latest member's point (and invariant view, see
-        # `Representatives`), label, size, and the query sequence at which it was last matched, which
-        # orders clusters from least to most recent.
+        # `Representatives`), label, size, run (see `ClusterMatch.completes_burst`), and the query
+        # sequence at which it was last matched, which orders clusters from least to most recent.
         self._representatives = Representatives()
         self._label_codes = np.zeros(4, dtype=np.uint32)  # see `label_code`
         self._ids = np.zeros(4, dtype=np.int64)
         self._sizes = np.zeros(4, dtype=np.int32)  # at most SIZE_LIMIT
-        self._runs = np.zeros(4, dtype=np.uint8)  # at most RUN_LIMIT, see `ClusterMatch.run`
+        # Members in the current run (each within BURST_GAP of the one before), up to BURST_SIZE: done.
+        self._runs = np.zeros(4, dtype=np.uint8)
         self._touched_at = np.zeros(4, dtype=np.int32)
         self._used = 0
         self._sequence = 0
@@ -318,17 +325,10 @@ class RecordClusters:
         if slot is not None:
             gap = self._touch(slot)
             self._representatives.touch(slot, observation.invariant, self._sequence)
-            if gap > BURST_GAP:
+            if gap > BURST_GAP and self._runs[slot] < BURST_SIZE:
                 self._runs[slot] = 1  # the record again, long after: copies of it may follow
             cluster = int(self._ids[slot])
-            return ClusterMatch(
-                MatchKind.EXACT,
-                cluster,
-                0.0,
-                cluster_size=int(self._sizes[slot]),
-                gap=gap,
-                run=int(self._runs[slot]),
-            )
+            return ClusterMatch(MatchKind.EXACT, cluster, 0.0, cluster_size=int(self._sizes[slot]), gap=gap)
 
         nearest, distance = self._nearest(observation)
         if nearest is not None:
@@ -342,8 +342,10 @@ class RecordClusters:
             self._representatives.put(slot, observation.point, observation.invariant, self._sequence)
             if self._sizes[slot] < SIZE_LIMIT:
                 self._sizes[slot] += 1
-            run = min(int(self._runs[slot]) + 1, RUN_LIMIT) if gap <= BURST_GAP else 1
-            self._runs[slot] = run
+            run, completes_burst = int(self._runs[slot]), False
+            if run < BURST_SIZE:
+                run = run + 1 if gap <= BURST_GAP else 1
+                self._runs[slot], completes_burst = run, run == BURST_SIZE
             self._fingerprints.put(observation.fingerprint, slot, self._sequence)
             return ClusterMatch(
                 MatchKind.VARIANT,
@@ -353,7 +355,7 @@ class RecordClusters:
                 label_flip=flip,
                 cluster_size=int(self._sizes[slot]),
                 gap=gap,
-                run=run,
+                completes_burst=completes_burst,
             )
 
         cluster = self._new_cluster(observation)
@@ -454,8 +456,8 @@ class RecordClusters:
         """Clusters continuing from `state` (see `state`), sharing nothing with it. A state stored with exact
         float32 points for every cluster (before `Representatives`) comes back with them quantised. Raises
         `ValueError` on more clusters than are kept, labels or runs that are not one a cluster, a label code
-        or a run out of range, or fingerprints that are not pairs. A state stored before runs were kept
-        comes back with every cluster's run at 1 (its next copies start one)."""
+        or a run out of range, or fingerprints that are not pairs (see `_stored_runs` for a state stored
+        before runs were kept)."""
         clusters = cls()
         ids = np.array(state["ids"], dtype=np.int64)
         if ids.ndim != 1 or ids.shape[0] > MAX_CLUSTERS:
@@ -469,12 +471,15 @@ class RecordClusters:
         clusters._sizes = extended(
             np.minimum(np.array(state["sizes"], dtype=np.int64), SIZE_LIMIT).astype(np.int32), capacity
         )
-        clusters._runs = extended(_stored_runs(state.get("runs"), used), capacity)
         # A state stored past the int32 sequences (before they were) comes back rebased.
         sequence = int(state["sequence"])
         shift = sequence - REBASED_SEQUENCE if sequence >= SEQUENCE_LIMIT else 0
         clusters._touched_at = extended(sequences(state["touched_at"], shift), capacity)
         clusters._sequence = sequence - shift
+        runs = _stored_runs(
+            state.get("runs"), clusters._sizes[:used], clusters._touched_at[:used], sequence - shift
+        )
+        clusters._runs = extended(runs, capacity)
         if "representatives" in state:
             clusters._representatives = Representatives.from_state(
                 state["representatives"], used, capacity, shift

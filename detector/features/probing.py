@@ -9,7 +9,6 @@ from detector.features.base import CounterFeature, ratio
 from detector.features.clusters import ClusterMatch, MatchKind
 from detector.features.embedding import Observation
 
-BURST_SIZE = 3  # the record itself and two variants: the smallest augmentation probe (2r+1 with r=1)
 WALK_SIZE = 50  # beyond the largest augmentation bursts: a walk
 # Probing in rounds returns to its records a round apart (the copies of the other candidates in between),
 # as a benign client meets an old near-neighbour now and then: both add up over a lifetime. Its pace tells
@@ -96,18 +95,14 @@ class NearDuplicateProbing(CounterFeature):
             # A window holds the most flips when it ends at one: this one.
             recent = sum(1 for at in self.flipped_at if self.queries - at < RECENT_QUERIES)
             self.peak_recent_flips = max(self.peak_recent_flips, recent)
-        # A burst is a run of copies of one record, back to back: a record met again long after, and then
-        # a near-neighbour or two by chance (busy benign clients of low-dimensional data), is none.
-        if match.run == BURST_SIZE:
+        # A burst is a run of copies of one record, back to back, counted once a record: a record met again
+        # long after, and then a near-neighbour or two by chance (busy benign clients of low-dimensional
+        # data), is none, and nor is a second run over the same entity (monitoring re-scoring a few).
+        if match.completes_burst:
             self.burst_clusters += 1
-            self.burst_half, self.bursts_this_half, self.bursts_last_half = _paced(
-                self.burst_half,
-                self.bursts_this_half,
-                self.bursts_last_half,
+            self.burst_half, self.bursts_this_half, self.bursts_last_half, self.peak_recent_bursts = _paced(
+                (self.burst_half, self.bursts_this_half, self.bursts_last_half, self.peak_recent_bursts),
                 self.queries // BURST_HALF_WINDOW,
-            )
-            self.peak_recent_bursts = max(
-                self.peak_recent_bursts, self.bursts_last_half + self.bursts_this_half
             )
         if match.cluster_size == WALK_SIZE:
             self.walk_clusters += 1
@@ -115,10 +110,10 @@ class NearDuplicateProbing(CounterFeature):
 
     def _count_round(self) -> None:
         self.round_clusters += 1
-        self.round_half, self.rounds_this_half, self.rounds_last_half = _paced(
-            self.round_half, self.rounds_this_half, self.rounds_last_half, self.queries // ROUND_HALF_WINDOW
+        self.round_half, self.rounds_this_half, self.rounds_last_half, self.peak_recent_rounds = _paced(
+            (self.round_half, self.rounds_this_half, self.rounds_last_half, self.peak_recent_rounds),
+            self.queries // ROUND_HALF_WINDOW,
         )
-        self.peak_recent_rounds = max(self.peak_recent_rounds, self.rounds_last_half + self.rounds_this_half)
 
     def values(self) -> dict[str, float]:
         return {
@@ -142,11 +137,17 @@ class NearDuplicateProbing(CounterFeature):
         }
 
 
-def _paced(half: int, this_half: int, last_half: int, now: int) -> tuple[int, int, int]:
-    """A pace count's (half-window number, count in it, count in the one before) once one more event came in
-    half-window `now` (never before `half`): the count of a half-window left behind moves to the one before,
-    or to nothing when a whole half-window passed without an event."""
+_PaceCount = tuple[int, int, int, int]
+
+
+def _paced(pace: _PaceCount, now: int) -> _PaceCount:
+    """A pace count (half-window number, count in it, count in the one before, most in two consecutive
+    half-windows) once one more event came in half-window `now` (never before the count's): the count of a
+    half-window left behind moves to the one before, or to nothing when a whole half-window passed without
+    an event."""
+    half, this_half, last_half, peak = pace
     if now != half:
         last_half = this_half if now == half + 1 else 0
         this_half, half = 0, now
-    return half, this_half + 1, last_half
+    this_half += 1
+    return half, this_half, last_half, max(peak, this_half + last_half)

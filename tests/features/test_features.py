@@ -90,7 +90,8 @@ def test_a_burst_is_a_run_of_copies_back_to_back_not_a_cluster_grown_over_its_li
     assert values["probing.burst_clusters"] == bursts
 
 
-def test_a_record_probed_in_two_bursts_far_apart_counts_twice() -> None:
+def test_a_record_probed_in_two_bursts_far_apart_counts_once() -> None:
+    """Monitoring that re-scores an entity in short runs now and then is not probing many records."""
     stream, base = Stream(), record()
     burst = [
         stream.query(row, requested=Requested.LABEL) for row in [base] + [copy_of(base) for _ in range(4)]
@@ -98,8 +99,18 @@ def test_a_record_probed_in_two_bursts_far_apart_counts_twice() -> None:
     cover = [stream.query(record(), requested=Requested.LABEL) for _ in range(BURST_GAP * 4)]
     again = [stream.query(copy_of(base), requested=Requested.LABEL) for _ in range(4)]
     values = snapshot_after(burst + cover + again)
-    assert values["probing.burst_clusters"] == 2
+    assert values["probing.burst_clusters"] == 1
     assert values["probing.max_cluster_size"] == 9
+
+
+def test_the_record_itself_again_long_after_starts_a_new_run() -> None:
+    stream, base = Stream(), record()
+    queries = [stream.query(row, requested=Requested.LABEL) for row in (base, copy_of(base))]
+    queries += [stream.query(record(), requested=Requested.LABEL) for _ in range(BURST_GAP * 4)]
+    queries += [stream.query(row, requested=Requested.LABEL) for row in (base, copy_of(base))]
+    assert snapshot_after(queries)["probing.burst_clusters"] == 0  # two runs of two, not one of three
+    queries.append(stream.query(copy_of(base), requested=Requested.LABEL))
+    assert snapshot_after(queries)["probing.burst_clusters"] == 1
 
 
 def test_augmentation_in_rounds_counts_each_record_once_as_a_round_not_as_bursts() -> None:
@@ -132,7 +143,7 @@ def test_rounds_in_bursts_are_not_rounds() -> None:
 
 # A revisit completing a round, and a variant completing a burst.
 ROUND = ClusterMatch(MatchKind.VARIANT, 0, 0.01, dense=True, cluster_size=3, gap=BURST_GAP + 1)
-BURST = ClusterMatch(MatchKind.VARIANT, 0, 0.01, dense=True, cluster_size=3, gap=1, run=3)
+BURST = ClusterMatch(MatchKind.VARIANT, 0, 0.01, dense=True, cluster_size=3, gap=1, completes_burst=True)
 
 
 @pytest.mark.parametrize(

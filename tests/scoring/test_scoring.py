@@ -29,6 +29,7 @@ from tests.streams import (
     harvest,
     rare_flips,
     record,
+    rng,
     warmed_tracker,
 )
 
@@ -225,6 +226,18 @@ def test_a_busy_clients_chance_bursts_never_add_up_to_augmentation_probing() -> 
     values = client.snapshot()
     assert values["probing.burst_clusters"] == 12 and values["probing.peak_recent_bursts"] == 2
     assert fired_on(Detector(RULES), ("m", "busy-app"), client) == []
+
+
+def test_monitoring_that_re_scores_a_few_entities_in_short_runs_is_not_augmentation_probing() -> None:
+    stream, entities, queries = Stream("monitoring"), [record() for _ in range(4)], []
+    for _ in range(8):  # a session every 100 queries: three fresh readings of each entity, back to back
+        for entity in entities:
+            readings = [entity * rng.uniform(0.99, 1.01, entity.shape).astype(np.float32) for _ in range(3)]
+            queries += [stream.query(reading, requested=Requested.LABEL) for reading in readings]
+        queries += [stream.query(record(), requested=Requested.LABEL) for _ in range(100)]
+    client = client_after(queries)
+    assert client.snapshot()["probing.burst_clusters"] == 4  # each entity once
+    assert fired_on(Detector(RULES), ("m", "monitoring"), client) == []
 
 
 def test_no_rule_asks_for_more_flips_at_a_walks_pace_than_are_kept() -> None:

@@ -63,9 +63,11 @@ def running(settings: Settings, metrics: Metrics) -> Iterator[None]:
 def blind_rules(tmp_path: Path) -> Path:
     """The rules with the augmentation-probing rule out of reach: the canary's attack goes undetected."""
     rules = tmp_path / "rules.toml"
-    rules.write_text(
-        re.sub(r'(id = "MIA-002"(?:.|\n)*?floor = )5', r"\g<1>1000000", RULES.read_text(), count=1)
+    blinded, found = re.subn(
+        r'(id = "MIA-002"(?:.|\n)*?floor = )\d+', r"\g<1>1000000", RULES.read_text(), count=1
     )
+    assert found == 1
+    rules.write_text(blinded)
     return rules
 
 

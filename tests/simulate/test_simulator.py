@@ -27,6 +27,7 @@ from detector.simulate.attacks import Augment, Augmentation, BoundaryWalk, Candi
 from detector.simulate.benign import SteadyApp
 from detector.simulate.models import MODEL_NAMES, ServedModel, load_models
 from detector.simulate.scenarios import plan
+from detector.simulate.simulator import _write_period
 from detector.simulate.traffic import DAY, HOUR, Window
 
 SEED = 11
@@ -492,7 +493,7 @@ def test_evasive_plan_has_at_least_10_attackers_of_each_evasion_style(models: di
 
 
 def test_a_compromised_key_sends_its_owners_traffic_all_along_and_attacks_late(
-    models: dict[str, ServedModel],
+    models: dict[str, ServedModel], tmp_path: Path
 ) -> None:
     clients = plan(SCENARIOS["evasive"], models, SEED)
     client = next(
@@ -500,13 +501,29 @@ def test_a_compromised_key_sends_its_owners_traffic_all_along_and_attacks_late(
         for client in clients
         if Evasion.COMPROMISED.value in client.evasion and client.kind is AttackKind.AUGMENTATION_PROBING
     )
-    model, rng = models[client.model], np.random.default_rng(6)
-    baseline = list(client.behaviour_in(True).requests(model, rng, Window(START - DAY, START, diurnal=True)))
-    assert len(baseline) >= 1_000 and not any(request.attack for request in baseline)
-    day = list(client.behaviour_in(False).requests(model, rng, Window(START, START + DAY, diurnal=True)))
-    attack = [request for request in day if request.attack]
-    assert attack and attack[0].at >= START + DAY / 2
-    assert sum(not request.attack for request in day if request.at < attack[0].at) >= 1_000
+    # As the simulator writes its periods: the baseline day, then the main one.
+    [baseline] = _write_period(
+        tmp_path / "baseline.jsonl",
+        [client],
+        models,
+        Window(START - DAY, START, diurnal=True),
+        6,
+        baseline=True,
+    )
+    assert baseline.queries >= 1_000 and baseline.attack_queries == 0
+    [day] = _write_period(
+        tmp_path / "events.jsonl",
+        [client],
+        models,
+        Window(START, START + DAY, diurnal=True),
+        6,
+        baseline=False,
+    )
+    assert day.attack_queries > 0 and day.attack_start_ms is not None
+    assert day.attack_start_ms >= (START + DAY / 2) * 1000
+    decoded, _ = decode_file(tmp_path / "events.jsonl")
+    ordinary = sum(len(queries) for queries in decoded if queries[0].timestamp * 1000 < day.attack_start_ms)
+    assert ordinary >= 1_000  # the owner's own queries before the attack
 
 
 @pytest.mark.slow
