@@ -19,10 +19,14 @@ from kafka import KafkaConsumer, TopicPartition
 from detector.broker import EmbeddedBroker
 from detector.kafka.clients import MESSAGE_OVERHEAD_BYTES, message_limit
 from detector.protocols import index_training_sets
+from detector.scoring.model import MANIFEST_FILE, ScoringModel
+from detector.scoring.rules import load_rules
 from detector.service import produce_file, replay
 from detector.simulate.sample import START, oip_record, write_sample
 from detector.simulate.simulator import simulate
 from detector.storage import open_store
+from tests.scoring.test_model_files import rehash
+from tests.scoring.test_scoring import baseline_trajectories
 from tests.support import KAFKA_CLIENT, make_settings, unique
 
 
@@ -117,6 +121,30 @@ def test_an_unreadable_scoring_model_gives_one_line_and_exit_code_2(sqlite_url: 
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("mia-detector: error: cannot read scoring model at "), line
+
+
+def test_a_model_calibrated_on_what_a_rule_no_longer_measures_is_named_at_start(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    write_sample(events, clients=2, events=10)
+    directory = tmp_path / "model"
+    ScoringModel.fit(baseline_trajectories(), load_rules(), 0.01, scales={}).save(directory)
+    manifest = orjson.loads((directory / MANIFEST_FILE).read_bytes())
+    env = cli_env(MIA_DATABASE_URL=sqlite_url, MIA_MODEL_PATH=str(directory))
+    result = mia("replay", str(events), env=env)
+    assert result.returncode == 0 and "calibrated" not in result.stderr, result.stderr
+    # As an earlier version calibrated MIA-002: on its lifetime count of bursts.
+    rehash(directory, manifest | {"rule_measures": manifest["rule_measures"] | {"MIA-002": "probing.bursts"}})
+    result = mia("replay", str(events), env=env)
+    assert result.returncode == 0, result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "another measure" in line]
+    assert "MIA-002's threshold" in warning and "judges at its floor" in warning
+    del manifest["rule_measures"]
+    rehash(directory, manifest)
+    result = mia("replay", str(events), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "does not record what its thresholds were calibrated on" in result.stderr
 
 
 def test_replay_then_list_sessions_and_dead_letters_as_jsonl(sqlite_url: str, tmp_path: Path) -> None:

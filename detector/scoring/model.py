@@ -5,7 +5,9 @@ its score on the baseline, so that about that share of baseline clients would ev
 A few clients that would fire a rule at its floor are left out of that rule's quantile (`floor_outliers`),
 so that no single client can blind a rule for everyone. A rule's threshold is never below the rule's floor,
 and the forest's is positive (its anomaly scores lie in (0, 1]), so every score/threshold ratio is defined;
-a model file saying otherwise is refused.
+a model file saying otherwise is refused. Beside each threshold the model records what it was calibrated on
+(`Rule.measure`): a rule that scores something else since (a newer version's rules) is not judged against a
+threshold of another quantity (see `detector.scoring.scorer`).
 
 Beside them, every baseline client's own profile (`detector.scoring.profiles`): its highest score per rule,
 peak rate, output choice and schedule. A known client is judged against it as well as against the
@@ -161,6 +163,9 @@ class ScoringModel:
     forest: IsolationForest | None = field(default=None, repr=False)
     # (model, client) -> every baseline client's own profile (`detector.scoring.calibrate.client_profiles`).
     profiles: dict[tuple[str, str], ClientProfile] = field(default_factory=dict, repr=False)
+    # Rule id -> what its threshold was calibrated on (`Rule.measure`); None in a model trained before
+    # these were recorded.
+    rule_measures: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not (self.forest_threshold > 0.0 and math.isfinite(self.forest_threshold)):
@@ -169,6 +174,19 @@ class ScoringModel:
         wrong = {rule: value for rule, value in self.rule_thresholds.items() if not 0.0 <= value < math.inf}
         if wrong:
             raise ModelError(f"rule thresholds must be finite and not negative: {wrong}")
+        measures = self.rule_measures
+        if measures is not None and not (
+            isinstance(measures, dict) and all(type(text) is str for text in (*measures, *measures.values()))
+        ):
+            raise ModelError("rule measures must name each rule's measure as text")
+
+    def calibrated_for(self, rule: Rule) -> bool | None:
+        """Whether this model's threshold for `rule` was calibrated on what the rule measures now
+        (`Rule.measure`): False when on something else (the rule changed since); None when the model does
+        not say (it has no threshold for the rule, or was trained before measures were recorded)."""
+        if self.rule_measures is None or rule.id not in self.rule_thresholds:
+            return None
+        return self.rule_measures.get(rule.id) == rule.measure
 
     @classmethod
     def fit(
@@ -212,6 +230,7 @@ class ScoringModel:
             scales=scales,
             baseline_clients=len(trajectories),
             forest=forest,
+            rule_measures={rule.id: rule.measure for rule in rules},
         )
 
     @property
@@ -264,6 +283,7 @@ class ScoringModel:
             "feature_names": self.feature_names,
             "quantiles": self.quantiles,
             "rule_thresholds": self.rule_thresholds,
+            "rule_measures": self.rule_measures,
             "forest_threshold": self.forest_threshold,
             "scales": self.scales,
             "baseline_clients": self.baseline_clients,
@@ -317,6 +337,7 @@ class ScoringModel:
                     (entry["model"], entry["client_id"]): ClientProfile.from_json(entry)
                     for entry in manifest["client_profiles"]
                 },
+                rule_measures=manifest.get("rule_measures"),
             )
         except ModelError as exc:
             raise ModelError(f"scoring model at {directory}: {exc}") from None

@@ -71,6 +71,14 @@ class Rule:
             return self.severity, self.explain
         return self.escalated_severity, (*held, *(name for name in self.explain if name not in held))
 
+    @property
+    def measure(self) -> str:
+        """What the rule's score measures, as a scoring model records it beside the threshold calibrated on
+        it: the score feature and the guards deciding which clients score at all (a change to either makes
+        a calibrated threshold meaningless; the floor and the explanation do not)."""
+        guards = " and ".join(f"{name} >= {minimum:g}" for name, minimum in sorted(self.requires.items()))
+        return f"{self.score} where {guards}" if guards else self.score
+
     def score_one(self, values: Mapping[str, float]) -> float:
         """The rule's score on the snapshot `values`: its `score` feature when every guard holds, else 0."""
         return values.get(self.score, 0.0) if self.applies(values) else 0.0

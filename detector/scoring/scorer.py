@@ -5,7 +5,8 @@ detections, the pipeline's metrics observe every verdict's ratio and the evaluat
 highest one: all of them read these verdicts, so they agree by construction.
 
 A rule's score is its feature's value when every guard of the rule holds, else 0; its threshold is the one
-calibrated on the baseline when a model is loaded, never below the rule's floor (which is positive). Per
+calibrated on the baseline when a model is loaded, never below the rule's floor (which is positive), and the
+floor alone when the model calibrated it on something the rule no longer measures (`stale`). Per
 alert kind, the rule with the highest score/threshold ratio speaks (the first in the rules file on a tie).
 The anomaly model judges clients that sent at least `ANOMALY_MIN_QUERIES` queries, one micro-batch at a
 time, against the forest's threshold (positive too).
@@ -50,6 +51,8 @@ class Scorer:
     def __init__(self, rules: Sequence[Rule], model: ScoringModel | None = None) -> None:
         self.rules = list(rules)
         self.model = model
+        # Rules whose calibrated threshold measured something else: a model trained by another version.
+        self.stale = [rule for rule in self.rules if model and model.calibrated_for(rule) is False]
         kinds: dict[AlertKind, list[tuple[Rule, float]]] = {}
         for rule in self.rules:
             kinds.setdefault(rule.kind, []).append((rule, self.threshold(rule)))
@@ -66,8 +69,11 @@ class Scorer:
         return minimums
 
     def threshold(self, rule: Rule) -> float:
-        """The rule's threshold: calibrated on the baseline when a model is loaded, never below its floor."""
-        calibrated = self.model.rule_thresholds.get(rule.id, 0.0) if self.model else 0.0
+        """The rule's threshold: calibrated on the baseline when a model is loaded (and calibrated it on what
+        the rule measures), never below its floor."""
+        calibrated = 0.0
+        if self.model is not None and self.model.calibrated_for(rule) is not False:
+            calibrated = self.model.rule_thresholds.get(rule.id, 0.0)
         return max(rule.floor, calibrated)
 
     def score(self, snapshots: Sequence[Snapshot]) -> list[Verdicts]:

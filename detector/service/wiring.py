@@ -39,6 +39,7 @@ from detector.scoring.coordination import CoordinationTracker
 from detector.scoring.detector import Detector
 from detector.scoring.model import ScoringModel
 from detector.scoring.rules import load_rules
+from detector.scoring.scorer import Scorer
 from detector.sessions import SessionTracker
 from detector.settings import MetricsSettings, Settings
 from detector.storage import OutboxStore, RiskStore, Store, open_store
@@ -238,7 +239,7 @@ def build_pipeline(
     detect.stored = store
     model = detect.detector.model
     metrics.set_model(model.version if model else None, model.trained_at if model else None)
-    _warn_of_what_is_missing(model, detect.tracker.training_indexes)
+    _warn_of_what_is_missing(detect.detector.scorer, detect.tracker.training_indexes)
     sessions = SessionTracker(
         gap_seconds=settings.sessions.gap_seconds,
         max_duration_seconds=settings.sessions.max_duration_seconds,
@@ -269,9 +270,10 @@ def build_pipeline(
     )
 
 
-def _warn_of_what_is_missing(model: ScoringModel | None, indexes: TrainingIndexes) -> None:
+def _warn_of_what_is_missing(scorer: Scorer, indexes: TrainingIndexes) -> None:
     # Said once everything has loaded and started, so that a refused file or address is the one line a
     # failed start prints.
+    model = scorer.model
     if model is None:
         log.warning(
             "no scoring model (MIA_MODEL_PATH unset): rules judge at their floors, without thresholds "
@@ -281,4 +283,21 @@ def _warn_of_what_is_missing(model: ScoringModel | None, indexes: TrainingIndexe
         log.warning(
             "no training-set index (MIA_TRAINING_INDEX unset): queries for training records "
             "(MIA-003, MIA-005) go unseen; `mia-detector index-training` builds one"
+        )
+    if model is None:
+        return
+    for rule in scorer.stale:
+        log.warning(
+            "scoring model %s calibrated %s's threshold on another measure than it scores now (%s): the rule "
+            "judges at its floor until `mia-detector train` calibrates it again",
+            model.version,
+            rule.id,
+            rule.measure,
+        )
+    if model.rule_measures is None:
+        log.warning(
+            "scoring model %s does not record what its thresholds were calibrated on (trained by an earlier "
+            "version): they apply as they are, even to rules that changed since; `mia-detector train` "
+            "calibrates them again",
+            model.version,
         )

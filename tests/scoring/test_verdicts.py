@@ -98,6 +98,52 @@ def test_an_older_model_calibrated_at_zero_loads_and_the_floor_applies(tmp_path:
     assert [scorer.threshold(rule) for rule in RULES] == [rule.floor for rule in RULES]
 
 
+def test_a_threshold_calibrated_on_what_a_rule_no_longer_measures_is_not_applied(tmp_path: Path) -> None:
+    fitted = ScoringModel.fit(baseline_trajectories(), RULES, 0.01, scales={})
+    # As a busier baseline would have lifted them: every threshold above its floor.
+    model = replace(fitted, rule_thresholds={rule.id: 3 * rule.floor for rule in RULES})
+    directory = tmp_path / "model"
+    model.save(directory)
+    loaded = ScoringModel.load(directory)
+    assert loaded.rule_measures == {rule.id: rule.measure for rule in RULES}
+    scorer = Detector(RULES, loaded).scorer
+    assert scorer.stale == []
+    assert [scorer.threshold(rule) for rule in RULES] == [3 * rule.floor for rule in RULES]
+    # A newer version's rules: one scores another feature, one has another guard, the others have another
+    # floor and title, which change nothing the threshold measured.
+    rescored, reguarded = RULES[0], RULES[1]
+    newer = [
+        replace(rule, score=rule.score + "_paced")
+        if rule is rescored
+        else replace(rule, requires=rule.requires | {"volume.queries": 2.0})
+        if rule is reguarded
+        else replace(rule, floor=rule.floor / 2, title="retitled")
+        for rule in RULES
+    ]
+    scorer = Detector(newer, loaded).scorer
+    assert [rule.id for rule in scorer.stale] == [rescored.id, reguarded.id]
+    assert [scorer.threshold(rule) for rule in newer] == [
+        rule.floor if rule.id in (rescored.id, reguarded.id) else 3 * rule.floor for rule in RULES
+    ]
+
+
+def test_a_model_that_does_not_record_its_measures_applies_its_thresholds(tmp_path: Path) -> None:
+    directory = tmp_path / "model"
+    model = ScoringModel.fit(baseline_trajectories(), RULES, 0.01, scales={})
+    model.save(directory)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    del manifest["rule_measures"]
+    rehash(directory, manifest)  # as a version before measures were recorded wrote it
+    older = ScoringModel.load(directory)
+    assert older.rule_measures is None
+    scorer = Detector(RULES, older).scorer
+    assert scorer.stale == []
+    assert [scorer.threshold(rule) for rule in RULES] == [model.rule_thresholds[rule.id] for rule in RULES]
+    rehash(directory, manifest | {"rule_measures": ["probing.flips"]})
+    with pytest.raises(ModelError, match="rule measures must name"):
+        ScoringModel.load(directory)
+
+
 def test_a_verdict_needs_a_positive_threshold() -> None:
     verdict = Verdict(AlertKind.BOUNDARY_PROBING, "MIA-001", 6.0, 4.0, Severity.HIGH, (), "", "AML.T0024")
     assert verdict.fired and verdict.ratio == 1.5
