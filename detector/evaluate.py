@@ -263,7 +263,8 @@ def evaluate(
     scores = suspicion_scores(detect.tracker, detect.detector.scorer, run_settings.detection.allow_list())
     seen = [client for _, client in detect.tracker.items()]
     span = max(c.last_seen for c in seen) - min(c.first_seen for c in seen) if seen else 0.0
-    before = _queries_before_attacks(run_settings, events, labelled)
+    starts = {client.client_id: client.attack_start for client in labelled if client.attacker}
+    before = _queries_before_attacks(run_settings, events, starts)
     outcomes = [
         _outcome(client, scores.get(client.client_id, 0.0), alerts, before[client.client_id])
         for client in labelled
@@ -272,7 +273,6 @@ def evaluate(
     attackers = [outcome for outcome in outcomes if outcome.role == "attacker"]
     benign_alerted = sum(outcome.first_alert is not None for outcome in benign)
     attackers_detected = sum(outcome.first_alert is not None for outcome in attackers)
-    starts = {client.client_id: client.attack_start for client in labelled if client.attacker}
     roles = {client.client_id: client.attacker for client in labelled}
     evaluation = Evaluation(
         events=events,
@@ -441,12 +441,13 @@ def _outcome(client: TruthClient, score: float, alerts: _AlertLog, queries_befor
     )
 
 
-def _queries_before_attacks(settings: Settings, events: Path, labelled: list[TruthClient]) -> Counter[str]:
-    """How many queries each attacker sent before its attack started (a compromised key's owner's, cover
-    traffic of an interleaving attacker), read from `events`."""
-    starts = {client.client_id: client.attack_start for client in labelled if client.attack_start is not None}
+def _queries_before_attacks(
+    settings: Settings, events: Path, starts: dict[str, float | None]
+) -> Counter[str]:
+    """How many queries each attacker sent before its attack started (`starts`, None where unknown): a
+    compromised key's owner's, cover traffic of an interleaving attacker; read from `events`."""
     before: Counter[str] = Counter()
-    if not starts:
+    if not any(start is not None for start in starts.values()):
         return before
     for batch in decoded_batches(settings, [str(events)]):
         for query in batch:
