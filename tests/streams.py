@@ -70,15 +70,17 @@ def snapshot_after(queries: list[Query], tracker: FeatureTracker | None = None) 
 
 
 class SetIndex:
-    """A stand-in training index over exact rows (the real index has its own tests)."""
+    """A stand-in training index over rows (the real index has its own tests): each is an exact hit, or a
+    near one with `near` (as noisy copies of training records are)."""
 
     width = WIDTH
 
-    def __init__(self, rows: list[np.ndarray]) -> None:
+    def __init__(self, rows: list[np.ndarray], *, near: bool = False) -> None:
         self._rows = {row.tobytes() for row in rows}
+        self._hit = 1 if near else 2
 
     def lookup(self, rows: np.ndarray) -> np.ndarray:
-        return np.array([2 if row.tobytes() in self._rows else 0 for row in rows], dtype=np.int8)
+        return np.array([self._hit if row.tobytes() in self._rows else 0 for row in rows], dtype=np.int8)
 
 
 def augmentation_probe(

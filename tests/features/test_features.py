@@ -15,6 +15,7 @@ from detector.features.probing import (
     ROUND_HALF_WINDOW,
     NearDuplicateProbing,
 )
+from detector.features.proximity import HIT_HALF_WINDOW
 from tests.streams import (
     SCALE,
     WIDTH,
@@ -242,6 +243,41 @@ def test_training_set_hits_are_counted_when_an_index_is_loaded() -> None:
     values = client.snapshot()
     assert values["training.hits"] == 20 and values["training.hit_rate"] == 0.5
     assert len(client.evidence["training"]) == 5
+
+
+def test_the_recent_share_of_training_records_counts_each_new_record_once() -> None:
+    members = [record() for _ in range(5)]
+    tracker = warmed_tracker()
+    tracker.training_indexes = TrainingIndexes(default=SetIndex(members, near=True))
+    stream = Stream()
+    # Four training records among the first records: below the hits a share is measured on.
+    tracker.update([stream.query(row) for row in members[:4]] + [stream.query(record()) for _ in range(4)])
+    client = tracker.get(("m", "c"))
+    assert client is not None
+    assert client.snapshot()["training.peak_recent_hit_share"] == 0.0
+    # Copies and retries of a training record count once: the fifth record makes the share 5 of 10 records.
+    retries = [stream.query(members[3]) for _ in range(6)]
+    tracker.update([*retries, stream.query(record()), stream.query(members[4])])
+    assert client.snapshot()["training.peak_recent_hit_share"] == 0.5
+
+
+def test_the_recent_share_of_training_records_is_the_attacks_after_a_long_history() -> None:
+    members = [record() for _ in range(2 * HIT_HALF_WINDOW)]
+    tracker = warmed_tracker()
+    tracker.training_indexes = TrainingIndexes(default=SetIndex(members, near=True))
+    stream = Stream()
+    # A key's long ordinary history, to the end of a half-window; then training records back to back.
+    tracker.update([stream.query(record()) for _ in range(32 * HIT_HALF_WINDOW - 1)])
+    tracker.update([stream.query(row) for row in members[:5]])
+    client = tracker.get(("m", "c"))
+    assert client is not None
+    # The last half-window's ordinary records still dilute the first hits ...
+    assert client.snapshot()["training.peak_recent_hit_share"] == 5 / (HIT_HALF_WINDOW + 5)
+    # ... and no more once two half-windows of them passed: the share is the attack's alone.
+    tracker.update([stream.query(row) for row in members[5:]])
+    values = client.snapshot()
+    assert values["training.peak_recent_hit_share"] == 1.0
+    assert values["training.hit_rate"] < 0.06  # over the whole history: diluted below MIA-003's guard
 
 
 def test_text_prompts_that_share_most_trigrams_are_variants() -> None:

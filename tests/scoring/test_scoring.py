@@ -138,12 +138,15 @@ def harvest_detection(
 
 
 def shadow_harvest(members: list[np.ndarray], member_share: float) -> tuple[list[Query], FeatureTracker]:
-    """400 candidates asked for their probabilities, `member_share` of them training records."""
+    """400 candidates asked for their probabilities, `member_share` of them training records, spread evenly
+    through the harvest (a candidate set is shuffled)."""
     tracker = warmed_tracker()
     tracker.training_indexes = TrainingIndexes(default=SetIndex(members))
     stream, probabilities = Stream("shadow"), np.array([0.7, 0.2, 0.1], dtype=np.float32)
     taken = round(400 * member_share)
-    rows = members[:taken] + [record() for _ in range(400 - taken)]
+    at_member = set(np.linspace(0, 399, taken).round().astype(int).tolist()) if taken else set()
+    chosen = iter(members[:taken])
+    rows = [next(chosen) if index in at_member else record() for index in range(400)]
     return [stream.query(row, probabilities=probabilities) for row in rows], tracker
 
 
@@ -156,7 +159,7 @@ def test_harvesting_alone_is_exposure_and_escalates_with_membership_inference_ev
     # A tenth of the candidates are training records: beyond chance, a membership-inference candidate set.
     with_members = harvest_detection(detector, *shadow_harvest(members, 0.1))
     assert with_members.severity is Severity.HIGH
-    assert with_members.reasons[0].feature == "training.hit_rate"
+    assert with_members.reasons[0].feature == "training.peak_recent_hit_share"
 
     # Records synthesised by climbing the model's confidence, beside a harvest.
     stream = Stream("synthesiser")
@@ -169,11 +172,12 @@ def test_escalation_asks_for_more_than_the_baselines_usual_rate() -> None:
     """In a deployment where a tenth of every client's records are training records (customers scoring
     themselves), that rate escalates nothing: the minimum in force is the baseline's 90th percentile."""
     trajectories = [
-        [{**snapshot, "training.hit_rate": 0.25} for snapshot in t] for t in baseline_trajectories()
+        [{**snapshot, "training.peak_recent_hit_share": 0.25} for snapshot in t]
+        for t in baseline_trajectories()
     ]
     model = ScoringModel.fit(trajectories, RULES, target_fpr=0.001, scales={})
     harvest_rule = next(rule for rule in RULES if rule.kind is AlertKind.CONFIDENCE_HARVESTING)
-    assert Detector(RULES, model).scorer.escalation(harvest_rule)["training.hit_rate"] == 0.25
+    assert Detector(RULES, model).scorer.escalation(harvest_rule)["training.peak_recent_hit_share"] == 0.25
     members = [record() for _ in range(400)]
     assert harvest_detection(Detector(RULES, model), *shadow_harvest(members, 0.1)).severity is Severity.LOW
     assert harvest_detection(Detector(RULES, model), *shadow_harvest(members, 0.5)).severity is Severity.HIGH
@@ -210,6 +214,38 @@ def test_a_key_with_a_long_ordinary_history_is_caught_probing_as_a_new_key_is() 
     detections = fired_on(Detector(RULES), ("m", "compromised"), client)
     assert [(d.kind, d.rule_id) for d in detections] == [(AlertKind.AUGMENTATION_PROBING, "MIA-002")]
     assert set(detections[0].evidence) <= {query.event_id for query in probe}
+
+
+def test_a_key_with_a_long_ordinary_history_is_caught_sending_training_records_as_a_new_key_is() -> None:
+    members = [record() for _ in range(60)]
+    tracker = warmed_tracker()
+    # Noisy copies of training records are near hits: MIA-005's exact copies are not what this is about.
+    tracker.training_indexes = TrainingIndexes(default=SetIndex(members, near=True))
+    stream = Stream("compromised")
+    history = [stream.query(record(), requested=Requested.LABEL, gap=20) for _ in range(4_000)]
+    # Then 60 candidates, most of them training records, each behind an ordinary query of the key's owner.
+    candidates = [stream.query(row, requested=Requested.LABEL) for row in members]
+    owner = [stream.query(record(), requested=Requested.LABEL) for _ in members]
+    attack = [query for pair in zip(owner, candidates, strict=True) for query in pair]
+    client = client_after(history + attack, tracker)
+    assert client.snapshot()["training.hit_rate"] < 0.1  # a lifetime's share: diluted below the guard
+    detections = fired_on(Detector(RULES), ("m", "compromised"), client)
+    assert [(d.kind, d.rule_id) for d in detections] == [(AlertKind.TRAINING_SET_TARGETING, "MIA-003")]
+    assert set(detections[0].evidence) <= {query.event_id for query in candidates}
+
+
+def test_chance_near_hits_of_a_busy_client_never_make_a_share_of_training_records() -> None:
+    members = [record() for _ in range(200)]
+    tracker = warmed_tracker()
+    tracker.training_indexes = TrainingIndexes(default=SetIndex(members, near=True))
+    stream = Stream("busy-app")
+    # One record in a hundred meets a training record by chance: more than the index's held-out rate.
+    chosen = iter(members)
+    rows = [next(chosen) if index % 100 == 50 else record() for index in range(20_000)]
+    client = client_after([stream.query(row, requested=Requested.LABEL) for row in rows], tracker)
+    values = client.snapshot()
+    assert values["training.distinct_hits"] == 200 and values["training.peak_recent_hit_share"] < 0.1
+    assert fired_on(Detector(RULES), ("m", "busy-app"), client) == []
 
 
 def test_a_busy_clients_chance_bursts_never_add_up_to_augmentation_probing() -> None:
