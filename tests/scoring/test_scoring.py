@@ -216,14 +216,20 @@ def test_a_key_with_a_long_ordinary_history_is_caught_probing_as_a_new_key_is() 
     assert set(detections[0].evidence) <= {query.event_id for query in probe}
 
 
-def test_a_key_with_a_long_ordinary_history_is_caught_sending_training_records_as_a_new_key_is() -> None:
-    members = [record() for _ in range(60)]
+def near_copies(count: int) -> tuple[list[np.ndarray], FeatureTracker]:
+    """`count` training records, and a tracker whose index finds them as noisy copies of training records
+    (near hits: MIA-005's exact copies are not what these tests are about)."""
+    members = [record() for _ in range(count)]
     tracker = warmed_tracker()
-    # Noisy copies of training records are near hits: MIA-005's exact copies are not what this is about.
     tracker.training_indexes = TrainingIndexes(default=SetIndex(members, near=True))
+    return members, tracker
+
+
+def test_a_key_with_a_long_ordinary_history_is_caught_sending_training_records_as_a_new_key_is() -> None:
+    members, tracker = near_copies(60)
     stream = Stream("compromised")
     history = [stream.query(record(), requested=Requested.LABEL, gap=20) for _ in range(4_000)]
-    # Then 60 candidates, most of them training records, each behind an ordinary query of the key's owner.
+    # Then 60 training records, each behind an ordinary query of the key's owner.
     candidates = [stream.query(row, requested=Requested.LABEL) for row in members]
     owner = [stream.query(record(), requested=Requested.LABEL) for _ in members]
     attack = [query for pair in zip(owner, candidates, strict=True) for query in pair]
@@ -235,9 +241,7 @@ def test_a_key_with_a_long_ordinary_history_is_caught_sending_training_records_a
 
 
 def test_chance_near_hits_of_a_busy_client_never_make_a_share_of_training_records() -> None:
-    members = [record() for _ in range(200)]
-    tracker = warmed_tracker()
-    tracker.training_indexes = TrainingIndexes(default=SetIndex(members, near=True))
+    members, tracker = near_copies(200)
     stream = Stream("busy-app")
     # One record in a hundred meets a training record by chance: more than the index's held-out rate.
     chosen = iter(members)
