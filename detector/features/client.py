@@ -66,6 +66,18 @@ class TrainingIndexes:
         return index if index is not None and index.width == width else None
 
 
+def is_signal(observation: Observation, match: ClusterMatch) -> bool:
+    """True for a query that adds to what the probing and training-set rules count: a burst or a round of a
+    record's copies completed, a label flip within a burst, a new record from the training set. Rare in
+    ordinary traffic, one comes every few queries of an attack, however long the key's history before it."""
+    return (
+        match.completes_burst
+        or (match.label_flip and match.in_burst)
+        or match.completes_round
+        or (observation.training_hit != 0 and match.kind is MatchKind.NEW)
+    )
+
+
 def evidence_of(evidence: dict[str, list[str]], kinds: Iterable[str]) -> list[str]:
     """The event ids of `evidence` (event ids by evidence kind) of the given kinds, in their order."""
     return [event for kind in kinds for event in evidence.get(kind, [])]
@@ -317,9 +329,10 @@ class FeatureTracker:
         self._mark_training_hits(observations)
         return observations
 
-    def update_one(self, observation: Observation) -> tuple[ClientKey, ClientFeatures]:
-        """Fold one observation (from `observe`) into its client's features; return the client's key and
-        features, tracking the client if it is new (the least recently active evicted beyond the limit)."""
+    def update_one(self, observation: Observation) -> tuple[ClientKey, ClientFeatures, ClusterMatch]:
+        """Fold one observation (from `observe`) into its client's features; return the client's key,
+        features and how the observation matched its clusters, tracking the client if it is new (the least
+        recently active evicted beyond the limit)."""
         key = (observation.query.model, observation.query.client_id)
         client = self._clients.get(key)
         if client is None:
@@ -327,9 +340,10 @@ class FeatureTracker:
             client = self._admit(key, aside if aside is not None else ClientFeatures())
         else:
             self._clients.move_to_end(key)
-        self.exposure.update(observation, client.update(observation))
+        match = client.update(observation)
+        self.exposure.update(observation, match)
         self._changed.add(key)
-        return key, client
+        return key, client, match
 
     def _admit(self, key: ClientKey, client: ClientFeatures) -> ClientFeatures:
         self._clients[key] = client

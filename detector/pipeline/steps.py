@@ -24,7 +24,7 @@ from detector.domain import (
     RawRecord,
     display_name,
 )
-from detector.features.client import ClientFeatures, ClientKey, FeatureTracker
+from detector.features.client import ClientFeatures, ClientKey, FeatureTracker, is_signal
 from detector.ingest.decode import RecordDecoder
 from detector.scoring.coordination import CoordinationTracker, PoolKey, network_of
 from detector.scoring.detector import Detector, Moment, RatioObserver
@@ -35,6 +35,10 @@ from detector.storage import SeenEvent, Store
 log = logging.getLogger(__name__)
 
 Decoded = tuple[RawRecord, list[Query]]  # a decodable record and its queries
+# A client is judged on a signal (`is_signal`) once this many queries came since its last judgement: an
+# attack's signals come every few queries, and a client whose every query is one (the owner's job re-scoring
+# training records) costs a judgement every eighth query, not every query.
+SIGNAL_SPACING = 8
 
 
 @dataclass
@@ -203,16 +207,20 @@ class DetectStep:
         self._scales_read = False
         self._moments: list[Moment] = []  # judged by the rules since the last commit, for the forest
 
-    def due(self, client: ClientFeatures, at: float) -> bool:
+    def due(self, client: ClientFeatures, at: float, signal: bool = False) -> bool:
         """True when `client`, just updated with its query at event time `at`, is to be judged now.
 
         Every query while a client is young; then after each ~3% more of its traffic (a busy client's
-        snapshots would dominate the cost, and detection comes at most that much later); and at least
-        every `revisit_seconds` of event time, so that an open alert of a slow client is kept alive (or
-        let go) by its own queries rather than by gaps between judgements.
+        snapshots would dominate the cost); on a query that is a `signal` (`is_signal`: a burst, a flip, a
+        round, a training record) `SIGNAL_SPACING` queries or more after the last judgement, so that a key
+        with a long history is caught within a few queries of its attack, not 3% of its history later; and
+        at least every `revisit_seconds` of event time, so that an open alert of a slow client is kept alive
+        (or let go) by its own queries rather than by gaps between judgements.
         """
+        since = client.queries - client.evaluated_at
         return (
-            client.queries - client.evaluated_at >= max(1, client.queries // 32)
+            since >= max(1, client.queries // 32)
+            or (signal and since >= SIGNAL_SPACING)
             or at - client.evaluated_time >= self.revisit_seconds
         )
 
@@ -245,9 +253,9 @@ class DetectStep:
             return batch
         tracker = self.tracker
         for observation in tracker.observe([query for _, queries in batch.fresh for query in queries]):
-            key, client = tracker.update_one(observation)
+            key, client, match = tracker.update_one(observation)
             at = observation.query.timestamp
-            if not self.due(client, at):
+            if not self.due(client, at, is_signal(observation, match)):
                 continue
             client.evaluated_at, client.evaluated_time = client.queries, at
             moment = Moment.of(key, client, at)

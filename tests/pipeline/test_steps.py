@@ -7,7 +7,7 @@ from typing import Any
 from detector.domain import AlertKind, Query
 from detector.features.client import ClientFeatures, FeatureTracker, TrainingIndexes
 from detector.features.embedding import QueryEmbedder
-from detector.pipeline.steps import Batch, DetectStep
+from detector.pipeline.steps import SIGNAL_SPACING, Batch, DetectStep
 from detector.scoring.coordination import CoordinationTracker
 from detector.scoring.detector import Detector
 from detector.scoring.model import ScoringModel
@@ -92,3 +92,24 @@ def test_a_client_is_judged_on_a_share_of_new_traffic_or_after_the_revisit_inter
     young = ClientFeatures()
     young.queries, young.evaluated_at = 5, 4
     assert step.due(young, 0.0)  # every query while young
+    # A signal (a burst, a flip, a round, a training record) is judged a few queries after the last judgement.
+    client.queries = 990 + SIGNAL_SPACING - 1
+    assert not step.due(client, 5001.0, signal=True)
+    client.queries = 990 + SIGNAL_SPACING
+    assert not step.due(client, 5001.0) and step.due(client, 5001.0, signal=True)
+
+
+def test_a_key_with_a_long_history_is_caught_within_a_few_queries_of_its_attack() -> None:
+    step = detect_step()
+    stream = Stream("compromised")
+    history = [stream.query(record(), gap=2.0) for _ in range(20_000)]
+    probe = augmentation_probe(stream, records=12, variants=8)  # 12 records, each with 8 copies back to back
+    found = []
+    for start in range(0, len(history + probe), 500):
+        chunk = (history + probe)[start : start + 500]
+        found += step.process(Batch(records=[], fresh=[(None, [query]) for query in chunk])).detections  # type: ignore[misc]
+    [first] = [d for d in found if d.fired and d.kind is AlertKind.AUGMENTATION_PROBING][:1]
+    # The burst that makes six is the sixth record's: judged at most SIGNAL_SPACING queries later, where
+    # 3% of a 20,000-query history (625 queries) would come after the whole probe (108 queries).
+    sixth_burst = len(history) + 5 * 9 + 3
+    assert sixth_burst <= first.detected_after_queries <= sixth_burst + SIGNAL_SPACING
