@@ -114,3 +114,10 @@ class _QualifiedNames(dict[str, str]):
 def ratio(part: float, whole: float) -> float:
     """`part / whole`, 0 when `whole` is 0."""
     return part / whole if whole else 0.0
+
+
+def moved_on(half: int, now: int, this_half: int) -> tuple[int, int]:
+    """The counts (in half-window `now`, in the one before) of a count per half-window once `now` replaced
+    `half` as the current half-window, `this_half` the count `half` held: it becomes the one before when it
+    is, and nothing when a whole half-window passed."""
+    return 0, this_half if now == half + 1 else 0

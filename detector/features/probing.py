@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from detector.features.base import CounterFeature, ratio
+from detector.features.base import CounterFeature, moved_on, ratio
 from detector.features.clusters import ClusterMatch, MatchKind
 from detector.features.embedding import Observation
 
@@ -147,7 +147,6 @@ def _paced(pace: _PaceCount, now: int) -> _PaceCount:
     an event."""
     half, this_half, last_half, peak = pace
     if now != half:
-        last_half = this_half if now == half + 1 else 0
-        this_half, half = 0, now
+        (this_half, last_half), half = moved_on(half, now, this_half), now
     this_half += 1
     return half, this_half, last_half, max(peak, this_half + last_half)

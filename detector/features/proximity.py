@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from detector.features.base import CounterFeature, ratio
+from detector.features.base import CounterFeature, moved_on, ratio
 from detector.features.clusters import ClusterMatch, MatchKind
 from detector.features.embedding import Observation
 
@@ -62,11 +62,10 @@ class TrainingSetProximity(CounterFeature):
     def _count_recent_record(self, *, hit: bool) -> None:
         half = self.queries // HIT_HALF_WINDOW
         if half != self.recent_half:
-            # The half-window left behind becomes the one before, or nothing when a whole one passed.
-            follows = half == self.recent_half + 1
-            self.records_last_half = self.records_this_half if follows else 0
-            self.hits_last_half = self.hits_this_half if follows else 0
-            self.records_this_half = self.hits_this_half = 0
+            self.records_this_half, self.records_last_half = moved_on(
+                self.recent_half, half, self.records_this_half
+            )
+            self.hits_this_half, self.hits_last_half = moved_on(self.recent_half, half, self.hits_this_half)
             self.recent_half = half
         self.records_this_half += 1
         if not hit:
