@@ -116,6 +116,7 @@ bench: install
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/client_state.py
+	$(BIN)/python benchmarks/image_copies.py
 	$(BIN)/python benchmarks/hostile.py
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/risk_endpoint.py

@@ -3,8 +3,9 @@
 Every query becomes an `Observation`: a small float32 `point` in which the distance between two queries is
 their scaled Euclidean distance divided by the typical distance between unrelated records (so ~1 for two
 unrelated records, ~0 for near-copies, whatever the model's input width), an optional `invariant` point for
-square image-like rows that stays put under the augmentations label-only attacks use (shifts, flips), and
-an exact `fingerprint`. Text (BYTES) inputs use hashed character trigrams in place of numeric features.
+image-like rows (square grey or colour images) that stays put under the augmentations label-only attacks
+use (shifts, flips), and an exact `fingerprint`. Text (BYTES) inputs use hashed character trigrams in place
+of numeric features.
 """
 
 from __future__ import annotations
@@ -203,7 +204,12 @@ class QueryEmbedder:
             rows = np.stack([queries[i].vector for i in indices]).astype(np.float32, copy=False)  # type: ignore[misc]
             scaled = self._scale(model, width).scale(rows)
             points = (scaled @ self._projection(width)).astype(np.float32)
-            invariants = _image_invariants(rows, self._projection(width)) if _image_side(width) else None
+            side, channels = _image_shape(width)
+            invariants = (
+                _image_invariants(_grey_images(rows, side, channels), self._projection(side * side))
+                if side
+                else None
+            )
             # Rounding scales by 1e5 first: float32 values beyond ~3e33 overflow, and have no decimals anyway.
             with np.errstate(over="ignore", invalid="ignore"):
                 rounded = np.round(rows, 5)
@@ -271,21 +277,61 @@ def text_sketch(text: str) -> np.ndarray:
     return counts / norm if norm else counts
 
 
-def _image_side(width: int) -> int:
-    side = math.isqrt(width)
-    return side if side * side == width and side >= MIN_IMAGE_SIDE else 0
+def _image_shape(width: int) -> tuple[int, int]:
+    """The side and channels of image-like rows of `width`: a square grey image (side x side, 1 channel)
+    or a square colour one (3 x side x side) of at least `MIN_IMAGE_SIDE` pixels a side; (0, 0) for any
+    other width. No width is both: side² = 3 x other² has no solution in integers."""
+    for channels in (1, 3):
+        side = math.isqrt(width // channels)
+        if side * side * channels == width and side >= MIN_IMAGE_SIDE:
+            return side, channels
+    return 0, 0
 
 
-def _image_invariants(rows: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    """Points of square image-like rows that shifts and horizontal flips leave (nearly) unchanged.
+def _grey_images(rows: np.ndarray, side: int, channels: int) -> np.ndarray:
+    """Rows of one width as [n, side, side] grey images: themselves, or the mean of their colour channels.
 
-    The magnitude of the 2-D Fourier transform ignores circular shifts; adding that of the mirrored image
-    removes the flip. Label-only membership attacks query exactly such variants. Raw pixel values are used:
-    per-pixel standardisation would weigh the empty borders of digits as much as their strokes. Each point
-    is normalised so that the distance between two of them is, like `point`'s, about 1 when unrelated.
+    A colour row comes channel by channel (3 planes, as PyTorch lays images out) or pixel by pixel (3 values
+    a pixel, as TensorFlow and image files do); the records do not say which. Each row is read in the
+    layout where vertically adjacent values differ less: in the right one they are pixels one row apart, in
+    the wrong one pixels three rows apart (planes read as pixels) or a third of a row apart (pixels read as
+    planes), and nearby pixels of an image are alike. Mirroring keeps those differences and a small shift
+    barely moves them, so a row's copies are read in the layout of the row.
     """
-    side = _image_side(rows.shape[1])
-    images = rows.reshape(-1, side, side).astype(np.float64)
+    images = rows.astype(np.float64)
+    if channels == 1:
+        grey: np.ndarray = images.reshape(-1, side, side)
+        return grey
+    planar = images.reshape(-1, channels, side, side)
+    interleaved = images.reshape(-1, side, side, channels)
+    by_pixel = _vertical_steps(interleaved, 1) < _vertical_steps(planar, 2)
+    chosen: np.ndarray = np.where(by_pixel[:, None, None], interleaved.mean(axis=3), planar.mean(axis=1))
+    return chosen
+
+
+def _vertical_steps(images: np.ndarray, axis: int) -> np.ndarray:
+    """The mean absolute difference between vertical neighbours (along `axis`) of [n, a, b, c] images, one
+    an image."""
+    steps: np.ndarray = np.abs(np.diff(images, axis=axis)).mean(axis=(1, 2, 3))
+    return steps
+
+
+def _image_invariants(images: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """Points of [n, side, side] images that shifts and horizontal flips leave (nearly) unchanged, through
+    `projection` of width side².
+
+    The magnitude of the 2-D Fourier transform ignores circular shifts (and, of a tapered image, nearly
+    ignores small plain ones); adding that of the mirrored image removes the flip. Label-only membership
+    attacks query exactly such variants. Raw pixel values are used: per-pixel standardisation would weigh
+    the empty borders of digits as much as their strokes. Each point is normalised so that the distance
+    between two of them is, like `point`'s, about 1 when unrelated.
+    """
+    side = images.shape[1]
+    # The transform sees an image as repeating: a shift that moves content off one edge (and blank or
+    # mirrored pixels in at the other) changes it, unless the edges weigh nothing. A photo fills its frame,
+    # so each image, less its mean, is tapered to zero at its edges first.
+    taper = np.hanning(side + 2)[1:-1]
+    images = (images - images.mean(axis=(1, 2), keepdims=True)) * np.outer(taper, taper)
     magnitude = np.abs(np.fft.fft2(images)) + np.abs(np.fft.fft2(images[:, :, ::-1]))
     features = np.log1p(magnitude / 2.0).reshape(-1, side * side)
     features -= features.mean(axis=1, keepdims=True)

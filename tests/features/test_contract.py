@@ -56,8 +56,10 @@ def contract_stream() -> list[Query]:
     images = Stream("contract", model="digits")
     for _ in range(3):
         image = rng.uniform(0.0, 16.0, (IMAGE_SIDE, IMAGE_SIDE)).astype(np.float32)
-        for shift in range(4):  # the same image shifted: variants in the shift-invariant view
-            queries.append(images.query(np.roll(image, shift, axis=1).ravel(), requested=Requested.LABEL))
+        # The image, then mirrored, shifted, and both: the mirrored copies are variants in the invariant view.
+        for shifted in (image, np.roll(image, 1, axis=1)):
+            for copy in (shifted, shifted[:, ::-1]):
+                queries.append(images.query(copy.ravel(), requested=Requested.LABEL))
     return queries
 
 
@@ -153,7 +155,10 @@ def test_the_stream_exercises_every_path() -> None:
     assert kinds == {MatchKind.NEW, MatchKind.EXACT, MatchKind.VARIANT}
     assert any(match.in_burst and match.label_flip for match in MATCHES)
     assert any(match.kind is MatchKind.VARIANT and not match.dense for match in MATCHES)
-    assert any(observation.invariant is not None for observation in OBSERVATIONS)
+    assert any(
+        observation.invariant is not None and match.kind is MatchKind.VARIANT
+        for observation, match in zip(OBSERVATIONS, MATCHES, strict=True)
+    )
     assert any(observation.raw is None for observation in OBSERVATIONS)
 
 

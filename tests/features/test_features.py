@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
 from detector.domain import Requested
 from detector.features.client import FeatureTracker, TrainingIndexes
 from detector.features.clusters import BURST_GAP, ClusterMatch, MatchKind
-from detector.features.embedding import PROJECTION_DIM, Observation
+from detector.features.embedding import PROJECTION_DIM, Observation, QueryEmbedder
 from detector.features.probing import (
     BURST_HALF_WINDOW,
     RECENT_FLIPS_KEPT,
@@ -16,6 +18,7 @@ from detector.features.probing import (
     NearDuplicateProbing,
 )
 from detector.features.proximity import HIT_HALF_WINDOW
+from detector.simulate.photos import photo_patches
 from tests.streams import (
     SCALE,
     WIDTH,
@@ -122,18 +125,62 @@ def test_augmentation_in_rounds_counts_each_record_once_as_a_round_not_as_bursts
     assert values["probing.burst_clusters"] == 0 and values["probing.dense_variants"] == 0
 
 
-def test_image_copies_in_rounds_come_back_to_their_records_in_the_invariant_view() -> None:
+def moved(image: np.ndarray, down: int, right: int) -> np.ndarray:
+    """`image` moved by whole pixels, its edge mirrored in where it moved away from."""
+    pad = [(1, 1), (1, 1)] + [(0, 0)] * (image.ndim - 2)
+    side = image.shape[0]
+    return np.pad(image, pad, mode="reflect")[1 - down : 1 - down + side, 1 - right : 1 - right + side]
+
+
+Image = Callable[[np.ndarray], np.ndarray]
+
+# An [side, side, 3] image as a row: grey (its channels' mean), channel by channel, or pixel by pixel.
+LAYOUTS: dict[str, Image] = {
+    "grey": lambda image: image.mean(axis=2).ravel(),
+    "planar": lambda image: image.transpose(2, 0, 1).ravel(),
+    "interleaved": lambda image: image.ravel(),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_image_copies_in_rounds_come_back_to_their_records_in_the_invariant_view(layout: str) -> None:
     generator = np.random.default_rng(8)
-    images = [generator.uniform(0.0, 16.0, (8, 8)).astype(np.float32) for _ in range(40)]
-    stream = Stream("rounds", model="digits")
+    images = photo_patches(40, 32, generator)
+    copies: list[Image] = [
+        lambda image: image,
+        lambda image: image[:, ::-1],  # mirrored
+        lambda image: moved(image, 1, 0),  # one pixel down
+        lambda image: moved(image[:, ::-1], 1, 0),  # mirrored, one pixel down
+    ]
+    model = f"photos-{layout}"
+    tracker, others = warmed_tracker(), Stream("others", model=model)
+    tracker.update([others.query(LAYOUTS[layout](image)) for image in photo_patches(300, 32, generator)])
+    stream = Stream("rounds", model=model)
     queries = [
-        stream.query(np.roll(image, shift, axis=1).ravel(), requested=Requested.LABEL, gap=0.2)
-        for shift in range(4)  # a round of every image shifted by one more column
+        stream.query(LAYOUTS[layout](copy(image)), requested=Requested.LABEL, gap=0.2)
+        for copy in copies  # a round of every image, then of every image's next copy
         for image in images
     ]
-    values = snapshot_after(queries)
+    values = snapshot_after(queries, tracker)
     assert values["probing.round_clusters"] == 40 and values["probing.peak_recent_rounds"] == 40
     assert values["probing.revisits"] == 40 * 3
+
+
+def test_a_colour_images_invariant_view_is_the_same_in_every_layout_and_in_grey() -> None:
+    images = photo_patches(8, 32, np.random.default_rng(9))
+    stream, embedder = Stream("layouts"), QueryEmbedder()
+    views = {
+        layout: np.stack(
+            [
+                observation.invariant if observation.invariant is not None else np.zeros(0)
+                for observation in embedder.observe([stream.query(to_row(image)) for image in images])
+            ]
+        )
+        for layout, to_row in LAYOUTS.items()
+    }
+    assert views["grey"].shape == (8, PROJECTION_DIM)
+    for layout in ("planar", "interleaved"):
+        np.testing.assert_allclose(views[layout], views["grey"], atol=1e-5)
 
 
 def test_rounds_in_bursts_are_not_rounds() -> None:

@@ -1,0 +1,136 @@
+"""How often a shifted or mirrored copy of a colour image comes back to its record, beside the plain view.
+
+A client's query is matched to an earlier record by its point (the scaled, projected row) or, for image
+rows, by its shift/flip-invariant view (`detector.features.embedding`). Measured on 32x32 and 16x16 patches
+of scikit-learn's sample photographs (`detector.simulate.photos`), sent grey, channel by channel or pixel by
+pixel: for each patch, a fresh client sends it, then one copy of it; the copy matches when the client's
+clusters take it for a variant of the patch (`RecordClusters.assign`). The baseline is the same with the
+invariant view left out (the point alone), in the same run. Last, unrelated patches: how many of a
+client's 200 distinct patches were taken for a variant of an earlier one (false matches), with and without.
+
+Run: `python benchmarks/image_copies.py [--patches N] [--json]`. With `--json` the last line is one JSON
+object: `match_share` (layout → side → copy → share matched) and `plain_match_share` the same for the
+baseline, `false_matches` and `plain_false_matches` (layout → side → count among 200 patches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import orjson
+
+from detector.domain import Query, Requested
+from detector.features.clusters import MatchKind, RecordClusters
+from detector.features.embedding import Observation, QueryEmbedder
+from detector.simulate.photos import photo_patches
+
+Image = Callable[[np.ndarray], np.ndarray]
+
+
+def moved(image: np.ndarray, down: int, right: int, edge: str) -> np.ndarray:
+    """`image` moved by whole pixels, `edge` ("reflect" or "constant": blank) where it moved away from."""
+    side = image.shape[0]
+    padded = np.pad(image, [(2, 2), (2, 2), (0, 0)], mode=edge)  # type: ignore[call-overload]
+    moved_image: np.ndarray = padded[2 - down : 2 - down + side, 2 - right : 2 - right + side]
+    return moved_image
+
+
+COPIES: dict[str, Image] = {
+    "mirrored": lambda image: image[:, ::-1],
+    "shifted 1px, mirrored edge": lambda image: moved(image, 1, 0, "reflect"),
+    "shifted 1px, blank edge": lambda image: moved(image, 0, 1, "constant"),
+    "mirrored, shifted 1px": lambda image: moved(image[:, ::-1], 1, -1, "reflect"),
+    "shifted 2px, mirrored edge": lambda image: moved(image, 2, 2, "reflect"),
+    "noise 2%": lambda image: np.clip(image + np.random.default_rng(0).normal(0, 0.02, image.shape), 0, 1),
+}
+LAYOUTS: dict[str, Image] = {
+    "grey": lambda image: image.mean(axis=2).ravel(),
+    "planar": lambda image: image.transpose(2, 0, 1).ravel(),
+    "interleaved": lambda image: image.ravel(),
+}
+
+
+def query(row: np.ndarray, number: int) -> Query:
+    return Query(
+        event_id=str(number),
+        row=0,
+        batch_size=1,
+        timestamp=float(number),
+        model="photos",
+        model_version=None,
+        client_id="c",
+        client_ip=None,
+        user_agent=None,
+        vector=row.astype(np.float32),
+        text=None,
+        requested=Requested.LABEL,
+        label="0",
+        probabilities=None,
+    )
+
+
+def plain(observation: Observation) -> Observation:
+    """`observation` without its invariant view: the baseline."""
+    observation.invariant = None
+    return observation
+
+
+def variants(observations: list[Observation]) -> int:
+    """How many of `observations`, sent in order by one fresh client, were taken for variants."""
+    clusters = RecordClusters()
+    return sum(clusters.assign(observation).kind is MatchKind.VARIANT for observation in observations)
+
+
+def measure(layout: Image, side: int, patches: int) -> dict[str, dict[str, float]]:
+    generator = np.random.default_rng(side)
+    embedder = QueryEmbedder()
+    embedder.observe([query(layout(image), n) for n, image in enumerate(photo_patches(300, side, generator))])
+    images = photo_patches(patches, side, generator)
+    figures: dict[str, dict[str, float]] = {"match": {}, "plain": {}}
+    for name, copy in COPIES.items():
+        pairs = [
+            embedder.observe([query(layout(image), 0), query(layout(copy(image)), 1)]) for image in images
+        ]
+        figures["match"][name] = sum(variants(pair) for pair in pairs) / patches
+        figures["plain"][name] = sum(variants([plain(o) for o in pair]) for pair in pairs) / patches
+    distinct = embedder.observe(
+        [query(layout(image), n) for n, image in enumerate(photo_patches(200, side, generator))]
+    )
+    figures["match"]["false matches"] = variants(distinct)
+    figures["plain"]["false matches"] = variants([plain(o) for o in distinct])
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patches", type=int, default=200)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    args = parser.parse_args()
+    shares: dict[str, dict[str, dict[str, dict[str, float]]]] = {"match_share": {}, "plain_match_share": {}}
+    counts: dict[str, dict[str, dict[str, float]]] = {"false_matches": {}, "plain_false_matches": {}}
+    for side in (32, 16):
+        print(f"{side}x{side} patches, {args.patches} a copy: share matched (both views / plain view alone)")
+        print(f"{'copy':<28}" + "".join(f"{name:>20}" for name in LAYOUTS))
+        measured = {name: measure(layout, side, args.patches) for name, layout in LAYOUTS.items()}
+        for copy in [*COPIES, "false matches"]:
+            cells = "".join(
+                f"{measured[name]['match'][copy]:>12.2f} / {measured[name]['plain'][copy]:<5.2f}"
+                for name in LAYOUTS
+            )
+            print(f"{copy:<28}{cells}")
+        for name in LAYOUTS:
+            match, baseline = measured[name]["match"], measured[name]["plain"]
+            counts["false_matches"].setdefault(name, {})[str(side)] = match.pop("false matches")
+            counts["plain_false_matches"].setdefault(name, {})[str(side)] = baseline.pop("false matches")
+            shares["match_share"].setdefault(name, {})[str(side)] = match
+            shares["plain_match_share"].setdefault(name, {})[str(side)] = baseline
+    print("(false matches: of 200 distinct patches sent by one client, those taken for a variant of another)")
+    if args.json:
+        sys.stdout.write(orjson.dumps(shares | counts).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()
