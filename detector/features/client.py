@@ -101,6 +101,7 @@ class ClientFeatures:
         "first_seen",
         "last_seen",
         "queries",
+        "signalled",
     )
 
     def __init__(
@@ -121,6 +122,9 @@ class ClientFeatures:
         # event time of the query they were judged on.
         self.evaluated_at = 0
         self.evaluated_time = 0.0
+        # A query since the last judgement signalled an attack (`is_signal`): the detection step judges the
+        # client as soon as enough queries came since the last judgement, whatever queries follow.
+        self.signalled = False
         self.client_ip: str | None = None
 
     def update(self, observation: Observation) -> ClusterMatch:
@@ -179,6 +183,7 @@ class ClientFeatures:
             "queries": self.queries,
             "evaluated_at": self.evaluated_at,
             "evaluated_time": self.evaluated_time,
+            "signalled": self.signalled,
             "client_ip": self.client_ip,
         }
 
@@ -218,6 +223,7 @@ class ClientFeatures:
         restored.queries = int(state["queries"])
         restored.evaluated_at = int(state["evaluated_at"])
         restored.evaluated_time = float(state["evaluated_time"])
+        restored.signalled = bool(state.get("signalled", False))  # stored before signals were remembered
         client_ip = state["client_ip"]
         if client_ip is not None and not isinstance(client_ip, str):
             raise TypeError("a stored client address is not text")

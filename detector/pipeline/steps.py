@@ -35,7 +35,7 @@ from detector.storage import SeenEvent, Store
 log = logging.getLogger(__name__)
 
 Decoded = tuple[RawRecord, list[Query]]  # a decodable record and its queries
-# A client is judged on a signal (`is_signal`) once this many queries came since its last judgement: an
+# A client that signalled (`is_signal`) is judged once this many queries came since its last judgement: an
 # attack's signals come every few queries, and a client whose every query is one (the owner's job re-scoring
 # training records) costs a judgement every eighth query, not every query.
 SIGNAL_SPACING = 8
@@ -207,20 +207,21 @@ class DetectStep:
         self._scales_read = False
         self._moments: list[Moment] = []  # judged by the rules since the last commit, for the forest
 
-    def due(self, client: ClientFeatures, at: float, signal: bool = False) -> bool:
+    def due(self, client: ClientFeatures, at: float) -> bool:
         """True when `client`, just updated with its query at event time `at`, is to be judged now.
 
         Every query while a client is young; then after each ~3% more of its traffic (a busy client's
-        snapshots would dominate the cost); on a query that is a `signal` (`is_signal`: a burst, a flip, a
-        round, a training record) `SIGNAL_SPACING` queries or more after the last judgement, so that a key
-        with a long history is caught within a few queries of its attack, not 3% of its history later; and
-        at least every `revisit_seconds` of event time, so that an open alert of a slow client is kept alive
-        (or let go) by its own queries rather than by gaps between judgements.
+        snapshots would dominate the cost); once `SIGNAL_SPACING` queries or more came since the last
+        judgement when one of them `signalled` (`is_signal`: a burst, a flip, a round, a training record),
+        so that a key with a long history is caught within a few queries of its attack, not 3% of its
+        history later, even when the attack's last signal came just after a judgement; and at least every
+        `revisit_seconds` of event time, so that an open alert of a slow client is kept alive (or let go)
+        by its own queries rather than by gaps between judgements.
         """
         since = client.queries - client.evaluated_at
         return (
             since >= max(1, client.queries // 32)
-            or (signal and since >= SIGNAL_SPACING)
+            or (client.signalled and since >= SIGNAL_SPACING)
             or at - client.evaluated_time >= self.revisit_seconds
         )
 
@@ -255,9 +256,10 @@ class DetectStep:
         for observation in tracker.observe([query for _, queries in batch.fresh for query in queries]):
             key, client, match = tracker.update_one(observation)
             at = observation.query.timestamp
-            if not self.due(client, at, is_signal(observation, match)):
+            client.signalled = client.signalled or is_signal(observation, match)
+            if not self.due(client, at):
                 continue
-            client.evaluated_at, client.evaluated_time = client.queries, at
+            client.evaluated_at, client.evaluated_time, client.signalled = client.queries, at, False
             moment = Moment.of(key, client, at)
             batch.detections += self.coordination.observe(key, client, moment.values, at)
             batch.detections += self.detector.evaluate(moment, observe=self.observe_ratio)

@@ -93,10 +93,12 @@ def test_a_client_is_judged_on_a_share_of_new_traffic_or_after_the_revisit_inter
     young.queries, young.evaluated_at = 5, 4
     assert step.due(young, 0.0)  # every query while young
     # A signal (a burst, a flip, a round, a training record) is judged a few queries after the last judgement.
-    client.queries = 990 + SIGNAL_SPACING - 1
-    assert not step.due(client, 5001.0, signal=True)
+    client.queries, client.signalled = 990 + SIGNAL_SPACING - 1, True
+    assert not step.due(client, 5001.0)
     client.queries = 990 + SIGNAL_SPACING
-    assert not step.due(client, 5001.0) and step.due(client, 5001.0, signal=True)
+    assert step.due(client, 5001.0)
+    client.signalled = False
+    assert not step.due(client, 5001.0)
 
 
 def test_a_key_with_a_long_history_is_caught_within_a_few_queries_of_its_attack() -> None:
@@ -112,4 +114,21 @@ def test_a_key_with_a_long_history_is_caught_within_a_few_queries_of_its_attack(
     # The burst that makes six is the sixth record's: judged at most SIGNAL_SPACING queries later, where
     # 3% of a 20,000-query history (625 queries) would come after the whole probe (108 queries).
     sixth_burst = len(history) + 5 * 9 + 3
+    assert sixth_burst <= first.detected_after_queries <= sixth_burst + SIGNAL_SPACING
+
+
+def test_a_signal_just_after_a_judgement_is_judged_a_few_queries_later_whatever_follows() -> None:
+    step = detect_step()
+    stream = Stream("compromised")
+    history = [stream.query(record(), gap=2.0) for _ in range(20_000)]
+    # Bursts of a record and two copies: one completes every third query, so the sixth completes a few
+    # queries after the judgement on an earlier one, and ordinary queries follow it.
+    probe = augmentation_probe(stream, records=6, variants=2)
+    after = [stream.query(record(), gap=2.0) for _ in range(300)]
+    found = []
+    for start in range(0, len(history + probe + after), 500):
+        chunk = (history + probe + after)[start : start + 500]
+        found += step.process(Batch(records=[], fresh=[(None, [query]) for query in chunk])).detections  # type: ignore[misc]
+    [first] = [d for d in found if d.fired and d.kind is AlertKind.AUGMENTATION_PROBING][:1]
+    sixth_burst = len(history) + 5 * 3 + 3
     assert sixth_burst <= first.detected_after_queries <= sixth_burst + SIGNAL_SPACING
