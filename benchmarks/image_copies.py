@@ -1,4 +1,4 @@
-"""How often a shifted or mirrored copy of a colour image comes back to its record, beside the plain view.
+"""How often a shifted, mirrored or rotated copy of an image comes back to its record, beside the plain view.
 
 A client's query is matched to an earlier record by its point (the scaled, projected row) or, for image
 rows, by its shift/flip-invariant view (`detector.features.embedding`). Measured on 32x32 and 16x16 patches
@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 import orjson
+from scipy import ndimage
 
 from detector.domain import Query, Requested
 from detector.features.clusters import MatchKind, RecordClusters
@@ -44,6 +45,7 @@ COPIES: dict[str, Image] = {
     "shifted 1px, blank edge": lambda image: moved(image, 0, 1, "constant"),
     "mirrored, shifted 1px": lambda image: moved(image[:, ::-1], 1, -1, "reflect"),
     "shifted 2px, mirrored edge": lambda image: moved(image, 2, 2, "reflect"),
+    "rotated 3 degrees": lambda image: ndimage.rotate(image, 3.0, reshape=False, order=1, mode="reflect"),
     "noise 2%": lambda image: np.clip(image + np.random.default_rng(0).normal(0, 0.02, image.shape), 0, 1),
 }
 LAYOUTS: dict[str, Image] = {
