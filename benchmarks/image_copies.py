@@ -3,14 +3,15 @@
 A client's query is matched to an earlier record by its point (the scaled, projected row) or, for image
 rows, by its shift/flip-invariant view (`detector.features.embedding`). Measured on 32x32 and 16x16 patches
 of scikit-learn's sample photographs (`detector.simulate.photos`), sent grey, channel by channel or pixel by
-pixel: for each patch, a fresh client sends it, then one copy of it; the copy matches when the client's
+pixel, and on its 8x8 digits (grey, on a blank canvas): for each image, a fresh client sends it, then one
+copy of it; the copy matches when the client's
 clusters take it for a variant of the patch (`RecordClusters.assign`). The baseline is the same with the
 invariant view left out (the point alone), in the same run. Last, unrelated patches: how many of a
 client's 200 distinct patches were taken for a variant of an earlier one (false matches), with and without.
 
 Run: `python benchmarks/image_copies.py [--patches N] [--json]`. With `--json` the last line is one JSON
-object: `match_share` (layout → side → copy → share matched) and `plain_match_share` the same for the
-baseline, `false_matches` and `plain_false_matches` (layout → side → count among 200 patches).
+object: `match_share` (layout → images → copy → share matched) and `plain_match_share` the same for the
+baseline, `false_matches` and `plain_false_matches` (layout → images → count among 200 distinct images).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import orjson
 from scipy import ndimage
+from sklearn.datasets import load_digits
 
 from detector.domain import Query, Requested
 from detector.features.clusters import MatchKind, RecordClusters
@@ -29,6 +31,7 @@ from detector.features.embedding import Observation, QueryEmbedder
 from detector.simulate.photos import photo_patches
 
 Image = Callable[[np.ndarray], np.ndarray]
+Draw = Callable[[int, np.random.Generator], list[np.ndarray]]
 
 
 def moved(image: np.ndarray, down: int, right: int, edge: str) -> np.ndarray:
@@ -86,11 +89,17 @@ def variants(observations: list[Observation]) -> int:
     return sum(clusters.assign(observation).kind is MatchKind.VARIANT for observation in observations)
 
 
-def measure(layout: Image, side: int, patches: int) -> dict[str, dict[str, float]]:
-    generator = np.random.default_rng(side)
+def digits(count: int, generator: np.random.Generator) -> list[np.ndarray]:
+    """`count` of scikit-learn's 8x8 digits (values 0 to 1, as [8, 8, 1] images), drawn without repeats."""
+    images = load_digits().images / 16.0
+    return [images[index][:, :, None] for index in generator.choice(len(images), count, replace=False)]
+
+
+def measure(layout: Image, draw: Draw, patches: int) -> dict[str, dict[str, float]]:
+    generator = np.random.default_rng(7)
     embedder = QueryEmbedder()
-    embedder.observe([query(layout(image), n) for n, image in enumerate(photo_patches(300, side, generator))])
-    images = photo_patches(patches, side, generator)
+    embedder.observe([query(layout(image), n) for n, image in enumerate(draw(300, generator))])
+    images = draw(patches, generator)
     figures: dict[str, dict[str, float]] = {"match": {}, "plain": {}}
     for name, copy in COPIES.items():
         pairs = [
@@ -98,9 +107,7 @@ def measure(layout: Image, side: int, patches: int) -> dict[str, dict[str, float
         ]
         figures["match"][name] = sum(variants(pair) for pair in pairs) / patches
         figures["plain"][name] = sum(variants([plain(o) for o in pair]) for pair in pairs) / patches
-    distinct = embedder.observe(
-        [query(layout(image), n) for n, image in enumerate(photo_patches(200, side, generator))]
-    )
+    distinct = embedder.observe([query(layout(image), n) for n, image in enumerate(draw(200, generator))])
     figures["match"]["false matches"] = variants(distinct)
     figures["plain"]["false matches"] = variants([plain(o) for o in distinct])
     return figures
@@ -113,22 +120,27 @@ def main() -> None:
     args = parser.parse_args()
     shares: dict[str, dict[str, dict[str, dict[str, float]]]] = {"match_share": {}, "plain_match_share": {}}
     counts: dict[str, dict[str, dict[str, float]]] = {"false_matches": {}, "plain_false_matches": {}}
-    for side in (32, 16):
-        print(f"{side}x{side} patches, {args.patches} a copy: share matched (both views / plain view alone)")
-        print(f"{'copy':<28}" + "".join(f"{name:>20}" for name in LAYOUTS))
-        measured = {name: measure(layout, side, args.patches) for name, layout in LAYOUTS.items()}
+    sets: dict[str, tuple[Draw, dict[str, Image]]] = {
+        "photos 32x32": (lambda count, generator: photo_patches(count, 32, generator), LAYOUTS),
+        "photos 16x16": (lambda count, generator: photo_patches(count, 16, generator), LAYOUTS),
+        "digits 8x8": (digits, {"grey": LAYOUTS["grey"]}),
+    }
+    for images, (draw, layouts) in sets.items():
+        print(f"{images}, {args.patches} a copy: share matched (both views / plain view alone)")
+        print(f"{'copy':<28}" + "".join(f"{name:>20}" for name in layouts))
+        measured = {name: measure(layout, draw, args.patches) for name, layout in layouts.items()}
         for copy in [*COPIES, "false matches"]:
             cells = "".join(
                 f"{measured[name]['match'][copy]:>12.2f} / {measured[name]['plain'][copy]:<5.2f}"
-                for name in LAYOUTS
+                for name in layouts
             )
             print(f"{copy:<28}{cells}")
-        for name in LAYOUTS:
+        for name in layouts:
             match, baseline = measured[name]["match"], measured[name]["plain"]
-            counts["false_matches"].setdefault(name, {})[str(side)] = match.pop("false matches")
-            counts["plain_false_matches"].setdefault(name, {})[str(side)] = baseline.pop("false matches")
-            shares["match_share"].setdefault(name, {})[str(side)] = match
-            shares["plain_match_share"].setdefault(name, {})[str(side)] = baseline
+            counts["false_matches"].setdefault(name, {})[images] = match.pop("false matches")
+            counts["plain_false_matches"].setdefault(name, {})[images] = baseline.pop("false matches")
+            shares["match_share"].setdefault(name, {})[images] = match
+            shares["plain_match_share"].setdefault(name, {})[images] = baseline
     print("(false matches: of 200 distinct patches sent by one client, those taken for a variant of another)")
     if args.json:
         sys.stdout.write(orjson.dumps(shares | counts).decode() + "\n")

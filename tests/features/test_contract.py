@@ -56,7 +56,7 @@ def contract_stream() -> list[Query]:
     images = Stream("contract", model="digits")
     for _ in range(3):
         image = rng.uniform(0.0, 16.0, (IMAGE_SIDE, IMAGE_SIDE)).astype(np.float32)
-        # The image, then mirrored, shifted, and both: the mirrored copies are variants in the invariant view.
+        # The image, then mirrored, shifted (circularly), and both: variants in the invariant view.
         for shifted in (image, np.roll(image, 1, axis=1)):
             for copy in (shifted, shifted[:, ::-1]):
                 queries.append(images.query(copy.ravel(), requested=Requested.LABEL))
