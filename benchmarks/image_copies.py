@@ -28,18 +28,10 @@ from sklearn.datasets import load_digits
 from detector.domain import Query, Requested
 from detector.features.clusters import MatchKind, RecordClusters
 from detector.features.embedding import Observation, QueryEmbedder
-from detector.simulate.photos import photo_patches
+from detector.simulate.photos import LAYOUTS, moved, photo_patches
 
 Image = Callable[[np.ndarray], np.ndarray]
 Draw = Callable[[int, np.random.Generator], list[np.ndarray]]
-
-
-def moved(image: np.ndarray, down: int, right: int, edge: str) -> np.ndarray:
-    """`image` moved by whole pixels, `edge` ("reflect" or "constant": blank) where it moved away from."""
-    side = image.shape[0]
-    padded = np.pad(image, [(2, 2), (2, 2), (0, 0)], mode=edge)  # type: ignore[call-overload]
-    moved_image: np.ndarray = padded[2 - down : 2 - down + side, 2 - right : 2 - right + side]
-    return moved_image
 
 
 COPIES: dict[str, Image] = {
@@ -50,11 +42,6 @@ COPIES: dict[str, Image] = {
     "shifted 2px, mirrored edge": lambda image: moved(image, 2, 2, "reflect"),
     "rotated 3 degrees": lambda image: ndimage.rotate(image, 3.0, reshape=False, order=1, mode="reflect"),
     "noise 2%": lambda image: np.clip(image + np.random.default_rng(0).normal(0, 0.02, image.shape), 0, 1),
-}
-LAYOUTS: dict[str, Image] = {
-    "grey": lambda image: image.mean(axis=2).ravel(),
-    "planar": lambda image: image.transpose(2, 0, 1).ravel(),
-    "interleaved": lambda image: image.ravel(),
 }
 
 

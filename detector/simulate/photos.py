@@ -3,6 +3,7 @@ for measuring how the detector matches copies of colour images (shifted, mirrore
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import numpy as np
@@ -35,3 +36,21 @@ def photo_patches(count: int, side: int, generator: np.random.Generator) -> list
             patches[kept] = patch
             kept += 1
     return list(patches)
+
+
+def moved(image: np.ndarray, down: int, right: int, edge: str = "reflect") -> np.ndarray:
+    """[side, side, channels] `image` moved by whole pixels (at most 2), `edge` ("reflect": mirrored, or
+    "constant": blank) coming in where it moved away from."""
+    side = image.shape[0]
+    padded = np.pad(image, [(2, 2), (2, 2), (0, 0)], mode=edge)  # type: ignore[call-overload]
+    shifted: np.ndarray = padded[2 - down : 2 - down + side, 2 - right : 2 - right + side]
+    return shifted
+
+
+# A [side, side, 3] image as a model's input row: grey (its channels' mean), channel by channel (PyTorch's
+# layout) or pixel by pixel (TensorFlow's, and image files').
+LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "grey": lambda image: image.mean(axis=2).ravel(),
+    "planar": lambda image: image.transpose(2, 0, 1).ravel(),
+    "interleaved": lambda image: image.ravel(),
+}

@@ -18,7 +18,7 @@ from detector.features.probing import (
     NearDuplicateProbing,
 )
 from detector.features.proximity import HIT_HALF_WINDOW
-from detector.simulate.photos import photo_patches
+from detector.simulate.photos import LAYOUTS, moved, photo_patches
 from tests.streams import (
     SCALE,
     WIDTH,
@@ -125,20 +125,7 @@ def test_augmentation_in_rounds_counts_each_record_once_as_a_round_not_as_bursts
     assert values["probing.burst_clusters"] == 0 and values["probing.dense_variants"] == 0
 
 
-def moved(image: np.ndarray, down: int, right: int) -> np.ndarray:
-    """`image` moved by whole pixels, its edge mirrored in where it moved away from."""
-    pad = [(1, 1), (1, 1)] + [(0, 0)] * (image.ndim - 2)
-    side = image.shape[0]
-    return np.pad(image, pad, mode="reflect")[1 - down : 1 - down + side, 1 - right : 1 - right + side]
-
-
 Image = Callable[[np.ndarray], np.ndarray]
-
-# An [side, side, 3] image as a row: channel by channel, or pixel by pixel.
-LAYOUTS: dict[str, Image] = {
-    "planar": lambda image: image.transpose(2, 0, 1).ravel(),
-    "interleaved": lambda image: image.ravel(),
-}
 
 
 def test_grey_image_copies_in_rounds_come_back_to_their_records_in_the_invariant_view() -> None:
