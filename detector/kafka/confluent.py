@@ -10,6 +10,7 @@ handle them as they handle kafka-python's.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # How often librdkafka reports its brokers' states (read by `open_connections`), in milliseconds.
 STATISTICS_INTERVAL_MS = 1000
+# While leaving the group: records read a poll and the wait of each (rebalance callbacks run inside it).
+CLOSE_POLL_RECORDS = 500
+CLOSE_POLL_SECONDS = 0.1
 # Errors of the client as a whole (not of one partition) that mean the brokers cannot be reached now.
 _UNREACHABLE = {LibrdkafkaError._ALL_BROKERS_DOWN, LibrdkafkaError._TRANSPORT, LibrdkafkaError._RESOLVE}
 
@@ -90,6 +94,7 @@ class ConfluentConsumer:
     def __init__(self, settings: KafkaSettings, group_id: str) -> None:
         check_connection(settings)
         self._timeout = settings.connect_timeout_seconds
+        self._session_timeout = settings.session_timeout_ms / 1000
         self._errors: list[LibrdkafkaError] = []  # client-wide errors since the last poll
         self._brokers_up: int | None = None
         self._closing = False
@@ -117,7 +122,9 @@ class ConfluentConsumer:
         def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             # Assigned here rather than after the callback, so that the hook can pause them first.
             consumer.assign(partitions)
-            assigned([(tp.topic, tp.partition) for tp in partitions])
+            # While leaving the group (`close`), partitions handed over before the leave are not the hook's.
+            if not self._closing:
+                assigned([(tp.topic, tp.partition) for tp in partitions])
 
         def on_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             # `close` leaves the group through a revocation: by then nothing more may be committed.
@@ -267,8 +274,41 @@ class ConfluentConsumer:
         return self._brokers_up
 
     def close(self) -> None:
+        """Leave the group and close the client, within the group's session timeout: should librdkafka still
+        not return, the client is left to the process's end with a warning, and the group hands its partitions
+        over when the session times out. Closing again does nothing."""
+        if self._closing:
+            return
         self._closing = True
-        self._consumer.close()
+        try:
+            self._unassign()
+        except KafkaException as exc:
+            log.debug("leaving group: %s", exc.args[0].str())
+        closing = threading.Thread(target=self._consumer.close, name="librdkafka-close", daemon=True)
+        closing.start()
+        closing.join(self._session_timeout)
+        if closing.is_alive():
+            log.warning(
+                "the Kafka client did not close within %.0f s: left open; the group hands its partitions "
+                "over once the session times out",
+                self._session_timeout,
+            )
+
+    def _unassign(self) -> None:
+        """Unsubscribe and serve the rebalance callbacks (at least once: an assignment may be queued that the
+        client does not show yet) until nothing is assigned, for at most the connect timeout, discarding what
+        is fetched meanwhile: nothing more is committed, and the next owners read it again from the committed
+        positions.
+
+        librdkafka can hang for ever in `close` when an assignment is still queued for the application: the
+        callback's `assign` waits on a group that is closing (librdkafka issue 4884). Once unsubscribed and
+        unassigned, no rebalance is left for `close` to serve.
+        """
+        self._consumer.unsubscribe()
+        deadline = time.monotonic() + self._timeout
+        self._consumer.consume(CLOSE_POLL_RECORDS, 0)
+        while self._consumer.assignment() and time.monotonic() < deadline:
+            self._consumer.consume(CLOSE_POLL_RECORDS, CLOSE_POLL_SECONDS)
 
 
 def _log_failed_commit(error: LibrdkafkaError | None, partitions: list[TopicPartition]) -> None:
