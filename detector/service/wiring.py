@@ -18,7 +18,7 @@ from detector.alerts.risk_endpoint import PREFIX, RiskEndpoint
 from detector.alerts.risk_feed import RiskFeed, RiskView
 from detector.alerts.risk_topic import TOPIC_CONFIGS, RiskTopic
 from detector.alerts.sinks import build_sinks
-from detector.domain import AlertKind
+from detector.domain import CANARY_MODEL, AlertKind
 from detector.eventtime import Watermark
 from detector.features.client import FeatureTracker, TrainingIndexes, TrainingLookup
 from detector.features.embedding import ModelScale, QueryEmbedder
@@ -42,6 +42,7 @@ from detector.scoring.rules import load_rules
 from detector.scoring.scorer import Scorer
 from detector.sessions import SessionTracker
 from detector.settings import MetricsSettings, Settings
+from detector.simulate.canary import canary_scale
 from detector.storage import OutboxStore, RiskStore, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ def build_detection(
         name: ModelScale.fixed(np.asarray(scale["mean"]), np.asarray(scale["std"]))
         for name, scale in (model.scales.items() if model else ())
     }
+    # The canaries' model sees no real traffic to learn a scale from: its dataset's is known.
+    scales[CANARY_MODEL] = ModelScale.fixed(*canary_scale())
     tracker = FeatureTracker(QueryEmbedder(scales), indexes, settings.detection.max_clients)
     detector = Detector(load_rules(settings.detection.rules_path), model)
     scorer = detector.scorer

@@ -229,6 +229,16 @@ def load_models(seed: int) -> dict[str, ServedModel]:
     return {spec.name: _train(spec, seed, stream) for stream, spec in enumerate(_SPECS)}
 
 
+def dataset_scale(name: str) -> tuple[Rows, Rows]:
+    """The per-feature mean and standard deviation of the whole dataset of the served model `name` (its
+    `std`), read without training anything; `KeyError` for another name."""
+    spec = next((spec for spec in _SPECS if spec.name == name), None)
+    if spec is None:
+        raise KeyError(name)
+    data = np.asarray(spec.load(return_X_y=True)[0], dtype=np.float64)
+    return data.mean(axis=0), data.std(axis=0)
+
+
 def _train(spec: _ModelSpec, seed: int, stream: int) -> ServedModel:
     data, target = spec.load(return_X_y=True)
     data = np.asarray(data, dtype=np.float64)

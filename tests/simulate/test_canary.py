@@ -7,6 +7,7 @@ from pathlib import Path
 
 from detector.domain import Origin, RawRecord
 from detector.ingest.decode import RecordDecoder
+from detector.scoring.rules import load_rules
 from detector.service import replay
 from detector.settings import IngestSettings
 from detector.simulate.canary import CANARY_KIND, canary_records
@@ -43,3 +44,21 @@ def test_the_rules_catch_the_attack_in_its_first_half(tmp_path: Path) -> None:
     with open_store(settings) as store:
         [alert] = store.alerts.list_alerts(kind=CANARY_KIND)
     assert alert.client_id == "mia-canary-x" and alert.detected_after_queries < 264 / 2
+
+
+def test_every_draw_is_caught_at_its_sixth_burst_whatever_its_records(tmp_path: Path) -> None:
+    # 24 records, each sent then copied 10 times: a record's burst completes at its third query. The
+    # canary's model is scaled by its dataset, not by the draw's own records (which made the page come
+    # after 55 to 157 queries over 400 draws), so every draw is paged at MIA-002's floor of bursts.
+    (floor,) = [rule.floor for rule in load_rules() if rule.id == "MIA-002"]
+    per_record = 264 // 24
+    paged_at = []
+    for seed in range(8):
+        path = tmp_path / f"canary-{seed}.jsonl"
+        path.write_bytes(b"\n".join(canary_records("mia-canary-x", "mia-canary", START, seed=seed)))
+        settings = make_settings(f"sqlite:///{tmp_path / f'mia-{seed}.db'}")
+        replay(settings, [str(path)])
+        with open_store(settings) as store:
+            [alert] = store.alerts.list_alerts(kind=CANARY_KIND)
+        paged_at.append(alert.detected_after_queries)
+    assert paged_at == [(floor - 1) * per_record + 3] * 8
