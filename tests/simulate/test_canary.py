@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detector.domain import Origin, RawRecord
+from detector.domain import CANARY_MODEL, Alert, Origin, RawRecord
 from detector.ingest.decode import RecordDecoder
 from detector.scoring.rules import load_rules
 from detector.service import replay
@@ -35,14 +35,21 @@ def test_the_records_are_one_clients_queries_on_the_model_named_from_the_moment_
     assert canary_records("mia-canary-x", "mia-canary", START, seed=1) == records
 
 
-def test_the_rules_catch_the_attack_in_its_first_half(tmp_path: Path) -> None:
-    (tmp_path / "canary.jsonl").write_bytes(b"\n".join(canary_records("mia-canary-x", "mia-canary", START)))
-    settings = make_settings(f"sqlite:///{tmp_path / 'mia.db'}")
-
-    replay(settings, [str(tmp_path / "canary.jsonl")])
-
+def replayed_canary_alert(directory: Path, seed: int | None = None) -> Alert:
+    """The one alert of the canary's kind that replaying a canary (of draw `seed`) into a fresh database in
+    `directory` raises."""
+    path = directory / "canary.jsonl"
+    path.write_bytes(b"\n".join(canary_records("mia-canary-x", CANARY_MODEL, START, seed=seed)))
+    settings = make_settings(f"sqlite:///{directory / 'mia.db'}")
+    replay(settings, [str(path)])
     with open_store(settings) as store:
         [alert] = store.alerts.list_alerts(kind=CANARY_KIND)
+    return alert
+
+
+def test_the_rules_catch_the_attack_in_its_first_half(tmp_path: Path) -> None:
+    alert = replayed_canary_alert(tmp_path)
+
     assert alert.client_id == "mia-canary-x" and alert.detected_after_queries < 264 / 2
 
 
@@ -54,11 +61,6 @@ def test_every_draw_is_caught_at_its_sixth_burst_whatever_its_records(tmp_path: 
     per_record = 264 // 24
     paged_at = []
     for seed in range(8):
-        path = tmp_path / f"canary-{seed}.jsonl"
-        path.write_bytes(b"\n".join(canary_records("mia-canary-x", "mia-canary", START, seed=seed)))
-        settings = make_settings(f"sqlite:///{tmp_path / f'mia-{seed}.db'}")
-        replay(settings, [str(path)])
-        with open_store(settings) as store:
-            [alert] = store.alerts.list_alerts(kind=CANARY_KIND)
-        paged_at.append(alert.detected_after_queries)
+        (tmp_path / str(seed)).mkdir()
+        paged_at.append(replayed_canary_alert(tmp_path / str(seed), seed).detected_after_queries)
     assert paged_at == [(floor - 1) * per_record + 3] * 8
