@@ -97,15 +97,19 @@ def augmentation_probe(
     return [stream.query(row, requested=Requested.LABEL, gap=0.2) for rows in order for row in rows]
 
 
-def boundary_walk(stream: Stream, steps: int = 400) -> list[Query]:
-    """A label-only walk of small dense steps hovering on the decision boundary (labels keep flipping)."""
+def boundary_walk(stream: Stream, steps: int = 400, requested: Requested = Requested.LABEL) -> list[Query]:
+    """A walk of small dense steps hovering on the decision boundary (labels keep flipping), label-only unless
+    `requested` says otherwise (an API answering every query with its probabilities)."""
     point = record()
     direction = rng.normal(size=WIDTH).astype(np.float32) * SCALE
     queries = []
     for step in range(steps):
         point = point + direction * 0.002 + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.004
         label = "1" if (step // 3) % 2 else "0"
-        queries.append(stream.query(point, label=label, requested=Requested.LABEL, gap=0.05))
+        probabilities = None if requested is Requested.LABEL else np.array([0.5, 0.5], dtype=np.float32)
+        queries.append(
+            stream.query(point, label=label, requested=requested, probabilities=probabilities, gap=0.05)
+        )
     return queries
 
 

@@ -275,7 +275,8 @@ class Augment:
 
 @dataclass(frozen=True, eq=False, slots=True)
 class BoundaryWalk:
-    """HopSkipJump (untargeted, L2) from each candidate, asking labels only.
+    """HopSkipJump (untargeted, L2) from each candidate. It reads the labels alone, but asks for
+    `want_probabilities` (an API that answers every query with its probabilities logs the walk with them).
 
     Coordinates are scaled to [0, 1] per feature (the dataset's range), as HopSkipJump assumes. A walk
     starts from uniform noise that the model labels differently (or, failing that, a held-out row of
@@ -290,6 +291,7 @@ class BoundaryWalk:
     initial_evals: int
     max_evals: int
     batched: bool
+    want_probabilities: bool = False
 
     def planned_requests(self, model: ServedModel) -> int:
         """The candidate, a few starting points, then per round the probes (one request when batched), a
@@ -324,7 +326,9 @@ class _Walk:
 
     def run(self, row: Rows, member: bool) -> Generator[Request, None, None]:
         """Query the candidate, then walk to the boundary nearest to it."""
-        (first,) = attack_requests(self._model, row[None], False, candidates=1, member_candidates=int(member))
+        (first,) = attack_requests(
+            self._model, row[None], self._plan.want_probabilities, candidates=1, member_candidates=int(member)
+        )
         yield first
         label = int(first.probabilities.argmax())
         origin = (row - self._low) / self._span
@@ -388,7 +392,9 @@ class _Walk:
     def _labels(self, points: Rows) -> Generator[Request, None, Labels]:
         """Ask the model about `points` (scaled coordinates): one request, or one per point."""
         rows = np.round(self._low + points * self._span, _SENT_DECIMALS)
-        requests = attack_requests(self._model, rows, False, batched=self._plan.batched)
+        requests = attack_requests(
+            self._model, rows, self._plan.want_probabilities, batched=self._plan.batched
+        )
         yield from requests
         return np.concatenate([request.probabilities for request in requests]).argmax(axis=1)  # type: ignore[no-any-return]
 
@@ -485,7 +491,10 @@ def _tooling(
         # A slow attacker also spends its small budget on fewer, cheaper walks.
         iterations = int(rng.integers(5, 9) if slow else rng.integers(8, 17))
         evals = int(rng.integers(10, 21) if slow else rng.integers(20, 51))
-        return _Tooling(batched=bool(rng.random() < 0.3) and not slow, walk=(iterations, evals, 200))
+        batched = bool(rng.random() < 0.3) and not slow
+        # Through an API that answers with probabilities half the time.
+        wants = bool(rng.random() < 0.5) and not label_only
+        return _Tooling(batched=batched, want_probabilities=wants, walk=(iterations, evals, 200))
     if kind is AttackKind.AUGMENTATION_PROBING:
         augmentation = Augmentation.draw(rng, model)
         # LiRA reads confidences; the data-augmentation attack of Choquette-Choo et al. needs labels only.
@@ -518,7 +527,7 @@ class _Tooling:
 
     def __call__(self, candidates: Candidates) -> Probes:
         if self.walk is not None:
-            return BoundaryWalk(candidates, *self.walk, batched=self.batched)
+            return BoundaryWalk(candidates, *self.walk, self.batched, self.want_probabilities)
         if self.augmentation is not None:
             return Augment(
                 candidates, self.augmentation, self.want_probabilities, self.batched, self.round_rows

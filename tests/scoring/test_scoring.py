@@ -98,6 +98,8 @@ def test_every_rule_is_complete_reviewed_data() -> None:
     ("rule_id", "behaviour"),
     [
         ("MIA-001", lambda: boundary_walk(Stream("walker"))),
+        # The walk is the behaviour, whatever the API answers: one that always returns probabilities too.
+        ("MIA-001", lambda: boundary_walk(Stream("walker"), requested=Requested.PROBABILITIES)),
         ("MIA-002", lambda: augmentation_probe(Stream("prober"))),
         ("MIA-006", lambda: augmentation_probe(Stream("prober"), records=40, variants=4, in_rounds=True)),
         ("MIA-004", lambda: harvest(Stream("harvester"), records=400)),

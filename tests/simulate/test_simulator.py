@@ -236,7 +236,8 @@ def test_boundary_probing_sends_near_duplicates_whose_labels_flip(smoke: Run) ->
     (prober,) = clients_of(smoke, "boundary_probing")
     traffic = smoke.clients[prober]
     assert len(traffic.rows) >= 300
-    assert not any(traffic.probabilities)  # label-only
+    # Labels alone, or every answer with its probabilities (an API that always returns them).
+    assert all(traffic.probabilities) or not any(traffic.probabilities)
     steps = scaled_steps(smoke, prober)
     benign_steps = np.concatenate([scaled_steps(smoke, client) for client in clients_of(smoke, "steady_app")])
     assert np.median(steps) < 0.05 < np.median(benign_steps)
@@ -437,6 +438,21 @@ def test_planned_requests_of_a_walk_match_what_it_sends(
     walk = BoundaryWalk(Candidates.draw(model, rng, 4, 0.5), 8, 20, 200, batched=batched)
     sent = sum(1 for _ in walk.requests(model, rng))
     assert abs(walk.planned_requests(model) - sent) <= 0.15 * sent
+
+
+@pytest.mark.parametrize("want_probabilities", [False, True])
+def test_a_walk_asks_what_its_api_answers_and_walks_alike(
+    models: dict[str, ServedModel], want_probabilities: bool
+) -> None:
+    model = models["credit-risk"]
+    candidates = Candidates.draw(model, np.random.default_rng(8), 2, 0.5)
+    walk = BoundaryWalk(candidates, 6, 20, 200, batched=False, want_probabilities=want_probabilities)
+    requests = list(walk.requests(model, np.random.default_rng(9)))
+    assert {request.want_probabilities for request in requests} == {want_probabilities}
+    label_only = BoundaryWalk(candidates, 6, 20, 200, batched=False)
+    same_rows = [request.rows for request in label_only.requests(model, np.random.default_rng(9))]
+    assert len(same_rows) == len(requests)
+    assert all(np.array_equal(a, b.rows) for a, b in zip(same_rows, requests, strict=True))
 
 
 def test_retry_storms_are_exact_repeats_seconds_apart(models: dict[str, ServedModel]) -> None:
