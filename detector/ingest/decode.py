@@ -305,15 +305,20 @@ class RecordDecoder:
                 values = _tensor_values(tensor, batch * per_row)
             except _Problem as problem:
                 raise problem.at(_tensor_where("response.outputs", index, tensor)) from None
-            probabilities = _rows(values, batch)
             if per_row > 1:
-                labels = _argmax_labels(values, batch)
+                probabilities, labels = _rows(values, batch), _argmax_labels(values, batch)
+            elif values.size and values.min() >= 0.0 and values.max() <= 1.0:
+                labels, probabilities = _binary_scores(values)
+            else:
+                probabilities = _rows(values, batch)
         if label is not None:
             index, tensor = label
             try:
-                labels = _label_tensor(tensor, batch, self._limits.max_features)
+                labels, scores = _label_tensor(tensor, batch, self._limits.max_features)
             except _Problem as problem:
                 raise problem.at(_tensor_where("response.outputs", index, tensor)) from None
+            if confidence is None:
+                probabilities = scores
         return _Outputs([None] * batch if labels is None else labels, probabilities)
 
     def _kserve_outputs(self, response: Response, batch: int) -> _Outputs:
@@ -338,7 +343,7 @@ class RecordDecoder:
                     if isinstance(first, dict):
                         label, vector = self._prediction_object(prediction)
                     else:
-                        label, vector = _scalar_label(prediction, numeric=False), None
+                        label, vector = _scalar_prediction(prediction, numeric=False)
                 except _Problem as problem:
                     raise problem.under(f"[{row}]") from None
                 labels.append(label)
@@ -378,9 +383,10 @@ class RecordDecoder:
                 class_names = class_names or (key, value)
             elif value is not None:
                 try:
-                    return _scalar_label(value, numeric=False), vector
+                    label, score = _scalar_prediction(value, numeric=False)
                 except _Problem as problem:
                     raise problem.under(f".{key}") from None
+                return label, score if vector is None else vector
         if vector is None or vector.size < 2:
             return None, vector
         best = int(vector.argmax())
@@ -617,8 +623,11 @@ def _named_rows(instances: list[Any]) -> list[list[Any]]:
 # -- labels ------------------------------------------------------------------------------------------------
 
 
-def _label_tensor(tensor: Tensor, batch: int, max_per_row: int) -> list[str]:
-    """One label per row from an output tensor (class indices, class names or booleans)."""
+def _label_tensor(
+    tensor: Tensor, batch: int, max_per_row: int
+) -> tuple[list[str | None], list[Vector | None]]:
+    """One label per row from an output tensor (class indices, class names or booleans), and the class
+    confidences of the rows that hold a binary classifier's score instead (see `_scalar_prediction`)."""
     if _layout(tensor, batch, max_per_row) != 1:
         raise _Problem(
             DeadLetterReason.SHAPE_MISMATCH, f"shape {_shape(tensor.shape)} is not one label per row"
@@ -632,19 +641,46 @@ def _label_tensor(tensor: Tensor, batch: int, max_per_row: int) -> list[str]:
             f"{len(leaves)} data elements for shape {_shape(tensor.shape)} ({batch} expected)",
         )
     numeric = tensor.datatype != "BYTES"
-    labels = []
+    labels: list[str | None] = []
+    scores: list[Vector | None] = []
     for index, value in enumerate(leaves):
         try:
-            labels.append(_scalar_label(value, numeric=numeric))
+            label, score = _scalar_prediction(value, numeric=numeric)
         except _Problem as problem:
             raise problem.under(f".data[{index}]") from None
-    return labels
+        labels.append(label)
+        scores.append(score)
+    return labels, scores
 
 
 def _argmax_labels(values: Vector, batch: int) -> list[str | None]:
     if batch == 1:
         return [str(values.argmax())]
     return [str(best) for best in values.reshape(batch, -1).argmax(axis=1).tolist()]
+
+
+def _scalar_prediction(value: Any, *, numeric: bool) -> tuple[str | None, Vector | None]:
+    """One row's prediction given as one value, as (label, class confidences). A whole number, a boolean or
+    (unless `numeric`) a string is a class label (see `_scalar_label`). A float that is not whole is no class:
+    in [0, 1] it is a binary classifier's score for class 1 (XGBoost and LightGBM boosters answer so), read
+    as label 1 from 0.5 on and confidences [1 - p, p] (a score reveals as much as probabilities do); outside
+    [0, 1] a regression value, neither (its changes are no label flips)."""
+    if isinstance(value, float) and math.isfinite(value) and not value.is_integer():
+        if 0.0 <= value <= 1.0:
+            labels, rows = _binary_scores(np.array([value], dtype=np.float32))
+            return labels[0], rows[0]
+        return None, None
+    return _scalar_label(value, numeric=numeric), None
+
+
+def _binary_scores(scores: Vector) -> tuple[list[str | None], list[Vector | None]]:
+    """The labels and class confidences of binary classifiers' scores for class 1 (each in [0, 1]): label 1
+    from 0.5 on, else 0; confidences [1 - p, p]."""
+    confidences = np.empty((scores.shape[0], 2), dtype=np.float32)
+    confidences[:, 0] = 1.0 - scores
+    confidences[:, 1] = scores
+    labels: list[str | None] = ["1" if score >= 0.5 else "0" for score in scores.tolist()]
+    return labels, list(confidences)
 
 
 def _scalar_label(value: Any, *, numeric: bool) -> str:

@@ -269,6 +269,15 @@ def test_label_and_probabilities_outputs_together() -> None:
         (tensor("label", [1], "FP32", [2.0]), "2", None),
         (tensor("predict", [1], "BOOL", [True]), "1", None),
         (tensor("embedding_norm", [1], "FP32", [0.3]), None, None),
+        # A binary classifier's score for class 1 (XGBoost, LightGBM boosters): label and confidences.
+        (tensor("predict", [1], "FP32", [0.73]), "1", [0.27, 0.73]),
+        (tensor("predict", [1], "FP64", [0.25]), "0", [0.75, 0.25]),
+        (tensor("probabilities", [1, 1], "FP32", [0.5]), "1", [0.5, 0.5]),
+        # A regression value is no class: changes of it are no label flips.
+        (tensor("predict", [1], "FP32", [3.5]), None, None),
+        (tensor("predict", [1], "FP32", [-0.2]), None, None),
+        # One confidence a row outside [0, 1] (a margin) stays as it is, with no label.
+        (tensor("scores", [1, 1], "FP32", [-1.5]), None, [-1.5]),
     ],
 )
 def test_oip_response_outputs(
@@ -322,6 +331,11 @@ def test_oip_response_outputs(
             [[0.2, 0.8], [0.9, 0.1]],
         ),
         ([{"class": 2}, {"class": 5}], ["2", "5"], [None, None]),
+        # Binary classifiers' scores for class 1 (XGBoost and LightGBM servers answer so).
+        ([0.73, 0.12], ["1", "0"], [[0.27, 0.73], [0.88, 0.12]]),
+        ([{"prediction": 0.9}, {"prediction": 1}], ["1", "1"], [[0.1, 0.9], None]),
+        # Regression values: neither a class nor confidences.
+        ([3.5, -120.25], [None, None], [None, None]),
     ],
 )
 def test_kserve_v1_predictions(
@@ -384,6 +398,12 @@ def test_requested_inferred_from_the_response_when_the_request_does_not_say() ->
     assert asked(features([1.0]), {"outputs": [tensor("predict", [1], "INT64", [1])]}) is Requested.LABEL
     assert asked({"instances": [[1.0]]}, {"predictions": [[0.4, 0.6]]}) is Requested.PROBABILITIES
     assert asked({"instances": [[1.0]]}, {"predictions": ["yes"]}) is Requested.LABEL
+    # A score reveals as much as probabilities do.
+    assert asked({"instances": [[1.0]]}, {"predictions": [0.73]}) is Requested.PROBABILITIES
+    assert (
+        asked(features([1.0]), {"outputs": [tensor("predict", [1], "FP32", [0.73])]})
+        is Requested.PROBABILITIES
+    )
 
 
 # -- timestamps -------------------------------------------------------------------------------------------
