@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.domain import AlertKind, Detection, Query, Requested, Severity
+from detector.domain import AlertKind, Detection, Origin, Query, RawRecord, Requested, Severity
 from detector.features.client import ClientFeatures, FeatureTracker, TrainingIndexes
 from detector.features.probing import RECENT_FLIPS_KEPT
+from detector.ingest.decode import RecordDecoder
 from detector.scoring.detector import Detector, Moment
 from detector.scoring.model import FOREST_FILE, MANIFEST_FILE, ModelError, ScoringModel, _manifest_hash
 from detector.scoring.profiles import ClientProfile
 from detector.scoring.rules import load_rules
+from detector.settings import IngestSettings
 from tests.streams import (
     SetIndex,
     Stream,
@@ -408,3 +410,49 @@ def test_the_same_baseline_gives_the_same_trajectories_in_any_process() -> None:
         )
         digests.add(result.stdout.strip())
     assert len(digests) == 1
+
+
+def score_api_queries(client: str, rows: list[np.ndarray], scores: list[float]) -> list[Query]:
+    """The queries decoded from KServe v1 records of a binary classifier answering with its score for
+    class 1 (as XGBoost and LightGBM servers do), one row a record, a second apart."""
+    decoder = RecordDecoder(IngestSettings())
+    queries = []
+    for number, (row, score) in enumerate(zip(rows, scores, strict=True)):
+        envelope = {
+            "event_id": f"{client}-{number}",
+            "timestamp": 1_764_000_000.0 + number,
+            "model": {"name": "m"},
+            "client": {"id": client},
+            "request": {"instances": [row.tolist()]},
+            "response": {"predictions": [score]},
+        }
+        origin = Origin("file", "score-api.jsonl", 0, number)
+        queries += decoder.decode(
+            RawRecord(json.dumps(envelope).encode(), None, origin, 1_764_000_001.0 + number)
+        )
+    return queries
+
+
+def test_entities_re_scored_through_a_score_api_make_no_label_flips() -> None:
+    # Eight monitored entities re-scored in turn as their readings drift, their scores drifting too but
+    # never across 0.5: a score read as a label of its own made every new reading a label flip.
+    entities = [record() for _ in range(8)]
+    rows, scores = [], []
+    for step in range(40):
+        for entity, base in enumerate(entities):
+            rows.append(base + rng.normal(size=base.shape[0]).astype(np.float32) * base * 0.002 * (step + 1))
+            scores.append(0.2 + 0.01 * entity + 0.001 * step)
+    client = client_after(score_api_queries("monitor", rows, scores))
+    snapshot = client.snapshot()
+    assert snapshot["probing.dense_variants"] >= 100  # the near-copies the walk rule reads
+    assert snapshot["probing.flips"] == 0
+    assert "MIA-001" not in {d.rule_id for d in fired_on(Detector(RULES), ("m", "monitor"), client)}
+
+
+def test_a_harvest_through_a_score_api_is_a_harvest() -> None:
+    rows = [record() for _ in range(400)]
+    scores = [float(rng.uniform(0.01, 0.99)) for _ in rows]
+    queries = score_api_queries("harvester", rows, scores)
+    assert all(query.requested is Requested.PROBABILITIES for query in queries)
+    fired = fired_on(Detector(RULES), ("m", "harvester"), client_after(queries))
+    assert "MIA-004" in {d.rule_id for d in fired}
