@@ -440,7 +440,7 @@ def test_entities_re_scored_through_a_score_api_make_no_label_flips() -> None:
     rows, scores = [], []
     for step in range(40):
         for entity, base in enumerate(entities):
-            rows.append(base + rng.normal(size=base.shape[0]).astype(np.float32) * base * 0.002 * (step + 1))
+            rows.append(base + rng.normal(size=len(base)).astype(np.float32) * base * 0.002 * (step + 1))
             scores.append(0.2 + 0.01 * entity + 0.001 * step)
     client = client_after(score_api_queries("monitor", rows, scores))
     snapshot = client.snapshot()
