@@ -28,6 +28,10 @@ BOOTSTRAP_TIMEOUT_OPTION = (
     else "api_version_auto_timeout_ms"
 )
 
+# A kafka-python 2.x connection counts as open once it has stayed up this long (see `open_connections`):
+# longer than a reset connection lives, shorter than the first connection check after a consumer starts.
+SETTLED_SECONDS = 0.25
+
 _Client = TypeVar("_Client", KafkaAdminClient, KafkaConsumer, KafkaProducer)
 
 
@@ -105,10 +109,18 @@ def open_connections(consumer: KafkaConsumer) -> int | None:
     installed kafka-python does not tell."""
     if BOOTSTRAP_TIMEOUT_OPTION == "api_version_auto_timeout_ms":
         # kafka-python 2.x keeps a closed connection in its table (and counts it in `connection-count`):
-        # only the connections themselves know whether they are open.
+        # only the connections themselves know whether they are open. Where the network accepts connections
+        # and resets them (a proxy or load balancer without its brokers) 2.x reconnects every ~100 ms and
+        # is "connected" for a moment each time, without failing a poll: a connection counts once its
+        # attempt is `SETTLED_SECONDS` old.
         table = getattr(getattr(consumer, "_client", None), "_conns", None)
         if isinstance(table, dict):
-            return sum(1 for connection in list(table.values()) if connection.connected())
+            settled = time.time() - SETTLED_SECONDS
+            return sum(
+                1
+                for connection in list(table.values())
+                if connection.connected() and connection.last_attempt <= settled
+            )
         return None
     # kafka-python 3 drops a connection from its table when it closes, so the metric counts the open ones.
     try:
