@@ -106,7 +106,9 @@ def boundary_walk(stream: Stream, steps: int = 400, requested: Requested = Reque
     for step in range(steps):
         point = point + direction * 0.002 + rng.normal(size=WIDTH).astype(np.float32) * SCALE * 0.004
         label = "1" if (step // 3) % 2 else "0"
-        probabilities = None if requested is Requested.LABEL else np.array([0.5, 0.5], dtype=np.float32)
+        # Answered with probabilities, the label is their argmax, as a decoded answer's is.
+        leaning = [0.51, 0.49] if label == "0" else [0.49, 0.51]
+        probabilities = None if requested is Requested.LABEL else np.array(leaning, dtype=np.float32)
         queries.append(
             stream.query(point, label=label, requested=requested, probabilities=probabilities, gap=0.05)
         )
